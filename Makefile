@@ -1,0 +1,47 @@
+# kvxferd — the two commands that matter are `make demo` and `make test`.
+# Each bootstraps .venv from this repository's own files (setup.cfg pins).
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch first, pinned to the CPU build on our machines' disk: an unpinned torch
+# (e.g. pulled in by nixl-cu12) would otherwise fetch a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+EXTRAS := test,dev,torch
+
+.PHONY: all demo test test-fast bench lint fmt clean venv
+
+all: test
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kvxferd demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" -x -q
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kvxferd tests scripts
+	$(VENV)/bin/ruff format --check kvxferd tests scripts
+	$(VENV)/bin/mypy kvxferd
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff format kvxferd tests scripts
+	$(VENV)/bin/ruff check --fix kvxferd tests scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
