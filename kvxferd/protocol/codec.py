@@ -1,0 +1,136 @@
+"""Pure msgpack codec: message objects to frames and back.
+
+A frame is one msgpack array ``[PROTOCOL_VERSION, tag, *fields]``; nested
+structs are arrays of their fields, lists of structs are arrays of arrays.
+No pickle, no maps of field names: the field order is the schema, and any
+change to it bumps :data:`PROTOCOL_VERSION`.
+
+:func:`decode` never returns a half-valid object: anything wrong with a frame
+(truncated, not msgpack, wrong version, unknown tag, wrong field count or
+type, out-of-range values, oversize) raises
+:class:`~kvxferd.errors.RemoteProtocolError` naming the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import msgpack
+
+from kvxferd.errors import LocalProtocolError, RemoteProtocolError
+from kvxferd.protocol import barrier, messages
+from kvxferd.protocol.base import PROTOCOL_VERSION, Message, Struct
+
+#: Default largest frame accepted (bytes).
+DEFAULT_MAX_FRAME = 4 << 20
+
+_MESSAGE_TYPES: tuple[type[Message], ...] = (
+    messages.LayerSignal,
+    messages.CacheInfo,
+    messages.Abort,
+    messages.TransferResult,
+    messages.KVReady,
+    messages.RegisterCache,
+    messages.PeerQuery,
+    messages.PeerInfo,
+    messages.Ack,
+    messages.Error,
+    barrier.Hello,
+    barrier.Arrive,
+    barrier.Withdraw,
+    barrier.Release,
+    barrier.Diverged,
+    barrier.Expired,
+)
+
+#: Tag → message class, for every message of the protocol.
+REGISTRY: dict[str, type[Message]] = {cls.TAG: cls for cls in _MESSAGE_TYPES}
+assert len(REGISTRY) == len(_MESSAGE_TYPES), "duplicate message tag"
+
+
+_SCHEMAS: dict[type, tuple[tuple[str, ...], int]] = {}
+
+
+def _schema(cls: Any) -> tuple[tuple[str, ...], int]:
+    """Field names in wire order, and how many of them are required (cached per class)."""
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        fields = dataclasses.fields(cls)
+        required = sum(
+            1 for fl in fields if fl.default is dataclasses.MISSING and fl.default_factory is dataclasses.MISSING
+        )
+        schema = _SCHEMAS[cls] = (tuple(fl.name for fl in fields), required)
+    return schema
+
+
+def _to_wire(obj: Struct) -> list[Any]:
+    nested = obj.NESTED
+    out: list[Any] = []
+    for name in _schema(type(obj))[0]:
+        value = getattr(obj, name)
+        if name in nested and value is not None:
+            value = [_to_wire(v) for v in value] if isinstance(nested[name], list) else _to_wire(value)
+        out.append(value)
+    return out
+
+
+def _from_wire(cls: type[Any], items: Any, where: str) -> Any:
+    if not isinstance(items, (list, tuple)):
+        raise RemoteProtocolError(f"{where}: expected an array for {cls.__name__}, got {type(items).__name__}")
+    names, required = _schema(cls)
+    if not required <= len(items) <= len(names):
+        raise RemoteProtocolError(
+            f"{where}: {cls.__name__} takes {required}..{len(names)} fields ({', '.join(names)}), got {len(items)}"
+        )
+    values = list(items)
+    for i, name in enumerate(names[: len(values)]):
+        kind = cls.NESTED.get(name)
+        if kind is None or values[i] is None:
+            continue
+        if isinstance(kind, list):
+            if not isinstance(values[i], (list, tuple)):
+                raise RemoteProtocolError(f"{where}: {cls.__name__}.{name} must be an array")
+            values[i] = tuple(_from_wire(kind[0], v, f"{where}.{name}[{j}]") for j, v in enumerate(values[i]))
+        else:
+            values[i] = _from_wire(kind, values[i], f"{where}.{name}")
+    try:
+        return cls(*values)
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(f"{where}: {exc}") from None
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise one message into a frame."""
+    if type(msg).TAG not in REGISTRY:
+        raise LocalProtocolError(f"{type(msg).__name__} is not a protocol message")
+    frame: bytes = msgpack.packb([PROTOCOL_VERSION, msg.TAG, *_to_wire(msg)], use_bin_type=True)
+    return frame
+
+
+def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME) -> Message:
+    """Parse and validate one frame; raises RemoteProtocolError on anything wrong."""
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise RemoteProtocolError(f"frame must be bytes, got {type(frame).__name__}")
+    if len(frame) > max_bytes:
+        raise RemoteProtocolError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
+    if not frame:
+        raise RemoteProtocolError("empty frame")
+    try:
+        items = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True)
+    except msgpack.ExtraData:
+        raise RemoteProtocolError("trailing bytes after the message") from None
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise RemoteProtocolError(f"not a msgpack frame ({type(exc).__name__}: {exc})") from None
+    if not isinstance(items, list) or len(items) < 2:
+        raise RemoteProtocolError("a frame must be an array [version, tag, fields...]")
+    version, tag = items[0], items[1]
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        raise RemoteProtocolError(
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+    cls = REGISTRY.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message tag {tag!r}")
+    msg: Message = _from_wire(cls, items[2:], tag)
+    return msg

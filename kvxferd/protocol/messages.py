@@ -1,0 +1,358 @@
+"""Messages between engines and daemons, and between prefill and decode daemons.
+
+Wire examples show the msgpack array written as JSON-ish text: ``[1, "abort",
+"req-7", "client cancelled"]`` is version 1, tag ``abort``, then the fields.
+
+Direction legend: W = prefill model worker, S = prefill scheduler, D = decode
+engine, P = prefill daemon, Q = decode daemon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvxferd.protocol import fields as f
+from kvxferd.protocol.base import MEMORY_KINDS, TRANSPORTS, ErrorCode, Message, Status, Struct, store
+
+
+@dataclass(frozen=True, slots=True)
+class SlotChunk(Struct):
+    """One batch slot of a forward step: which tokens of its request this step computes.
+
+    ``token_offset`` is where this chunk starts in the request's prompt; an
+    unchunked request has one chunk covering all its tokens. ``start_step`` is
+    the step that computed the first chunk of the request now in this slot (so
+    it equals the signal's step for a first chunk). ``(slot, start_step)``
+    names one occupancy of a slot: a later chunk can never be taken for a
+    chunk of the slot's previous or next request, whatever its offset.
+    Wire: ``[3, 0, 128, 17]`` (slot 3, tokens 0..127, request began in step 17).
+    """
+
+    slot: int
+    token_offset: int
+    token_count: int
+    start_step: int
+
+    def __post_init__(self) -> None:
+        f.uint("SlotChunk", "slot", self.slot)
+        f.uint("SlotChunk", "token_offset", self.token_offset)
+        f.uint("SlotChunk", "token_count", self.token_count, low=1)
+        f.uint("SlotChunk", "start_step", self.start_step)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSignal(Message):
+    """W→P: layer ``layer`` of forward step ``step`` is written to the KV cache.
+
+    The layer-0 signal of a step carries the step's slot table: the slots whose
+    KV this step writes. Signals of later layers carry no table; they apply to
+    the slots named at layer 0 of the same step. Step ids increase and are never
+    reused, which is how a stale signal is told apart from a slot's new occupant.
+
+    Wire: ``[1, "layer", 17, 0, [[3, 0, 128, 17], [5, 512, 64, 15]]]`` (slot 3
+    starts a request; slot 5 computes the second chunk of one begun in step 15),
+    then ``[1, "layer", 17, 1, []]`` ...
+    """
+
+    TAG: ClassVar[str] = "layer"
+    NESTED: ClassVar[dict[str, object]] = {"slots": [SlotChunk]}
+
+    step: int
+    layer: int
+    slots: tuple[SlotChunk, ...] = ()
+
+    def __post_init__(self) -> None:
+        f.uint("LayerSignal", "step", self.step)
+        f.uint("LayerSignal", "layer", self.layer, high=1 << 16)
+        slots = f.items_of("LayerSignal", "slots", self.slots, SlotChunk)
+        if self.layer > 0 and slots:
+            raise f.fail("LayerSignal", "slots", f"only layer 0 carries a slot table (layer {self.layer})")
+        seen = {c.slot for c in slots}
+        if len(seen) != len(slots):
+            raise f.fail("LayerSignal", "slots", "a slot appears twice in one step")
+        for i, c in enumerate(slots):
+            if c.start_step > self.step:
+                raise f.fail("LayerSignal", f"slots[{i}].start_step", f"{c.start_step} is after step {self.step}")
+        store(self, "slots", slots)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInfo(Message):
+    """S→P (every rank of the prefill group): where request ``request_id``'s KV goes.
+
+    ``step`` is the forward step that computes the request's first chunk in
+    ``slot``; later chunks name it as their ``start_step``. ``src_blocks[i]``
+    is copied to ``dst_blocks[i]`` on the decode instance reached at ``peer``
+    (an endpoint template; ``{rank}`` is replaced by the sending rank).
+    ``num_tokens`` is the prompt length; it must need exactly
+    ``len(src_blocks)`` blocks.
+
+    Wire: ``[1, "cache_info", "req-7", 3, 17, 200, [10, 11], [40, 41],
+    "ipc:///run/kvxferd/decode-{rank}.sock", "auto"]``
+    """
+
+    TAG: ClassVar[str] = "cache_info"
+
+    request_id: str
+    slot: int
+    step: int
+    num_tokens: int
+    src_blocks: tuple[int, ...]
+    dst_blocks: tuple[int, ...]
+    peer: str
+    transport: str = "auto"
+
+    def __post_init__(self) -> None:
+        f.name("CacheInfo", "request_id", self.request_id)
+        f.uint("CacheInfo", "slot", self.slot)
+        f.uint("CacheInfo", "step", self.step)
+        f.uint("CacheInfo", "num_tokens", self.num_tokens, low=1)
+        src = f.uints("CacheInfo", "src_blocks", self.src_blocks)
+        dst = f.uints("CacheInfo", "dst_blocks", self.dst_blocks)
+        if not src:
+            raise f.fail("CacheInfo", "src_blocks", "must name at least one block")
+        if len(src) != len(dst):
+            raise f.fail("CacheInfo", "dst_blocks", f"{len(dst)} destination blocks for {len(src)} source blocks")
+        if len(set(dst)) != len(dst):
+            raise f.fail("CacheInfo", "dst_blocks", "a destination block appears twice")
+        f.text("CacheInfo", "peer", self.peer, limit=f.MAX_NAME, empty=False)
+        f.choice("CacheInfo", "transport", self.transport, TRANSPORTS)
+        store(self, "src_blocks", src)
+        store(self, "dst_blocks", dst)
+
+
+@dataclass(frozen=True, slots=True)
+class Abort(Message):
+    """S→P: stop transferring ``request_id``; its result will say ``aborted``.
+
+    Wire: ``[1, "abort", "req-7", "client cancelled"]``
+    """
+
+    TAG: ClassVar[str] = "abort"
+
+    request_id: str
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        f.name("Abort", "request_id", self.request_id)
+        f.text("Abort", "reason", self.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult(Message):
+    """P→S, and P→Q→D on failure: how a request ended on one prefill rank.
+
+    ``status`` is ``ok`` only once every rank of the group confirmed its writes
+    with agreeing digests. ``bytes`` counts what this rank wrote. Timings in
+    milliseconds: ``wait_ms`` from cache_info to the job's recovery, ``send_ms``
+    from recovery to the last confirmed write, ``total_ms`` from cache_info to
+    the end.
+
+    Wire: ``[1, "result", "req-7", "ok", "", 0, 1048576, "shm", 0.4, 2.1, 2.9]``
+    """
+
+    TAG: ClassVar[str] = "result"
+
+    request_id: str
+    status: Status
+    reason: str = ""
+    rank: int = 0
+    bytes: int = 0
+    transport: str = ""
+    wait_ms: float = 0.0
+    send_ms: float = 0.0
+    total_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        f.name("TransferResult", "request_id", self.request_id)
+        f.choice("TransferResult", "status", self.status, tuple(Status))
+        store(self, "status", Status(self.status))
+        f.text("TransferResult", "reason", self.reason)
+        if self.status is not Status.OK and not self.reason:
+            raise f.fail("TransferResult", "reason", f"a {self.status} result must say why")
+        f.uint("TransferResult", "rank", self.rank)
+        f.uint("TransferResult", "bytes", self.bytes)
+        f.text("TransferResult", "transport", self.transport, limit=32)
+        for name in ("wait_ms", "send_ms", "total_ms"):
+            store(self, name, f.number("TransferResult", name, getattr(self, name)))
+
+
+@dataclass(frozen=True, slots=True)
+class KVReady(Message):
+    """P→Q→D: every prefill rank's KV for ``request_id`` is in the decode cache.
+
+    Sent only after the prefill group's barrier released the request. Wire:
+    ``[1, "kv_ready", "req-7", 0, 1048576]`` (reported by prefill rank 0,
+    which wrote 1 MiB).
+    """
+
+    TAG: ClassVar[str] = "kv_ready"
+
+    request_id: str
+    rank: int = 0
+    bytes: int = 0
+
+    def __post_init__(self) -> None:
+        f.name("KVReady", "request_id", self.request_id)
+        f.uint("KVReady", "rank", self.rank)
+        f.uint("KVReady", "bytes", self.bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLayout(Struct):
+    """Shape of one rank's KV cache, as the transports see it.
+
+    Every layer has a K and a V region of ``num_blocks`` blocks of
+    ``block_bytes`` bytes each (one block of one of K or V, this rank's heads).
+    Wire: ``[32, 1024, 65536]``.
+    """
+
+    num_layers: int
+    num_blocks: int
+    block_bytes: int
+
+    def __post_init__(self) -> None:
+        f.uint("CacheLayout", "num_layers", self.num_layers, low=1, high=1 << 16)
+        f.uint("CacheLayout", "num_blocks", self.num_blocks, low=1, high=1 << 31)
+        f.uint("CacheLayout", "block_bytes", self.block_bytes, low=1, high=1 << 40)
+
+    @property
+    def region_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Region(Struct):
+    """Where one layer's K (``kv`` = 0) or V (``kv`` = 1) blocks live.
+
+    ``handle`` is transport-specific: a POSIX shared-memory name for host
+    memory, a CUDA IPC memory handle (bytes) for GPU memory. ``offset`` is the
+    byte offset of block 0 inside what the handle maps; ``device`` the GPU
+    ordinal (0 for host memory). Wire: ``[0, 1, "kvx-d0-cache", 4194304, 0]``.
+    """
+
+    layer: int
+    kv: int
+    handle: str | bytes
+    offset: int = 0
+    device: int = 0
+
+    def __post_init__(self) -> None:
+        f.uint("Region", "layer", self.layer, high=1 << 16)
+        f.uint("Region", "kv", self.kv, high=1)
+        if isinstance(self.handle, str):
+            f.name("Region", "handle", self.handle)
+        else:
+            f.blob("Region", "handle", self.handle, limit=1024)
+        f.uint("Region", "offset", self.offset)
+        f.uint("Region", "device", self.device, high=1024)
+
+
+def _check_regions(owner: str, layout: CacheLayout, regions: object) -> tuple[Region, ...]:
+    items = f.items_of(owner, "regions", regions, Region)
+    want = {(layer, kv) for layer in range(layout.num_layers) for kv in (0, 1)}
+    have = [(r.layer, r.kv) for r in items]
+    if len(set(have)) != len(have) or set(have) != want:
+        raise f.fail(owner, "regions", f"need exactly one K and one V region for each of {layout.num_layers} layers")
+    return tuple(sorted(items, key=lambda r: (r.layer, r.kv)))
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterCache(Message):
+    """W/D→daemon: the engine's KV memory for this rank. The daemon never allocates it.
+
+    Wire: ``[1, "register", "host", [2, 64, 4096], [[0, 0, "kvx-p0", 0, 0],
+    [0, 1, "kvx-p0", 262144, 0], ...]]``. Answered with :class:`Ack`.
+    """
+
+    TAG: ClassVar[str] = "register"
+    NESTED: ClassVar[dict[str, object]] = {"layout": CacheLayout, "regions": [Region]}
+
+    memory: str
+    layout: CacheLayout
+    regions: tuple[Region, ...]
+
+    def __post_init__(self) -> None:
+        f.choice("RegisterCache", "memory", self.memory, MEMORY_KINDS)
+        if not isinstance(self.layout, CacheLayout):
+            raise f.fail("RegisterCache", "layout", "expected a CacheLayout")
+        store(self, "regions", _check_regions("RegisterCache", self.layout, self.regions))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerQuery(Message):
+    """P→Q: ask a decode daemon for its :class:`PeerInfo`. Wire: ``[1, "peer_query", "prefill", 0]``."""
+
+    TAG: ClassVar[str] = "peer_query"
+
+    group: str
+    rank: int
+
+    def __post_init__(self) -> None:
+        f.name("PeerQuery", "group", self.group)
+        f.uint("PeerQuery", "rank", self.rank)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo(Message):
+    """Q→P: what a prefill daemon needs to write into this decode rank's cache.
+
+    ``host_id`` identifies the machine (same host enables shm and cuda_ipc).
+    ``transports`` carries opaque per-transport metadata (e.g. an RDMA agent's
+    connection blob). Wire: ``[1, "peer_info", "decode", 0, "host-a1b2", "host",
+    [2, 64, 4096], [[0, 0, "kvx-d0", 0, 0], ...], {"rdma": b"..."}]``.
+    """
+
+    TAG: ClassVar[str] = "peer_info"
+    NESTED: ClassVar[dict[str, object]] = {"layout": CacheLayout, "regions": [Region]}
+
+    group: str
+    rank: int
+    host_id: str
+    memory: str
+    layout: CacheLayout
+    regions: tuple[Region, ...]
+    transports: dict[str, bytes]
+
+    def __post_init__(self) -> None:
+        f.name("PeerInfo", "group", self.group)
+        f.uint("PeerInfo", "rank", self.rank)
+        f.name("PeerInfo", "host_id", self.host_id)
+        f.choice("PeerInfo", "memory", self.memory, MEMORY_KINDS)
+        if not isinstance(self.layout, CacheLayout):
+            raise f.fail("PeerInfo", "layout", "expected a CacheLayout")
+        store(self, "regions", _check_regions("PeerInfo", self.layout, self.regions))
+        store(self, "transports", f.blob_map("PeerInfo", "transports", self.transports))
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    """Daemon→client: the message named by ``ref`` was accepted. Wire: ``[1, "ack", "register"]``."""
+
+    TAG: ClassVar[str] = "ack"
+
+    ref: str = ""
+
+    def __post_init__(self) -> None:
+        f.text("Ack", "ref", self.ref, limit=f.MAX_NAME)
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """Any→sender: the sender's message was refused. ``ref`` names what it was about.
+
+    Wire: ``[1, "error", "out_of_range", "src block 9000 >= 4096 blocks", "req-7"]``
+    """
+
+    TAG: ClassVar[str] = "error"
+
+    code: ErrorCode
+    detail: str
+    ref: str = ""
+
+    def __post_init__(self) -> None:
+        f.choice("Error", "code", self.code, tuple(ErrorCode))
+        store(self, "code", ErrorCode(self.code))
+        f.text("Error", "detail", self.detail, empty=False)
+        f.text("Error", "ref", self.ref, limit=f.MAX_NAME)

@@ -1,0 +1,178 @@
+"""The wire protocol: every message round-trips; every malformed frame is a protocol error."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import pytest
+
+from kvxferd.errors import LocalProtocolError, RemoteProtocolError
+from kvxferd.protocol import (
+    PROTOCOL_VERSION,
+    REGISTRY,
+    Abort,
+    Ack,
+    Arrive,
+    CacheInfo,
+    CacheLayout,
+    Digest,
+    Diverged,
+    Error,
+    ErrorCode,
+    Expired,
+    Hello,
+    KVReady,
+    LayerSignal,
+    Message,
+    PeerInfo,
+    PeerQuery,
+    RankView,
+    Region,
+    RegisterCache,
+    Release,
+    SlotChunk,
+    Status,
+    TransferResult,
+    Withdraw,
+    decode,
+    encode,
+)
+
+LAYOUT = CacheLayout(2, 64, 4096)
+REGIONS = tuple(Region(layer, kv, "kvx-seg", (2 * layer + kv) * 64 * 4096) for layer in range(2) for kv in (0, 1))
+DIGEST = Digest(32, 13, 27262976, "9f2c3b1a0e4d5c6b")
+
+EXAMPLES: dict[str, Message] = {
+    "layer": LayerSignal(17, 0, (SlotChunk(3, 0, 128, 17), SlotChunk(5, 512, 64, 15))),
+    "cache_info": CacheInfo(
+        "req-7",
+        3,
+        17,
+        200,
+        (10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22),
+        tuple(range(40, 53)),
+        "ipc:///run/kvxferd/decode-{rank}.sock",
+        "shm",
+    ),
+    "abort": Abort("req-7", "client cancelled"),
+    "result": TransferResult("req-7", Status.FAILED, "peer gone", 1, 1 << 20, "rdma", 0.4, 2.1, 2.9),
+    "kv_ready": KVReady("req-7", 0, 1 << 20),
+    "register": RegisterCache("host", LAYOUT, REGIONS),
+    "peer_query": PeerQuery("prefill", 0),
+    "peer_info": PeerInfo(
+        "decode",
+        1,
+        "host-a1",
+        "gpu",
+        LAYOUT,
+        tuple(Region(r.layer, r.kv, b"\x01" * 64, 128, 3) for r in REGIONS),
+        {"rdma": b"\x00md"},
+    ),
+    "ack": Ack("register"),
+    "error": Error(ErrorCode.OUT_OF_RANGE, "src block 9000 >= 4096 blocks", "req-7"),
+    "hello": Hello("prefill", 1, 2, "prefill"),
+    "arrive": Arrive("prefill", "req-7", 1, DIGEST),
+    "withdraw": Withdraw("prefill", "req-7", 1, Status.ABORTED, "client cancelled"),
+    "release": Release("prefill", "req-7", DIGEST),
+    "diverged": Diverged("prefill", "req-7", (RankView(0, Status.OK, DIGEST), RankView(1, Status.ABORTED, None, "x"))),
+    "expired": Expired("prefill", "req-7", (1, 3), 30.0),
+}
+
+
+def test_every_message_has_an_example() -> None:
+    assert set(EXAMPLES) == set(REGISTRY)
+
+
+@pytest.mark.parametrize("tag", sorted(EXAMPLES))
+def test_round_trip(tag: str) -> None:
+    msg = EXAMPLES[tag]
+    frame = encode(msg)
+    back = decode(frame)
+    assert back == msg and type(back) is type(msg)
+    assert encode(back) == frame
+
+
+@pytest.mark.parametrize("tag", sorted(EXAMPLES))
+def test_every_message_documents_a_wire_example(tag: str) -> None:
+    doc = REGISTRY[tag].__doc__ or ""
+    assert "Wire:" in doc and f'"{tag}"' in doc
+
+
+def raw(*items: object) -> bytes:
+    return msgpack.packb(list(items), use_bin_type=True)
+
+
+GOOD = encode(EXAMPLES["cache_info"])
+_, _, *CI = msgpack.unpackb(GOOD)
+
+MALFORMED = {
+    "empty": b"",
+    "truncated": GOOD[:-3],
+    "not msgpack": b"\xc1\xc1\xc1",
+    "trailing bytes": GOOD + b"\x00",
+    "not an array": msgpack.packb({"tag": "abort"}),
+    "too short": raw(PROTOCOL_VERSION),
+    "wrong version": raw(PROTOCOL_VERSION + 1, "abort", "r", ""),
+    "version as string": raw(str(PROTOCOL_VERSION), "abort", "r", ""),
+    "unknown tag": raw(PROTOCOL_VERSION, "launch_missiles", 1),
+    "tag not a string": raw(PROTOCOL_VERSION, 7, "r"),
+    "missing fields": raw(PROTOCOL_VERSION, "cache_info", "r", 3),
+    "extra fields": raw(PROTOCOL_VERSION, "abort", "r", "why", "extra"),
+    "wrong type": raw(PROTOCOL_VERSION, "cache_info", CI[0], "3", *CI[2:]),
+    "bool as int": raw(PROTOCOL_VERSION, "cache_info", CI[0], True, *CI[2:]),
+    "negative block id": raw(PROTOCOL_VERSION, "cache_info", *CI[:4], [-1, *CI[4][1:]], *CI[5:]),
+    "block id too large": raw(PROTOCOL_VERSION, "cache_info", *CI[:4], [1 << 63, *CI[4][1:]], *CI[5:]),
+    "block lists differ": raw(PROTOCOL_VERSION, "cache_info", *CI[:4], CI[4][:-1], *CI[5:]),
+    "duplicate destination": raw(PROTOCOL_VERSION, "cache_info", *CI[:5], [40] * len(CI[5]), *CI[6:]),
+    "no blocks": raw(PROTOCOL_VERSION, "cache_info", *CI[:4], [], [], *CI[6:]),
+    "unknown transport": raw(PROTOCOL_VERSION, "cache_info", *CI[:7], "carrier-pigeon"),
+    "empty request id": raw(PROTOCOL_VERSION, "abort", "", ""),
+    "nested not an array": raw(PROTOCOL_VERSION, "layer", 1, 0, [7]),
+    "nested wrong arity": raw(PROTOCOL_VERSION, "layer", 1, 0, [[3, 0]]),
+    "zero token count": raw(PROTOCOL_VERSION, "layer", 1, 0, [[3, 0, 0, 1]]),
+    "start step after step": raw(PROTOCOL_VERSION, "layer", 1, 0, [[3, 0, 8, 2]]),
+    "slot table on layer 1": raw(PROTOCOL_VERSION, "layer", 1, 1, [[3, 0, 8, 1]]),
+    "slot twice in a step": raw(PROTOCOL_VERSION, "layer", 1, 0, [[3, 0, 8, 1], [3, 8, 8, 1]]),
+    "unknown status": raw(PROTOCOL_VERSION, "result", "r", "meh", "why"),
+    "failure without reason": raw(PROTOCOL_VERSION, "result", "r", "failed", ""),
+    "NaN timing": raw(PROTOCOL_VERSION, "result", "r", "ok", "", 0, 0, "", math.nan),
+    "unknown error code": raw(PROTOCOL_VERSION, "error", "teapot", "x"),
+    "missing region": raw(PROTOCOL_VERSION, "register", "host", [2, 64, 4096], [[0, 0, "s", 0, 0]]),
+    "arrive without digest": raw(PROTOCOL_VERSION, "arrive", "g", "k", 0, None),
+    "withdraw as ok": raw(PROTOCOL_VERSION, "withdraw", "g", "k", 0, "ok", "why"),
+    "rank outside world": raw(PROTOCOL_VERSION, "hello", "g", 2, 2, "prefill"),
+    "string too long": raw(PROTOCOL_VERSION, "abort", "r" * 300, ""),
+    "map key not a string": raw(PROTOCOL_VERSION, "peer_info", "d", 0, "h", "host", [2, 64, 4096], [], {1: b""}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_frames_raise_a_remote_protocol_error(case: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode(MALFORMED[case])
+    assert str(info.value)  # says what is wrong
+
+
+def test_oversize_frames_are_refused_before_parsing() -> None:
+    frame = encode(Abort("r", "x" * 4000))
+    assert decode(frame, max_bytes=len(frame)) == Abort("r", "x" * 4000)
+    with pytest.raises(RemoteProtocolError, match="exceeds the 100-byte limit"):
+        decode(frame, max_bytes=100)
+
+
+def test_errors_name_the_message_and_field() -> None:
+    with pytest.raises(RemoteProtocolError, match=r"CacheInfo\.src_blocks\[0\]: -1 is outside"):
+        decode(MALFORMED["negative block id"])
+    with pytest.raises(RemoteProtocolError, match="version 2 is not supported"):
+        decode(MALFORMED["wrong version"])
+
+
+def test_constructors_validate_locally_too() -> None:
+    with pytest.raises(LocalProtocolError, match=r"CacheInfo\.num_tokens"):
+        CacheInfo("r", 0, 0, 0, (1,), (2,), "p")
+    with pytest.raises(LocalProtocolError, match="only layer 0 carries a slot table"):
+        LayerSignal(3, 2, (SlotChunk(0, 0, 1, 3),))
+    # lists are accepted and stored as tuples, so messages stay hashable and immutable
+    msg = CacheInfo("r", 0, 0, 1, [1], [2], "p")  # type: ignore[arg-type]
+    assert msg.src_blocks == (1,) and hash(msg)
