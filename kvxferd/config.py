@@ -1,0 +1,306 @@
+"""One typed configuration, loaded once: YAML → frozen dataclasses, validated at load.
+
+A file describes a deployment: the barrier service, the groups (a prefill and
+a decode instance, each with its TP world size and endpoint template), the
+model's KV layout, transports, table bounds, timeouts and logging. Every
+daemon of the deployment reads the same file and picks its group and rank on
+the command line. Keys left out take the defaults below; the defaults *are*
+the demo deployment (a 2-rank prefill and a 2-rank decode group on host
+memory, one host), so ``load(None)`` is what ``kvxferd demo`` runs.
+
+Endpoint templates may use ``{run_dir}``, ``{rank}`` and ``{uid}``; ``run_dir``
+may use ``{uid}``. Errors name the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvxferd.errors import ConfigError
+
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1}
+TRANSPORT_CHOICES = ("auto", "shm", "cuda_ipc", "rdma")
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _need(cond: bool, key: str, problem: str) -> None:
+    if not cond:
+        raise ConfigError(problem, key=key)
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        _need(getattr(obj, name) > 0, name, f"must be positive, got {getattr(obj, name)}")
+
+
+def _endpoint_ok(value: str) -> bool:
+    return value.startswith(("ipc://", "tcp://", "inproc://"))
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """One instance: a TP group of daemons with one role."""
+
+    name: str
+    role: str
+    world_size: int
+    endpoint: str  # engine-facing ROUTER of each rank
+    memory: str = "host"  # where this instance's KV cache lives: host | gpu
+
+    def __post_init__(self) -> None:
+        _need(bool(self.name), "name", "must not be empty")
+        _need(self.role in ("prefill", "decode"), "role", f"{self.role!r} is not prefill or decode")
+        _need(1 <= self.world_size <= 4096, "world_size", f"{self.world_size} is not in 1..4096")
+        _need(_endpoint_ok(self.endpoint), "endpoint", f"{self.endpoint!r} is not an ipc://, tcp:// or inproc:// URL")
+        _need(self.world_size == 1 or "{rank}" in self.endpoint, "endpoint", "needs {rank} when world_size > 1")
+        _need(self.memory in ("host", "gpu"), "memory", f"{self.memory!r} is not host or gpu")
+
+
+@dataclass(frozen=True)
+class BarrierConfig:
+    endpoint: str = "ipc://{run_dir}/barrier.sock"
+    timeout_s: float = 30.0  # a key still open this long after its first word expires
+    max_keys: int = 65536
+
+    def __post_init__(self) -> None:
+        _need(_endpoint_ok(self.endpoint), "endpoint", f"{self.endpoint!r} is not an ipc:// or tcp:// URL")
+        _positive(self, "timeout_s", "max_keys")
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    """The model's KV cache. Heads are split evenly across a group's TP ranks."""
+
+    num_layers: int = 8
+    kv_heads: int = 8  # KV heads of the whole model
+    head_dim: int = 64
+    block_tokens: int = 16
+    num_blocks: int = 512  # blocks per rank's cache
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_layers", "kv_heads", "head_dim", "block_tokens", "num_blocks")
+        _need(self.dtype in DTYPE_BYTES, "dtype", f"{self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+
+    def heads_per_rank(self, world_size: int) -> int:
+        if self.kv_heads % world_size:
+            raise ConfigError(f"{self.kv_heads} KV heads do not split over {world_size} ranks", key="kv.kv_heads")
+        return self.kv_heads // world_size
+
+    def block_bytes(self, world_size: int) -> int:
+        """Bytes of one block of K (or V) of one layer on one rank."""
+        return self.heads_per_rank(world_size) * self.block_tokens * self.head_dim * DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    prefer: str = "auto"  # auto | shm | cuda_ipc | rdma; a request's own choice wins unless auto
+    rdma_interface: str = "lo"  # network device UCX may use (UCX_NET_DEVICES)
+    rdma_tls: str = "tcp"  # UCX transports (UCX_TLS); e.g. rc,ud,cuda_copy on RDMA NICs
+    rdma_log_level: str = "WARN"
+
+    def __post_init__(self) -> None:
+        _need(self.prefer in TRANSPORT_CHOICES, "prefer", f"{self.prefer!r} is not one of {TRANSPORT_CHOICES}")
+        _need(bool(self.rdma_interface), "rdma_interface", "must name a network device")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_requests: int = 4096  # requests in flight per rank
+    max_pending_signals: int = 4096  # parked layer-0 slots without a cache_info
+    max_steps: int = 1024  # forward steps with work in progress
+    max_frame_bytes: int = 4 << 20  # largest control message accepted
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_requests", "max_pending_signals", "max_steps", "max_frame_bytes")
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    pending_s: float = 30.0  # cache_info or layer-0 signal waiting for its other half
+    progress_s: float = 30.0  # a job without progress (layers, write completions)
+    verdict_s: float = 60.0  # an arrival waiting for the barrier's verdict
+    startup_s: float = 60.0  # the start-up barrier (all ranks of the group up)
+    peer_s: float = 10.0  # answer to a peer query
+    shutdown_s: float = 5.0  # graceful shutdown before forcing
+
+    def __post_init__(self) -> None:
+        _positive(self, "pending_s", "progress_s", "verdict_s", "startup_s", "peer_s", "shutdown_s")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"  # TRACE logs every message
+
+    def __post_init__(self) -> None:
+        _need(self.level.upper() in LOG_LEVELS, "level", f"{self.level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+
+def _demo_groups() -> tuple[GroupConfig, ...]:
+    return (
+        GroupConfig("prefill", "prefill", 2, "ipc://{run_dir}/prefill-{rank}.sock"),
+        GroupConfig("decode", "decode", 2, "ipc://{run_dir}/decode-{rank}.sock"),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    version: int = 1
+    run_dir: str = "/tmp/kvxferd-{uid}"  # where ipc:// sockets live
+    groups: tuple[GroupConfig, ...] = field(default_factory=_demo_groups)
+    barrier: BarrierConfig = field(default_factory=BarrierConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _need(self.version == 1, "version", f"config version {self.version} is not supported (1 is)")
+        _need(bool(self.groups), "groups", "at least one group is needed")
+        names = [g.name for g in self.groups]
+        _need(len(set(names)) == len(names), "groups", "group names must be unique")
+        for i, group in enumerate(self.groups):
+            try:
+                self.kv.heads_per_rank(group.world_size)
+            except ConfigError:
+                raise ConfigError(
+                    f"{self.kv.kv_heads} KV heads do not split over {group.world_size} ranks", key=f"groups[{i}]"
+                ) from None
+
+    # -- lookups ------------------------------------------------------------
+
+    def group(self, name: str | None = None, *, role: str | None = None) -> GroupConfig:
+        """The group called ``name``, or the only group with ``role``."""
+        if name is not None:
+            for g in self.groups:
+                if g.name == name:
+                    return g
+            raise ConfigError(f"no group named {name!r} (have {', '.join(g.name for g in self.groups)})")
+        matches = [g for g in self.groups if role is None or g.role == role]
+        if len(matches) != 1:
+            raise ConfigError(f"say which group: {len(matches)} groups match (use --group)")
+        return matches[0]
+
+    def expand(self, template: str, rank: int | None = None) -> str:
+        uid = str(os.getuid())
+        run_dir = self.run_dir.format(uid=uid)
+        values = {"uid": uid, "run_dir": run_dir}
+        if rank is not None:
+            values["rank"] = str(rank)
+        try:
+            return template.format(**values)
+        except (KeyError, IndexError) as exc:
+            raise ConfigError(f"template {template!r} uses an unknown placeholder {exc}") from None
+
+    def endpoint(self, group: GroupConfig, rank: int) -> str:
+        if not 0 <= rank < group.world_size:
+            raise ConfigError(f"rank {rank} is outside group {group.name!r} of {group.world_size} ranks")
+        return self.expand(group.endpoint, rank)
+
+    def barrier_endpoint(self) -> str:
+        return self.expand(self.barrier.endpoint)
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.expand(self.run_dir))
+
+    def fingerprint(self) -> str:
+        """Hash of everything ranks of a deployment must agree on (logging excluded)."""
+        data = dataclasses.asdict(self)
+        data.pop("logging")
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["groups"] = [dict(g) for g in data["groups"]]
+        return data
+
+
+# -- loading ------------------------------------------------------------------
+
+
+def _build(cls: Any, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a YAML mapping, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping, got {type(data).__name__}", key=path or None)
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        key = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise ConfigError(f"unknown key (known: {', '.join(sorted(known))})", key=key)
+    for fl in dataclasses.fields(cls):
+        if fl.name not in data and fl.default is dataclasses.MISSING and fl.default_factory is dataclasses.MISSING:
+            raise ConfigError("required key is missing", key=f"{path}.{fl.name}" if path else fl.name)
+    values = {}
+    for name, value in data.items():
+        key = f"{path}.{name}" if path else name
+        values[name] = _coerce(hints[name], value, key)
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        raise exc.within(prefix=path) from None
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, key)
+    if origin is tuple:
+        item_kind = typing.get_args(kind)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"expected a list, got {type(value).__name__}", key=key)
+        return tuple(_coerce(item_kind, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if kind is float:
+        if type(value) not in (int, float):
+            raise ConfigError(f"expected a number, got {value!r}", key=key)
+        return float(value)
+    if kind in (int, str, bool):
+        if type(value) is not kind:
+            raise ConfigError(f"expected {kind.__name__}, got {value!r}", key=key)
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError("config fields are not unions")  # keep the schema simple
+    raise AssertionError(f"unhandled config type {kind!r} at {key}")
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate a config file; ``None`` gives the embedded default."""
+    if path is None:
+        return Config()
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=source) from None
+    return loads(text, source=source)
+
+
+def loads(text: str, *, source: str = "<string>") -> Config:
+    import yaml  # lazy: keeps `import kvxferd` fast
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", source=source) from None
+    if data is None:
+        data = {}
+    try:
+        return typing.cast(Config, _build(Config, data, ""))
+    except ConfigError as exc:
+        raise exc.within(source=source) from None
+
+
+def dump(config: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
