@@ -1,0 +1,83 @@
+"""What the pure core asks its shell to do.
+
+Core methods take a message and ``now`` and return a list of effects; the
+shell (``kvxferd.runtime``) carries them out in order. Effects are plain
+frozen values, so tests can compare them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from kvxferd.protocol import Arrive, ErrorCode, KVReady, Message, TransferResult, Withdraw
+
+
+class Run(NamedTuple):
+    """``length`` consecutive blocks from ``src`` (local) to ``dst`` (peer)."""
+
+    src: int
+    dst: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class PostWrite:
+    """Copy ``runs`` of one layer (K and V) to ``peer`` over ``transport``.
+
+    The shell reports the outcome with ``core.write_done(write_id, now, error)``.
+    ``requests`` names every request the write serves; ``nbytes`` counts K and V.
+    """
+
+    write_id: int
+    peer: str
+    transport: str
+    layer: int
+    runs: tuple[Run, ...]
+    requests: tuple[str, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ToBarrier:
+    """Send ``message`` (an arrival or a withdrawal) to the group's barrier service."""
+
+    message: Arrive | Withdraw
+
+
+@dataclass(frozen=True, slots=True)
+class ToEngine:
+    """Report how a request ended to the prefill engine that sent its cache_info."""
+
+    result: TransferResult
+
+
+@dataclass(frozen=True, slots=True)
+class ToPeer:
+    """Tell the decode daemon at ``peer`` how a request ended (KVReady, or the failure)."""
+
+    peer: str
+    message: KVReady | TransferResult
+
+
+@dataclass(frozen=True, slots=True)
+class ToRank:
+    """Barrier service: send ``message`` to ``rank`` of ``group``."""
+
+    group: str
+    rank: int
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Bad input or a notable drop. The shell logs it; with ``reply`` it also answers
+    the sender of the message being handled with an ``Error``."""
+
+    code: ErrorCode
+    detail: str
+    ref: str = ""
+    reply: bool = True
+
+
+Effect = PostWrite | ToBarrier | ToEngine | ToPeer | ToRank | Problem
