@@ -103,6 +103,7 @@ class KVConfig:
 @dataclass(frozen=True)
 class TransportConfig:
     prefer: str = "auto"  # auto | shm | cuda_ipc | rdma; a request's own choice wins unless auto
+    warm_peers: bool = True  # open the decode peers this config names once the engine registers its cache
     rdma_interface: str = "lo"  # network device UCX may use (UCX_NET_DEVICES)
     rdma_tls: str = "tcp"  # UCX transports (UCX_TLS); e.g. rc,ud,cuda_copy on RDMA NICs
     rdma_log_level: str = "WARN"
@@ -193,9 +194,7 @@ class Config:
     def expand(self, template: str, rank: int | None = None) -> str:
         uid = str(os.getuid())
         run_dir = self.run_dir.format(uid=uid)
-        values = {"uid": uid, "run_dir": run_dir}
-        if rank is not None:
-            values["rank"] = str(rank)
+        values = {"uid": uid, "run_dir": run_dir, "rank": "{rank}" if rank is None else str(rank)}
         try:
             return template.format(**values)
         except (KeyError, IndexError) as exc:
@@ -205,6 +204,10 @@ class Config:
         if not 0 <= rank < group.world_size:
             raise ConfigError(f"rank {rank} is outside group {group.name!r} of {group.world_size} ranks")
         return self.expand(group.endpoint, rank)
+
+    def peer_template(self, group: GroupConfig) -> str:
+        """The group's endpoint with ``{rank}`` left in: what a CacheInfo names as its peer."""
+        return self.expand(group.endpoint)
 
     def barrier_endpoint(self) -> str:
         return self.expand(self.barrier.endpoint)

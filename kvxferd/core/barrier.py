@@ -9,9 +9,9 @@ reason. When every rank of the group has spoken, every rank gets one verdict:
 ``Release`` if all arrived with equal digests, ``Diverged`` with each rank's
 view otherwise. A key that is still open ``timeout_s`` after its first word
 gets ``Expired`` naming the ranks never heard from, sent to every rank so that
-the slow ones stop too. An expired key is remembered for another
-``timeout_s`` so a straggler gets the same verdict at once instead of opening
-the key anew.
+the slow ones stop too (a named barrier's first arrival may set its own
+timeout). An expired key is remembered for as long again, so a straggler
+gets the same verdict at once instead of opening the key anew.
 
 Repeating the same word is harmless; changing it is refused. Tables are
 bounded (``max_keys`` open keys and as many remembered ones).
@@ -45,6 +45,7 @@ class _Open:
     group: str
     key: str
     opened: float
+    timeout_s: float
     words: dict[int, RankView] = field(default_factory=dict)
 
 
@@ -62,9 +63,11 @@ class BarrierState:
         if isinstance(msg, Hello):
             return self.hello(msg)
         if isinstance(msg, Arrive):
-            return self._word(msg.group, msg.key, RankView(msg.rank, Status.OK, msg.digest), now)
+            view = RankView(msg.rank, Status.OK, msg.digest)
+            return self._word(msg.group, msg.key, view, now, msg.timeout_s or self.timeout_s)
         if isinstance(msg, Withdraw):
-            return self._word(msg.group, msg.key, RankView(msg.rank, msg.status, None, msg.reason), now)
+            view = RankView(msg.rank, msg.status, None, msg.reason)
+            return self._word(msg.group, msg.key, view, now, self.timeout_s)
         return [Problem(ErrorCode.WRONG_ROLE, f"the barrier service does not accept {type(msg).__name__}")]
 
     def hello(self, msg: Hello) -> list[Effect]:
@@ -88,7 +91,7 @@ class BarrierState:
             size = self._groups[group]
             missing = tuple(r for r in range(size) if r not in entry.words)
             verdict = Expired(group, key, missing, round(now - entry.opened, 3))
-            self._remember(group, key, verdict, now)
+            self._remember(group, key, verdict, now, entry.timeout_s)
             effects += [ToRank(group, r, verdict) for r in range(size)]
         return effects
 
@@ -103,7 +106,7 @@ class BarrierState:
 
     # ---------------------------------------------------------------- internals
 
-    def _word(self, group: str, key: str, view: RankView, now: float) -> list[Effect]:
+    def _word(self, group: str, key: str, view: RankView, now: float, timeout_s: float) -> list[Effect]:
         size = self._groups.get(group)
         if size is None:
             return [Problem(ErrorCode.NOT_REGISTERED, f"group {group!r} is unknown: send Hello first", key)]
@@ -117,8 +120,8 @@ class BarrierState:
             if len(self._open) >= self.max_keys:
                 detail = f"key {key!r} refused: {self.max_keys} keys already open"
                 return [Problem(ErrorCode.TABLE_FULL, detail, key)]
-            entry = self._open[(group, key)] = _Open(group, key, now)
-            self._deadlines.set(("open", group, key), now + self.timeout_s)
+            entry = self._open[(group, key)] = _Open(group, key, now, timeout_s)
+            self._deadlines.set(("open", group, key), now + timeout_s)
         said = entry.words.get(view.rank)
         if said is not None:
             if said == view:
@@ -141,9 +144,9 @@ class BarrierState:
             verdict = Diverged(group, key, views)
         return [ToRank(group, r, verdict) for r in range(size)]
 
-    def _remember(self, group: str, key: str, verdict: Expired, now: float) -> None:
+    def _remember(self, group: str, key: str, verdict: Expired, now: float, timeout_s: float) -> None:
         self._expired[(group, key)] = (verdict, now)
-        self._deadlines.set(("forget", group, key), now + self.timeout_s)
+        self._deadlines.set(("forget", group, key), now + timeout_s)
         while len(self._expired) > self.max_keys:
             (g, k), _ = self._expired.popitem(last=False)
             self._deadlines.cancel(("forget", g, k))

@@ -153,18 +153,18 @@ class RankCore:
                 f"request {rid}: {info.num_tokens} tokens need {need} blocks of {s.block_tokens} tokens, "
                 f"cache_info names {len(info.src_blocks)}"
             )
-            return self._refuse(info, ErrorCode.BAD_LAYOUT, detail)
+            return self.refuse(info, ErrorCode.BAD_LAYOUT, detail)
         top = max(info.src_blocks)
         if top >= s.num_blocks:
             detail = f"request {rid}: source block {top} is outside this rank's {s.num_blocks} blocks"
-            return self._refuse(info, ErrorCode.OUT_OF_RANGE, detail)
+            return self.refuse(info, ErrorCode.OUT_OF_RANGE, detail)
         if len(self._requests) >= s.max_requests:
             detail = f"request {rid}: request table full ({s.max_requests} requests in flight)"
-            return self._refuse(info, ErrorCode.TABLE_FULL, detail)
+            return self.refuse(info, ErrorCode.TABLE_FULL, detail)
         holder = self._starts.get((info.slot, info.step))
         if holder is not None:
             detail = f"request {rid}: slot {info.slot} of step {info.step} already belongs to request {holder}"
-            return self._refuse(info, ErrorCode.SLOT_BUSY, detail)
+            return self.refuse(info, ErrorCode.SLOT_BUSY, detail)
 
         req = Request(info=info, state=State.WAIT_SIGNAL, created=now)
         self._requests[rid] = req
@@ -298,6 +298,26 @@ class RankCore:
     def next_deadline(self) -> float | None:
         return self._deadlines.earliest()
 
+    def refuse(self, info: CacheInfo, code: ErrorCode, detail: str) -> list[Effect]:
+        """Refuse a cache_info without keeping any state: error reply, failed result,
+        and a withdrawal so ranks that did accept it get a verdict without waiting."""
+        rid = info.request_id
+        result = TransferResult(rid, Status.FAILED, detail, self.s.rank, transport=info.transport)
+        withdraw = Withdraw(self.s.group, rid, self.s.rank, Status.FAILED, detail)
+        return [Problem(code, detail, rid), ToEngine(result), ToBarrier(withdraw)]
+
+    def close(self, reason: str, now: float) -> list[Effect]:
+        """Forced shutdown: end every live request as failed with ``reason``, clear every table.
+
+        Writes still in flight are forgotten; call this only once the transports are stopped.
+        """
+        effects: list[Effect] = []
+        self._writes.clear()
+        for req in list(self._requests.values()):
+            req.inflight = 0
+            effects += self._end(req, Status.FAILED, reason, now)
+        return effects
+
     # ------------------------------------------------------------ introspection
 
     def sizes(self) -> dict[str, int]:
@@ -349,14 +369,6 @@ class RankCore:
 
     def _who(self, req: Request) -> str:
         return f"request {req.info.request_id} on {self.s.group} rank {self.s.rank}"
-
-    def _refuse(self, info: CacheInfo, code: ErrorCode, detail: str) -> list[Effect]:
-        """Refuse a cache_info without keeping any state: error reply, failed result,
-        and a withdrawal so ranks that did accept it get a verdict without waiting."""
-        rid = info.request_id
-        result = TransferResult(rid, Status.FAILED, detail, self.s.rank, transport=info.transport)
-        withdraw = Withdraw(self.s.group, rid, self.s.rank, Status.FAILED, detail)
-        return [Problem(code, detail, rid), ToEngine(result), ToBarrier(withdraw)]
 
     def _forget_signal(self, signal: PendingSignal) -> None:
         """A parked signal was claimed by a job (attach it first: this may close its step)."""
@@ -508,7 +520,7 @@ class RankCore:
                 return status, f"aborted: {why.reason}"
             return status, f"ranks did not agree: {verdict.describe()}"
         missing = ", ".join(map(str, verdict.missing))
-        reason = f"ranks [{missing}] of group {verdict.group} did not report within {verdict.waited_s:g}s"
+        reason = f"ranks [{missing}] of group {verdict.group} did not report within {verdict.waited_s:.3g}s"
         if req.abort_reason is not None:
             return Status.ABORTED, f"aborted: {req.abort_reason} ({reason})"
         return Status.FAILED, reason

@@ -28,6 +28,8 @@ from kvxferd.protocol.messages import (
     Region,
     RegisterCache,
     SlotChunk,
+    StatusQuery,
+    StatusReply,
     TransferResult,
 )
 
@@ -60,6 +62,8 @@ __all__ = [
     "Release",
     "SlotChunk",
     "Status",
+    "StatusQuery",
+    "StatusReply",
     "Struct",
     "TransferResult",
     "Verdict",

@@ -105,7 +105,9 @@ class Hello(Message):
 class Arrive(Message):
     """Rank→service: this rank finished its part of ``key``. Never blocks the rank.
 
-    Wire: ``[1, "arrive", "prefill", "req-7", 1, [32, 13, 27262976, "9f2c..."]]``.
+    ``timeout_s`` (named barriers such as start-up) sets how long the key may
+    stay open if this arrival opens it; 0 means the service's default.
+    Wire: ``[1, "arrive", "prefill", "req-7", 1, [32, 13, 27262976, "9f2c..."], 0.0]``.
     """
 
     TAG: ClassVar[str] = "arrive"
@@ -115,6 +117,7 @@ class Arrive(Message):
     key: str
     rank: int
     digest: Digest
+    timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         f.name("Arrive", "group", self.group)
@@ -122,6 +125,7 @@ class Arrive(Message):
         f.uint("Arrive", "rank", self.rank)
         if not isinstance(self.digest, Digest):
             raise f.fail("Arrive", "digest", "expected a Digest")
+        store(self, "timeout_s", f.number("Arrive", "timeout_s", self.timeout_s))
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,8 @@ _MESSAGE_TYPES: tuple[type[Message], ...] = (
     messages.PeerInfo,
     messages.Ack,
     messages.Error,
+    messages.StatusQuery,
+    messages.StatusReply,
     barrier.Hello,
     barrier.Arrive,
     barrier.Withdraw,

@@ -356,3 +356,34 @@ class Error(Message):
         store(self, "code", ErrorCode(self.code))
         f.text("Error", "detail", self.detail, empty=False)
         f.text("Error", "ref", self.ref, limit=f.MAX_NAME)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusQuery(Message):
+    """Anyone→daemon: ask what the daemon is doing. Wire: ``[1, "status"]``."""
+
+    TAG: ClassVar[str] = "status"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply(Message):
+    """Daemon→asker: its identity, state (``starting``, ``serving``, ``draining``) and a JSON report
+    (table sizes, live requests with what each waits for, peers, counters).
+
+    Wire: ``[1, "status_reply", "prefill", "prefill", 0, "serving", "{\\"requests\\": []}"]``.
+    """
+
+    TAG: ClassVar[str] = "status_reply"
+
+    role: str
+    group: str
+    rank: int
+    state: str
+    report: str = "{}"
+
+    def __post_init__(self) -> None:
+        f.text("StatusReply", "role", self.role, limit=32)
+        f.text("StatusReply", "group", self.group, limit=f.MAX_NAME)
+        f.uint("StatusReply", "rank", self.rank)
+        f.text("StatusReply", "state", self.state, limit=32)
+        f.text("StatusReply", "report", self.report, limit=f.MAX_BLOB)

@@ -63,6 +63,17 @@ def test_expiry_names_missing_ranks_tells_everyone_and_answers_stragglers() -> N
     assert b.sizes()["expired"] == 0
 
 
+def test_a_named_barrier_may_set_its_own_timeout() -> None:
+    b = barrier(2)
+    b.handle(Arrive("g", "ready", 0, D, 60.0), 0.0)
+    assert b.next_deadline() == 60.0
+    (verdict, _) = b.on_timer(60.0)
+    assert verdict.message == Expired("g", "ready", (1,), 60.0)
+    assert b.handle(Arrive("g", "ready", 1, D), 100.0) == [ToRank("g", 1, Expired("g", "ready", (1,), 60.0))]
+    b.on_timer(120.0)
+    assert b.sizes()["expired"] == 0
+
+
 def test_repeating_a_word_is_harmless_changing_it_is_refused() -> None:
     b = barrier(2)
     b.handle(Arrive("g", "k", 0, D), 0.0)

@@ -235,6 +235,17 @@ def test_bad_cache_info_is_refused_with_a_result_and_a_withdrawal(msg: CacheInfo
     assert set(c.sizes().values()) == {0}
 
 
+def test_close_ends_everything_as_failed_and_empties_every_table() -> None:
+    c = core()
+    feed(c, [info("a", 0, 1, 16, [1], [2]), LayerSignal(1, 0, (SlotChunk(0, 0, 16, 1),))], complete=False)
+    c.handle(info("b", 1, 2, 16, [3], [4]), 0.0)
+    out = c.close("daemon shutting down", 1.0)
+    results = sorted((e.result.request_id, e.result.status, e.result.reason) for e in of(out, ToEngine))
+    assert results == [("a", Status.FAILED, "daemon shutting down"), ("b", Status.FAILED, "daemon shutting down")]
+    assert len(of(out, ToPeer)) == 2
+    assert set(c.sizes().values()) == {0}
+
+
 def test_duplicate_and_slot_busy_cache_infos() -> None:
     c = core()
     c.handle(info("x", 0, 1, 16, [1], [2]), 0.0)

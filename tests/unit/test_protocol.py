@@ -33,6 +33,8 @@ from kvxferd.protocol import (
     Release,
     SlotChunk,
     Status,
+    StatusQuery,
+    StatusReply,
     TransferResult,
     Withdraw,
     decode,
@@ -72,11 +74,13 @@ EXAMPLES: dict[str, Message] = {
     "ack": Ack("register"),
     "error": Error(ErrorCode.OUT_OF_RANGE, "src block 9000 >= 4096 blocks", "req-7"),
     "hello": Hello("prefill", 1, 2, "prefill"),
-    "arrive": Arrive("prefill", "req-7", 1, DIGEST),
+    "arrive": Arrive("prefill", "req-7", 1, DIGEST, 12.5),
     "withdraw": Withdraw("prefill", "req-7", 1, Status.ABORTED, "client cancelled"),
     "release": Release("prefill", "req-7", DIGEST),
     "diverged": Diverged("prefill", "req-7", (RankView(0, Status.OK, DIGEST), RankView(1, Status.ABORTED, None, "x"))),
     "expired": Expired("prefill", "req-7", (1, 3), 30.0),
+    "status": StatusQuery(),
+    "status_reply": StatusReply("prefill", "prefill", 0, "serving", '{"requests": []}'),
 }
 
 

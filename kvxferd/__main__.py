@@ -1,0 +1,3 @@
+from kvxferd.cli import main
+
+main()

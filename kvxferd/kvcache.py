@@ -1,0 +1,141 @@
+"""A rank's KV cache in host shared memory, laid out the way engines use it.
+
+One POSIX shared-memory segment per rank holds, for every layer, a K and a V
+tensor shaped ``[num_blocks, kv_heads, block_tokens, head_dim]``:
+
+    segment = layer 0 K | layer 0 V | layer 1 K | layer 1 V | ...
+
+Block ``b`` of one of them is ``kv_heads * block_tokens * head_dim`` elements,
+contiguous, so a run of consecutive blocks is one contiguous byte range:
+exactly what the transports copy. The engine creates the cache and owns it;
+it hands the daemon a :class:`~kvxferd.protocol.RegisterCache` describing it.
+numpy views are always available; torch views are built on demand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvxferd.config import DTYPE_BYTES, Config
+from kvxferd.protocol import CacheLayout, Region, RegisterCache
+from kvxferd.shm import Segment, unique_name
+
+if TYPE_CHECKING:
+    import torch
+
+_NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16, "uint8": np.uint8}
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """Shape of one rank's cache."""
+
+    num_layers: int
+    num_blocks: int
+    kv_heads: int  # on this rank
+    block_tokens: int
+    head_dim: int
+    dtype: str = "bfloat16"
+
+    @classmethod
+    def from_config(cls, config: Config, world_size: int) -> KVShape:
+        kv = config.kv
+        return cls(kv.num_layers, kv.num_blocks, kv.heads_per_rank(world_size), kv.block_tokens, kv.head_dim, kv.dtype)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def block_bytes(self) -> int:
+        return self.kv_heads * self.block_tokens * self.head_dim * self.itemsize
+
+    @property
+    def region_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_layers * 2 * self.region_bytes
+
+    @property
+    def layout(self) -> CacheLayout:
+        return CacheLayout(self.num_layers, self.num_blocks, self.block_bytes)
+
+    @property
+    def tensor_shape(self) -> tuple[int, int, int, int, int, int]:
+        """``[layer, K|V, num_blocks, kv_heads, block_tokens, head_dim]``."""
+        return (self.num_layers, 2, self.num_blocks, self.kv_heads, self.block_tokens, self.head_dim)
+
+
+class HostKVCache:
+    """An engine's KV cache for one rank, in one shared-memory segment."""
+
+    def __init__(self, shape: KVShape, segment: Segment) -> None:
+        self.shape = shape
+        self.segment = segment
+
+    @classmethod
+    def create(cls, shape: KVShape, name: str | None = None) -> HostKVCache:
+        return cls(shape, Segment.create(name or unique_name("kvx-cache"), shape.nbytes))
+
+    @classmethod
+    def attach(cls, shape: KVShape, name: str) -> HostKVCache:
+        return cls(shape, Segment.attach(name, min_size=shape.nbytes))
+
+    @property
+    def name(self) -> str:
+        return self.segment.name
+
+    def registration(self) -> RegisterCache:
+        """The message that hands this cache to the rank's daemon."""
+        s = self.shape
+        regions = tuple(
+            Region(layer, kv, self.name, (2 * layer + kv) * s.region_bytes)
+            for layer in range(s.num_layers)
+            for kv in (0, 1)
+        )
+        return RegisterCache("host", s.layout, regions)
+
+    def raw(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """Bytes as ``[layer, K|V, num_blocks, block_bytes]``."""
+        s = self.shape
+        flat = np.frombuffer(self.segment.buffer, dtype=np.uint8, count=s.nbytes)
+        return flat.reshape(s.num_layers, 2, s.num_blocks, s.block_bytes)
+
+    def numpy(self) -> np.ndarray[Any, Any]:
+        """Elements as ``[layer, K|V, num_blocks, kv_heads, block_tokens, head_dim]``.
+
+        numpy has no bfloat16: bf16 caches come back as uint16 bit patterns.
+        """
+        s = self.shape
+        dtype = _NUMPY_DTYPES.get(s.dtype, np.uint8)
+        flat = np.frombuffer(self.segment.buffer, dtype=dtype, count=s.nbytes // np.dtype(dtype).itemsize)
+        if dtype is np.uint8 and s.itemsize != 1:
+            return flat.reshape(*s.tensor_shape[:5], s.head_dim * s.itemsize)
+        return flat.reshape(s.tensor_shape)
+
+    def torch(self) -> torch.Tensor:
+        """A torch view (no copy) shaped like :meth:`numpy`, in the cache's real dtype."""
+        import torch  # lazy: torch is heavy and optional
+
+        s = self.shape
+        dtype = getattr(torch, s.dtype)
+        flat = torch.frombuffer(self.segment.buffer, dtype=dtype, count=s.nbytes // s.itemsize)
+        return flat.view(s.tensor_shape)
+
+    def close(self) -> None:
+        self.segment.close()
+
+    def unlink(self) -> None:
+        self.segment.unlink()
+
+    def __enter__(self) -> HostKVCache:
+        return self
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.segment.__exit__(*exc)

@@ -1,0 +1,109 @@
+"""A daemon's connection to its group's barrier service.
+
+The DEALER's identity is ``group:rank``, so the service can address any rank
+without having heard from it. ``startup`` is the blocking named barrier every
+group passes before serving: each rank arrives at key ``ready`` with the
+fingerprint of its config as digest, so a group whose ranks run different
+configs refuses to start and says which rank differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import zmq
+
+from kvxferd.errors import DaemonError, RemoteProtocolError
+from kvxferd.protocol import Ack, Arrive, Digest, Diverged, Error, Expired, Hello, Message, Release, decode
+from kvxferd.runtime import sockets
+
+log = logging.getLogger(__name__)
+
+STARTUP_KEY = "ready"
+GRACE_S = 2.0
+
+
+class BarrierLink:
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        *,
+        group: str,
+        rank: int,
+        world_size: int,
+        role: str,
+        max_frame: int,
+    ) -> None:
+        self.endpoint = endpoint
+        self.group, self.rank, self.world_size, self.role = group, rank, world_size, role
+        self.max_frame = max_frame
+        self.sock = sockets.socket(ctx, zmq.DEALER, max_frame=max_frame)
+        self.sock.setsockopt(zmq.IDENTITY, f"{group}:{rank}".encode())
+        self.sock.connect(endpoint)
+
+    def send(self, msg: Message) -> None:
+        try:
+            sockets.send(self.sock, msg)
+        except zmq.Again:
+            log.error("barrier service %s is not keeping up; dropped %s", self.endpoint, type(msg).__name__)
+
+    def hello(self) -> None:
+        self.send(Hello(self.group, self.rank, self.world_size, self.role))
+
+    def recv_ready(self) -> list[Message]:
+        """Every message waiting on the socket (bad frames are logged and skipped)."""
+        out: list[Message] = []
+        for _ in range(sockets.BATCH):
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                out.append(decode(frame, max_bytes=self.max_frame))
+            except RemoteProtocolError as exc:
+                log.error("bad frame from the barrier service: %s", exc)
+        return out
+
+    def startup(self, fingerprint: str, timeout_s: float, stopping: Callable[[], bool]) -> None:
+        """Block until every rank of the group is up with the same config, or raise DaemonError."""
+        # Wait a little past the key's own timeout, so the service's verdict (which names the
+        # missing ranks) arrives before our own deadline.
+        deadline = time.monotonic() + timeout_s + GRACE_S
+        self.hello()
+        self._wait(lambda m: isinstance(m, Ack), deadline, stopping, "the barrier service to answer Hello")
+        self.send(Arrive(self.group, STARTUP_KEY, self.rank, Digest(0, 0, 0, fingerprint), timeout_s))
+        verdict = self._wait(
+            lambda m: isinstance(m, (Release, Diverged, Expired)) and m.key == STARTUP_KEY,
+            deadline,
+            stopping,
+            f"all {self.world_size} ranks of group {self.group!r} to start",
+        )
+        if isinstance(verdict, Diverged):
+            odd = [v.rank for v in verdict.views if v.digest is None or v.digest.fingerprint != fingerprint]
+            raise DaemonError(
+                f"ranks {odd} of group {self.group!r} run a different configuration than rank {self.rank}"
+            )
+        if isinstance(verdict, Expired):
+            raise DaemonError(
+                f"ranks {list(verdict.missing)} of group {self.group!r} did not start within {verdict.waited_s:.3g}s"
+            )
+
+    def _wait(
+        self, want: Callable[[Message], bool], deadline: float, stopping: Callable[[], bool], what: str
+    ) -> Message:
+        while True:
+            if stopping():
+                raise DaemonError(f"stopped while waiting for {what}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DaemonError(f"timed out waiting for {what} at {self.endpoint}")
+            if self.sock.poll(int(min(left, 0.2) * 1000), zmq.POLLIN):
+                for msg in self.recv_ready():
+                    if isinstance(msg, Error):
+                        raise DaemonError(f"the barrier service refused rank {self.rank}: {msg.detail}")
+                    if want(msg):
+                        return msg
+                    log.debug("ignoring %s while waiting for %s", type(msg).__name__, what)

@@ -1,0 +1,281 @@
+"""``kvxferd serve`` for a prefill rank: the shell around :class:`kvxferd.core.RankCore`.
+
+Sockets: a ROUTER for the engine (layer signals from the model worker;
+cache_info and aborts from the scheduler; the cache registration), a DEALER
+to the group's barrier service, and a DEALER per decode peer. Every message
+goes to the core with ``now``; the effects it returns are carried out here:
+writes go to the transports, arrivals to the barrier, results to the engine
+that sent the request's cache_info, notices to the decode peer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import zmq
+
+from kvxferd.config import Config, GroupConfig
+from kvxferd.core import Effect, PostWrite, Problem, RankCore, RankSettings, ToBarrier, ToEngine, ToPeer
+from kvxferd.errors import RemoteProtocolError
+from kvxferd.protocol import (
+    Abort,
+    Ack,
+    CacheInfo,
+    CacheLayout,
+    Diverged,
+    Error,
+    ErrorCode,
+    Expired,
+    LayerSignal,
+    Message,
+    RegisterCache,
+    Release,
+    StatusQuery,
+    StatusReply,
+    decode,
+)
+from kvxferd.runtime import sockets
+from kvxferd.runtime.barrier_link import BarrierLink
+from kvxferd.runtime.logs import TRACE
+from kvxferd.runtime.peers import Peers
+from kvxferd.runtime.service import Service
+from kvxferd.transports import Completion
+
+log = logging.getLogger(__name__)
+
+SHUTTING_DOWN = "the prefill daemon is shutting down"
+
+
+def rank_settings(config: Config, group: GroupConfig, rank: int) -> RankSettings:
+    kv, limits, t = config.kv, config.limits, config.timeouts
+    return RankSettings(
+        group=group.name,
+        rank=rank,
+        world_size=group.world_size,
+        num_layers=kv.num_layers,
+        num_blocks=kv.num_blocks,
+        block_tokens=kv.block_tokens,
+        block_bytes=kv.block_bytes(group.world_size),
+        max_requests=limits.max_requests,
+        max_pending_signals=limits.max_pending_signals,
+        max_steps=limits.max_steps,
+        pending_timeout_s=t.pending_s,
+        progress_timeout_s=t.progress_s,
+        verdict_timeout_s=t.verdict_s,
+    )
+
+
+class PrefillDaemon(Service):
+    role = "prefill"
+
+    def __init__(self, config: Config, group: GroupConfig, rank: int) -> None:
+        super().__init__(shutdown_s=config.timeouts.shutdown_s)
+        self.config, self.group, self.rank = config, group, rank
+        self.core = RankCore(rank_settings(config, group, rank))
+        s = self.core.s
+        self.layout = CacheLayout(s.num_layers, s.num_blocks, s.block_bytes)
+        self.max_frame = config.limits.max_frame_bytes
+        self.peers = Peers(self, config, group=group.name, rank=rank, memory=group.memory)
+        self.origins: dict[str, bytes] = {}  # request id -> the engine socket that sent its cache_info
+        self.counters: Counter[str] = Counter()
+        self.endpoint = ""
+        self._sender: bytes | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.router = self.own(sockets.socket(self.ctx, zmq.ROUTER, max_frame=self.max_frame))
+        self.endpoint = sockets.bind(self.router, self.config.endpoint(self.group, self.rank))
+        self.barrier = BarrierLink(
+            self.ctx,
+            self.config.barrier_endpoint(),
+            group=self.group.name,
+            rank=self.rank,
+            world_size=self.group.world_size,
+            role=self.role,
+            max_frame=self.max_frame,
+        )
+        self.own(self.barrier.sock)
+        self.barrier.startup(
+            self.config.fingerprint(), self.config.timeouts.startup_s, lambda: self._stop_signal is not None
+        )
+        self.watch(self.router, self._on_engine)
+        self.watch(self.barrier.sock, self._on_barrier)
+
+    def ready_info(self) -> dict[str, Any]:
+        return {"group": self.group.name, "rank": self.rank, "endpoint": self.endpoint}
+
+    def next_wakeup(self) -> float | None:
+        times = [t for t in (self.core.next_deadline(), self.peers.next_wakeup()) if t is not None]
+        return min(times, default=None)
+
+    def tick(self, now: float) -> None:
+        self._complete(self.peers.handle_answers(now) + self.peers.tick(now), now)
+        deadline = self.core.next_deadline()
+        if deadline is not None and now >= deadline:
+            self._apply(self.core.on_timer(now), now)
+
+    def idle(self) -> bool:
+        return self.core.sizes()["requests"] == 0
+
+    def force_stop(self, now: float) -> None:
+        self.peers.close_transports()
+        self._apply(self.core.close(SHUTTING_DOWN + " (drain deadline passed)", now), now)
+
+    def close(self) -> None:
+        self.peers.close()
+
+    # -- inbound ----------------------------------------------------------------------
+
+    def _on_engine(self) -> None:
+        for _ in range(sockets.BATCH):
+            try:
+                identity, frame = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue
+            now = time.monotonic()
+            try:
+                msg = decode(frame, max_bytes=self.max_frame)
+            except RemoteProtocolError as exc:
+                log.warning("bad frame from engine %r: %s", identity, exc)
+                self._reply(identity, Error(ErrorCode.BAD_MESSAGE, str(exc)))
+                continue
+            log.log(TRACE, "<- %r %s", identity, msg)
+            self._sender = identity
+            try:
+                self._engine_message(identity, msg, now)
+            finally:
+                self._sender = None
+
+    def _engine_message(self, identity: bytes, msg: Message, now: float) -> None:
+        self.counters[type(msg).__name__] += 1
+        if isinstance(msg, CacheInfo):
+            if self.state != "serving":
+                self._apply(self.core.refuse(msg, ErrorCode.UNAVAILABLE, SHUTTING_DOWN), now)
+            elif self.peers.local is None:
+                detail = f"no KV cache is registered with {self.group.name} rank {self.rank} yet"
+                self._apply(self.core.refuse(msg, ErrorCode.NOT_REGISTERED, detail), now)
+            else:
+                self.origins.setdefault(msg.request_id, identity)
+                self._apply(self.core.on_cache_info(msg, now), now)
+        elif isinstance(msg, (LayerSignal, Abort)):
+            self._apply(self.core.handle(msg, now), now)
+        elif isinstance(msg, RegisterCache):
+            self._register(identity, msg)
+        elif isinstance(msg, StatusQuery):
+            self._reply(identity, self.status(now))
+        else:
+            self._reply(identity, Error(ErrorCode.WRONG_ROLE, f"a prefill daemon does not accept {type(msg).__name__}"))
+
+    def _register(self, identity: bytes, msg: RegisterCache) -> None:
+        problem = None
+        if msg.memory != self.group.memory:
+            problem = f"group {self.group.name!r} keeps its cache in {self.group.memory} memory, not {msg.memory}"
+        elif msg.layout != self.layout:
+            problem = f"the engine's cache is {msg.layout}, the config describes {self.layout}"
+        elif self.core.sizes()["requests"]:
+            problem = "requests are in flight; register again once they ended"
+        if problem is not None:
+            self._reply(identity, Error(ErrorCode.BAD_LAYOUT, problem, "register"))
+            return
+        self.peers.set_local(msg)
+        log.info(
+            "engine cache registered: %d layers x %d blocks of %d B",
+            msg.layout.num_layers,
+            msg.layout.num_blocks,
+            msg.layout.block_bytes,
+        )
+        self._reply(identity, Ack("register"))
+        if self.config.transport.warm_peers:
+            for group in self.config.groups:
+                if group.role == "decode" and self.rank < group.world_size:
+                    self.peers.warm(self.config.peer_template(group), time.monotonic())
+
+    def _on_barrier(self) -> None:
+        now = time.monotonic()
+        for msg in self.barrier.recv_ready():
+            log.log(TRACE, "<- barrier %s", msg)
+            if isinstance(msg, (Release, Diverged, Expired)):
+                self._apply(self.core.on_verdict(msg, now), now)
+            elif isinstance(msg, Error):
+                log.error("the barrier service refused a message about %r: %s", msg.ref, msg.detail)
+                if msg.code is ErrorCode.NOT_REGISTERED:
+                    self.barrier.hello()  # the service restarted: announce ourselves again
+            elif not isinstance(msg, Ack):
+                log.warning("unexpected %s from the barrier service", type(msg).__name__)
+
+    # -- effects -----------------------------------------------------------------------
+
+    def _apply(self, effects: list[Effect], now: float) -> None:
+        queue = list(effects)
+        while queue:
+            eff = queue.pop(0)
+            if isinstance(eff, PostWrite):
+                self.counters["writes"] += 1
+                self.counters["bytes_posted"] += eff.nbytes
+                for done in self.peers.write(eff, now):
+                    queue += self.core.write_done(done.write_id, now, done.error)
+            elif isinstance(eff, ToBarrier):
+                self.barrier.send(eff.message)
+            elif isinstance(eff, ToEngine):
+                self._result(eff)
+            elif isinstance(eff, ToPeer):
+                self.peers.notify(eff.peer, eff.message)
+            elif isinstance(eff, Problem):
+                self._problem(eff)
+
+    def _complete(self, completions: list[Completion], now: float) -> None:
+        for done in completions:
+            self._apply(self.core.write_done(done.write_id, now, done.error), now)
+
+    def _result(self, eff: ToEngine) -> None:
+        result = eff.result
+        rid = result.request_id
+        used = self.peers.used.pop(rid, None)
+        if used is not None:
+            result = dataclasses.replace(result, transport=used)
+        self.counters[f"result_{result.status.value}"] += 1
+        if result.status.value == "ok":
+            self.counters["bytes_ok"] += result.bytes
+        else:
+            log.warning("request %s %s: %s", rid, result.status.value, result.reason)
+        identity = self.origins.pop(rid, None) or self._sender
+        if identity is None:
+            log.error("no engine to tell that request %s ended (%s)", rid, result.status.value)
+            return
+        self._reply(identity, result)
+
+    def _problem(self, eff: Problem) -> None:
+        self.counters[f"problem_{eff.code.value}"] += 1
+        level = logging.INFO if eff.code is ErrorCode.STALE_SIGNAL and not eff.reply else logging.WARNING
+        log.log(level, "%s: %s", eff.code.value, eff.detail)
+        if eff.reply and self._sender is not None:
+            self._reply(self._sender, Error(eff.code, eff.detail, eff.ref))
+
+    def _reply(self, identity: bytes, msg: Message) -> None:
+        try:
+            sockets.send(self.router, msg, identity)
+            log.log(TRACE, "-> %r %s", identity, msg)
+        except zmq.ZMQError as exc:
+            log.warning("engine %r unreachable (%s); dropped %s", identity, exc.strerror, type(msg).__name__)
+
+    def status(self, now: float) -> StatusReply:
+        report = {
+            "endpoint": self.endpoint,
+            "registered": self.peers.local is not None,
+            "tables": self.core.sizes(),
+            "requests": self.core.snapshot(now)[:100],
+            "peers": {
+                e: {"open_on": sorted(link.opened), "waiting": len(link.waiting)}
+                for e, link in self.peers.links.items()
+            },
+            "counters": dict(self.counters),
+        }
+        return StatusReply(self.role, self.group.name, self.rank, self.state, json.dumps(report))

@@ -1,0 +1,196 @@
+"""The daemon lifecycle and its one poller loop.
+
+Theory of operation: a service owns a ZMQ context, a poller and the sockets
+registered in it. ``run`` goes through start → ready → serve → drain → stop:
+
+* ``start`` binds and connects, then ``ready`` is announced on stdout as one
+  JSON line (``{"event": "ready", ...}``), which is what launchers wait for.
+* The loop polls every socket with a timeout taken from ``next_wakeup()``
+  (the core's next deadline, a peer query's deadline, a transport that wants
+  polling); an idle daemon sleeps in ``poll`` and uses no CPU.
+* SIGTERM / SIGINT only set a flag; a byte on the signal wake-up socket makes
+  ``poll`` return. The service then drains (``begin_drain``) until it is idle
+  or ``shutdown_s`` has passed, then stops (``force_stop``) and closes every
+  socket with a linger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import socket as pysocket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[], None]
+
+
+class Service:
+    """Base class of the daemons and the barrier service."""
+
+    #: shown in logs and status replies
+    role = "service"
+
+    def __init__(self, *, shutdown_s: float) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.poller = zmq.Poller()
+        self._handlers: dict[Any, Handler] = {}
+        self._sockets: list[zmq.Socket[bytes]] = []
+        self.shutdown_s = shutdown_s
+        self.state = "starting"
+        self._stop_signal: int | None = None
+        self._wake_r, self._wake_w = pysocket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    # -- registration ---------------------------------------------------------------
+
+    def watch(self, sock: zmq.Socket[bytes], handler: Handler) -> None:
+        self.poller.register(sock, zmq.POLLIN)
+        self._handlers[sock] = handler
+        if sock not in self._sockets:
+            self._sockets.append(sock)
+
+    def unwatch(self, sock: zmq.Socket[bytes]) -> None:
+        if sock in self._handlers:
+            self.poller.unregister(sock)
+            del self._handlers[sock]
+
+    def own(self, sock: zmq.Socket[bytes]) -> zmq.Socket[bytes]:
+        """Close ``sock`` with the service (without polling it)."""
+        self._sockets.append(sock)
+        return sock
+
+    # -- hooks for subclasses ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind, connect, agree with the group; raise DaemonError if that fails."""
+
+    def ready_info(self) -> dict[str, Any]:
+        return {}
+
+    def next_wakeup(self) -> float | None:
+        """Monotonic time by which ``tick`` must run (None: only when a message comes)."""
+        return None
+
+    def tick(self, now: float) -> None:
+        """Run timers and poll transports."""
+
+    def begin_drain(self, now: float) -> None:
+        """Stop taking new work; finish what is in flight."""
+
+    def idle(self) -> bool:
+        """True once draining has nothing left to finish."""
+        return True
+
+    def force_stop(self, now: float) -> None:
+        """The drain deadline passed: end what is left."""
+
+    def close(self) -> None:
+        """Release resources other than sockets (transports, mappings)."""
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        self._stop_signal = signum
+        with contextlib.suppress(BlockingIOError):  # a wake-up byte is already pending
+            self._wake_w.send(b"\0")
+
+    def run(self, *, announce: bool = True) -> int:
+        previous = self._install_signals()
+        try:
+            self.start()
+            self.state = "serving"
+            if announce:
+                self._announce()
+            self._loop()
+            return 0
+        finally:
+            self._restore_signals(previous)
+            self.shutdown_sockets()
+
+    def _loop(self) -> None:
+        wake_fd = self._wake_r.fileno()
+        self.poller.register(wake_fd, zmq.POLLIN)  # the poller reports plain fds back as ints
+        drain_deadline: float | None = None
+        while True:
+            now = time.monotonic()
+            if self._stop_signal is not None and drain_deadline is None:
+                log.info("stopping (signal %d): draining for up to %gs", self._stop_signal, self.shutdown_s)
+                self.state = "draining"
+                drain_deadline = now + self.shutdown_s
+                self.begin_drain(now)
+            if drain_deadline is not None:
+                if self.idle():
+                    log.info("drained; stopping")
+                    return
+                if now >= drain_deadline:
+                    log.warning("drain deadline passed; stopping what is left")
+                    self.force_stop(now)
+                    return
+            wake = self.next_wakeup()
+            if drain_deadline is not None:
+                wake = drain_deadline if wake is None else min(wake, drain_deadline)
+            timeout = None if wake is None else max(0, math.ceil((wake - now) * 1000.0))
+            for sock, _ in self.poller.poll(timeout):
+                if sock == wake_fd:
+                    self._drain_wake()
+                else:
+                    self._handlers[sock]()
+            self.tick(time.monotonic())
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _announce(self) -> None:
+        line = {"event": "ready", "role": self.role, "pid": _pid(), **self.ready_info()}
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+        log.info("ready: %s", line)
+
+    def _install_signals(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+        try:
+            previous[-1] = signal.set_wakeup_fd(self._wake_w.fileno())
+        except ValueError:  # not the main thread (tests run services in threads)
+            return previous
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda s, _f: self.request_stop(s))
+        return previous
+
+    def _restore_signals(self, previous: dict[int, Any]) -> None:
+        if -1 in previous:
+            signal.set_wakeup_fd(previous.pop(-1))
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def shutdown_sockets(self) -> None:
+        try:
+            self.close()
+        finally:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+            self._wake_r.close()
+            self._wake_w.close()
+            self.ctx.term()
+            self.state = "stopped"
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

@@ -1,0 +1,139 @@
+"""The transport interface: register memory, open peers, write block runs, poll, close.
+
+A transport object lives in one daemon. On a decode daemon it *exposes* the
+registered cache (``publish`` returns what peers need, e.g. an RDMA agent's
+metadata). On a prefill daemon it *writes*: ``open_peer`` maps a decode
+rank's cache from its :class:`~kvxferd.protocol.PeerInfo`, ``post`` starts
+copying runs of one layer (K and V), and ``poll`` returns finished writes.
+
+Every run is checked against both registered layouts before anything is
+copied (:meth:`Transport.post`), so no peer and no engine message can make a
+daemon touch memory outside what was registered.
+
+Implementations are registered by import string in
+:data:`kvxferd.transports.REGISTRY` and imported only when used.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvxferd.config import TransportConfig
+from kvxferd.core.effects import Run
+from kvxferd.errors import TransportError
+from kvxferd.protocol import CacheLayout, PeerInfo, Region, RegisterCache
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished write: ``error`` is None on success, else a sentence saying what went wrong."""
+
+    write_id: int
+    error: str | None = None
+
+
+def check_runs(runs: Sequence[Run], local: CacheLayout, remote: CacheLayout, layer: int) -> str | None:
+    """Why these runs may not be copied, or None if they may."""
+    if layer >= local.num_layers or layer >= remote.num_layers:
+        return f"layer {layer} is outside the registered caches ({local.num_layers} / {remote.num_layers} layers)"
+    for run in runs:
+        if run.length <= 0:
+            return f"empty run {run}"
+        if run.src + run.length > local.num_blocks:
+            return f"source blocks {run.src}..{run.src + run.length - 1} exceed the {local.num_blocks} registered"
+        if run.dst + run.length > remote.num_blocks:
+            return f"destination blocks {run.dst}..{run.dst + run.length - 1} exceed the peer's {remote.num_blocks}"
+    return None
+
+
+def check_compatible(local: CacheLayout, remote: CacheLayout) -> None:
+    if local.num_layers != remote.num_layers or local.block_bytes != remote.block_bytes:
+        raise TransportError(
+            f"cache layouts differ: local {local.num_layers} layers x {local.block_bytes} B blocks, "
+            f"peer {remote.num_layers} layers x {remote.block_bytes} B blocks"
+        )
+
+
+def region_map(regions: Sequence[Region]) -> dict[tuple[int, int], Region]:
+    return {(r.layer, r.kv): r for r in regions}
+
+
+class Transport(ABC):
+    """Base class of every transport. Subclasses implement the underscore methods."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: TransportConfig, local: RegisterCache) -> None:
+        self.config = config
+        self.local = local
+        self._peers: dict[str, CacheLayout] = {}
+
+    def prepare(self) -> None:  # noqa: B027 - optional hook
+        """Do the local set-up now (map or register the local cache) rather than at the first write."""
+
+    # -- target side (decode) ---------------------------------------------------
+
+    def publish(self) -> bytes | None:
+        """Metadata peers need to write into ``local`` (None: the regions suffice)."""
+        return None
+
+    # -- initiator side (prefill) -------------------------------------------------
+
+    def open_peer(self, key: str, peer: PeerInfo) -> None:
+        """Prepare to write into ``peer``'s cache; raises TransportError with the reason."""
+        check_compatible(self.local.layout, peer.layout)
+        self._open_peer(key, peer)
+        self._peers[key] = peer.layout
+
+    def post(self, write_id: int, key: str, layer: int, runs: Sequence[Run]) -> Completion | None:
+        """Start writing ``runs`` of ``layer`` (K and V) to peer ``key``.
+
+        Returns a Completion at once if the write was refused or finished
+        synchronously; otherwise the completion comes from :meth:`poll`.
+        """
+        remote = self._peers.get(key)
+        if remote is None:
+            return Completion(write_id, f"peer {key} is not open")
+        problem = check_runs(runs, self.local.layout, remote, layer)
+        if problem is not None:
+            return Completion(write_id, f"refused before writing: {problem}")
+        try:
+            return self._post(write_id, key, layer, runs)
+        except TransportError as exc:
+            return Completion(write_id, str(exc))
+
+    def poll(self) -> list[Completion]:
+        """Writes that finished since the last call."""
+        return []
+
+    def pending(self) -> int:
+        """Writes posted and not yet returned by :meth:`poll` (0 for synchronous transports)."""
+        return 0
+
+    def close_peer(self, key: str) -> None:
+        if self._peers.pop(key, None) is not None:
+            self._close_peer(key)
+
+    def close(self) -> None:
+        for key in list(self._peers):
+            self.close_peer(key)
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- for subclasses -----------------------------------------------------------
+
+    @abstractmethod
+    def _open_peer(self, key: str, peer: PeerInfo) -> None: ...
+
+    @abstractmethod
+    def _post(self, write_id: int, key: str, layer: int, runs: Sequence[Run]) -> Completion | None: ...
+
+    def _close_peer(self, key: str) -> None:  # noqa: B027 - optional hook
+        pass

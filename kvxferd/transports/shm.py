@@ -1,0 +1,120 @@
+"""``shm``: host memory on one host, through POSIX shared-memory segments.
+
+Theory of operation: the engines create their caches as shared-memory
+segments (:mod:`kvxferd.kvcache`). The prefill daemon maps its own cache read
+only and each decode rank's cache read-write, once per peer, as numpy byte
+views of ``[num_blocks, block_bytes]`` per layer and K/V. A write copies each
+run of consecutive blocks with one ``numpy.copyto`` for K and one for V and
+completes synchronously. Before each write the peer's segments are checked
+(``fstat``): a segment its engine unlinked means the peer is gone, and the
+write fails instead of filling orphaned memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kvxferd.config import TransportConfig
+from kvxferd.core.effects import Run
+from kvxferd.errors import TransportError
+from kvxferd.protocol import CacheLayout, PeerInfo, RegisterCache
+from kvxferd.shm import SHM_DIR, Segment
+from kvxferd.transports.base import Completion, Transport, region_map
+
+Views = dict[tuple[int, int], np.ndarray[Any, np.dtype[np.uint8]]]
+
+
+class _Mapped:
+    """Every segment of one registered cache, mapped, with a byte view per (layer, kv)."""
+
+    def __init__(self, cache: RegisterCache | PeerInfo, *, writable: bool, who: str) -> None:
+        if cache.memory != "host":
+            raise TransportError(f"shm moves host memory; {who}'s cache is in {cache.memory} memory")
+        layout: CacheLayout = cache.layout
+        regions = region_map(cache.regions)
+        self.segments: dict[str, Segment] = {}
+        self.fds: list[int] = []
+        self.views: Views = {}
+        try:
+            for (layer, kv), region in regions.items():
+                if not isinstance(region.handle, str):
+                    raise TransportError(f"{who}: region of layer {layer} names no shared-memory segment")
+                seg = self.segments.get(region.handle)
+                if seg is None:
+                    seg = self.segments[region.handle] = Segment.attach(region.handle, writable=writable)
+                    self.fds.append(os.open(SHM_DIR / region.handle, os.O_RDONLY))
+                end = region.offset + layout.region_bytes
+                if end > seg.size:
+                    raise TransportError(
+                        f"{who}: layer {layer} {'KV'[kv]} needs bytes {region.offset}..{end} "
+                        f"of segment {region.handle!r}, which has {seg.size}"
+                    )
+                flat = np.frombuffer(seg.buffer, dtype=np.uint8, count=layout.region_bytes, offset=region.offset)
+                self.views[(layer, kv)] = flat.reshape(layout.num_blocks, layout.block_bytes)
+        except BaseException:
+            self.close()
+            raise
+
+    def gone(self) -> str | None:
+        """The name of a segment its owner has unlinked, if any."""
+        for fd, name in zip(self.fds, self.segments, strict=True):
+            if os.fstat(fd).st_nlink == 0:
+                return name
+        return None
+
+    def close(self) -> None:
+        self.views.clear()
+        for seg in self.segments.values():
+            seg.close()
+        self.segments.clear()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+class ShmTransport(Transport):
+    name = "shm"
+
+    def __init__(self, config: TransportConfig, local: RegisterCache) -> None:
+        super().__init__(config, local)
+        self._src: _Mapped | None = None
+        self._dst: dict[str, _Mapped] = {}
+
+    def prepare(self) -> None:
+        self._source()
+
+    def _source(self) -> _Mapped:
+        if self._src is None:
+            self._src = _Mapped(self.local, writable=False, who="the local engine")
+        return self._src
+
+    def _open_peer(self, key: str, peer: PeerInfo) -> None:
+        self._source()
+        self._dst[key] = _Mapped(peer, writable=True, who=f"peer {key}")
+
+    def _post(self, write_id: int, key: str, layer: int, runs: Sequence[Run]) -> Completion:
+        dst = self._dst[key]
+        gone = dst.gone()
+        if gone is not None:
+            return Completion(write_id, f"peer {key} is gone: its segment {gone!r} was removed")
+        src = self._source()
+        for kv in (0, 1):
+            s, d = src.views[(layer, kv)], dst.views[(layer, kv)]
+            for run in runs:
+                np.copyto(d[run.dst : run.dst + run.length], s[run.src : run.src + run.length])
+        return Completion(write_id)
+
+    def _close_peer(self, key: str) -> None:
+        mapped = self._dst.pop(key, None)
+        if mapped is not None:
+            mapped.close()
+
+    def close(self) -> None:
+        super().close()
+        if self._src is not None:
+            self._src.close()
+            self._src = None
