@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # torch first, pinned to the CPU build on our machines' disk: an unpinned torch
 # (e.g. pulled in by nixl-cu12) would otherwise fetch a multi-GB CUDA build.
 TORCH  := torch==2.13.0
-EXTRAS := test,dev,torch
+EXTRAS := test,dev,torch,rdma
 
 .PHONY: all demo test test-fast bench lint fmt clean venv
 
@@ -16,7 +16,7 @@ all: test
 
 venv: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"

@@ -88,8 +88,10 @@ def sequence(owner: str, field: str, value: Any, *, limit: int = MAX_ITEMS) -> t
 
 def uints(owner: str, field: str, value: Any, *, limit: int = MAX_BLOCKS, high: int = MAX_ID) -> tuple[int, ...]:
     items = sequence(owner, field, value, limit=limit)
-    for i, item in enumerate(items):
-        uint(owner, f"{field}[{i}]", item, high=high)
+    # Block lists run to thousands of ids: check them in bulk, name the first bad one only on failure.
+    if items and not (all(type(v) is int for v in items) and min(items) >= 0 and max(items) <= high):
+        for i, item in enumerate(items):
+            uint(owner, f"{field}[{i}]", item, high=high)
     return items
 
 

@@ -220,7 +220,9 @@ class PrefillDaemon(Service):
             if isinstance(eff, PostWrite):
                 self.counters["writes"] += 1
                 self.counters["bytes_posted"] += eff.nbytes
-                for done in self.peers.write(eff, now):
+                completions = self.peers.write(eff, now)
+                now = time.monotonic()  # a synchronous copy took time: stamp what follows with the real time
+                for done in completions:
                     queue += self.core.write_done(done.write_id, now, done.error)
             elif isinstance(eff, ToBarrier):
                 self.barrier.send(eff.message)

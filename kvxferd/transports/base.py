@@ -16,15 +16,21 @@ Implementations are registered by import string in
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
+
+import numpy as np
 
 from kvxferd.config import TransportConfig
 from kvxferd.core.effects import Run
 from kvxferd.errors import TransportError
 from kvxferd.protocol import CacheLayout, PeerInfo, Region, RegisterCache
+
+#: Runs of one write as an ``int64 [n, 3]`` array of (src, dst, length).
+RunTable = np.ndarray[Any, np.dtype[np.int64]]
 
 
 @dataclass(frozen=True)
@@ -35,17 +41,32 @@ class Completion:
     error: str | None = None
 
 
-def check_runs(runs: Sequence[Run], local: CacheLayout, remote: CacheLayout, layer: int) -> str | None:
+def run_table(runs: Sequence[Run]) -> RunTable:
+    """Runs as an ``int64 [n, 3]`` array of (src, dst, length): one conversion, then vector checks."""
+    flat = np.fromiter(itertools.chain.from_iterable(runs), dtype=np.int64, count=3 * len(runs))
+    return flat.reshape(-1, 3)
+
+
+def check_runs(table: RunTable, local: CacheLayout, remote: CacheLayout, layer: int) -> str | None:
     """Why these runs may not be copied, or None if they may."""
     if layer >= local.num_layers or layer >= remote.num_layers:
         return f"layer {layer} is outside the registered caches ({local.num_layers} / {remote.num_layers} layers)"
-    for run in runs:
-        if run.length <= 0:
-            return f"empty run {run}"
-        if run.src + run.length > local.num_blocks:
-            return f"source blocks {run.src}..{run.src + run.length - 1} exceed the {local.num_blocks} registered"
-        if run.dst + run.length > remote.num_blocks:
-            return f"destination blocks {run.dst}..{run.dst + run.length - 1} exceed the peer's {remote.num_blocks}"
+    if not len(table):
+        return "no runs"
+    # Few numpy calls: their fixed cost, not the run count, dominates small writes.
+    low = table.min(axis=0)
+    if low[0] < 0 or low[1] < 0 or low[2] <= 0:
+        bad = int(np.flatnonzero((table[:, :2] < 0).any(axis=1) | (table[:, 2] <= 0))[0])
+        return f"malformed run {tuple(int(v) for v in table[bad])}"
+    ends = table[:, :2] + table[:, 2:]
+    high = ends.max(axis=0)
+    for side, limit, what in (
+        (0, local.num_blocks, "source blocks {}..{} exceed the {} registered"),
+        (1, remote.num_blocks, "destination blocks {}..{} exceed the peer's {}"),
+    ):
+        if high[side] > limit:
+            i = int(np.argmax(ends[:, side]))
+            return what.format(int(table[i, side]), int(ends[i, side]) - 1, limit)
     return None
 
 
@@ -97,11 +118,12 @@ class Transport(ABC):
         remote = self._peers.get(key)
         if remote is None:
             return Completion(write_id, f"peer {key} is not open")
-        problem = check_runs(runs, self.local.layout, remote, layer)
+        table = run_table(runs)
+        problem = check_runs(table, self.local.layout, remote, layer)
         if problem is not None:
             return Completion(write_id, f"refused before writing: {problem}")
         try:
-            return self._post(write_id, key, layer, runs)
+            return self._post(write_id, key, layer, table)
         except TransportError as exc:
             return Completion(write_id, str(exc))
 
@@ -133,7 +155,8 @@ class Transport(ABC):
     def _open_peer(self, key: str, peer: PeerInfo) -> None: ...
 
     @abstractmethod
-    def _post(self, write_id: int, key: str, layer: int, runs: Sequence[Run]) -> Completion | None: ...
+    def _post(self, write_id: int, key: str, layer: int, runs: RunTable) -> Completion | None:
+        """Copy ``runs`` (already checked against both layouts) of ``layer``, K and V."""
 
     def _close_peer(self, key: str) -> None:  # noqa: B027 - optional hook
         pass

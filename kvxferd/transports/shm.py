@@ -13,23 +13,23 @@ write fails instead of filling orphaned memory.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from kvxferd.config import TransportConfig
-from kvxferd.core.effects import Run
 from kvxferd.errors import TransportError
 from kvxferd.protocol import CacheLayout, PeerInfo, RegisterCache
 from kvxferd.shm import SHM_DIR, Segment
-from kvxferd.transports.base import Completion, Transport, region_map
+from kvxferd.transports.base import Completion, RunTable, Transport, region_map
 
 Views = dict[tuple[int, int], np.ndarray[Any, np.dtype[np.uint8]]]
 
 
-class _Mapped:
-    """Every segment of one registered cache, mapped, with a byte view per (layer, kv)."""
+class MappedCache:
+    """Every segment of one registered host-memory cache, mapped into this process, with a
+    ``[num_blocks, block_bytes]`` byte view per (layer, kv). Also used by ``rdma``, which
+    registers these mappings with NIXL."""
 
     def __init__(self, cache: RegisterCache | PeerInfo, *, writable: bool, who: str) -> None:
         if cache.memory != "host":
@@ -81,31 +81,32 @@ class ShmTransport(Transport):
 
     def __init__(self, config: TransportConfig, local: RegisterCache) -> None:
         super().__init__(config, local)
-        self._src: _Mapped | None = None
-        self._dst: dict[str, _Mapped] = {}
+        self._src: MappedCache | None = None
+        self._dst: dict[str, MappedCache] = {}
 
     def prepare(self) -> None:
         self._source()
 
-    def _source(self) -> _Mapped:
+    def _source(self) -> MappedCache:
         if self._src is None:
-            self._src = _Mapped(self.local, writable=False, who="the local engine")
+            self._src = MappedCache(self.local, writable=False, who="the local engine")
         return self._src
 
     def _open_peer(self, key: str, peer: PeerInfo) -> None:
         self._source()
-        self._dst[key] = _Mapped(peer, writable=True, who=f"peer {key}")
+        self._dst[key] = MappedCache(peer, writable=True, who=f"peer {key}")
 
-    def _post(self, write_id: int, key: str, layer: int, runs: Sequence[Run]) -> Completion:
+    def _post(self, write_id: int, key: str, layer: int, runs: RunTable) -> Completion:
         dst = self._dst[key]
         gone = dst.gone()
         if gone is not None:
             return Completion(write_id, f"peer {key} is gone: its segment {gone!r} was removed")
         src = self._source()
+        rows = runs.tolist()
         for kv in (0, 1):
             s, d = src.views[(layer, kv)], dst.views[(layer, kv)]
-            for run in runs:
-                np.copyto(d[run.dst : run.dst + run.length], s[run.src : run.src + run.length])
+            for a, b, n in rows:
+                np.copyto(d[b : b + n], s[a : a + n])
         return Completion(write_id)
 
     def _close_peer(self, key: str) -> None:
