@@ -107,10 +107,18 @@ class TransportConfig:
     rdma_interface: str = "lo"  # network device UCX may use (UCX_NET_DEVICES)
     rdma_tls: str = "tcp"  # UCX transports (UCX_TLS); e.g. rc,ud,cuda_copy on RDMA NICs
     rdma_log_level: str = "WARN"
+    rdma_wake_ms: int = 100  # decode: longest sleep of NIXL's progress thread between UCX events
+    write_timeout_s: float = 10.0  # a write not done by then fails (a hung peer is otherwise never noticed)
 
     def __post_init__(self) -> None:
         _need(self.prefer in TRANSPORT_CHOICES, "prefer", f"{self.prefer!r} is not one of {TRANSPORT_CHOICES}")
         _need(bool(self.rdma_interface), "rdma_interface", "must name a network device")
+        _need(
+            self.rdma_log_level in ("TRACE", "DEBUG", "INFO", "WARN", "ERROR"),
+            "rdma_log_level",
+            f"{self.rdma_log_level!r} is not one of TRACE, DEBUG, INFO, WARN, ERROR",
+        )
+        _positive(self, "rdma_wake_ms", "write_timeout_s")
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,8 @@ from kvxferd.transports import Transport, load
 
 log = logging.getLogger(__name__)
 
-#: transports that publish metadata for a decode cache, by memory kind
-PUBLISHERS = {"host": ("rdma",), "gpu": ("rdma",)}
+#: transports that need metadata published for a decode cache (shm and cuda_ipc use the regions)
+PUBLISHERS = ("rdma",)
 
 
 class DecodeDaemon(Service):
@@ -152,7 +152,8 @@ class DecodeDaemon(Service):
             return
         self.close()
         self.published = {}
-        for name in PUBLISHERS[msg.memory]:
+        offered = [n for n in PUBLISHERS if self.config.transport.prefer in ("auto", n)]
+        for name in offered:
             try:
                 transport = load(name)(self.config.transport, msg)
                 blob = transport.publish()

@@ -36,6 +36,18 @@ def test_demo_json_runs_50_requests_all_ok_and_verified() -> None:
     assert set(summary["daemons"].values()) == {0}
 
 
+@pytest.mark.slow
+@pytest.mark.rdma
+def test_demo_over_rdma_runs_50_requests_all_ok_and_verified() -> None:
+    pytest.importorskip("nixl_cu12", reason="the rdma extra (NIXL) is not installed")
+    done = run("demo", "--transport", "rdma", "--requests", "50", "--json", "--timeout", "150", timeout=200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["requests"] == summary["ok"] == summary["verified"] == 50
+    assert summary["transports"] == {"rdma": 50}
+    assert set(summary["daemons"].values()) == {0}
+
+
 @pytest.mark.parametrize("command", ["serve", "barrier", "demo", "status"])
 def test_help_explains_every_option(command: str) -> None:
     cmd = main.commands[command]

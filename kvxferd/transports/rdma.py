@@ -1,0 +1,312 @@
+"""``rdma``: NIXL agents with the UCX backend, across nodes (UCX over TCP on loopback in CI).
+
+Theory of operation
+-------------------
+*Decode side* (``publish``): an agent with NIXL's progress thread registers
+the engine's cache (host memory: the shared-memory segments, mapped into this
+daemon) and publishes, inside its PeerInfo, the agent's connection metadata
+and the address of each layer's K and V region. NIXL's wrapper makes that
+thread spin; we give it a wake-up bound (``rdma_wake_ms``) so an idle daemon
+sleeps while UCX events still wake it at once.
+
+*Prefill side*: an agent without a progress thread (the daemon loop drives
+progress by polling) registers the local cache and prepares one descriptor
+list over every block of every region, once. Opening a peer adds its agent
+and prepares the same list over the peer's regions. A write of runs for one
+layer is then one WRITE over block indices of both lists, K and V together;
+NIXL merges consecutive indices, so a run costs one UCX operation. Writes
+are polled to completion; errors (remote disconnect, not found, backend
+error) and writes older than ``write_timeout_s`` fail with a reason.
+
+UCX reads its settings from the environment when the backend starts; they
+come from the config (``rdma_tls``, ``rdma_interface``, ``rdma_log_level``),
+and NIXL's own Python logs are routed to our stderr logging.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from kvxferd.config import TransportConfig
+from kvxferd.errors import TransportError, TransportUnavailable
+from kvxferd.protocol import CacheLayout, PeerInfo, RegisterCache
+from kvxferd.transports.base import Completion, RunTable, Transport
+from kvxferd.transports.shm import MappedCache
+
+log = logging.getLogger(__name__)
+
+BLOB_VERSION = 1
+_names = itertools.count()
+
+
+def _load(config: TransportConfig) -> tuple[ModuleType, tuple[type[BaseException], ...]]:
+    """Import NIXL with UCX configured from ``config``; the module and its error classes."""
+    os.environ["UCX_TLS"] = config.rdma_tls
+    os.environ["UCX_NET_DEVICES"] = config.rdma_interface
+    os.environ.setdefault("UCX_MODULES", "^efa")  # otherwise processes can crash at exit next to rdma-core
+    os.environ["NIXL_LOG_LEVEL"] = config.rdma_log_level
+    os.environ.setdefault("UCX_LOG_LEVEL", config.rdma_log_level.lower())
+    try:
+        nixl_cu12 = importlib.import_module("nixl_cu12")
+        _bindings = importlib.import_module("nixl_cu12._bindings")
+    except ImportError as exc:
+        raise TransportUnavailable(f"NIXL is not installed (pip install 'kvxferd[rdma]'): {exc}") from None
+    nixl_log = logging.getLogger("nixl")  # NIXL logs to stdout with a handler of its own: use ours
+    for handler in list(nixl_log.handlers):
+        nixl_log.removeHandler(handler)
+    nixl_log.propagate = True
+    errors = tuple(
+        cls
+        for name in dir(_bindings)
+        if name.startswith("nixl") and name.endswith("Error")
+        if isinstance(cls := getattr(_bindings, name), type) and issubclass(cls, BaseException)
+    )
+    return nixl_cu12, errors
+
+
+def _agent(nixl: ModuleType, name: str, config: TransportConfig, *, progress_thread: bool) -> Any:
+    """A NIXL agent with the UCX backend on the configured interface.
+
+    NIXL's wrapper hard-codes the progress thread's poll delay to 0 (it spins a
+    core). While the agent is built we hand it a config type whose delay cannot
+    be set to 0; if NIXL's internals ever change, we warn and accept the default.
+    """
+    cfg = nixl.nixl_agent_config(enable_prog_thread=progress_thread, enable_listen_thread=False, backends=[])
+    api = nixl._api
+    base: Any = getattr(getattr(api, "nixlBind", None), "nixlAgentConfig", None)
+    wake_us = config.rdma_wake_ms * 1000
+    if progress_thread and base is not None and hasattr(base, "pthrDelay"):
+
+        class _Bounded(base):  # type: ignore[misc]
+            @property
+            def pthrDelay(self) -> int:
+                return int(base.pthrDelay.__get__(self))
+
+            @pthrDelay.setter
+            def pthrDelay(self, _value: int) -> None:
+                base.pthrDelay.__set__(self, wake_us)
+
+        api.nixlBind.nixlAgentConfig = _Bounded
+        try:
+            agent = nixl.nixl_agent(name, cfg)
+        finally:
+            api.nixlBind.nixlAgentConfig = base
+    else:
+        if progress_thread:
+            log.warning("cannot bound NIXL's progress thread: it will spin a core while idle")
+        agent = nixl.nixl_agent(name, cfg)
+    agent.create_backend("UCX", {"ucx_devices": config.rdma_interface})
+    return agent
+
+
+@dataclass(frozen=True)
+class PeerBlob:
+    """What a decode daemon publishes for ``rdma``: agent name and metadata, and where each region lives."""
+
+    agent: str
+    metadata: bytes
+    mem: str  # DRAM | VRAM
+    regions: tuple[tuple[int, int, int, int], ...]  # (layer, kv, address, device)
+
+    def pack(self) -> bytes:
+        data: bytes = msgpack.packb([BLOB_VERSION, self.agent, self.metadata, self.mem, self.regions])
+        return data
+
+    @classmethod
+    def unpack(cls, blob: bytes) -> PeerBlob:
+        try:
+            version, agent, metadata, mem, regions = msgpack.unpackb(blob)
+            if version != BLOB_VERSION or mem not in ("DRAM", "VRAM"):
+                raise ValueError(f"blob version {version}, memory {mem}")
+            spans = tuple((int(a), int(b), int(c), int(d)) for a, b, c, d in regions)
+            return cls(str(agent), bytes(metadata), mem, spans)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise TransportError(f"peer's rdma metadata is malformed: {exc}") from None
+
+
+def _rows(layout: CacheLayout, address: dict[tuple[int, int], int], device: int) -> np.ndarray[Any, Any]:
+    """A strided descriptor list: one row per (layer, kv) region, one descriptor per block.
+
+    Block ``b`` of layer ``l``, K or V (``kv``), is descriptor ``(2 * l + kv) * num_blocks + b``.
+    """
+    rows = [
+        (address[(layer, kv)], layout.block_bytes, device, layout.block_bytes, layout.num_blocks)
+        for layer in range(layout.num_layers)
+        for kv in (0, 1)
+    ]
+    return np.array(rows, dtype=np.uint64)
+
+
+def _indices(layout: CacheLayout, layer: int, runs: RunTable, side: int) -> np.ndarray[Any, Any]:
+    """Descriptor indices of every block of ``runs`` (``side`` 0: sources, 1: destinations), K then V."""
+    starts, lengths = runs[:, side], runs[:, 2]
+    before = np.cumsum(lengths) - lengths  # blocks of the runs ahead of each run
+    blocks = np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()))
+    base = 2 * layer * layout.num_blocks
+    out: np.ndarray[Any, Any] = np.concatenate([base + blocks, base + layout.num_blocks + blocks])
+    return out
+
+
+@dataclass
+class _Remote:
+    name: str
+    prepped: Any
+
+
+class RdmaTransport(Transport):
+    name = "rdma"
+
+    def __init__(self, config: TransportConfig, local: RegisterCache) -> None:
+        super().__init__(config, local)
+        if local.memory != "host":
+            raise TransportUnavailable("rdma with GPU-resident caches is not wired up yet (host memory only)")
+        self._nixl, self._errors = _load(config)
+        self._agent: Any = None
+        self._mapped: MappedCache | None = None
+        self._reg: Any = None
+        self._prepped: Any = None
+        self._remotes: dict[str, _Remote] = {}
+        self._inflight: dict[int, tuple[Any, float, str]] = {}  # write id -> (handle, deadline, peer)
+        self._done: list[Completion] = []
+
+    # -- local memory ----------------------------------------------------------------------
+
+    def _register(self, *, progress_thread: bool) -> None:
+        if self._agent is not None:
+            return
+        name = f"kvx-{os.getpid()}-{next(_names)}"
+        try:
+            self._agent = _agent(self._nixl, name, self.config, progress_thread=progress_thread)
+            self._mapped = MappedCache(self.local, writable=True, who="the local engine")
+            layout = self.local.layout
+            spans = [(view.ctypes.data, layout.region_bytes, 0, "") for view in self._mapped.views.values()]
+            self._reg = self._agent.register_memory(spans, "DRAM")
+            if not progress_thread:
+                self._prepped = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._local_rows(), "DRAM")
+        except self._errors as exc:
+            self.close()
+            raise TransportError(f"NIXL could not set up the local cache: {type(exc).__name__}: {exc}") from None
+
+    def _local_rows(self) -> np.ndarray[Any, Any]:
+        assert self._mapped is not None
+        return _rows(self.local.layout, {k: v.ctypes.data for k, v in self._mapped.views.items()}, 0)
+
+    def prepare(self) -> None:
+        self._register(progress_thread=False)
+
+    def publish(self) -> bytes:
+        self._register(progress_thread=True)
+        assert self._mapped is not None
+        regions = tuple((layer, kv, view.ctypes.data, 0) for (layer, kv), view in self._mapped.views.items())
+        return PeerBlob(self._agent.name, self._agent.get_agent_metadata(), "DRAM", regions).pack()
+
+    # -- peers and writes --------------------------------------------------------------------
+
+    def _open_peer(self, key: str, peer: PeerInfo) -> None:
+        blob = peer.transports.get(self.name)
+        if blob is None:
+            raise TransportError(f"peer {key} offers no rdma (is NIXL installed where it runs?)")
+        info = PeerBlob.unpack(blob)
+        if info.mem != "DRAM" or peer.memory != "host":
+            raise TransportError(f"peer {key} keeps its cache in {info.mem}; rdma here writes host memory only")
+        self.prepare()
+        address = {(layer, kv): addr for layer, kv, addr, _ in info.regions}
+        if set(address) != {(layer, kv) for layer in range(peer.layout.num_layers) for kv in (0, 1)}:
+            raise TransportError(f"peer {key}'s rdma metadata does not cover every layer's K and V")
+        try:
+            try:
+                name = self._agent.add_remote_agent(info.metadata)
+            except self._errors:  # a restarted peer under the same name: forget the old one first
+                self._agent.remove_remote_agent(info.agent)
+                name = self._agent.add_remote_agent(info.metadata)
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            prepped = self._agent.prep_xfer_dlist(name, _rows(peer.layout, address, 0), "DRAM")
+        except self._errors as exc:
+            raise TransportError(f"NIXL could not open peer {key}: {type(exc).__name__}: {exc}") from None
+        self._remotes[key] = _Remote(name, prepped)
+
+    def _post(self, write_id: int, key: str, layer: int, runs: RunTable) -> Completion | None:
+        remote = self._remotes[key]
+        layout = self.local.layout
+        try:
+            handle = self._agent.make_prepped_xfer(
+                "WRITE",
+                self._prepped,
+                _indices(layout, layer, runs, 0),
+                remote.prepped,
+                _indices(self._peers[key], layer, runs, 1),
+                b"",
+            )
+        except self._errors as exc:
+            return Completion(write_id, f"NIXL refused the write to {key}: {type(exc).__name__}: {exc}")
+        deadline = time.monotonic() + self.config.write_timeout_s
+        self._inflight[write_id] = (handle, deadline, key)
+        return self._check(write_id, starting=True)
+
+    def _check(self, write_id: int, *, starting: bool = False) -> Completion | None:
+        handle, deadline, key = self._inflight[write_id]
+        try:
+            state = self._agent.transfer(handle) if starting else self._agent.check_xfer_state(handle)
+        except self._errors as exc:
+            return self._finish(write_id, f"write to {key} failed: {type(exc).__name__}: {exc}")
+        if state == "DONE":
+            return self._finish(write_id, None)
+        if state != "PROC":
+            return self._finish(write_id, f"write to {key} failed: NIXL state {state}")
+        if time.monotonic() > deadline:
+            waited = self.config.write_timeout_s
+            return self._finish(write_id, f"write to {key} not done after {waited:g}s (peer hung?)")
+        return None
+
+    def _finish(self, write_id: int, error: str | None) -> Completion:
+        handle, _, _ = self._inflight.pop(write_id)
+        try:
+            handle.release()
+        except self._errors as exc:
+            log.warning("releasing a NIXL transfer handle failed: %s", exc)
+        return Completion(write_id, error)
+
+    def poll(self) -> list[Completion]:
+        return [done for wid in list(self._inflight) if (done := self._check(wid)) is not None]
+
+    def pending(self) -> int:
+        return len(self._inflight)
+
+    def _close_peer(self, key: str) -> None:
+        for wid, (_, _, peer) in list(self._inflight.items()):
+            if peer == key:
+                self._done.append(self._finish(wid, f"peer {key} was closed"))
+        remote = self._remotes.pop(key, None)
+        if remote is not None:
+            try:
+                remote.prepped.release()
+                self._agent.remove_remote_agent(remote.name)
+            except self._errors as exc:
+                log.warning("closing NIXL peer %s: %s", key, exc)
+
+    def close(self) -> None:
+        super().close()
+        for wid in list(self._inflight):
+            self._finish(wid, "transport closed")
+        if self._agent is not None:
+            try:
+                if self._prepped is not None:
+                    self._prepped.release()
+                if self._reg is not None:
+                    self._agent.deregister_memory(self._reg)
+            except self._errors as exc:
+                log.warning("releasing NIXL registrations: %s", exc)
+        self._prepped = self._reg = self._agent = None
+        if self._mapped is not None:
+            self._mapped.close()
+            self._mapped = None

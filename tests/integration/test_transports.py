@@ -1,0 +1,244 @@
+"""The transport contract, the same for every transport (skipped, with the reason, where one cannot run).
+
+- a layer's runs land byte for byte, K and V, and nothing else is touched
+- a block outside either registered cache is refused before anything is written
+- a peer that goes away fails the write with a reason, within the configured timeout
+- close releases everything: mappings, file descriptors, native threads, handles
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvxferd.config import TransportConfig
+from kvxferd.core.effects import Run
+from kvxferd.errors import TransportUnavailable
+from kvxferd.kvcache import HostKVCache
+from kvxferd.protocol import PeerInfo, decode
+from kvxferd.runtime.peers import host_id
+from kvxferd.transports import Completion, Transport, load
+from tests.integration.transport_shape import SHAPE
+
+CONFIG = TransportConfig(write_timeout_s=2.0)
+HOST_TRANSPORTS = ["shm", "rdma"]
+
+
+def available(name: str) -> Transport:
+    """A transport over a throw-away cache, or skip saying why it cannot run here."""
+    try:
+        cls = load(name)
+    except TransportUnavailable as exc:
+        pytest.skip(str(exc))
+    return cls  # type: ignore[return-value]
+
+
+@pytest.fixture(params=[*HOST_TRANSPORTS, pytest.param("cuda_ipc", marks=pytest.mark.gpu)])
+def name(request: pytest.FixtureRequest) -> str:
+    if request.param == "cuda_ipc":
+        pytest.skip("cuda_ipc moves GPU memory: covered by tests/gpu, run where a GPU is present")
+    available(request.param)
+    return str(request.param)
+
+
+@pytest.fixture
+def caches() -> Iterator[tuple[HostKVCache, HostKVCache]]:
+    src, dst = HostKVCache.create(SHAPE), HostKVCache.create(SHAPE)
+    rng = np.random.default_rng(7)
+    src.raw()[:] = rng.integers(0, 256, size=src.raw().shape, dtype=np.uint8)
+    dst.raw()[:] = 0
+    yield src, dst
+    for c in (src, dst):
+        c.close()
+        c.unlink()
+
+
+def _peer_info(name: str, cache: HostKVCache, target: Transport) -> PeerInfo:
+    reg = cache.registration()
+    blob = target.publish()
+    return PeerInfo("decode", 0, host_id(), "host", reg.layout, reg.regions, {name: blob} if blob else {})
+
+
+def _wait(t: Transport, first: Completion | None, timeout_s: float = 30.0) -> Completion:
+    deadline = time.monotonic() + timeout_s
+    done = first
+    while done is None:
+        assert time.monotonic() < deadline, "write never completed"
+        got = t.poll()
+        done = got[0] if got else None
+    return done
+
+
+def test_runs_land_byte_for_byte_and_nothing_else(name: str, caches: tuple[HostKVCache, HostKVCache]) -> None:
+    src, dst = caches
+    cls = load(name)
+    target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
+    try:
+        init.open_peer("peer", _peer_info(name, dst, target))
+        runs = [Run(0, 5, 3), Run(9, 30, 2), Run(31, 0, 1)]
+        done = _wait(init, init.post(1, "peer", 1, runs))
+        assert done == Completion(1)
+        s, d = src.raw(), dst.raw()
+        expect = np.zeros_like(d)
+        for r in runs:
+            expect[1, :, r.dst : r.dst + r.length] = s[1, :, r.src : r.src + r.length]
+        assert np.array_equal(d, expect)
+        assert init.pending() == 0
+    finally:
+        init.close()
+        target.close()
+
+
+@pytest.mark.parametrize(
+    ("layer", "runs", "why"),
+    [
+        (0, [Run(0, 31, 2)], "destination blocks 31..32 exceed the peer's 32"),
+        (0, [Run(31, 0, 2)], "source blocks 31..32 exceed the 32 registered"),
+        (3, [Run(0, 0, 1)], "layer 3 is outside the registered caches"),
+        (0, [Run(0, 0, 1), Run(5, 100, 1)], "destination blocks 100..100"),
+    ],
+)
+def test_out_of_range_is_refused_before_any_write(
+    name: str, caches: tuple[HostKVCache, HostKVCache], layer: int, runs: list[Run], why: str
+) -> None:
+    src, dst = caches
+    cls = load(name)
+    target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
+    try:
+        init.open_peer("peer", _peer_info(name, dst, target))
+        done = init.post(9, "peer", layer, runs)
+        assert done is not None and done.write_id == 9
+        assert done.error is not None and "refused before writing" in done.error and why in done.error
+        assert not dst.raw().any(), "nothing may be written, not even the valid first run"
+    finally:
+        init.close()
+        target.close()
+
+
+def _start_peer(name: str) -> tuple[subprocess.Popen[str], PeerInfo]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.peer_target", name],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, "peer process did not start"
+    info = decode(bytes.fromhex(line.strip()))
+    assert isinstance(info, PeerInfo)
+    return proc, info
+
+
+@pytest.mark.parametrize("how", ["gone", "hung"])
+def test_a_peer_that_goes_away_fails_the_write_with_a_reason_in_time(name: str, how: str) -> None:
+    if how == "hung" and name == "shm":
+        pytest.skip("shm writes are plain memory copies: there is no peer process that could hang them")
+    src = HostKVCache.create(SHAPE)
+    proc, info = _start_peer(name)
+    init = load(name)(CONFIG, src.registration())
+    segment = next(r.handle for r in info.regions)
+    try:
+        init.open_peer("peer", info)
+        assert _wait(init, init.post(1, "peer", 0, [Run(0, 0, 4)])).error is None
+        if how == "hung":
+            proc.send_signal(signal.SIGSTOP)
+        elif name == "shm":
+            proc.send_signal(signal.SIGTERM)  # the engine releases its cache
+            proc.wait(30)
+        else:
+            proc.kill()  # the decode process dies
+            proc.wait(30)
+        started = time.monotonic()
+        error = None
+        for wid in range(2, 50):  # a disconnect may take a write or two to surface
+            done = _wait(init, init.post(wid, "peer", 0, [Run(0, 0, 4)]), timeout_s=CONFIG.write_timeout_s + 5)
+            if done.error is not None:
+                error = done.error
+                break
+        elapsed = time.monotonic() - started
+        assert error is not None, "writes to a vanished peer kept succeeding"
+        assert elapsed <= CONFIG.write_timeout_s + 1.0, f"took {elapsed:.1f}s"
+        expected = {"shm": "is gone", "rdma": "hung" if how == "hung" else "write to peer failed"}[name]
+        assert expected in error, error
+    finally:
+        init.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        Path("/dev/shm", str(segment)).unlink(missing_ok=True)
+        src.close()
+        src.unlink()
+
+
+def _resources() -> tuple[int, int, int]:
+    """Native threads, mappings of /dev/shm files and open /dev/shm descriptors of this process."""
+    threads = len(os.listdir("/proc/self/task"))
+    maps = sum(1 for line in Path("/proc/self/maps").read_text().splitlines() if "/dev/shm/" in line)
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds += os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/")
+        except OSError:
+            continue
+    return threads, maps, fds
+
+
+def test_close_releases_everything(name: str, caches: tuple[HostKVCache, HostKVCache]) -> None:
+    src, dst = caches
+    cls = load(name)
+    warm = cls(CONFIG, dst.registration())  # the first agent of a process loads libraries that stay
+    warm.publish()
+    warm.close()
+    before = _resources()
+    target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
+    init.open_peer("peer", _peer_info(name, dst, target))
+    _wait(init, init.post(1, "peer", 0, [Run(0, 0, 8)]))
+    during = _resources()
+    init.close()
+    target.close()
+    del init, target
+    after = _resources()
+    assert during[1] > before[1], "the transports map the caches while open"
+    assert after[1] == before[1], f"{after[1] - before[1]} mappings left"
+    assert after[2] == before[2], f"{after[2] - before[2]} descriptors left"
+    assert after[0] <= before[0], f"{after[0] - before[0]} native threads left running"
+
+
+def test_rdma_listens_only_on_the_configured_interface(caches: tuple[HostKVCache, HostKVCache]) -> None:
+    available("rdma")
+    _, dst = caches
+    target = load("rdma")(replace(CONFIG, rdma_interface="lo"), dst.registration())
+    try:
+        target.publish()
+        inodes = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                link = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+        listening = []
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # LISTEN, one of ours
+                    listening.append(fields[1])
+        assert listening, "expected UCX to listen for its peers"
+        loopback = ("0100007F:", "00000000000000000000000001000000:")
+        assert all(addr.startswith(loopback) for addr in listening), listening
+    finally:
+        target.close()
