@@ -1,0 +1,295 @@
+#!/usr/bin/env python3
+"""kvxferd against the bare mechanism it drives, same runs, same run: `make bench`.
+
+For each transport and each run size (16 KiB to 4 MiB of consecutive blocks), the same
+requests' blocks are moved twice, alternating, several times:
+
+* raw: shm -> numpy.copyto between two mapped caches in this process; rdma -> NIXL called
+  directly (one WRITE per layer, K and V, over prepared per-block lists), to an agent in a
+  second process set up exactly like kvxferd's decode side;
+* kvxferd: a real barrier service, prefill daemon and decode daemon (separate processes);
+  the bench plays the engines, and the time runs from the first cache_info sent to the
+  last TransferResult received, so it includes the control plane (ZMQ, the core, the
+  barrier round trip per request).
+
+It prints median GB/s of each and their ratio (targets: rdma >= 0.9x, shm >= 0.8x).
+Bytes count K and V of every layer. This machine's timing noise applies to both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker
+from kvxferd.config import Config, GroupConfig, TransportConfig, dump, loads
+from kvxferd.demo.launch import Cluster
+from kvxferd.kvcache import HostKVCache, KVShape
+from kvxferd.protocol import CacheInfo, SlotChunk
+
+LAYERS, HEADS, TOKENS, DIM = 4, 8, 16, 64  # bf16: 16 KiB blocks
+BLOCK = HEADS * TOKENS * DIM * 2
+PER_REQUEST = 256  # blocks: 4 MiB per layer per K (or V)
+REQUESTS = 4
+SHAPE = KVShape(LAYERS, PER_REQUEST * REQUESTS, HEADS, TOKENS, DIM, "bfloat16")
+TARGETS = {"shm": 0.8, "rdma": 0.9}
+
+
+def plan(run_blocks: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """Per request (src, dst): source blocks consecutive, destination in shuffled runs of ``run_blocks``."""
+    per = PER_REQUEST // run_blocks
+    order = np.random.default_rng(seed).permutation(SHAPE.num_blocks // run_blocks)  # every run once
+    out = []
+    for r in range(REQUESTS):
+        src = list(range(r * PER_REQUEST, (r + 1) * PER_REQUEST))
+        dst = [int(c) * run_blocks + i for c in order[r * per : (r + 1) * per] for i in range(run_blocks)]
+        out.append((src, dst))
+    return out
+
+
+def runs_of(src: list[int], dst: list[int], run_blocks: int) -> list[tuple[int, int, int]]:
+    return [(src[i], dst[i], run_blocks) for i in range(0, len(src), run_blocks)]
+
+
+TOTAL = REQUESTS * PER_REQUEST * BLOCK * 2 * LAYERS
+
+
+# -- raw baselines ----------------------------------------------------------------------------
+
+
+def raw_shm(work: list[tuple[list[int], list[int]]], run_blocks: int, src: HostKVCache, dst: HostKVCache) -> float:
+    s, d = src.raw(), dst.raw()
+    t = time.perf_counter()
+    for sb, db in work:
+        runs = runs_of(sb, db, run_blocks)
+        for layer in range(LAYERS):
+            for kv in (0, 1):
+                for a, b, n in runs:
+                    np.copyto(d[layer, kv, b : b + n], s[layer, kv, a : a + n])
+    return TOTAL / (time.perf_counter() - t) / 1e9
+
+
+class RawNixl:
+    """NIXL without kvxferd: our process initiates, a second process is the target."""
+
+    def __init__(self, src: HostKVCache, config: TransportConfig) -> None:
+        from kvxferd.transports import rdma  # only for the shared env/agent set-up, so both sides match
+
+        self.nixl, _ = rdma._load(config)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--nixl-target"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        md_hex, addr = self.proc.stdout.readline().split()
+        self.agent = rdma._agent(self.nixl, "raw-init", config, progress_thread=False)
+        view = src.raw()
+        self.reg = self.agent.register_memory([(view.ctypes.data, view.nbytes, 0, "")], "DRAM")
+        self.remote = self.agent.add_remote_agent(bytes.fromhex(md_hex))
+        rows = lambda base: np.array(  # noqa: E731
+            [[base + r * SHAPE.region_bytes, BLOCK, 0, BLOCK, SHAPE.num_blocks] for r in range(LAYERS * 2)],
+            dtype=np.uint64,
+        )
+        self.local = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", rows(view.ctypes.data), "DRAM")
+        self.peer = self.agent.prep_xfer_dlist(self.remote, rows(int(addr)), "DRAM")
+
+    def run(self, work: list[tuple[list[int], list[int]]]) -> float:
+        t = time.perf_counter()
+        handles = []
+        for sb, db in work:
+            s, d = np.asarray(sb), np.asarray(db)
+            for layer in range(LAYERS):
+                base = 2 * layer * SHAPE.num_blocks
+                li = np.concatenate([base + s, base + SHAPE.num_blocks + s])
+                ri = np.concatenate([base + d, base + SHAPE.num_blocks + d])
+                h = self.agent.make_prepped_xfer("WRITE", self.local, li, self.peer, ri, b"")
+                self.agent.transfer(h)
+                handles.append(h)
+        delay = 50e-6
+        while handles:
+            busy = []
+            for h in handles:
+                state = self.agent.check_xfer_state(h)
+                if state == "PROC":
+                    busy.append(h)
+                elif state == "DONE":
+                    h.release()
+                else:
+                    raise RuntimeError(f"raw NIXL write failed: {state}")
+            handles = busy
+            if handles:
+                time.sleep(delay)  # the same backoff kvxferd's loop uses between polls
+                delay = min(delay * 2, 2e-3)
+        return TOTAL / (time.perf_counter() - t) / 1e9
+
+    def close(self) -> None:
+        self.local.release()
+        self.peer.release()
+        self.agent.remove_remote_agent(self.remote)
+        self.agent.deregister_memory(self.reg)
+        self.agent = None
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def nixl_target() -> None:
+    from kvxferd.transports import rdma
+
+    nixl, _ = rdma._load(TransportConfig())
+    agent = rdma._agent(nixl, "raw-target", TransportConfig(), progress_thread=True)
+    buf = np.ones(SHAPE.nbytes, dtype=np.uint8)  # touched, like a populated cache
+    agent.register_memory([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM")
+    print(agent.get_agent_metadata().hex(), buf.ctypes.data, flush=True)
+    sys.stdin.read()
+
+
+# -- through kvxferd ----------------------------------------------------------------------------
+
+
+class Deployment:
+    def __init__(self, transport: str) -> None:
+        self.run_dir = Path(tempfile.mkdtemp(prefix="kvx-", dir="/tmp"))
+        base = loads(
+            f"kv: {{num_layers: {LAYERS}, kv_heads: {HEADS}, head_dim: {DIM}, block_tokens: {TOKENS}, "
+            f"num_blocks: {SHAPE.num_blocks}, dtype: bfloat16}}"
+        )
+        groups = (
+            GroupConfig("prefill", "prefill", 1, "ipc://{run_dir}/p{rank}.sock"),
+            GroupConfig("decode", "decode", 1, "ipc://{run_dir}/d{rank}.sock"),
+        )
+        self.config: Config = dataclasses.replace(base, run_dir=str(self.run_dir), groups=groups)
+        path = self.run_dir / "config.yaml"
+        path.write_text(dump(self.config))
+        self.cluster = Cluster(self.config, path, self.run_dir, os.environ.get("BENCH_LOG", "WARNING"))
+        self.cluster.start(60)
+        p, d = self.config.groups
+        self.src, self.dst = HostKVCache.create(SHAPE), HostKVCache.create(SHAPE)
+        self.dec = DecodeEngine([self.config.endpoint(d, 0)])
+        self.dec.register([self.dst])
+        self.worker = PrefillWorker(self.config.endpoint(p, 0))
+        self.worker.register(self.src)
+        self.sched = PrefillScheduler([self.config.endpoint(p, 0)])
+        self.peer = self.config.peer_template(d)
+        self.transport = transport
+        self.step = 0
+        self.seq = 0
+
+    def run(self, work: list[tuple[list[int], list[int]]]) -> float:
+        self.step += 1
+        tokens = PER_REQUEST * TOKENS
+        ids = []
+        t = time.perf_counter()
+        for slot, (sb, db) in enumerate(work):
+            self.seq += 1
+            rid = f"b{self.seq}"
+            ids.append(rid)
+            self.sched.submit(CacheInfo(rid, slot, self.step, tokens, tuple(sb), tuple(db), self.peer, self.transport))
+        slots = [SlotChunk(slot, 0, tokens, self.step) for slot in range(len(work))]
+        for layer in range(LAYERS):
+            self.worker.layer_ready(self.step, layer, slots if layer == 0 else ())
+        for rid in ids:
+            out = self.sched.wait(rid, 60.0)
+            if not out.ok:
+                raise RuntimeError(f"{rid}: {out.results}")
+        elapsed = time.perf_counter() - t
+        for rid in ids:
+            self.dec.wait(rid, 60.0)
+            self.dec.forget(rid)
+        return TOTAL / elapsed / 1e9
+
+    def close(self) -> None:
+        for c in (self.worker, self.sched, self.dec):
+            c.close()
+        self.cluster.stop()
+        for cache in (self.src, self.dst):
+            cache.close()
+            cache.unlink()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+
+def bench(transport: str, sizes: list[int], repeat: int) -> list[dict[str, Any]]:
+    dep = Deployment(transport)
+    src = dep.src
+    src.raw()[:] = 3
+    side = HostKVCache.create(SHAPE)  # raw shm's destination
+    side.raw()[:] = 1
+    raw_nixl = RawNixl(src, TransportConfig()) if transport == "rdma" else None
+    rows = []
+    try:
+        for size in sizes:
+            run_blocks = size // BLOCK
+            work = plan(run_blocks, seed=size)
+            raw_runs, ours = [], []
+            dep.run(work)  # warm-up, untimed: first use of peers, pages, code paths
+            for _ in range(repeat):
+                raw_runs.append(raw_nixl.run(work) if raw_nixl else raw_shm(work, run_blocks, src, side))
+                ours.append(dep.run(work))
+            raw, kvx = statistics.median(raw_runs), statistics.median(ours)
+            rows.append({"transport": transport, "run": size, "raw": raw, "kvxferd": kvx, "ratio": kvx / raw})
+            print(
+                f"  {transport:5s} {_size(size):>7s}  raw {raw:6.2f} GB/s   kvxferd {kvx:6.2f} GB/s   "
+                f"{kvx / raw:5.2f}x",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        if raw_nixl is not None:
+            raw_nixl.close()
+        side.close()
+        side.unlink()
+        dep.close()
+    return rows
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--transports", default="shm,rdma", help="comma-separated: shm, rdma")
+    parser.add_argument("--sizes", default="16,64,256,1024,4096", help="run sizes in KiB, comma-separated")
+    parser.add_argument("--repeat", type=int, default=5, help="timed repetitions of each side (median is shown)")
+    parser.add_argument("--nixl-target", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.nixl_target:
+        nixl_target()
+        return
+    sizes = [int(s) << 10 for s in args.sizes.split(",")]
+    print(
+        f"{REQUESTS} requests x {LAYERS} layers x K,V x {PER_REQUEST} blocks of {BLOCK >> 10} KiB = "
+        f"{TOTAL >> 20} MiB per measurement; median of {args.repeat}",
+        file=sys.stderr,
+    )
+    rows = []
+    for transport in args.transports.split(","):
+        rows += bench(transport.strip(), sizes, args.repeat)
+    print(f"\n{'transport':9s} {'run':>7s} {'raw GB/s':>9s} {'kvxferd GB/s':>13s} {'ratio':>6s} {'target':>7s}")
+    for r in rows:
+        goal = TARGETS[r["transport"]]
+        mark = "ok" if r["ratio"] >= goal else "BELOW"
+        print(
+            f"{r['transport']:9s} {_size(r['run']):>7s} {r['raw']:9.2f} {r['kvxferd']:13.2f} {r['ratio']:5.2f}x "
+            f"{goal:>5.1f}x {mark}"
+        )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
