@@ -45,7 +45,7 @@ def available(name: str) -> Transport:
 @pytest.fixture(params=[*HOST_TRANSPORTS, pytest.param("cuda_ipc", marks=pytest.mark.gpu)])
 def name(request: pytest.FixtureRequest) -> str:
     if request.param == "cuda_ipc":
-        pytest.skip("cuda_ipc moves GPU memory: covered by tests/gpu, run where a GPU is present")
+        pytest.skip("cuda_ipc moves GPU memory: its test (two processes, one GPU) is tests/gpu/test_cuda_ipc.py")
     available(request.param)
     return str(request.param)
 
