@@ -18,6 +18,7 @@ here: see the project notes.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Sequence
 from types import ModuleType
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def _cupy() -> ModuleType:
     try:
-        import cupy
+        cupy: ModuleType = importlib.import_module("cupy")
     except ImportError as exc:
         raise TransportUnavailable(f"CuPy is not installed (pip install 'kvxferd[cuda]'): {exc}") from None
     try:
