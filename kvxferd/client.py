@@ -54,6 +54,7 @@ from kvxferd.protocol import (
     decode,
     encode,
 )
+from kvxferd.runtime import sockets
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -79,10 +80,10 @@ class Channel:
         self._own_ctx = ctx is None
         self.ctx = ctx if ctx is not None else zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.setsockopt(zmq.LINGER, sockets.LINGER_MS)
         self.sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.setsockopt(zmq.SNDHWM, sockets.HWM)
+        self.sock.setsockopt(zmq.RCVHWM, sockets.HWM)
         self.sock.connect(endpoint)
 
     def send(self, msg: Message) -> None:

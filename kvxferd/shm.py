@@ -68,8 +68,11 @@ class Segment:
         return cls(name, size, mapping, owner=True, writable=True)
 
     @classmethod
-    def attach(cls, name: str, *, min_size: int = 0, writable: bool = True) -> Segment:
-        """Map an existing segment; ``min_size`` is checked before anything is touched."""
+    def attach(cls, name: str, *, min_size: int = 0, writable: bool = True, populate: bool = True) -> Segment:
+        """Map an existing segment; ``min_size`` is checked before anything is touched.
+
+        ``populate=False`` skips faulting the pages in (for a quick look, not for copying).
+        """
         path = cls._path(name)
         try:
             fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
@@ -82,7 +85,7 @@ class Segment:
             if size < max(min_size, 1):
                 raise TransportError(f"shared-memory segment {name!r} has {size} bytes, {min_size} are needed")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED | _POPULATE, prot)
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED | (_POPULATE if populate else 0), prot)
         finally:
             os.close(fd)
         return cls(name, size, mapping, owner=False, writable=writable)

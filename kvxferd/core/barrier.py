@@ -101,9 +101,6 @@ class BarrierState:
     def sizes(self) -> dict[str, int]:
         return {"groups": len(self._groups), "open": len(self._open), "expired": len(self._expired)}
 
-    def world_size(self, group: str) -> int | None:
-        return self._groups.get(group)
-
     # ---------------------------------------------------------------- internals
 
     def _word(self, group: str, key: str, view: RankView, now: float, timeout_s: float) -> list[Effect]:

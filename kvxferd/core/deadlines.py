@@ -35,9 +35,6 @@ class Deadlines(Generic[K]):
     def cancel(self, key: K) -> None:
         self._when.pop(key, None)
 
-    def get(self, key: K) -> float | None:
-        return self._when.get(key)
-
     def earliest(self) -> float | None:
         heap = self._heap
         while heap:

@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
-from typing import Any
-
-import zmq
 
 from kvxferd.config import Config, GroupConfig
-from kvxferd.errors import RemoteProtocolError, TransportError, TransportUnavailable
+from kvxferd.errors import TransportError, TransportUnavailable
 from kvxferd.protocol import (
     Ack,
-    CacheLayout,
     Error,
     ErrorCode,
     KVReady,
@@ -34,13 +29,9 @@ from kvxferd.protocol import (
     StatusQuery,
     StatusReply,
     TransferResult,
-    decode,
 )
-from kvxferd.runtime import sockets
-from kvxferd.runtime.barrier_link import BarrierLink
-from kvxferd.runtime.logs import TRACE
+from kvxferd.runtime.daemon import GroupDaemon
 from kvxferd.runtime.peers import host_id
-from kvxferd.runtime.service import Service
 from kvxferd.shm import Segment
 from kvxferd.transports import Transport, load
 
@@ -50,72 +41,23 @@ log = logging.getLogger(__name__)
 PUBLISHERS = ("rdma",)
 
 
-class DecodeDaemon(Service):
+class DecodeDaemon(GroupDaemon):
     role = "decode"
 
     def __init__(self, config: Config, group: GroupConfig, rank: int) -> None:
-        super().__init__(shutdown_s=config.timeouts.shutdown_s)
-        self.config, self.group, self.rank = config, group, rank
-        kv = config.kv
-        self.layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size))
-        self.max_frame = config.limits.max_frame_bytes
+        super().__init__(config, group, rank)
         self.cache: RegisterCache | None = None
         self.published: dict[str, bytes] = {}
         self.exposers: list[Transport] = []
         self.engines: list[bytes] = []  # identities of the engines that registered, to notify
-        self.counters: Counter[str] = Counter()
-        self.endpoint = ""
-
-    def start(self) -> None:
-        self.router = self.own(sockets.socket(self.ctx, zmq.ROUTER, max_frame=self.max_frame))
-        self.endpoint = sockets.bind(self.router, self.config.endpoint(self.group, self.rank))
-        self.barrier = BarrierLink(
-            self.ctx,
-            self.config.barrier_endpoint(),
-            group=self.group.name,
-            rank=self.rank,
-            world_size=self.group.world_size,
-            role=self.role,
-            max_frame=self.max_frame,
-        )
-        self.own(self.barrier.sock)
-        self.barrier.startup(
-            self.config.fingerprint(), self.config.timeouts.startup_s, lambda: self._stop_signal is not None
-        )
-        self.watch(self.router, self._on_router)
-        self.watch(self.barrier.sock, self._on_barrier)
-
-    def _on_barrier(self) -> None:
-        for msg in self.barrier.recv_ready():  # nothing is expected after start-up
-            log.debug("from the barrier service: %s", msg)
-
-    def ready_info(self) -> dict[str, Any]:
-        return {"group": self.group.name, "rank": self.rank, "endpoint": self.endpoint}
 
     def close(self) -> None:
         for transport in self.exposers:
             transport.close()
         self.exposers.clear()
 
-    def _on_router(self) -> None:
-        for _ in range(sockets.BATCH):
-            try:
-                identity, frame = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:
-                continue
-            try:
-                msg = decode(frame, max_bytes=self.max_frame)
-            except RemoteProtocolError as exc:
-                log.warning("bad frame from %r: %s", identity, exc)
-                self._send(identity, Error(ErrorCode.BAD_MESSAGE, str(exc)))
-                continue
-            log.log(TRACE, "<- %r %s", identity, msg)
-            self.counters[type(msg).__name__] += 1
-            self._handle(identity, msg)
-
-    def _handle(self, identity: bytes, msg: Message) -> None:
+    def handle(self, identity: bytes, msg: Message, now: float) -> None:
+        self.counters[type(msg).__name__] += 1
         if isinstance(msg, (KVReady, TransferResult)):
             self._forward(msg)
         elif isinstance(msg, PeerQuery):
@@ -137,16 +79,10 @@ class DecodeDaemon(Service):
             }
             self._send(identity, StatusReply(self.role, self.group.name, self.rank, self.state, json.dumps(report)))
         else:
-            self._send(identity, Error(ErrorCode.WRONG_ROLE, f"a decode daemon does not accept {type(msg).__name__}"))
+            super().handle(identity, msg, now)
 
     def _register(self, identity: bytes, msg: RegisterCache) -> None:
-        problem = None
-        if msg.memory != self.group.memory:
-            problem = f"group {self.group.name!r} keeps its cache in {self.group.memory} memory, not {msg.memory}"
-        elif msg.layout != self.layout:
-            problem = f"the engine's cache is {msg.layout}, the config describes {self.layout}"
-        else:
-            problem = self._check_memory(msg)
+        problem = self.registration_problem(msg) or self._check_memory(msg)
         if problem is not None:
             self._send(identity, Error(ErrorCode.BAD_LAYOUT, problem, "register"))
             return
@@ -184,7 +120,7 @@ class DecodeDaemon(Service):
             need[region.handle] = max(need.get(region.handle, 0), region.offset + msg.layout.region_bytes)
         for name, size in need.items():
             try:
-                Segment.attach(name, min_size=size, writable=False).close()
+                Segment.attach(name, min_size=size, writable=False, populate=False).close()
             except TransportError as exc:
                 return str(exc)
         return None
@@ -203,10 +139,5 @@ class DecodeDaemon(Service):
             self._send(identity, msg)
 
     def _send(self, identity: bytes, msg: Message) -> None:
-        try:
-            sockets.send(self.router, msg, identity)
-            log.log(TRACE, "-> %r %s", identity, msg)
-        except zmq.ZMQError as exc:
-            log.warning("%r unreachable (%s); dropped %s", identity, exc.strerror, type(msg).__name__)
-            if identity in self.engines and isinstance(msg, (KVReady, TransferResult)):
-                self.engines.remove(identity)
+        if not self.reply(identity, msg) and identity in self.engines and isinstance(msg, (KVReady, TransferResult)):
+            self.engines.remove(identity)  # that engine is gone; stop addressing it

@@ -14,19 +14,13 @@ import dataclasses
 import json
 import logging
 import time
-from collections import Counter
-from typing import Any
-
-import zmq
 
 from kvxferd.config import Config, GroupConfig
 from kvxferd.core import Effect, PostWrite, Problem, RankCore, RankSettings, ToBarrier, ToEngine, ToPeer
-from kvxferd.errors import RemoteProtocolError
 from kvxferd.protocol import (
     Abort,
     Ack,
     CacheInfo,
-    CacheLayout,
     Diverged,
     Error,
     ErrorCode,
@@ -37,13 +31,10 @@ from kvxferd.protocol import (
     Release,
     StatusQuery,
     StatusReply,
-    decode,
 )
-from kvxferd.runtime import sockets
-from kvxferd.runtime.barrier_link import BarrierLink
+from kvxferd.runtime.daemon import GroupDaemon
 from kvxferd.runtime.logs import TRACE
 from kvxferd.runtime.peers import Peers
-from kvxferd.runtime.service import Service
 from kvxferd.transports import Completion
 
 log = logging.getLogger(__name__)
@@ -70,45 +61,17 @@ def rank_settings(config: Config, group: GroupConfig, rank: int) -> RankSettings
     )
 
 
-class PrefillDaemon(Service):
+class PrefillDaemon(GroupDaemon):
     role = "prefill"
 
     def __init__(self, config: Config, group: GroupConfig, rank: int) -> None:
-        super().__init__(shutdown_s=config.timeouts.shutdown_s)
-        self.config, self.group, self.rank = config, group, rank
+        super().__init__(config, group, rank)
         self.core = RankCore(rank_settings(config, group, rank))
-        s = self.core.s
-        self.layout = CacheLayout(s.num_layers, s.num_blocks, s.block_bytes)
-        self.max_frame = config.limits.max_frame_bytes
         self.peers = Peers(self, config, group=group.name, rank=rank, memory=group.memory)
         self.origins: dict[str, bytes] = {}  # request id -> the engine socket that sent its cache_info
-        self.counters: Counter[str] = Counter()
-        self.endpoint = ""
         self._sender: bytes | None = None
 
     # -- lifecycle -------------------------------------------------------------------
-
-    def start(self) -> None:
-        self.router = self.own(sockets.socket(self.ctx, zmq.ROUTER, max_frame=self.max_frame))
-        self.endpoint = sockets.bind(self.router, self.config.endpoint(self.group, self.rank))
-        self.barrier = BarrierLink(
-            self.ctx,
-            self.config.barrier_endpoint(),
-            group=self.group.name,
-            rank=self.rank,
-            world_size=self.group.world_size,
-            role=self.role,
-            max_frame=self.max_frame,
-        )
-        self.own(self.barrier.sock)
-        self.barrier.startup(
-            self.config.fingerprint(), self.config.timeouts.startup_s, lambda: self._stop_signal is not None
-        )
-        self.watch(self.router, self._on_engine)
-        self.watch(self.barrier.sock, self._on_barrier)
-
-    def ready_info(self) -> dict[str, Any]:
-        return {"group": self.group.name, "rank": self.rank, "endpoint": self.endpoint}
 
     def next_wakeup(self) -> float | None:
         times = [t for t in (self.core.next_deadline(), self.peers.next_wakeup()) if t is not None]
@@ -132,27 +95,12 @@ class PrefillDaemon(Service):
 
     # -- inbound ----------------------------------------------------------------------
 
-    def _on_engine(self) -> None:
-        for _ in range(sockets.BATCH):
-            try:
-                identity, frame = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:
-                continue
-            now = time.monotonic()
-            try:
-                msg = decode(frame, max_bytes=self.max_frame)
-            except RemoteProtocolError as exc:
-                log.warning("bad frame from engine %r: %s", identity, exc)
-                self._reply(identity, Error(ErrorCode.BAD_MESSAGE, str(exc)))
-                continue
-            log.log(TRACE, "<- %r %s", identity, msg)
-            self._sender = identity
-            try:
-                self._engine_message(identity, msg, now)
-            finally:
-                self._sender = None
+    def handle(self, identity: bytes, msg: Message, now: float) -> None:
+        self._sender = identity  # problems found while handling msg are answered to its sender
+        try:
+            self._engine_message(identity, msg, now)
+        finally:
+            self._sender = None
 
     def _engine_message(self, identity: bytes, msg: Message, now: float) -> None:
         self.counters[type(msg).__name__] += 1
@@ -170,20 +118,16 @@ class PrefillDaemon(Service):
         elif isinstance(msg, RegisterCache):
             self._register(identity, msg)
         elif isinstance(msg, StatusQuery):
-            self._reply(identity, self.status(now))
+            self.reply(identity, self.status(now))
         else:
-            self._reply(identity, Error(ErrorCode.WRONG_ROLE, f"a prefill daemon does not accept {type(msg).__name__}"))
+            super().handle(identity, msg, now)
 
     def _register(self, identity: bytes, msg: RegisterCache) -> None:
-        problem = None
-        if msg.memory != self.group.memory:
-            problem = f"group {self.group.name!r} keeps its cache in {self.group.memory} memory, not {msg.memory}"
-        elif msg.layout != self.layout:
-            problem = f"the engine's cache is {msg.layout}, the config describes {self.layout}"
-        elif self.core.sizes()["requests"]:
+        problem = self.registration_problem(msg)
+        if problem is None and self.core.sizes()["requests"]:
             problem = "requests are in flight; register again once they ended"
         if problem is not None:
-            self._reply(identity, Error(ErrorCode.BAD_LAYOUT, problem, "register"))
+            self.reply(identity, Error(ErrorCode.BAD_LAYOUT, problem, "register"))
             return
         self.peers.set_local(msg)
         log.info(
@@ -192,13 +136,13 @@ class PrefillDaemon(Service):
             msg.layout.num_blocks,
             msg.layout.block_bytes,
         )
-        self._reply(identity, Ack("register"))
+        self.reply(identity, Ack("register"))
         if self.config.transport.warm_peers:
             for group in self.config.groups:
                 if group.role == "decode" and self.rank < group.world_size:
                     self.peers.warm(self.config.peer_template(group), time.monotonic())
 
-    def _on_barrier(self) -> None:
+    def on_barrier(self) -> None:
         now = time.monotonic()
         for msg in self.barrier.recv_ready():
             log.log(TRACE, "<- barrier %s", msg)
@@ -252,21 +196,14 @@ class PrefillDaemon(Service):
         if identity is None:
             log.error("no engine to tell that request %s ended (%s)", rid, result.status.value)
             return
-        self._reply(identity, result)
+        self.reply(identity, result)
 
     def _problem(self, eff: Problem) -> None:
         self.counters[f"problem_{eff.code.value}"] += 1
         level = logging.INFO if eff.code is ErrorCode.STALE_SIGNAL and not eff.reply else logging.WARNING
         log.log(level, "%s: %s", eff.code.value, eff.detail)
         if eff.reply and self._sender is not None:
-            self._reply(self._sender, Error(eff.code, eff.detail, eff.ref))
-
-    def _reply(self, identity: bytes, msg: Message) -> None:
-        try:
-            sockets.send(self.router, msg, identity)
-            log.log(TRACE, "-> %r %s", identity, msg)
-        except zmq.ZMQError as exc:
-            log.warning("engine %r unreachable (%s); dropped %s", identity, exc.strerror, type(msg).__name__)
+            self.reply(self._sender, Error(eff.code, eff.detail, eff.ref))
 
     def status(self, now: float) -> StatusReply:
         report = {

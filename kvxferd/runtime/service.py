@@ -8,6 +8,9 @@ registered in it. ``run`` goes through start → ready → serve → drain → s
 * The loop polls every socket with a timeout taken from ``next_wakeup()``
   (the core's next deadline, a peer query's deadline, a transport that wants
   polling); an idle daemon sleeps in ``poll`` and uses no CPU.
+* A service answers on one ROUTER (``bind_router``): every frame is decoded
+  and handed to ``handle(identity, msg, now)``; a frame that is not a valid
+  message is answered with an ``Error`` and logged, never raised.
 * SIGTERM / SIGINT only set a flag; a byte on the signal wake-up socket makes
   ``poll`` return. The service then drains (``begin_drain``) until it is idle
   or ``shutdown_s`` has passed, then stops (``force_stop``) and closes every
@@ -29,6 +32,11 @@ from typing import Any
 
 import zmq
 
+from kvxferd.errors import RemoteProtocolError
+from kvxferd.protocol import Error, ErrorCode, Message, decode
+from kvxferd.runtime import sockets
+from kvxferd.runtime.logs import TRACE
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[], None]
@@ -40,8 +48,10 @@ class Service:
     #: shown in logs and status replies
     role = "service"
 
-    def __init__(self, *, shutdown_s: float) -> None:
+    def __init__(self, *, shutdown_s: float, max_frame: int) -> None:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.max_frame = max_frame
+        self.router: zmq.Socket[bytes] | None = None
         self.poller = zmq.Poller()
         self._handlers: dict[Any, Handler] = {}
         self._sockets: list[zmq.Socket[bytes]] = []
@@ -70,7 +80,48 @@ class Service:
         self._sockets.append(sock)
         return sock
 
+    # -- the ROUTER everyone talks to ---------------------------------------------------
+
+    def bind_router(self, endpoint: str) -> str:
+        """Bind the service's ROUTER (not yet polled: ``watch(self.router, self.on_router)``)."""
+        self.router = self.own(sockets.socket(self.ctx, zmq.ROUTER, max_frame=self.max_frame))
+        return sockets.bind(self.router, endpoint)
+
+    def on_router(self) -> None:
+        assert self.router is not None
+        for _ in range(sockets.BATCH):
+            try:
+                identity, frame = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                log.warning("dropped a message that was not [identity, frame]")
+                continue
+            try:
+                msg = decode(frame, max_bytes=self.max_frame)
+            except RemoteProtocolError as exc:
+                log.warning("bad frame from %r: %s", identity, exc)
+                self.reply(identity, Error(ErrorCode.BAD_MESSAGE, str(exc)))
+                continue
+            log.log(TRACE, "<- %r %s", identity, msg)
+            self.handle(identity, msg, time.monotonic())
+
+    def reply(self, identity: bytes, msg: Message) -> bool:
+        """Send ``msg`` to ``identity`` on the ROUTER; False (logged) if it is not reachable."""
+        assert self.router is not None
+        try:
+            sockets.send(self.router, msg, identity)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: not connected (yet, or any more); EAGAIN: not reading
+            log.warning("%r unreachable (%s); dropped %s", identity, exc.strerror, type(msg).__name__)
+            return False
+        log.log(TRACE, "-> %r %s", identity, msg)
+        return True
+
     # -- hooks for subclasses ---------------------------------------------------------
+
+    def handle(self, identity: bytes, msg: Message, now: float) -> None:
+        """One message from the ROUTER."""
+        self.reply(identity, Error(ErrorCode.WRONG_ROLE, f"the {self.role} does not accept {type(msg).__name__}"))
 
     def start(self) -> None:
         """Bind, connect, agree with the group; raise DaemonError if that fails."""

@@ -8,25 +8,22 @@ ROUTER sees ``[identity, frame]``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import zmq
 
 from kvxferd.errors import DaemonError
-from kvxferd.protocol import DEFAULT_MAX_FRAME, Message, decode, encode
+from kvxferd.protocol import DEFAULT_MAX_FRAME, Message, encode
 
 LINGER_MS = 500
+#: Messages queued per socket before ZMQ pushes back; a step's signals and results fit many times over.
+HWM = 100_000
 #: Most messages drained from one socket per poll wake-up, so no socket starves another.
 BATCH = 256
 
 
-def ipc_path(endpoint: str) -> Path | None:
-    return Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
-
-
 def bind(sock: zmq.Socket[bytes], endpoint: str) -> str:
-    path = ipc_path(endpoint)
+    path = Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
     if path is not None:
         if len(str(path)) > 100:
             raise DaemonError(f"ipc path {path} is too long for a unix socket (keep run_dir short)")
@@ -45,17 +42,10 @@ def socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, *, max_frame: int = D
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown identity raises instead of dropping silently
-    return sock
-
-
-def connect(
-    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, *, max_frame: int = DEFAULT_MAX_FRAME
-) -> zmq.Socket[bytes]:
-    sock = socket(ctx, zmq.DEALER, max_frame=max_frame)
-    sock.setsockopt(zmq.IMMEDIATE, 0)
-    sock.connect(endpoint)
     return sock
 
 
@@ -65,15 +55,3 @@ def send(sock: zmq.Socket[bytes], msg: Message, identity: bytes | None = None) -
         sock.send(frame, zmq.NOBLOCK)
     else:
         sock.send_multipart([identity, frame], zmq.NOBLOCK)
-
-
-def recv(sock: zmq.Socket[bytes], timeout_s: float, *, max_frame: int = DEFAULT_MAX_FRAME) -> Message | None:
-    """One message from a DEALER within ``timeout_s`` (None on timeout). Bad frames raise."""
-    if not sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
-        return None
-    return decode(sock.recv(), max_bytes=max_frame)
-
-
-def runtime_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)

@@ -1,0 +1,62 @@
+"""What prefill and decode daemons share: their place in a group and how they start.
+
+A group daemon binds its rank's engine endpoint, connects to the group's
+barrier service and passes the start-up barrier (every rank of the group up,
+with the same config) before it polls anything: engines may connect and
+send early, their messages simply wait in the socket until the group serves.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from kvxferd.config import Config, GroupConfig
+from kvxferd.protocol import CacheLayout, RegisterCache
+from kvxferd.runtime.barrier_link import BarrierLink
+from kvxferd.runtime.service import Service
+
+
+class GroupDaemon(Service):
+    def __init__(self, config: Config, group: GroupConfig, rank: int) -> None:
+        super().__init__(shutdown_s=config.timeouts.shutdown_s, max_frame=config.limits.max_frame_bytes)
+        self.config, self.group, self.rank = config, group, rank
+        self.counters: Counter[str] = Counter()
+        self.endpoint = ""
+        kv = config.kv
+        #: what the engine's cache must look like on this rank
+        self.layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size))
+
+    def start(self) -> None:
+        self.endpoint = self.bind_router(self.config.endpoint(self.group, self.rank))
+        self.barrier = BarrierLink(
+            self.ctx,
+            self.config.barrier_endpoint(),
+            group=self.group.name,
+            rank=self.rank,
+            world_size=self.group.world_size,
+            role=self.role,
+            max_frame=self.max_frame,
+        )
+        self.own(self.barrier.sock)
+        self.barrier.startup(
+            self.config.fingerprint(), self.config.timeouts.startup_s, lambda: self._stop_signal is not None
+        )
+        assert self.router is not None
+        self.watch(self.router, self.on_router)
+        self.watch(self.barrier.sock, self.on_barrier)
+
+    def on_barrier(self) -> None:
+        """Messages from the barrier service after start-up."""
+        self.barrier.recv_ready()
+
+    def registration_problem(self, msg: RegisterCache) -> str | None:
+        """Why an engine's cache registration does not fit this daemon's config, if it does not."""
+        if msg.memory != self.group.memory:
+            return f"group {self.group.name!r} keeps its cache in {self.group.memory} memory, not {msg.memory}"
+        if msg.layout != self.layout:
+            return f"the engine's cache is {msg.layout}, the config describes {self.layout}"
+        return None
+
+    def ready_info(self) -> dict[str, Any]:
+        return {"group": self.group.name, "rank": self.rank, "endpoint": self.endpoint}
