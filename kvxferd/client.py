@@ -28,9 +28,10 @@ Example, for a 2-rank prefill group and a 2-rank decode group::
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import zmq
 
@@ -189,14 +190,127 @@ class PrefillWorker(_Group):
         return found
 
 
+Key = tuple[str, int]  # (request id, instance)
+
+#: Decided outcomes kept for late lookups and late messages, per client (oldest forgotten first).
+KEEP_DONE = 4096
+#: Undecided outcomes kept at most (a request whose notices never all come is dropped, and reported).
+MAX_OPEN = 65536
+#: Anomalies and errors kept for the caller to read (oldest dropped first).
+MAX_EVENTS = 1024
+
+
 @dataclass
 class PrefillOutcome:
+    """What the prefill ranks reported about one request instance.
+
+    ``results`` holds one TransferResult per rank that reported. Every rank
+    reports the same status; a rank that *refused* the cache_info reports at
+    once (its result's ``code`` says why), so an outcome is *decided* as soon as
+    every rank reported or any rank refused. Results that come after that are
+    still added here. A second result from the same rank is never taken in:
+    it goes to ``duplicates``.
+    """
+
     request_id: str
+    instance: int
+    world_size: int
     results: dict[int, TransferResult] = field(default_factory=dict)
+    duplicates: list[TransferResult] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.results) == self.world_size
+
+    @property
+    def refused(self) -> dict[int, TransferResult]:
+        """The ranks that refused the cache_info, with their results (``code`` and ``reason``)."""
+        return {rank: r for rank, r in self.results.items() if r.code}
+
+    @property
+    def decided(self) -> bool:
+        return self.complete or bool(self.refused)
 
     @property
     def ok(self) -> bool:
-        return bool(self.results) and all(r.status is Status.OK for r in self.results.values())
+        return self.complete and all(r.status is Status.OK for r in self.results.values())
+
+    @property
+    def status(self) -> Status | None:
+        """The instance's status (the same on every rank), once any rank reported."""
+        for result in self.results.values():
+            return result.status
+        return None
+
+
+@dataclass
+class DecodeOutcome:
+    """What the decode side knows of a request instance.
+
+    ``ready``: the KV is complete on every rank (a KVReady came). ``reasons``:
+    per decode rank, how the request failed. ``reported``: the decode ranks
+    that told. ``reusable``: every decode rank reported, so no prefill rank
+    writes into the request's blocks any more and the engine may reuse them.
+    A second notice from the same decode rank goes to ``duplicates``.
+    """
+
+    request_id: str
+    instance: int
+    world_size: int
+    ready: bool = False
+    reasons: dict[int, str] = field(default_factory=dict)
+    statuses: dict[int, Status] = field(default_factory=dict)
+    reported: set[int] = field(default_factory=set)
+    duplicates: list[Message] = field(default_factory=list)
+
+    @property
+    def reusable(self) -> bool:
+        return len(self.reported) == self.world_size
+
+    @property
+    def decided(self) -> bool:
+        return self.ready or self.reusable
+
+
+Outcome = TypeVar("Outcome", PrefillOutcome, DecodeOutcome)
+
+
+class _Ledger(Generic[Outcome]):
+    """Outcomes by request instance: open ones until decided, then a bounded memory of decided ones.
+
+    Nothing needs to be forgotten by hand: decided outcomes are kept for the
+    :data:`KEEP_DONE` most recent instances (late messages still land in them,
+    and ``wait`` finds them), undecided ones for at most :data:`MAX_OPEN`.
+    """
+
+    def __init__(self, make: Callable[[Key], Outcome]) -> None:
+        self.make: Callable[[Key], Outcome] = make
+        self.open: dict[Key, Outcome] = {}
+        self.done: OrderedDict[Key, Outcome] = OrderedDict()
+        self.anomalies: deque[str] = deque(maxlen=MAX_EVENTS)
+
+    def get(self, key: Key) -> Outcome | None:
+        return self.open.get(key) or self.done.get(key)
+
+    def entry(self, key: Key) -> Outcome:
+        out = self.get(key)
+        if out is None:
+            out = self.open[key] = self.make(key)
+            if len(self.open) > MAX_OPEN:
+                old, dropped = next(iter(self.open.items()))
+                del self.open[old]
+                self.anomalies.append(f"{old[0]} instance {old[1]}: dropped undecided ({dropped})")
+        return out
+
+    def settle(self, key: Key) -> bool:
+        """Move a decided outcome to the memory of decided ones; True the first time."""
+        out = self.open.pop(key, None)
+        if out is None:
+            return False
+        self.done[key] = out
+        while len(self.done) > KEEP_DONE:
+            self.done.popitem(last=False)
+        return True
 
 
 class PrefillScheduler(_Group):
@@ -204,62 +318,77 @@ class PrefillScheduler(_Group):
 
     def __init__(self, endpoints: Sequence[str], *, send_timeout_s: float = 5.0) -> None:
         super().__init__(endpoints, send_timeout_s=send_timeout_s)
-        self.results: dict[str, dict[int, TransferResult]] = defaultdict(dict)
-        self.errors: list[tuple[int, Error]] = []
+        world = len(self.channels)
+        self.ledger: _Ledger[PrefillOutcome] = _Ledger(lambda k: PrefillOutcome(k[0], k[1], world))
+        #: Error replies (bad messages, refusals, duplicates), oldest dropped first.
+        self.errors: deque[tuple[int, Error]] = deque(maxlen=MAX_EVENTS)
 
     @property
     def world_size(self) -> int:
         return len(self.channels)
+
+    @property
+    def anomalies(self) -> deque[str]:
+        """Second results from one rank, results for instances no longer kept: reported here."""
+        return self.ledger.anomalies
 
     def submit(self, info: CacheInfo, ranks: Iterable[int] | None = None) -> None:
         """Send ``info`` to ``ranks`` (default: every rank; each rank must get it once)."""
         for rank in range(self.world_size) if ranks is None else ranks:
             self.channels[rank].send(info)
 
-    def abort(self, request_id: str, reason: str = "aborted by the scheduler") -> None:
-        for ch in self.channels:
-            ch.send(Abort(request_id, reason))
+    def abort(
+        self,
+        request_id: str,
+        reason: str = "aborted by the scheduler",
+        ranks: Iterable[int] | None = None,
+        instance: int = 0,
+    ) -> None:
+        """Abort an instance on ``ranks`` (default: every rank). An abort may come before the cache_info."""
+        msg = Abort(request_id, reason, instance)
+        for rank in range(self.world_size) if ranks is None else ranks:
+            self.channels[rank].send(msg)
 
-    def collect(self, timeout_s: float = 0.0) -> list[str]:
-        """Take in results; return the ids of requests every rank has now reported."""
-        finished = []
+    def collect(self, timeout_s: float = 0.0) -> list[PrefillOutcome]:
+        """Take in results; return the outcomes that became decided (every rank reported, or one refused)."""
+        decided = []
         for rank, msg in self.backlog + self.poll(timeout_s):
             if isinstance(msg, TransferResult):
-                got = self.results[msg.request_id]
-                got[rank] = msg
-                if len(got) == self.world_size:
-                    finished.append(msg.request_id)
+                out = self.ledger.entry(msg.key)
+                if rank in out.results:
+                    out.duplicates.append(msg)
+                    self.ledger.anomalies.append(f"rank {rank} reported {msg.request_id} instance {msg.instance} twice")
+                    continue
+                out.results[rank] = msg
+                if out.decided and self.ledger.settle(msg.key):
+                    decided.append(out)
             elif isinstance(msg, Error):
                 self.errors.append((rank, msg))
         self.backlog = []
-        return finished
+        return decided
 
-    def wait(self, request_id: str, timeout_s: float) -> PrefillOutcome:
-        """Block until every rank reported ``request_id``; raises DaemonError naming the silent ranks."""
+    def outcome(self, request_id: str, instance: int = 0) -> PrefillOutcome | None:
+        """What is known of an instance so far (None if nothing, or no longer kept)."""
+        return self.ledger.get((request_id, instance))
+
+    def wait(self, request_id: str, timeout_s: float, instance: int = 0) -> PrefillOutcome:
+        """Block until the instance is decided: every rank reported, or a rank refused it.
+
+        Raises DaemonError naming the silent ranks when ``timeout_s`` passes first.
+        """
+        key = (request_id, instance)
         deadline = time.monotonic() + timeout_s
-        while len(self.results.get(request_id, {})) < self.world_size:
+        while True:
+            out = self.ledger.get(key)
+            if out is not None and out.decided:
+                return out
             left = deadline - time.monotonic()
             if left <= 0:
-                missing = sorted(set(range(self.world_size)) - set(self.results.get(request_id, {})))
-                raise DaemonError(f"ranks {missing} did not report request {request_id} within {timeout_s:g}s")
+                missing = sorted(set(range(self.world_size)) - set(out.results if out else ()))
+                raise DaemonError(
+                    f"ranks {missing} did not report request {request_id} instance {instance} within {timeout_s:g}s"
+                )
             self.collect(min(left, 0.5))
-        return PrefillOutcome(request_id, self.results.pop(request_id))
-
-
-@dataclass
-class DecodeOutcome:
-    """What the decode side knows of a request.
-
-    ``ready``: the KV is complete on every rank. ``reasons``: per rank, why it
-    failed. ``reusable``: every decode rank reported the end, so no prefill
-    rank writes into the request's blocks any more.
-    """
-
-    request_id: str
-    ready: bool = False
-    reasons: dict[int, str] = field(default_factory=dict)
-    reported: set[int] = field(default_factory=set)
-    reusable: bool = False
 
 
 class DecodeEngine(_Group):
@@ -267,8 +396,14 @@ class DecodeEngine(_Group):
 
     def __init__(self, endpoints: Sequence[str], *, send_timeout_s: float = 5.0) -> None:
         super().__init__(endpoints, send_timeout_s=send_timeout_s)
-        self.outcomes: dict[str, DecodeOutcome] = {}
-        self.errors: list[tuple[int, Error]] = []
+        world = len(self.channels)
+        self.ledger: _Ledger[DecodeOutcome] = _Ledger(lambda k: DecodeOutcome(k[0], k[1], world))
+        self.errors: deque[tuple[int, Error]] = deque(maxlen=MAX_EVENTS)
+
+    @property
+    def anomalies(self) -> deque[str]:
+        """Second notices from one decode rank, notices for instances no longer kept: reported here."""
+        return self.ledger.anomalies
 
     def register(self, caches: Sequence[HostKVCache | RegisterCache], timeout_s: float = 10.0) -> None:
         if len(caches) != len(self.channels):
@@ -278,38 +413,49 @@ class DecodeEngine(_Group):
         for rank in range(len(caches)):
             self._expect(rank, Ack, timeout_s, "cache registration")
 
-    def collect(self, timeout_s: float = 0.0) -> list[tuple[str, DecodeOutcome]]:
-        """Take in notices; return (request id, outcome) once per request that heard something new."""
-        changed: dict[str, DecodeOutcome] = {}
+    def collect(self, timeout_s: float = 0.0) -> list[DecodeOutcome]:
+        """Take in notices; return each outcome that heard something new, once per call."""
+        changed: dict[Key, DecodeOutcome] = {}
         for rank, msg in self.backlog + self.poll(timeout_s):
             if isinstance(msg, (KVReady, TransferResult)):
-                out = self.outcomes.setdefault(msg.request_id, DecodeOutcome(msg.request_id))
+                out = self.ledger.entry(msg.key)
+                if rank in out.reported:
+                    out.duplicates.append(msg)
+                    self.ledger.anomalies.append(
+                        f"decode rank {rank} reported {msg.request_id} instance {msg.instance} twice"
+                    )
+                    continue
                 out.reported.add(rank)
                 if isinstance(msg, KVReady):
                     out.ready = True
+                    out.statuses[rank] = Status.OK
                 else:
+                    out.statuses[rank] = msg.status
                     out.reasons[rank] = f"{msg.status.value}: {msg.reason}"
-                out.reusable = len(out.reported) == len(self.channels)
-                changed[msg.request_id] = out
+                if out.reusable:
+                    self.ledger.settle(msg.key)
+                changed[msg.key] = out
             elif isinstance(msg, Error):
                 self.errors.append((rank, msg))
         self.backlog = []
-        return list(changed.items())
+        return list(changed.values())
 
-    def wait(self, request_id: str, timeout_s: float) -> DecodeOutcome:
-        """Until the KV is ready (any rank's KVReady), or every rank reported a failure."""
+    def outcome(self, request_id: str, instance: int = 0) -> DecodeOutcome | None:
+        """What is known of an instance so far (None if nothing, or no longer kept)."""
+        return self.ledger.get((request_id, instance))
+
+    def wait(self, request_id: str, timeout_s: float, instance: int = 0) -> DecodeOutcome:
+        """Until the KV is ready (any rank's KVReady), or every decode rank reported a failure."""
+        key = (request_id, instance)
         deadline = time.monotonic() + timeout_s
         while True:
-            out = self.outcomes.get(request_id)
-            if out is not None and (out.ready or out.reusable):
+            out = self.ledger.get(key)
+            if out is not None and out.decided:
                 return out
             left = deadline - time.monotonic()
             if left <= 0:
-                raise DaemonError(f"no word on request {request_id} within {timeout_s:g}s")
+                raise DaemonError(f"no word on request {request_id} instance {instance} within {timeout_s:g}s")
             self.collect(min(left, 0.5))
-
-    def forget(self, request_id: str) -> None:
-        self.outcomes.pop(request_id, None)
 
 
 def status(endpoint: str, timeout_s: float = 5.0) -> StatusReply:

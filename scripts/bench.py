@@ -216,7 +216,6 @@ class Deployment:
         elapsed = time.perf_counter() - t
         for rid in ids:
             self.dec.wait(rid, 60.0)
-            self.dec.forget(rid)
         return elapsed
 
     def close(self) -> None:

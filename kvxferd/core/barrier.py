@@ -1,33 +1,49 @@
-"""Pure state of the barrier service: agreement per (group, key), never per count.
+"""Pure state of the barrier service: agreement per (group, key, instance), never per count.
 
 Theory of operation
 -------------------
-Ranks announce themselves with ``Hello`` (which fixes the group's size). For
-each key (a request id, or a named barrier such as ``ready``) every rank says
-exactly one thing: ``Arrive`` with a digest, or ``Withdraw`` with a status and
-reason. When every rank of the group has spoken, every rank gets one verdict:
-``Release`` if all arrived with equal digests, ``Diverged`` with each rank's
-view otherwise. A key that is still open ``timeout_s`` after its first word
-gets ``Expired`` naming the ranks never heard from, sent to every rank so that
-the slow ones stop too (a named barrier's first arrival may set its own
-timeout). An expired key is remembered for as long again, so a straggler
-gets the same verdict at once instead of opening the key anew.
+Ranks announce themselves with ``Hello`` (which fixes the group's size). A
+request instance is agreed on in two rounds, each needing one word from every
+rank of the group:
 
-Repeating the same word is harmless; changing it is refused. Tables are
-bounded (``max_keys`` open keys and as many remembered ones).
+* **admission**: ``Admit`` (the rank holds the cache_info; its terms) or
+  ``Withdraw`` (refused, aborted...). All admitted with equal terms: every rank
+  gets ``Admitted`` and the completion round opens. Otherwise the instance
+  ends with ``Diverged``; nothing was written, because no rank writes before
+  ``Admitted``.
+* **completion**: ``Arrive`` (its digest) or ``Withdraw``. All arrived with
+  equal digests: ``Release``; otherwise ``Diverged``.
+
+A key whose first word is an ``Arrive`` is a *named* barrier (start-up): one
+round of arrivals. A round still open ``timeout_s`` after it opened ends with
+``Expired`` naming the silent ranks, sent to every rank so the slow ones stop
+too. Every final verdict is remembered for ``timeout_s`` more, so a straggler
+(a rank that got its cache_info after the expiry, or a withdrawal that crossed
+the verdict) gets the same verdict at once instead of opening the key anew. Every final verdict carries the status
+and reason every rank reports (:mod:`kvxferd.core.verdicts`), and the decode
+peer named at admission, so a rank that never held the cache_info can still
+tell its decode rank.
+
+In the admission round a Withdraw may replace the rank's Admit (an abort that
+came after the cache_info). Otherwise repeating a word is harmless and
+changing it is refused. Tables are bounded (``max_keys`` open keys and as many
+remembered verdicts).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import enum
 from dataclasses import dataclass, field
 
+from kvxferd.core import verdicts
 from kvxferd.core.deadlines import Deadlines
 from kvxferd.core.effects import Effect, Problem, ToRank
+from kvxferd.core.recall import Recall
 from kvxferd.protocol import (
     Ack,
+    Admit,
+    Admitted,
     Arrive,
-    Digest,
     Diverged,
     ErrorCode,
     Expired,
@@ -36,17 +52,30 @@ from kvxferd.protocol import (
     RankView,
     Release,
     Status,
+    Terms,
     Withdraw,
 )
+
+Key = tuple[str, str, int]  # group, key, instance
+
+
+class Round(enum.Enum):
+    ADMISSION = "admission"
+    COMPLETION = "completion"
+    NAMED = "named barrier"
 
 
 @dataclass(slots=True)
 class _Open:
     group: str
     key: str
+    instance: int
     opened: float
     timeout_s: float
+    round: Round
     words: dict[int, RankView] = field(default_factory=dict)
+    terms: Terms | None = None  # what every rank admitted, once admitted
+    peer: str = ""  # the decode peer template named at admission
 
 
 class BarrierState:
@@ -55,19 +84,22 @@ class BarrierState:
         self.max_keys = max_keys
         self.max_groups = max_groups
         self._groups: dict[str, int] = {}  # group -> world size
-        self._open: dict[tuple[str, str], _Open] = {}
-        self._expired: OrderedDict[tuple[str, str], tuple[Expired, float]] = OrderedDict()
-        self._deadlines: Deadlines[tuple[str, str, str]] = Deadlines()  # (open | forget, group, key)
+        self._open: dict[Key, _Open] = {}
+        self._ended: Recall[Key, Release | Diverged | Expired] = Recall(ttl_s=timeout_s, limit=max_keys)
+        self._deadlines: Deadlines[Key] = Deadlines()  # one per open key
 
     def handle(self, msg: Message, now: float) -> list[Effect]:
         if isinstance(msg, Hello):
             return self.hello(msg)
+        if isinstance(msg, Admit):
+            view = RankView(msg.rank, Status.OK, terms=msg.terms)
+            return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s)
         if isinstance(msg, Arrive):
-            view = RankView(msg.rank, Status.OK, msg.digest)
-            return self._word(msg.group, msg.key, view, now, msg.timeout_s or self.timeout_s)
+            view = RankView(msg.rank, Status.OK, digest=msg.digest)
+            return self._word((msg.group, msg.key, msg.instance), view, now, msg.timeout_s or self.timeout_s)
         if isinstance(msg, Withdraw):
-            view = RankView(msg.rank, msg.status, None, msg.reason)
-            return self._word(msg.group, msg.key, view, now, self.timeout_s)
+            view = RankView(msg.rank, msg.status, reason=msg.reason)
+            return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s)
         return [Problem(ErrorCode.WRONG_ROLE, f"the barrier service does not accept {type(msg).__name__}")]
 
     def hello(self, msg: Hello) -> list[Effect]:
@@ -82,68 +114,92 @@ class BarrierState:
         return [ToRank(msg.group, msg.rank, Ack("hello"))]
 
     def on_timer(self, now: float) -> list[Effect]:
+        self._ended.expire(now)
         effects: list[Effect] = []
-        for kind, group, key in self._deadlines.pop_due(now):
-            if kind == "forget":
-                self._expired.pop((group, key), None)
-                continue
-            entry = self._open.pop((group, key))
-            size = self._groups[group]
+        for k in self._deadlines.pop_due(now):
+            entry = self._open.pop(k)
+            size = self._groups[entry.group]
             missing = tuple(r for r in range(size) if r not in entry.words)
-            verdict = Expired(group, key, missing, round(now - entry.opened, 3))
-            self._remember(group, key, verdict, now, entry.timeout_s)
-            effects += [ToRank(group, r, verdict) for r in range(size)]
+            waited = round(now - entry.opened, 3)
+            present = [entry.words[r] for r in sorted(entry.words)]
+            status, reason = verdicts.expiry(present, missing, entry.group, entry.round.value, waited)
+            verdict = Expired(entry.group, entry.key, entry.instance, missing, waited, status, reason, entry.peer)
+            self._ended.put(k, verdict, now)
+            effects += [ToRank(entry.group, r, verdict) for r in range(size)]
         return effects
 
     def next_deadline(self) -> float | None:
-        return self._deadlines.earliest()
+        times = [t for t in (self._deadlines.earliest(), self._ended.next_deadline()) if t is not None]
+        return min(times, default=None)
 
     def sizes(self) -> dict[str, int]:
-        return {"groups": len(self._groups), "open": len(self._open), "expired": len(self._expired)}
+        return {"groups": len(self._groups), "open": len(self._open), "ended": len(self._ended)}
 
     # ---------------------------------------------------------------- internals
 
-    def _word(self, group: str, key: str, view: RankView, now: float, timeout_s: float) -> list[Effect]:
+    def _word(self, k: Key, view: RankView, now: float, timeout_s: float) -> list[Effect]:
+        group, key, instance = k
         size = self._groups.get(group)
         if size is None:
             return [Problem(ErrorCode.NOT_REGISTERED, f"group {group!r} is unknown: send Hello first", key)]
         if view.rank >= size:
             return [Problem(ErrorCode.BAD_MESSAGE, f"rank {view.rank} is outside group {group!r} of {size}", key)]
-        remembered = self._expired.get((group, key))
+        remembered = self._ended.get(k)
         if remembered is not None:
-            return [ToRank(group, view.rank, remembered[0])]
-        entry = self._open.get((group, key))
+            return [ToRank(group, view.rank, remembered)]
+        entry = self._open.get(k)
         if entry is None:
             if len(self._open) >= self.max_keys:
-                detail = f"key {key!r} refused: {self.max_keys} keys already open"
-                return [Problem(ErrorCode.TABLE_FULL, detail, key)]
-            entry = self._open[(group, key)] = _Open(group, key, now, timeout_s)
-            self._deadlines.set(("open", group, key), now + timeout_s)
-        said = entry.words.get(view.rank)
-        if said is not None:
-            if said == view:
-                return []
-            detail = f"rank {view.rank} already said {said.describe()} about {key!r}; now {view.describe()}"
-            return [Problem(ErrorCode.CONFLICT, detail, key)]
-        entry.words[view.rank] = view
+                return [Problem(ErrorCode.TABLE_FULL, f"key {key!r} refused: {self.max_keys} keys already open", key)]
+            first = Round.NAMED if view.digest is not None else Round.ADMISSION
+            entry = self._open[k] = _Open(group, key, instance, now, timeout_s, first)
+            self._deadlines.set(k, now + timeout_s)
+        problem = self._take(entry, view)
+        if problem is not None:
+            return [Problem(ErrorCode.CONFLICT, f"rank {view.rank} about {key!r} instance {instance}: {problem}", key)]
+        if view.terms is not None and not entry.peer:
+            entry.peer = view.terms.peer
         if len(entry.words) < size:
             return []
-        del self._open[(group, key)]
-        self._deadlines.cancel(("open", group, key))
-        views = tuple(entry.words[r] for r in range(size))
-        digests = {v.digest for v in views}
-        verdict: Message
-        if len(digests) == 1 and None not in digests:
-            (digest,) = digests
-            assert isinstance(digest, Digest)
-            verdict = Release(group, key, digest)
-        else:
-            verdict = Diverged(group, key, views)
-        return [ToRank(group, r, verdict) for r in range(size)]
+        return self._settle(k, entry, size, now)
 
-    def _remember(self, group: str, key: str, verdict: Expired, now: float, timeout_s: float) -> None:
-        self._expired[(group, key)] = (verdict, now)
-        self._deadlines.set(("forget", group, key), now + timeout_s)
-        while len(self._expired) > self.max_keys:
-            (g, k), _ = self._expired.popitem(last=False)
-            self._deadlines.cancel(("forget", g, k))
+    def _take(self, entry: _Open, view: RankView) -> str | None:
+        """Record one rank's word in the open round; a sentence if the word is not acceptable."""
+        said = entry.words.get(view.rank)
+        if view.terms is not None and entry.round is not Round.ADMISSION:
+            if entry.round is Round.COMPLETION and view.terms == entry.terms:
+                return None  # a repeated admission: harmless
+            return f"admits in the {entry.round.value} round"
+        if view.digest is not None and entry.round is Round.ADMISSION:
+            return "arrives before the request was admitted"
+        if said is None or said == view:
+            entry.words[view.rank] = view
+            return None
+        if entry.round is Round.ADMISSION and said.terms is not None and view.status is not Status.OK:
+            entry.words[view.rank] = view  # a withdrawal replaces an admission
+            return None
+        return f"already said {said.describe()}; now {view.describe()}"
+
+    def _settle(self, k: Key, entry: _Open, size: int, now: float) -> list[Effect]:
+        """Every rank has spoken in the open round."""
+        group, key, instance = k
+        views = tuple(entry.words[r] for r in range(size))
+        if entry.round is Round.ADMISSION:
+            ending = verdicts.admission(views)
+            if ending is None:
+                entry.round, entry.terms, entry.words, entry.opened = Round.COMPLETION, views[0].terms, {}, now
+                self._deadlines.set(k, now + entry.timeout_s)
+                return [ToRank(group, r, Admitted(group, key, instance)) for r in range(size)]
+        else:
+            ending = verdicts.completion(views)
+        del self._open[k]
+        self._deadlines.cancel(k)
+        verdict: Release | Diverged
+        if ending is None:
+            digest = views[0].digest
+            assert digest is not None
+            verdict = Release(group, key, instance, digest)
+        else:
+            verdict = Diverged(group, key, instance, ending[0], ending[1], views, entry.peer)
+        self._ended.put(k, verdict, now)
+        return [ToRank(group, r, verdict) for r in range(size)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kvxferd.protocol import Arrive, ErrorCode, KVReady, Message, TransferResult, Withdraw
+from kvxferd.protocol import Admit, Arrive, ErrorCode, KVReady, Message, TransferResult, Withdraw
 
 
 class Run(NamedTuple):
@@ -26,7 +26,8 @@ class PostWrite:
     """Copy ``runs`` of one layer (K and V) to ``peer`` over ``transport``.
 
     The shell reports the outcome with ``core.write_done(write_id, now, error)``.
-    ``requests`` names every request the write serves; ``nbytes`` counts K and V.
+    ``requests`` names every request instance ``(request_id, instance)`` the
+    write serves; ``nbytes`` counts K and V.
     """
 
     write_id: int
@@ -34,15 +35,15 @@ class PostWrite:
     transport: str
     layer: int
     runs: tuple[Run, ...]
-    requests: tuple[str, ...]
+    requests: tuple[tuple[str, int], ...]
     nbytes: int
 
 
 @dataclass(frozen=True, slots=True)
 class ToBarrier:
-    """Send ``message`` (an arrival or a withdrawal) to the group's barrier service."""
+    """Send ``message`` (an admission, an arrival or a withdrawal) to the group's barrier service."""
 
-    message: Arrive | Withdraw
+    message: Admit | Arrive | Withdraw
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,9 @@
 
 WAIT_SIGNAL: the cache_info is known, the layer-0 signal of its step is not.
 ACTIVE: a single-request job: chunks attached, layers being written.
+Admission is not a state of its own: it runs beside WAIT_SIGNAL and ACTIVE
+(the rank admitted the cache_info at once and collects ready layers), and a
+request writes nothing until the barrier admitted it (``Request.admitted``).
 DRAINING: the rank decided to stop (abort, failure, or the barrier already
 gave a verdict) and waits for the writes it has in flight to finish, because
 the decode side must not be told before nothing writes into its blocks.

@@ -34,7 +34,7 @@ class PendingSignal:
 class PendingTable:
     def __init__(self) -> None:
         self._signals: dict[int, dict[int, PendingSignal]] = {}  # slot -> step -> signal
-        self._infos: dict[tuple[int, int], str] = {}  # (slot, step) -> request id
+        self._infos: dict[tuple[int, int], tuple[str, int]] = {}  # (slot, step) -> request instance
         self._nsignals = 0
 
     # -- layer-0 signals waiting for a cache_info ---------------------------
@@ -72,20 +72,20 @@ class PendingTable:
 
     # -- cache_infos waiting for their layer-0 signal -----------------------
 
-    def park_info(self, slot: int, step: int, request_id: str) -> None:
+    def park_info(self, slot: int, step: int, key: tuple[str, int]) -> None:
         assert (slot, step) not in self._infos, "the caller refuses a second request on one slot+step"
-        self._infos[(slot, step)] = request_id
+        self._infos[(slot, step)] = key
 
-    def take_info(self, slot: int, step: int) -> str | None:
+    def take_info(self, slot: int, step: int) -> tuple[str, int] | None:
         return self._infos.pop((slot, step), None)
 
-    def drop_info(self, slot: int, step: int, request_id: str) -> None:
-        if self._infos.get((slot, step)) == request_id:
+    def drop_info(self, slot: int, step: int, key: tuple[str, int]) -> None:
+        if self._infos.get((slot, step)) == key:
             del self._infos[(slot, step)]
 
     @property
     def info_count(self) -> int:
         return len(self._infos)
 
-    def holds(self, request_id: str) -> bool:
-        return request_id in self._infos.values()
+    def holds(self, key: tuple[str, int]) -> bool:
+        return key in self._infos.values()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 class StepRecord:
     step: int
     ready: set[int] = field(default_factory=set)
-    members: dict[str, int] = field(default_factory=dict)  # request id -> chunk index
+    members: dict[tuple[str, int], int] = field(default_factory=dict)  # request instance -> chunk index
     parked: int = 0  # parked layer-0 signals of this step
 
     @property
@@ -45,9 +45,9 @@ class StepTable:
         if record is not None and not record.in_use:
             del self._steps[step]
 
-    def leave(self, step: int, request_id: str) -> None:
+    def leave(self, step: int, key: tuple[str, int]) -> None:
         record = self._steps.get(step)
-        if record is not None and record.members.pop(request_id, None) is not None:
+        if record is not None and record.members.pop(key, None) is not None:
             self.close_if_unused(step)
 
     def unpark(self, step: int) -> None:
@@ -58,5 +58,5 @@ class StepTable:
     def __len__(self) -> int:
         return len(self._steps)
 
-    def holds(self, request_id: str) -> bool:
-        return any(request_id in r.members for r in self._steps.values())
+    def holds(self, key: tuple[str, int]) -> bool:
+        return any(key in r.members for r in self._steps.values())

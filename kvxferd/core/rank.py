@@ -4,7 +4,10 @@ Theory of operation
 -------------------
 Inputs are protocol messages plus write completions, each with ``now``;
 outputs are effects (:mod:`kvxferd.core.effects`). Nothing here reads a clock,
-touches a socket or starts a thread.
+touches a socket or starts a thread. A request *instance* is named by
+``(request_id, instance)``; every table is keyed by it, so an id reused with
+a new instance starts clean and a late message of the old one is never
+credited to it.
 
 1. A layer-0 signal names slots. A slot entry whose ``start_step`` is the
    signal's step is a request's first chunk: it pairs with a parked cache_info
@@ -13,17 +16,31 @@ touches a socket or starts a thread.
    (:mod:`kvxferd.core.pending`). Any other slot entry is a later chunk of the
    request that began at ``(slot, start_step)``: it joins that job, or is
    parked until the job is recovered.
-2. A job's chunk sends the blocks it completed. When layer L of a step is
-   ready, every job chunk of that step posts layer L at once: one write per
-   (peer, transport, layer), runs merged across requests. Layers that became
-   ready before recovery are posted at recovery.
-3. When every layer of every chunk is confirmed written, the rank *arrives* at
-   the barrier with the request id and a digest. It never waits there: the
-   verdict comes back as a message. A rank that stops a request (abort,
-   failure, timeout) first waits for its in-flight writes, then *withdraws*.
-4. The verdict (release / diverged / expired) ends the request: one result to
-   the engine, one notice to the decode peer, and no trace left in any table.
-5. Every waiting request has a deadline; :meth:`RankCore.on_timer` settles the
+2. **No byte before agreement.** The moment a rank accepts a cache_info it
+   *admits* it at the barrier with the terms it holds, and goes on pairing and
+   collecting ready layers. Nothing is written until the barrier answers
+   ``Admitted`` (every rank holds the same cache_info); then every layer that
+   became ready meanwhile is posted at once. The round trip overlaps compute.
+3. A job's chunk sends the blocks it completed. When layer L of a step is
+   ready, every admitted job chunk of that step posts layer L at once: one
+   write per (peer, transport, layer), runs merged across requests.
+4. When every layer of every chunk is confirmed written, the rank *arrives*
+   at the barrier with a digest. It never waits there: the verdict comes back
+   as a message. A rank that stops a request (abort, failure, timeout) first
+   waits for its in-flight writes, then *withdraws*.
+5. **One ending, the same everywhere.** The final verdict carries the status
+   and reason; the rank reports exactly those to its engine and sends one
+   notice to its decode peer, and keeps no trace of the instance but a short
+   memory of how it ended. A cache_info the rank *refuses* (bad layout, full
+   table, shutting down...) keeps no state: the rank reports ``failed`` to the
+   engine and its decode peer at once and withdraws; a failed withdrawal
+   decides the verdict (:mod:`kvxferd.core.verdicts`), so every other rank
+   reports ``failed`` too.
+6. An Abort for an instance not seen yet is remembered; its cache_info then
+   withdraws as aborted at once. A verdict for an instance this rank never held
+   (it never got the cache_info) still tells its decode peer, named in the
+   verdict, and is remembered so a straggling cache_info is answered with it.
+7. Every waiting request has a deadline; :meth:`RankCore.on_timer` settles the
    overdue ones. Tables are bounded; overflow is refused loudly.
 """
 
@@ -39,8 +56,11 @@ from kvxferd.core.effects import Effect, PostWrite, Problem, Run, ToBarrier, ToE
 from kvxferd.core.lifecycle import Action, State, next_state
 from kvxferd.core.pending import PendingSignal, PendingTable
 from kvxferd.core.progress import StepTable
+from kvxferd.core.recall import Recall
 from kvxferd.protocol import (
     Abort,
+    Admit,
+    Admitted,
     Arrive,
     CacheInfo,
     Digest,
@@ -53,9 +73,14 @@ from kvxferd.protocol import (
     Release,
     SlotChunk,
     Status,
+    Terms,
     TransferResult,
     Withdraw,
+    block_summary,
 )
+from kvxferd.protocol.fields import clip
+
+Key = tuple[str, int]  # (request id, instance)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +97,14 @@ class RankSettings:
     max_requests: int = 4096
     max_pending_signals: int = 4096
     max_steps: int = 1024
-    pending_timeout_s: float = 30.0  # a half job waiting for its other half
+    pending_timeout_s: float = 30.0  # a half job waiting for its other half; an abort waiting for its request
     progress_timeout_s: float = 30.0  # a job, or its drain, without progress
-    verdict_timeout_s: float = 60.0  # an arrival or withdrawal without a verdict
+    verdict_timeout_s: float = 60.0  # an admission, arrival or withdrawal without a verdict
+
+    @property
+    def ended_memory_s(self) -> float:
+        """How long an ending is remembered: past any straggler the barrier could still answer."""
+        return self.pending_timeout_s + self.verdict_timeout_s
 
 
 @dataclass(slots=True)
@@ -94,6 +124,7 @@ class Request:
     info: CacheInfo
     state: State
     created: float
+    admitted: float | None = None  # when the barrier admitted it; nothing is written before
     recovered: float | None = None
     sent: float | None = None
     chunks: list[Chunk] = field(default_factory=list)
@@ -103,15 +134,37 @@ class Request:
     bytes_done: int = 0
     stop: tuple[Status, str] | None = None  # this rank's own decision to stop
     outcome: tuple[Status, str] | None = None  # the group's verdict, if it came while draining
-    abort_reason: str | None = None
+
+
+@dataclass(slots=True)
+class Ending:
+    """How an instance ended here (or was learned to have ended), and who has been told."""
+
+    status: Status
+    reason: str
+    told_engine: bool
+    told_peer: bool
 
 
 @dataclass(frozen=True, slots=True)
 class _Part:
-    request_id: str
+    key: Key
     chunk: int
     layer: int
     nbytes: int
+
+
+def terms_of(info: CacheInfo) -> Terms:
+    """What this rank admits at the barrier for ``info``: every field ranks must agree on."""
+    return Terms(
+        info.num_tokens,
+        info.slot,
+        info.step,
+        block_summary(info.src_blocks),
+        block_summary(info.dst_blocks),
+        info.peer,
+        info.transport,
+    )
 
 
 class RankCore:
@@ -119,14 +172,16 @@ class RankCore:
 
     def __init__(self, settings: RankSettings) -> None:
         self.s = settings
-        self._requests: dict[str, Request] = {}
-        self._starts: dict[tuple[int, int], str] = {}  # (slot, first step) -> live request id
+        self._requests: dict[Key, Request] = {}
+        self._starts: dict[tuple[int, int], Key] = {}  # (slot, first step) -> live request instance
         self._pending = PendingTable()
         self._steps = StepTable()
         self._writes: dict[int, tuple[_Part, ...]] = {}
         self._write_ids = count(1)
-        # ("req", request id) or ("sig", slot, step)
-        self._deadlines: Deadlines[tuple[str, str] | tuple[str, int, int]] = Deadlines()
+        self._deadlines: Deadlines[Key] = Deadlines()  # one per live request
+        self._signal_deadlines: Deadlines[tuple[int, int]] = Deadlines()  # one per parked (slot, step)
+        self._aborts: Recall[Key, str] = Recall(ttl_s=settings.pending_timeout_s, limit=settings.max_requests)
+        self._ended: Recall[Key, Ending] = Recall(ttl_s=settings.ended_memory_s, limit=4 * settings.max_requests)
 
     # ------------------------------------------------------------------ inputs
 
@@ -138,43 +193,56 @@ class RankCore:
             return self.on_cache_info(msg, now)
         if isinstance(msg, Abort):
             return self.on_abort(msg, now)
-        if isinstance(msg, (Release, Diverged, Expired)):
+        if isinstance(msg, (Admitted, Release, Diverged, Expired)):
             return self.on_verdict(msg, now)
         return [Problem(ErrorCode.WRONG_ROLE, f"a prefill rank does not accept {type(msg).__name__}")]
 
-    def on_cache_info(self, info: CacheInfo, now: float) -> list[Effect]:
-        s, rid = self.s, info.request_id
-        if rid in self._requests:
-            state = self._requests[rid].state.value
-            return [Problem(ErrorCode.DUPLICATE_REQUEST, f"request {rid} is already in flight ({state})", rid)]
+    def on_cache_info(self, info: CacheInfo, now: float, refusal: tuple[ErrorCode, str] | None = None) -> list[Effect]:
+        """A cache_info from the scheduler. ``refusal`` (code, detail): the shell cannot take
+        requests now (not registered, shutting down); the cache_info is refused unless it
+        is a duplicate or a straggler of an instance that already ended."""
+        s, rid, key = self.s, info.request_id, info.key
+        live = self._requests.get(key)
+        if live is not None:
+            detail = f"request {rid} instance {info.instance} is already in flight ({live.state.value})"
+            return [Problem(ErrorCode.DUPLICATE_REQUEST, detail, rid)]
+        ended = self._ended.get(key)
+        if ended is not None:
+            return self._straggler(info, ended)
+        if refusal is not None:
+            return self.refuse(info, *refusal, now)
+        reason = self._aborts.pop(key)
+        if reason is not None:  # aborted before it got here: end as aborted at once, everywhere
+            req = self._enter(info, now)
+            self._discard_parked(info)
+            return self._withdraw(req, Status.ABORTED, reason, now)
+
         need = blocks_needed(info.num_tokens, s.block_tokens)
         if len(info.src_blocks) != need:
             detail = (
                 f"request {rid}: {info.num_tokens} tokens need {need} blocks of {s.block_tokens} tokens, "
                 f"cache_info names {len(info.src_blocks)}"
             )
-            return self.refuse(info, ErrorCode.BAD_LAYOUT, detail)
+            return self.refuse(info, ErrorCode.BAD_LAYOUT, detail, now)
         top = max(info.src_blocks)
         if top >= s.num_blocks:
             detail = f"request {rid}: source block {top} is outside this rank's {s.num_blocks} blocks"
-            return self.refuse(info, ErrorCode.OUT_OF_RANGE, detail)
+            return self.refuse(info, ErrorCode.OUT_OF_RANGE, detail, now)
         if len(self._requests) >= s.max_requests:
             detail = f"request {rid}: request table full ({s.max_requests} requests in flight)"
-            return self.refuse(info, ErrorCode.TABLE_FULL, detail)
+            return self.refuse(info, ErrorCode.TABLE_FULL, detail, now)
         holder = self._starts.get((info.slot, info.step))
         if holder is not None:
-            detail = f"request {rid}: slot {info.slot} of step {info.step} already belongs to request {holder}"
-            return self.refuse(info, ErrorCode.SLOT_BUSY, detail)
+            detail = f"request {rid}: slot {info.slot} of step {info.step} already belongs to request {holder[0]}"
+            return self.refuse(info, ErrorCode.SLOT_BUSY, detail, now)
 
-        req = Request(info=info, state=State.WAIT_SIGNAL, created=now)
-        self._requests[rid] = req
-        self._starts[(info.slot, info.step)] = rid
+        req = self._enter(info, now)
+        effects: list[Effect] = [ToBarrier(Admit(s.group, rid, info.instance, s.rank, terms_of(info)))]
         signal = self._pending.take_signal(info.slot, info.step)
         if signal is None:
-            self._pending.park_info(info.slot, info.step, rid)
-            self._deadlines.set(("req", rid), now + s.pending_timeout_s)
-            return []
-        effects: list[Effect] = []
+            self._pending.park_info(info.slot, info.step, key)
+            self._arm(req, now)
+            return effects
         items = self._recover(req, signal, True, effects, now)
         return effects + self._post(items, now)
 
@@ -192,7 +260,7 @@ class RankCore:
                     return [Problem(ErrorCode.STALE_SIGNAL, detail)]
                 return []  # a step nothing waits on any more
             record.ready.add(sig.layer)
-            return self._post([(rid, idx, sig.layer) for rid, idx in record.members.items()], now)
+            return self._post([(key, idx, sig.layer) for key, idx in record.members.items()], now)
 
         if steps.highest is not None and sig.step <= steps.highest:
             detail = f"layer-0 signal of step {sig.step} after step {steps.highest}: step ids must increase"
@@ -205,17 +273,19 @@ class RankCore:
             return [Problem(ErrorCode.TABLE_FULL, detail)]
         steps.open(sig.step)
         effects: list[Effect] = []
-        items: list[tuple[str, int, int]] = []
+        items: list[tuple[Key, int, int]] = []
         for chunk in sig.slots:
             signal = PendingSignal(sig.step, chunk, now)
+            owner = self._starts.get((chunk.slot, chunk.start_step))
+            req = self._requests[owner] if owner is not None else None
             if chunk.start_step == sig.step:  # a first chunk: pairs with its cache_info
-                rid = self._pending.take_info(chunk.slot, sig.step)
-                if rid is not None:
-                    items += self._recover(self._requests[rid], signal, False, effects, now)
+                key = self._pending.take_info(chunk.slot, sig.step)
+                if key is not None:
+                    items += self._recover(self._requests[key], signal, False, effects, now)
                     continue
+                if req is not None:
+                    continue  # its request already stopped (aborted before its signal): nothing to send
             else:  # a later chunk: joins its job once that job exists
-                owner = self._starts.get((chunk.slot, chunk.start_step))
-                req = self._requests[owner] if owner is not None else None
                 if req is not None and req.state is State.ACTIVE:
                     items += self._attach(req, sig.step, chunk, effects, now)
                     continue
@@ -227,17 +297,26 @@ class RankCore:
             else:
                 self._pending.park_signal(signal)
                 steps.get(sig.step).parked += 1  # type: ignore[union-attr]
-                self._deadlines.set(("sig", chunk.slot, sig.step), now + s.pending_timeout_s)
+                self._signal_deadlines.set((chunk.slot, sig.step), now + s.pending_timeout_s)
         steps.close_if_unused(sig.step)
         return effects + self._post(items, now)
 
     def on_abort(self, msg: Abort, now: float) -> list[Effect]:
-        req = self._requests.get(msg.request_id)
-        if req is None:
-            detail = f"abort for request {msg.request_id}, which this rank does not hold (unknown or ended)"
-            return [Problem(ErrorCode.UNKNOWN_REQUEST, detail, msg.request_id)]
-        req.abort_reason = msg.reason or "aborted by the engine"
-        return self._stop(req, Status.ABORTED, req.abort_reason, now)
+        key = msg.key
+        reason = msg.reason or "aborted by the engine"
+        req = self._requests.get(key)
+        if req is not None:
+            return self._stop(req, Status.ABORTED, reason, now)
+        if key in self._ended:
+            return []  # a late abort of an instance that already ended: nothing to do
+        if self._aborts.full and key not in self._aborts:
+            detail = (
+                f"abort for request {msg.request_id} instance {msg.instance} not kept: "
+                f"{self._aborts.limit} aborts of unseen instances are already remembered"
+            )
+            return [Problem(ErrorCode.TABLE_FULL, detail, msg.request_id)]
+        self._aborts.put(key, reason, now)
+        return []
 
     def write_done(self, write_id: int, now: float, error: str | None = None) -> list[Effect]:
         """The transport finished write ``write_id``; ``error`` says why it failed, if it did."""
@@ -245,13 +324,13 @@ class RankCore:
         if parts is None:
             return [Problem(ErrorCode.INTERNAL, f"completion for unknown write {write_id}", reply=False)]
         effects: list[Effect] = []
-        touched: dict[str, Request] = {}
+        touched: dict[Key, Request] = {}
         for part in parts:
-            req = self._requests.get(part.request_id)
+            req = self._requests.get(part.key)
             if req is None:
                 continue
             req.inflight -= 1
-            touched[part.request_id] = req
+            touched[part.key] = req
             if error is None:
                 req.chunks[part.chunk].confirmed.add(part.layer)
                 req.bytes_done += part.nbytes
@@ -260,60 +339,83 @@ class RankCore:
                 effects += self._stop(req, Status.FAILED, reason, now)
         for req in touched.values():
             if req.state is State.ACTIVE:
-                self._deadlines.set(("req", req.info.request_id), now + self.s.progress_timeout_s)
+                self._arm(req, now)
                 effects += self._maybe_arrive(req, now)
             elif req.state is State.DRAINING and req.inflight == 0:
                 effects += self._drained(req, now)
         return effects
 
-    def on_verdict(self, verdict: Release | Diverged | Expired, now: float) -> list[Effect]:
+    def on_verdict(self, verdict: Admitted | Release | Diverged | Expired, now: float) -> list[Effect]:
         if verdict.group != self.s.group:
             detail = f"verdict for group {verdict.group!r} reached group {self.s.group!r}"
             return [Problem(ErrorCode.BAD_MESSAGE, detail, verdict.key, reply=False)]
-        req = self._requests.get(verdict.key)
+        key = (verdict.key, verdict.instance)
+        req = self._requests.get(key)
+        if isinstance(verdict, Admitted):
+            return self._admitted(req, now) if req is not None else []
         if req is None:
-            return []  # the request already ended here (e.g. our own verdict deadline passed)
+            return self._learn(key, verdict, now)
         outcome = self._outcome(req, verdict)
         if req.state is State.ACTIVE:
             self._detach(req)
         if req.inflight > 0:
             if req.state is State.ACTIVE:
                 req.state = next_state(req.state, Action.DRAIN, self._who(req))
-                self._deadlines.set(("req", req.info.request_id), now + self.s.progress_timeout_s)
+                self._arm(req, now)
             req.outcome = outcome
             return []
         return self._end(req, *outcome, now)
 
     def on_timer(self, now: float) -> list[Effect]:
+        self._aborts.expire(now)
+        self._ended.expire(now)
         effects: list[Effect] = []
+        for slot, step in self._signal_deadlines.pop_due(now):
+            effects += self._expire_signal(slot, step)
         for key in self._deadlines.pop_due(now):
-            if len(key) == 3:
-                effects += self._expire_signal(key[1], key[2])
-            else:
-                req = self._requests.get(key[1])
-                if req is not None:
-                    effects += self._overdue(req, now)
+            req = self._requests.get(key)
+            if req is not None:
+                effects += self._overdue(req, now)
         return effects
 
     def next_deadline(self) -> float | None:
-        return self._deadlines.earliest()
+        times = [
+            self._deadlines.earliest(),
+            self._signal_deadlines.earliest(),
+            self._aborts.next_deadline(),
+            self._ended.next_deadline(),
+        ]
+        return min((t for t in times if t is not None), default=None)
 
-    def refuse(self, info: CacheInfo, code: ErrorCode, detail: str) -> list[Effect]:
-        """Refuse a cache_info without keeping any state: error reply, failed result,
-        and a withdrawal so ranks that did accept it get a verdict without waiting."""
-        rid = info.request_id
-        result = TransferResult(rid, Status.FAILED, detail, self.s.rank, transport=info.transport)
-        withdraw = Withdraw(self.s.group, rid, self.s.rank, Status.FAILED, detail)
-        return [Problem(code, detail, rid), ToEngine(result), ToBarrier(withdraw)]
+    def refuse(self, info: CacheInfo, code: ErrorCode, detail: str, now: float) -> list[Effect]:
+        """Refuse a cache_info without keeping it: an error reply, the failed result to the engine
+        and to the decode peer at once, and a withdrawal, so that the verdict every other rank
+        reports is ``failed`` too. Only a short memory of the ending is kept."""
+        s, rid = self.s, info.request_id
+        detail = clip(detail)
+        result = TransferResult(
+            rid, Status.FAILED, detail, s.rank, transport=info.transport, instance=info.instance, code=code.value
+        )
+        self._ended.put(info.key, Ending(Status.FAILED, detail, True, True), now)
+        self._aborts.pop(info.key)
+        withdraw = Withdraw(s.group, rid, info.instance, s.rank, Status.FAILED, detail)
+        return [Problem(code, detail, rid), ToEngine(result), ToPeer(info.peer, result), ToBarrier(withdraw)]
 
     def close(self, reason: str, now: float) -> list[Effect]:
         """Forced shutdown: end every live request as failed with ``reason``, clear every table.
 
-        Writes still in flight are forgotten; call this only once the transports are stopped.
+        A request this rank had not yet arrived or withdrawn for is withdrawn as
+        failed, so the other ranks' verdict is ``failed`` as well. Writes still in
+        flight are forgotten; call this only once the transports are stopped.
         """
         effects: list[Effect] = []
         self._writes.clear()
+        s = self.s
         for req in list(self._requests.values()):
+            info = req.info
+            if req.state not in (State.ARRIVED, State.WITHDRAWN):
+                withdraw = Withdraw(s.group, info.request_id, info.instance, s.rank, Status.FAILED, clip(reason))
+                effects.append(ToBarrier(withdraw))
             req.inflight = 0
             effects += self._end(req, Status.FAILED, reason, now)
         return effects
@@ -321,7 +423,7 @@ class RankCore:
     # ------------------------------------------------------------ introspection
 
     def sizes(self) -> dict[str, int]:
-        """Entries in every table (all zero when idle and nothing is parked)."""
+        """Entries in every table (all zero when idle, nothing parked and nothing remembered)."""
         return {
             "requests": len(self._requests),
             "starts": len(self._starts),
@@ -329,24 +431,32 @@ class RankCore:
             "parked_signals": self._pending.signal_count,
             "steps": len(self._steps),
             "writes": len(self._writes),
-            "deadlines": len(self._deadlines),
+            "deadlines": len(self._deadlines) + len(self._signal_deadlines),
+            "aborts": len(self._aborts),
+            "ended": len(self._ended),
         }
 
-    def holds(self, request_id: str) -> list[str]:
-        """Names of the tables that still mention ``request_id``."""
+    def is_live(self, key: Key) -> bool:
+        """Whether request instance ``key`` is in flight here."""
+        return key in self._requests
+
+    def holds(self, key: Key) -> list[str]:
+        """Names of the tables that still hold request instance ``key`` as live."""
         found = []
-        if request_id in self._requests:
+        if key in self._requests:
             found.append("requests")
-        if request_id in self._starts.values():
+        if key in self._starts.values():
             found.append("starts")
-        if self._pending.holds(request_id):
+        if self._pending.holds(key):
             found.append("parked_infos")
-        if self._steps.holds(request_id):
+        if self._steps.holds(key):
             found.append("steps")
-        if any(p.request_id == request_id for parts in self._writes.values() for p in parts):
+        if any(p.key == key for parts in self._writes.values() for p in parts):
             found.append("writes")
-        if ("req", request_id) in self._deadlines:
+        if key in self._deadlines:
             found.append("deadlines")
+        if key in self._aborts:
+            found.append("aborts")
         return found
 
     def snapshot(self, now: float) -> list[dict[str, Any]]:
@@ -354,7 +464,9 @@ class RankCore:
         return [
             {
                 "request_id": rid,
+                "instance": instance,
                 "state": req.state.value,
+                "admitted": req.admitted is not None,
                 "age_s": round(now - req.created, 3),
                 "slot": req.info.slot,
                 "step": req.info.step,
@@ -362,22 +474,78 @@ class RankCore:
                 "inflight": req.inflight,
                 "bytes": req.bytes_done,
             }
-            for rid, req in self._requests.items()
+            for (rid, instance), req in self._requests.items()
         ]
 
     # ---------------------------------------------------------------- internals
 
     def _who(self, req: Request) -> str:
-        return f"request {req.info.request_id} on {self.s.group} rank {self.s.rank}"
+        return f"request {req.info.request_id} instance {req.info.instance} on {self.s.group} rank {self.s.rank}"
+
+    def _enter(self, info: CacheInfo, now: float) -> Request:
+        req = Request(info=info, state=State.WAIT_SIGNAL, created=now)
+        self._requests[info.key] = req
+        self._starts.setdefault((info.slot, info.step), info.key)
+        return req
+
+    def _arm(self, req: Request, now: float) -> None:
+        """Set the request's one deadline from its state."""
+        s, state = self.s, req.state
+        if state is State.WAIT_SIGNAL:
+            when = req.created + s.pending_timeout_s
+        elif state is State.ACTIVE and req.admitted is None:
+            when = req.created + s.verdict_timeout_s
+        elif state in (State.ACTIVE, State.DRAINING):
+            when = now + s.progress_timeout_s
+        else:
+            when = now + s.verdict_timeout_s
+        self._deadlines.set(req.info.key, when)
+
+    def _straggler(self, info: CacheInfo, ended: Ending) -> list[Effect]:
+        """A cache_info of an instance that already ended here, or was learned to have ended."""
+        rid = info.request_id
+        if ended.told_engine:
+            detail = f"request {rid} instance {info.instance} already ended ({ended.status.value}): cache_info dropped"
+            return [Problem(ErrorCode.DUPLICATE_REQUEST, detail, rid)]
+        ended.told_engine = True
+        result = TransferResult(rid, ended.status, ended.reason, self.s.rank, 0, info.transport, instance=info.instance)
+        effects: list[Effect] = [ToEngine(result)]
+        if not ended.told_peer:
+            ended.told_peer = True
+            effects.append(ToPeer(info.peer, result))
+        return effects
+
+    def _learn(self, key: Key, verdict: Release | Diverged | Expired, now: float) -> list[Effect]:
+        """A final verdict for an instance this rank does not hold."""
+        if key in self._ended:
+            return []  # it ended here already: a repeated or late verdict
+        self._aborts.pop(key)
+        if isinstance(verdict, Release):
+            detail = f"release of request {key[0]} instance {key[1]}, which this rank never held"
+            return [Problem(ErrorCode.INTERNAL, detail, key[0], reply=False)]
+        reason = clip(verdict.reason)
+        told_peer = bool(verdict.peer)
+        self._ended.put(key, Ending(verdict.status, reason, False, told_peer), now)
+        if not told_peer:
+            return []
+        notice = TransferResult(key[0], verdict.status, reason, self.s.rank, instance=key[1])
+        return [ToPeer(verdict.peer, notice)]
+
+    def _discard_parked(self, info: CacheInfo) -> None:
+        """Claim and drop every parked signal of a request that will send nothing."""
+        signal = self._pending.take_signal(info.slot, info.step)
+        while signal is not None:
+            self._forget_signal(signal)
+            signal = self._pending.take_later_chunk(info.slot, info.step)
 
     def _forget_signal(self, signal: PendingSignal) -> None:
         """A parked signal was claimed by a job (attach it first: this may close its step)."""
-        self._deadlines.cancel(("sig", signal.chunk.slot, signal.step))
+        self._signal_deadlines.cancel((signal.chunk.slot, signal.step))
         self._steps.unpark(signal.step)
 
     def _recover(
         self, req: Request, signal: PendingSignal, parked: bool, effects: list[Effect], now: float
-    ) -> list[tuple[str, int, int]]:
+    ) -> list[tuple[Key, int, int]]:
         """Both halves are here: make the single-request job and attach every chunk we hold.
 
         ``parked`` says whether ``signal`` came out of the pending table (the
@@ -386,7 +554,7 @@ class RankCore:
         req.state = next_state(req.state, Action.RECOVER, self._who(req))
         req.recovered = now
         info = req.info
-        self._deadlines.set(("req", info.request_id), now + self.s.progress_timeout_s)
+        self._arm(req, now)
         items = self._attach(req, signal.step, signal.chunk, effects, now)
         if parked:
             self._forget_signal(signal)
@@ -400,19 +568,21 @@ class RankCore:
 
     def _attach(
         self, req: Request, step: int, chunk: SlotChunk, effects: list[Effect], now: float
-    ) -> list[tuple[str, int, int]]:
+    ) -> list[tuple[Key, int, int]]:
         """Add one chunk to a job; return the (request, chunk, layer) writes now possible."""
         info, s = req.info, self.s
-        rid = info.request_id
+        key = info.key
         end_token = chunk.token_offset + chunk.token_count
         reason = None
         if end_token > info.num_tokens:
             reason = f"tokens {chunk.token_offset}..{end_token} are beyond the request's {info.num_tokens} tokens"
         elif req.chunks and chunk.token_offset != req.next_token:
             reason = f"the chunk starts at token {chunk.token_offset}, the previous one ended at {req.next_token}"
+        elif not req.chunks and chunk.token_offset != 0:
+            reason = f"the first chunk starts at token {chunk.token_offset}, not 0"
         if reason is not None:
             reason = f"step {step}, slot {chunk.slot}: {reason}"
-            effects += [Problem(ErrorCode.BAD_LAYOUT, reason, rid)]
+            effects += [Problem(ErrorCode.BAD_LAYOUT, reason, info.request_id)]
             effects += self._stop(req, Status.FAILED, reason, now)
             return []
         end_block = blocks_complete(end_token, info.num_tokens, s.block_tokens)
@@ -423,83 +593,98 @@ class RankCore:
         record = self._steps.get(step)
         assert record is not None, "a chunk is attached while its step is open"
         index = len(req.chunks) - 1
-        record.members[rid] = index
-        return [(rid, index, layer) for layer in sorted(record.ready)]
+        record.members[key] = index
+        return [(key, index, layer) for layer in sorted(record.ready)]
 
-    def _post(self, items: list[tuple[str, int, int]], now: float) -> list[Effect]:
+    def _admitted(self, req: Request, now: float) -> list[Effect]:
+        """Every rank holds the same cache_info: post every layer that became ready meanwhile."""
+        if req.admitted is not None or req.state not in (State.WAIT_SIGNAL, State.ACTIVE):
+            return []  # a repeat, or the request is stopping: nothing to write
+        req.admitted = now
+        if req.state is State.WAIT_SIGNAL:
+            return []
+        self._arm(req, now)
+        items = []
+        for index, chunk in enumerate(req.chunks):
+            record = self._steps.get(chunk.step)
+            if record is not None:
+                items += [(req.info.key, index, layer) for layer in sorted(record.ready - chunk.posted)]
+        return self._post(items, now)
+
+    def _post(self, items: list[tuple[Key, int, int]], now: float) -> list[Effect]:
         """Turn (request, chunk, layer) items into writes: one per (peer, transport, layer)."""
         s = self.s
         groups: dict[tuple[str, str, int], tuple[list[Run], list[_Part]]] = {}
-        finished: dict[str, Request] = {}
-        for rid, index, layer in items:
-            req = self._requests[rid]
+        finished: dict[Key, Request] = {}
+        for key, index, layer in items:
+            req = self._requests[key]
             chunk = req.chunks[index]
-            if layer in chunk.posted or req.state is not State.ACTIVE:
+            if layer in chunk.posted or req.state is not State.ACTIVE or req.admitted is None:
                 continue
             chunk.posted.add(layer)
             if len(chunk.posted) == s.num_layers:
-                self._steps.leave(chunk.step, rid)
+                self._steps.leave(chunk.step, key)
             if not chunk.runs:  # a chunk that completed no block has nothing to send
                 chunk.confirmed.add(layer)
-                finished[rid] = req
+                finished[key] = req
                 continue
             nbytes = sum(r.length for r in chunk.runs) * s.block_bytes * 2
             runs, parts = groups.setdefault((req.info.peer, req.info.transport, layer), ([], []))
             runs.extend(chunk.runs)
-            parts.append(_Part(rid, index, layer, nbytes))
+            parts.append(_Part(key, index, layer, nbytes))
             req.inflight += 1
         effects: list[Effect] = []
         for (peer, transport, layer), (runs, parts) in groups.items():
             write_id = next(self._write_ids)
             self._writes[write_id] = tuple(parts)
-            rids = tuple(dict.fromkeys(p.request_id for p in parts))
+            keys = tuple(dict.fromkeys(p.key for p in parts))
             nbytes = sum(p.nbytes for p in parts)
-            effects.append(PostWrite(write_id, peer, transport, layer, merge_runs(runs), rids, nbytes))
+            effects.append(PostWrite(write_id, peer, transport, layer, merge_runs(runs), keys, nbytes))
         for req in finished.values():
             effects += self._maybe_arrive(req, now)
         return effects
 
     def _maybe_arrive(self, req: Request, now: float) -> list[Effect]:
         info, s = req.info, self.s
-        if req.state is not State.ACTIVE or req.inflight or req.next_token < info.num_tokens:
+        if req.state is not State.ACTIVE or req.admitted is None or req.inflight or req.next_token < info.num_tokens:
             return []
         if any(len(c.confirmed) < s.num_layers for c in req.chunks):
             return []
         req.state = next_state(req.state, Action.ARRIVE, self._who(req))
         req.sent = now
-        self._deadlines.set(("req", info.request_id), now + s.verdict_timeout_s)
+        self._arm(req, now)
         chunks = [(c.step, c.token_offset, c.token_count) for c in req.chunks]
         fp = fingerprint(info.request_id, info.num_tokens, info.src_blocks, info.dst_blocks, chunks, s.num_layers)
         digest = Digest(s.num_layers, req.blocks_assigned, req.bytes_done, fp)
-        return [ToBarrier(Arrive(s.group, info.request_id, s.rank, digest))]
+        return [ToBarrier(Arrive(s.group, info.request_id, info.instance, s.rank, digest))]
 
     def _detach(self, req: Request) -> None:
         """Stop a job from taking new layers: leave the steps of its chunks."""
         for chunk in req.chunks:
-            self._steps.leave(chunk.step, req.info.request_id)
+            self._steps.leave(chunk.step, req.info.key)
 
     def _stop(self, req: Request, status: Status, reason: str, now: float) -> list[Effect]:
         """This rank will not finish the request: drain, then withdraw."""
         state = req.state
         if state is State.WAIT_SIGNAL:
-            self._pending.drop_info(req.info.slot, req.info.step, req.info.request_id)
+            self._pending.drop_info(req.info.slot, req.info.step, req.info.key)
             return self._withdraw(req, status, reason, now)
         if state is State.ACTIVE:
             self._detach(req)
             if req.inflight:
                 req.state = next_state(state, Action.DRAIN, self._who(req))
                 req.stop = (status, reason)
-                self._deadlines.set(("req", req.info.request_id), now + self.s.progress_timeout_s)
+                self._arm(req, now)
                 return []
             return self._withdraw(req, status, reason, now)
-        return []  # already stopping, or arrived: the verdict decides (an abort is remembered)
+        return []  # already stopping, or arrived: the verdict decides
 
     def _withdraw(self, req: Request, status: Status, reason: str, now: float) -> list[Effect]:
         req.state = next_state(req.state, Action.WITHDRAW, self._who(req))
         req.stop = (status, reason)
-        s = self.s
-        self._deadlines.set(("req", req.info.request_id), now + s.verdict_timeout_s)
-        return [ToBarrier(Withdraw(s.group, req.info.request_id, s.rank, status, reason))]
+        self._arm(req, now)
+        s, info = self.s, req.info
+        return [ToBarrier(Withdraw(s.group, info.request_id, info.instance, s.rank, status, clip(reason)))]
 
     def _drained(self, req: Request, now: float) -> list[Effect]:
         if req.outcome is not None:
@@ -508,37 +693,27 @@ class RankCore:
         return self._withdraw(req, *req.stop, now)
 
     def _outcome(self, req: Request, verdict: Release | Diverged | Expired) -> tuple[Status, str]:
-        """Every rank derives the same status from the same verdict."""
-        if isinstance(verdict, Release):
-            if req.state is State.ARRIVED:
-                return Status.OK, ""
+        """Every rank reports the status and reason the verdict carries."""
+        if isinstance(verdict, Release) and req.state is not State.ARRIVED:
             return Status.FAILED, f"released by the barrier while this rank was {req.state.value} (barrier bug?)"
-        if isinstance(verdict, Diverged):
-            status = verdict.status
-            if status is Status.ABORTED:
-                why = next(v for v in verdict.views if v.status is Status.ABORTED)
-                return status, f"aborted: {why.reason}"
-            return status, f"ranks did not agree: {verdict.describe()}"
-        missing = ", ".join(map(str, verdict.missing))
-        reason = f"ranks [{missing}] of group {verdict.group} did not report within {verdict.waited_s:.3g}s"
-        if req.abort_reason is not None:
-            return Status.ABORTED, f"aborted: {req.abort_reason} ({reason})"
-        return Status.FAILED, reason
+        return verdict.status, verdict.reason
 
     def _end(self, req: Request, status: Status, reason: str, now: float) -> list[Effect]:
         info, s = req.info, self.s
-        rid = info.request_id
+        key = info.key
+        reason = clip(reason)
         req.state = next_state(req.state, Action.END, self._who(req))
         self._detach(req)
-        del self._requests[rid]
-        if self._starts.get((info.slot, info.step)) == rid:
+        del self._requests[key]
+        if self._starts.get((info.slot, info.step)) == key:
             del self._starts[(info.slot, info.step)]
-        self._pending.drop_info(info.slot, info.step, rid)
-        self._deadlines.cancel(("req", rid))
+        self._pending.drop_info(info.slot, info.step, key)
+        self._deadlines.cancel(key)
+        self._ended.put(key, Ending(status, reason, True, True), now)
         recovered = req.recovered if req.recovered is not None else now
         sent = req.sent if req.sent is not None else now
         result = TransferResult(
-            rid,
+            info.request_id,
             status,
             reason,
             s.rank,
@@ -547,8 +722,12 @@ class RankCore:
             wait_ms=(recovered - req.created) * 1e3,
             send_ms=(sent - recovered) * 1e3,
             total_ms=(now - req.created) * 1e3,
+            instance=info.instance,
+            admit_ms=((req.admitted if req.admitted is not None else now) - req.created) * 1e3,
         )
-        notice: KVReady | TransferResult = KVReady(rid, s.rank, req.bytes_done) if status is Status.OK else result
+        notice: KVReady | TransferResult = result
+        if status is Status.OK:
+            notice = KVReady(info.request_id, s.rank, req.bytes_done, info.instance)
         return [ToEngine(result), ToPeer(info.peer, notice)]
 
     def _expire_signal(self, slot: int, step: int) -> list[Effect]:
@@ -563,13 +742,20 @@ class RankCore:
         return [Problem(ErrorCode.STALE_SIGNAL, detail, reply=False)]
 
     def _overdue(self, req: Request, now: float) -> list[Effect]:
-        s, state = self.s, req.state
+        s, state, info = self.s, req.state, req.info
         if state is State.WAIT_SIGNAL:
             reason = (
-                f"no layer-0 signal for slot {req.info.slot} of step {req.info.step} "
+                f"no layer-0 signal for slot {info.slot} of step {info.step} "
                 f"within {s.pending_timeout_s:g}s of its cache_info"
             )
             return self._stop(req, Status.FAILED, reason, now)
+        if state is State.ACTIVE and req.admitted is None:
+            # The barrier service never answered the admission: it is gone or cut off. Withdraw (so a
+            # service that comes back fails the others too) and end here without waiting any longer.
+            reason = f"no admission verdict from the barrier service within {s.verdict_timeout_s:g}s"
+            withdraw = Withdraw(s.group, info.request_id, info.instance, s.rank, Status.FAILED, reason)
+            self._detach(req)
+            return [ToBarrier(withdraw), *self._end(req, Status.FAILED, reason, now)]
         if state is State.ACTIVE:
             reason = f"no progress for {s.progress_timeout_s:g}s: waiting for {self._waiting_for(req)}"
             return self._stop(req, Status.FAILED, reason, now)
@@ -578,16 +764,13 @@ class RankCore:
             self._writes = {
                 wid: kept
                 for wid, parts in self._writes.items()
-                if (kept := tuple(p for p in parts if p.request_id != req.info.request_id))
+                if (kept := tuple(p for p in parts if p.key != info.key))
             }
-            detail = (
-                f"{req.inflight} writes of request {req.info.request_id} unconfirmed after {s.progress_timeout_s:g}s"
-            )
+            detail = f"{req.inflight} writes of request {info.request_id} unconfirmed after {s.progress_timeout_s:g}s"
             req.inflight = 0
-            return [Problem(ErrorCode.INTERNAL, detail, req.info.request_id, reply=False), *self._drained(req, now)]
-        status = Status.ABORTED if req.abort_reason is not None else Status.FAILED
+            return [Problem(ErrorCode.INTERNAL, detail, info.request_id, reply=False), *self._drained(req, now)]
         reason = f"no verdict from the barrier service within {s.verdict_timeout_s:g}s"
-        return self._end(req, status, reason, now)
+        return self._end(req, Status.FAILED, reason, now)
 
     def _waiting_for(self, req: Request) -> str:
         info = req.info
@@ -595,6 +778,8 @@ class RankCore:
             return f"layer-0 signal of step {info.step} for slot {info.slot}"
         if req.state in (State.ARRIVED, State.WITHDRAWN):
             return "the barrier verdict"
+        if req.state is State.ACTIVE and req.admitted is None:
+            return "admission by the barrier service (every rank's cache_info)"
         if req.state is State.ACTIVE and req.next_token < info.num_tokens:
             last = req.chunks[-1].step if req.chunks else info.step
             return f"the chunk at token {req.next_token} of {info.num_tokens} (slot {info.slot}, after step {last})"

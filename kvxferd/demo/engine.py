@@ -36,7 +36,7 @@ from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker
 from kvxferd.config import Config, GroupConfig
 from kvxferd.errors import DaemonError
 from kvxferd.kvcache import HostKVCache, KVShape
-from kvxferd.protocol import CacheInfo, SlotChunk, Status
+from kvxferd.protocol import CacheInfo, SlotChunk
 
 MASK = (1 << 64) - 1
 MAX_SLOTS = 8
@@ -286,29 +286,28 @@ class DemoEngine:
 
     def _collect(self, timeout_s: float, on_progress: Any) -> int:
         finished = 0
-        for rid in self.sched.collect(timeout_s):
-            req = self.by_id[rid]
-            results = self.sched.results.pop(rid)
-            req.prefill_ok = all(r.status is Status.OK for r in results.values())
+        for out in self.sched.collect(timeout_s):
+            req = self.by_id[out.request_id]
+            results = out.results
+            req.prefill_ok = out.ok
             req.transports = {r.transport for r in results.values()}
             req.nbytes = sum(r.bytes for r in results.values())
             if not req.prefill_ok:
                 req.failure = "; ".join(f"rank {k}: {r.status.value}: {r.reason}" for k, r in sorted(results.items()))
             self.src_pool.give(req.src)
             finished += self._maybe_finished(req, on_progress)
-        for rid, outcome in self.decode.collect(0.0):
-            req = self.by_id[rid]
+        for outcome in self.decode.collect(0.0):
+            req = self.by_id[outcome.request_id]
             if outcome.ready and req.ready_at is None:
                 req.ready_at = time.monotonic()
                 req.verified = self._verify(req)
             if outcome.reusable and not req.decode_done:
                 req.decode_done = True
-                self.decode.forget(rid)
                 if not outcome.ready and req.failure is None:
                     req.failure = "; ".join(f"decode rank {k}: {v}" for k, v in sorted(outcome.reasons.items()))
                 self.dst_pool.give(req.dst)
                 finished += self._maybe_finished(req, on_progress)
-        for _, err in self.sched.errors + self.decode.errors:
+        for _, err in [*self.sched.errors, *self.decode.errors]:
             self.errors[f"{err.code.value}: {err.detail}"] += 1
         self.sched.errors.clear()
         self.decode.errors.clear()

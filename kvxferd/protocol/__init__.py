@@ -3,7 +3,21 @@
 Importing this package loads msgpack and the standard library, nothing else.
 """
 
-from kvxferd.protocol.barrier import Arrive, Digest, Diverged, Expired, Hello, RankView, Release, Verdict, Withdraw
+from kvxferd.protocol.barrier import (
+    Admit,
+    Admitted,
+    Arrive,
+    Digest,
+    Diverged,
+    Expired,
+    Hello,
+    RankView,
+    Release,
+    Terms,
+    Verdict,
+    Withdraw,
+    block_summary,
+)
 from kvxferd.protocol.base import (
     MEMORY_KINDS,
     PROTOCOL_VERSION,
@@ -42,6 +56,8 @@ __all__ = [
     "TRANSPORTS",
     "Abort",
     "Ack",
+    "Admit",
+    "Admitted",
     "Arrive",
     "CacheInfo",
     "CacheLayout",
@@ -65,9 +81,11 @@ __all__ = [
     "StatusQuery",
     "StatusReply",
     "Struct",
+    "Terms",
     "TransferResult",
     "Verdict",
     "Withdraw",
+    "block_summary",
     "decode",
     "encode",
 ]

@@ -1,24 +1,88 @@
 """Messages between prefill daemons and the barrier service of their TP group.
 
-Agreement is per *key* (a request id, or the name of a blocking barrier such
-as ``ready``), never per count. A rank ends its part in a key with exactly one
-:class:`Arrive` (it did its share; the digest says what) or :class:`Withdraw`
-(it will not, and why). The service answers every rank of the group with one
-verdict: :class:`Release` (all arrived, digests agree), :class:`Diverged` (all
-spoke but they disagree, or someone withdrew) or :class:`Expired` (the
-deadline passed; the missing ranks are named).
+Agreement is per *instance* of a key (a request id and the scheduler's
+instance number, or the name of a blocking barrier such as ``ready``), never
+per count. A request instance goes through two rounds:
+
+1. **Admission.** The moment a rank holds the instance's cache_info it sends
+   :class:`Admit` with the :class:`Terms` it holds. When every rank of the
+   group admitted with equal terms the service answers :class:`Admitted`, and
+   only then may a rank write a byte of the request.
+2. **Completion.** A rank that wrote every layer sends :class:`Arrive` with a
+   :class:`Digest` of what it wrote; every rank gets :class:`Release` when all
+   arrived with equal digests.
+
+In either round a rank may :class:`Withdraw` instead (refused, aborted, failed,
+timed out). When every rank has spoken and they do not agree, every rank gets
+:class:`Diverged`; when the round's deadline passes first, :class:`Expired`
+naming the missing ranks. Every final verdict carries the status and reason
+every rank reports, so one instance ends the same everywhere. Named barriers
+(start-up) skip admission: their first word is an Arrive.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from kvxferd.protocol import fields as f
-from kvxferd.protocol.base import ROLES, Message, Status, Struct, store
+from kvxferd.protocol.base import ROLES, TRANSPORTS, Message, Status, Struct, store
 
 #: Statuses a rank may withdraw with.
 WITHDRAW_STATUSES = (Status.FAILED.value, Status.ABORTED.value)
+
+
+def block_summary(blocks: Sequence[int]) -> str:
+    """A short, exact-enough name of a block list: its length and a hash of the ids."""
+    h = hashlib.blake2b(array("q", blocks).tobytes(), digest_size=8).hexdigest()
+    return f"{len(blocks)} blocks #{h}"
+
+
+@dataclass(frozen=True, slots=True)
+class Terms(Struct):
+    """What one rank holds in a request's cache_info, as compared at admission.
+
+    Every field must be equal on every rank of the group. Block lists travel as
+    :func:`block_summary` strings. Wire: ``[200, 3, 17, "13 blocks #9f2c3b1a0e4d5c6b",
+    "13 blocks #0e4d5c6b9f2c3b1a", "ipc:///run/kvxferd/decode-{rank}.sock", "auto"]``.
+    """
+
+    num_tokens: int
+    slot: int
+    step: int
+    src_blocks: str
+    dst_blocks: str
+    peer: str
+    transport: str
+
+    #: fields in the order a divergence names them
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "num_tokens",
+        "src_blocks",
+        "dst_blocks",
+        "slot",
+        "step",
+        "peer",
+        "transport",
+    )
+
+    def __post_init__(self) -> None:
+        f.uint("Terms", "num_tokens", self.num_tokens, low=1)
+        f.uint("Terms", "slot", self.slot)
+        f.uint("Terms", "step", self.step)
+        f.text("Terms", "src_blocks", self.src_blocks, limit=64, empty=False)
+        f.text("Terms", "dst_blocks", self.dst_blocks, limit=64, empty=False)
+        f.text("Terms", "peer", self.peer, limit=f.MAX_NAME, empty=False)
+        f.choice("Terms", "transport", self.transport, TRANSPORTS)
+
+    def describe(self) -> str:
+        return (
+            f"{self.num_tokens} tokens, slot {self.slot} of step {self.step}, src {self.src_blocks}, "
+            f"dst {self.dst_blocks}, peer {self.peer}, transport {self.transport}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,44 +111,69 @@ class Digest(Struct):
 
 @dataclass(frozen=True, slots=True)
 class RankView(Struct):
-    """One rank's word in a :class:`Diverged` verdict: its digest, or how and why it withdrew.
+    """One rank's word in a :class:`Diverged` verdict.
 
-    ``status`` is ``ok`` for a rank that arrived (then ``digest`` is set),
-    ``failed`` or ``aborted`` for one that withdrew (then ``reason`` says why).
-    Wire: ``[1, "aborted", null, "client cancelled"]`` or ``[0, "ok", [32, 13, ...], ""]``.
+    ``status`` is ``ok`` for a rank that admitted (then ``terms`` is set) or
+    arrived (then ``digest`` is set), ``failed`` or ``aborted`` for one that
+    withdrew (then ``reason`` says why). Wire: ``[1, "aborted", null, null,
+    "client cancelled"]`` or ``[0, "ok", [32, 13, ...], null, ""]``.
     """
 
-    NESTED: ClassVar[dict[str, object]] = {"digest": Digest}
+    NESTED: ClassVar[dict[str, object]] = {"digest": Digest, "terms": Terms}
 
     rank: int
     status: Status
-    digest: Digest | None
+    digest: Digest | None = None
+    terms: Terms | None = None
     reason: str = ""
 
     def __post_init__(self) -> None:
         f.uint("RankView", "rank", self.rank)
         f.choice("RankView", "status", self.status, tuple(Status))
         store(self, "status", Status(self.status))
-        if self.status is Status.OK:
-            if not isinstance(self.digest, Digest):
-                raise f.fail("RankView", "digest", "a rank that arrived must carry its Digest")
-        elif self.digest is not None:
-            raise f.fail("RankView", "digest", "a rank that withdrew carries no digest")
+        said = [v for v in (self.digest, self.terms) if v is not None]
+        if self.digest is not None and not isinstance(self.digest, Digest):
+            raise f.fail("RankView", "digest", "expected a Digest")
+        if self.terms is not None and not isinstance(self.terms, Terms):
+            raise f.fail("RankView", "terms", "expected Terms")
+        if self.status is Status.OK and len(said) != 1:
+            raise f.fail("RankView", "digest", "a rank that admitted or arrived carries exactly one of terms, digest")
+        if self.status is not Status.OK and said:
+            raise f.fail("RankView", "digest", "a rank that withdrew carries no digest or terms")
         f.text("RankView", "reason", self.reason)
         if self.status is not Status.OK and not self.reason:
             raise f.fail("RankView", "reason", "a rank that withdrew must say why")
 
     def describe(self) -> str:
-        if self.digest is None:
-            return f"rank {self.rank} {self.status} ({self.reason})"
-        return f"rank {self.rank}: {self.digest.describe()}"
+        if self.digest is not None:
+            return f"rank {self.rank}: {self.digest.describe()}"
+        if self.terms is not None:
+            return f"rank {self.rank}: {self.terms.describe()}"
+        return f"rank {self.rank} {self.status}: {self.reason}"
+
+
+def _key(owner: str, group: object, key: object, instance: object) -> None:
+    """The checks every keyed message makes: group and key are names, instance an id."""
+    f.name(owner, "group", group)
+    f.name(owner, "key", key)
+    f.uint(owner, "instance", instance)
+
+
+def _ending(owner: str, msg: Diverged | Expired) -> None:
+    _key(owner, msg.group, msg.key, msg.instance)
+    f.choice(owner, "status", msg.status, tuple(Status))
+    store(msg, "status", Status(msg.status))
+    if msg.status is Status.OK:
+        raise f.fail(owner, "status", "only a Release ends a key as ok")
+    f.text(owner, "reason", msg.reason, empty=False)
+    f.text(owner, "peer", msg.peer, limit=f.MAX_NAME)
 
 
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
     """Rank→service: announce a rank of a group and the group's size. Answered with Ack.
 
-    Wire: ``[1, "hello", "prefill", 0, 2, "prefill"]``.
+    Wire: ``[2, "hello", "prefill", 0, 2, "prefill"]``.
     """
 
     TAG: ClassVar[str] = "hello"
@@ -102,12 +191,54 @@ class Hello(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Admit(Message):
+    """Rank→service: this rank holds the cache_info of ``key`` (instance ``instance``), with these terms.
+
+    Sent the moment the rank accepted the cache_info; it never waits for the
+    answer. Wire: ``[2, "admit", "prefill", "req-7", 0, 1, [200, 3, 17, "13 blocks #9f2c...",
+    "13 blocks #0e4d...", "ipc:///run/kvxferd/decode-{rank}.sock", "auto"]]``.
+    """
+
+    TAG: ClassVar[str] = "admit"
+    NESTED: ClassVar[dict[str, object]] = {"terms": Terms}
+
+    group: str
+    key: str
+    instance: int
+    rank: int
+    terms: Terms
+
+    def __post_init__(self) -> None:
+        _key("Admit", self.group, self.key, self.instance)
+        f.uint("Admit", "rank", self.rank)
+        if not isinstance(self.terms, Terms):
+            raise f.fail("Admit", "terms", "expected Terms")
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted(Message):
+    """Service→ranks: every rank admitted ``key`` with equal terms; writing may begin.
+
+    Not an ending: the completion round follows. Wire: ``[2, "admitted", "prefill", "req-7", 0]``.
+    """
+
+    TAG: ClassVar[str] = "admitted"
+
+    group: str
+    key: str
+    instance: int
+
+    def __post_init__(self) -> None:
+        _key("Admitted", self.group, self.key, self.instance)
+
+
+@dataclass(frozen=True, slots=True)
 class Arrive(Message):
     """Rank→service: this rank finished its part of ``key``. Never blocks the rank.
 
     ``timeout_s`` (named barriers such as start-up) sets how long the key may
     stay open if this arrival opens it; 0 means the service's default.
-    Wire: ``[1, "arrive", "prefill", "req-7", 1, [32, 13, 27262976, "9f2c..."], 0.0]``.
+    Wire: ``[2, "arrive", "prefill", "req-7", 0, 1, [32, 13, 27262976, "9f2c..."], 0.0]``.
     """
 
     TAG: ClassVar[str] = "arrive"
@@ -115,13 +246,13 @@ class Arrive(Message):
 
     group: str
     key: str
+    instance: int
     rank: int
     digest: Digest
     timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
-        f.name("Arrive", "group", self.group)
-        f.name("Arrive", "key", self.key)
+        _key("Arrive", self.group, self.key, self.instance)
         f.uint("Arrive", "rank", self.rank)
         if not isinstance(self.digest, Digest):
             raise f.fail("Arrive", "digest", "expected a Digest")
@@ -130,25 +261,26 @@ class Arrive(Message):
 
 @dataclass(frozen=True, slots=True)
 class Withdraw(Message):
-    """Rank→service: this rank will not complete ``key`` (aborted, failed, timed out).
+    """Rank→service: this rank will not complete ``key`` (refused, aborted, failed, timed out).
 
-    Sent only once the rank has no write for the key in flight, so a verdict
-    that follows means no rank is still writing. ``status`` is ``failed`` or
-    ``aborted``. Wire: ``[1, "withdraw", "prefill", "req-7", 1, "aborted",
-    "client cancelled"]``.
+    It is the rank's word in whichever round is open, and replaces an Admit of
+    the same round. Sent only once the rank has no write for the key in
+    flight, so a verdict that follows means no rank is still writing.
+    ``status`` is ``failed`` or ``aborted``. Wire: ``[2, "withdraw", "prefill",
+    "req-7", 0, 1, "aborted", "client cancelled"]``.
     """
 
     TAG: ClassVar[str] = "withdraw"
 
     group: str
     key: str
+    instance: int
     rank: int
     status: Status
     reason: str
 
     def __post_init__(self) -> None:
-        f.name("Withdraw", "group", self.group)
-        f.name("Withdraw", "key", self.key)
+        _key("Withdraw", self.group, self.key, self.instance)
         f.uint("Withdraw", "rank", self.rank)
         f.choice("Withdraw", "status", self.status, WITHDRAW_STATUSES)
         store(self, "status", Status(self.status))
@@ -157,9 +289,9 @@ class Withdraw(Message):
 
 @dataclass(frozen=True, slots=True)
 class Release(Message):
-    """Service→ranks: every rank arrived at ``key`` with the same digest.
+    """Service→ranks: every rank arrived at ``key`` with the same digest: the request is ok.
 
-    Wire: ``[1, "release", "prefill", "req-7", [32, 13, 27262976, "9f2c..."]]``.
+    Wire: ``[2, "release", "prefill", "req-7", 0, [32, 13, 27262976, "9f2c..."]]``.
     """
 
     TAG: ClassVar[str] = "release"
@@ -167,21 +299,33 @@ class Release(Message):
 
     group: str
     key: str
+    instance: int
     digest: Digest
 
     def __post_init__(self) -> None:
-        f.name("Release", "group", self.group)
-        f.name("Release", "key", self.key)
+        _key("Release", self.group, self.key, self.instance)
         if not isinstance(self.digest, Digest):
             raise f.fail("Release", "digest", "expected a Digest")
+
+    @property
+    def status(self) -> Status:
+        return Status.OK
+
+    @property
+    def reason(self) -> str:
+        return ""
 
 
 @dataclass(frozen=True, slots=True)
 class Diverged(Message):
-    """Service→ranks: every rank spoke about ``key`` but not in agreement.
+    """Service→ranks: every rank spoke about ``key`` but not in agreement; the instance ends.
 
-    ``views`` holds each rank's digest or withdrawal. Wire: ``[1, "diverged",
-    "prefill", "req-7", [[0, "ok", [...], ""], [1, "aborted", null, "client cancelled"]]]``.
+    ``status`` and ``reason`` are what every rank reports; ``views`` holds each
+    rank's terms, digest or withdrawal; ``peer`` the decode endpoint template
+    from the admissions, so a rank that never held the cache_info can still
+    tell its decode rank. Wire: ``[2, "diverged", "prefill", "req-7", 0,
+    "aborted", "aborted: client cancelled", [[0, "ok", [...], null, ""], [1,
+    "aborted", null, null, "client cancelled"]], "ipc:///run/kvxferd/decode-{rank}.sock"]``.
     """
 
     TAG: ClassVar[str] = "diverged"
@@ -189,43 +333,45 @@ class Diverged(Message):
 
     group: str
     key: str
-    views: tuple[RankView, ...]
+    instance: int
+    status: Status
+    reason: str
+    views: tuple[RankView, ...] = ()
+    peer: str = ""
 
     def __post_init__(self) -> None:
-        f.name("Diverged", "group", self.group)
-        f.name("Diverged", "key", self.key)
+        _ending("Diverged", self)
         store(self, "views", f.items_of("Diverged", "views", self.views, RankView, limit=4096))
 
     def describe(self) -> str:
         return "; ".join(v.describe() for v in self.views)
 
-    @property
-    def status(self) -> Status:
-        """ABORTED if any rank withdrew because of an abort, else FAILED: the same on every rank."""
-        aborted = any(v.status is Status.ABORTED for v in self.views)
-        return Status.ABORTED if aborted else Status.FAILED
-
 
 @dataclass(frozen=True, slots=True)
 class Expired(Message):
-    """Service→ranks: ``key`` timed out; ``missing`` lists the ranks never heard from.
+    """Service→ranks: ``key``'s open round timed out; ``missing`` lists the ranks never heard from.
 
-    Wire: ``[1, "expired", "prefill", "req-7", [1], 30.0]``.
+    ``status``, ``reason`` and ``peer`` as in :class:`Diverged`. Wire:
+    ``[2, "expired", "prefill", "req-7", 0, [1], 30.0, "failed",
+    "ranks [1] of group prefill did not report within 30s", ""]``.
     """
 
     TAG: ClassVar[str] = "expired"
 
     group: str
     key: str
+    instance: int
     missing: tuple[int, ...]
-    waited_s: float = 0.0
+    waited_s: float
+    status: Status
+    reason: str
+    peer: str = ""
 
     def __post_init__(self) -> None:
-        f.name("Expired", "group", self.group)
-        f.name("Expired", "key", self.key)
+        _ending("Expired", self)
         store(self, "missing", f.uints("Expired", "missing", self.missing, limit=4096))
         store(self, "waited_s", f.number("Expired", "waited_s", self.waited_s))
 
 
-#: The verdicts a rank can receive for a key.
+#: The verdicts that end a key.
 Verdict = Release | Diverged | Expired

@@ -39,6 +39,8 @@ _MESSAGE_TYPES: tuple[type[Message], ...] = (
     messages.StatusQuery,
     messages.StatusReply,
     barrier.Hello,
+    barrier.Admit,
+    barrier.Admitted,
     barrier.Arrive,
     barrier.Withdraw,
     barrier.Release,

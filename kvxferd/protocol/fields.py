@@ -30,6 +30,14 @@ MAX_ITEMS = 1 << 16
 MAX_BLOB = 1 << 20
 
 
+def clip(value: str, limit: int = MAX_TEXT) -> str:
+    """``value`` cut to at most ``limit`` characters, marked where it was cut. Never raises."""
+    if len(value) <= limit:
+        return value
+    mark = f"... [cut from {len(value)} characters]"
+    return value[: max(0, limit - len(mark))] + mark[:limit]
+
+
 def fail(owner: str, field: str, problem: str) -> LocalProtocolError:
     return LocalProtocolError(f"{owner}.{field}: {problem}")
 

@@ -1,6 +1,6 @@
 """Messages between engines and daemons, and between prefill and decode daemons.
 
-Wire examples show the msgpack array written as JSON-ish text: ``[1, "abort",
+Wire examples show the msgpack array written as JSON-ish text: ``[2, "abort",
 "req-7", "client cancelled"]`` is version 1, tag ``abort``, then the fields.
 
 Direction legend: W = prefill model worker, S = prefill scheduler, D = decode
@@ -50,9 +50,9 @@ class LayerSignal(Message):
     the slots named at layer 0 of the same step. Step ids increase and are never
     reused, which is how a stale signal is told apart from a slot's new occupant.
 
-    Wire: ``[1, "layer", 17, 0, [[3, 0, 128, 17], [5, 512, 64, 15]]]`` (slot 3
+    Wire: ``[2, "layer", 17, 0, [[3, 0, 128, 17], [5, 512, 64, 15]]]`` (slot 3
     starts a request; slot 5 computes the second chunk of one begun in step 15),
-    then ``[1, "layer", 17, 1, []]`` ...
+    then ``[2, "layer", 17, 1, []]`` ...
     """
 
     TAG: ClassVar[str] = "layer"
@@ -86,10 +86,14 @@ class CacheInfo(Message):
     is copied to ``dst_blocks[i]`` on the decode instance reached at ``peer``
     (an endpoint template; ``{rank}`` is replaced by the sending rank).
     ``num_tokens`` is the prompt length; it must need exactly
-    ``len(src_blocks)`` blocks.
+    ``len(src_blocks)`` blocks. ``instance`` is the scheduler's name for this
+    attempt at the request (an attempt number or a nonce): ``(request_id,
+    instance)`` names one request instance everywhere, so an id may be reused
+    with a new instance at any time, and a late message of the old instance
+    is never taken for the new one.
 
-    Wire: ``[1, "cache_info", "req-7", 3, 17, 200, [10, 11], [40, 41],
-    "ipc:///run/kvxferd/decode-{rank}.sock", "auto"]``
+    Wire: ``[2, "cache_info", "req-7", 3, 17, 200, [10, 11], [40, 41],
+    "ipc:///run/kvxferd/decode-{rank}.sock", "auto", 0]``
     """
 
     TAG: ClassVar[str] = "cache_info"
@@ -102,9 +106,15 @@ class CacheInfo(Message):
     dst_blocks: tuple[int, ...]
     peer: str
     transport: str = "auto"
+    instance: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.request_id, self.instance)
 
     def __post_init__(self) -> None:
         f.name("CacheInfo", "request_id", self.request_id)
+        f.uint("CacheInfo", "instance", self.instance)
         f.uint("CacheInfo", "slot", self.slot)
         f.uint("CacheInfo", "step", self.step)
         f.uint("CacheInfo", "num_tokens", self.num_tokens, low=1)
@@ -124,32 +134,44 @@ class CacheInfo(Message):
 
 @dataclass(frozen=True, slots=True)
 class Abort(Message):
-    """S→P: stop transferring ``request_id``; its result will say ``aborted``.
+    """S→P: stop transferring instance ``instance`` of ``request_id``; it ends ``aborted``.
 
-    Wire: ``[1, "abort", "req-7", "client cancelled"]``
+    An Abort that reaches a rank before the instance's cache_info is kept (for
+    ``timeouts.pending_s``), and the cache_info then ends as aborted at once.
+    Wire: ``[2, "abort", "req-7", "client cancelled", 0]``
     """
 
     TAG: ClassVar[str] = "abort"
 
     request_id: str
     reason: str = ""
+    instance: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.request_id, self.instance)
 
     def __post_init__(self) -> None:
         f.name("Abort", "request_id", self.request_id)
         f.text("Abort", "reason", self.reason)
+        f.uint("Abort", "instance", self.instance)
 
 
 @dataclass(frozen=True, slots=True)
 class TransferResult(Message):
-    """P→S, and P→Q→D on failure: how a request ended on one prefill rank.
+    """P→S, and P→Q→D on failure: how a request instance ended on one prefill rank.
 
     ``status`` is ``ok`` only once every rank of the group confirmed its writes
-    with agreeing digests. ``bytes`` counts what this rank wrote. Timings in
-    milliseconds: ``wait_ms`` from cache_info to the job's recovery, ``send_ms``
-    from recovery to the last confirmed write, ``total_ms`` from cache_info to
-    the end.
+    with agreeing digests; otherwise status and reason are the barrier's
+    verdict, the same on every rank. A rank that *refused* the cache_info
+    (``code`` names why: ``table_full``, ``bad_layout``...) reports at once with
+    its own reason; the status is ``failed`` then, and so it is everywhere.
+    ``bytes`` counts what this rank wrote. Timings in milliseconds: ``wait_ms``
+    from cache_info to the job's recovery, ``send_ms`` from recovery to the last
+    confirmed write, ``total_ms`` from cache_info to the end, ``admit_ms`` from
+    cache_info to the admission verdict.
 
-    Wire: ``[1, "result", "req-7", "ok", "", 0, 1048576, "shm", 0.4, 2.1, 2.9]``
+    Wire: ``[2, "result", "req-7", "ok", "", 0, 1048576, "shm", 0.4, 2.1, 2.9, 0, "", 0.2]``
     """
 
     TAG: ClassVar[str] = "result"
@@ -163,6 +185,13 @@ class TransferResult(Message):
     wait_ms: float = 0.0
     send_ms: float = 0.0
     total_ms: float = 0.0
+    instance: int = 0
+    code: str = ""
+    admit_ms: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.request_id, self.instance)
 
     def __post_init__(self) -> None:
         f.name("TransferResult", "request_id", self.request_id)
@@ -174,8 +203,13 @@ class TransferResult(Message):
         f.uint("TransferResult", "rank", self.rank)
         f.uint("TransferResult", "bytes", self.bytes)
         f.text("TransferResult", "transport", self.transport, limit=32)
-        for name in ("wait_ms", "send_ms", "total_ms"):
+        for name in ("wait_ms", "send_ms", "total_ms", "admit_ms"):
             store(self, name, f.number("TransferResult", name, getattr(self, name)))
+        f.uint("TransferResult", "instance", self.instance)
+        if self.code:
+            f.choice("TransferResult", "code", self.code, tuple(ErrorCode))
+            if self.status is not Status.FAILED:
+                raise f.fail("TransferResult", "code", "only a failed result carries a refusal code")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +217,8 @@ class KVReady(Message):
     """P→Q→D: every prefill rank's KV for ``request_id`` is in the decode cache.
 
     Sent only after the prefill group's barrier released the request. Wire:
-    ``[1, "kv_ready", "req-7", 0, 1048576]`` (reported by prefill rank 0,
-    which wrote 1 MiB).
+    ``[2, "kv_ready", "req-7", 0, 1048576, 0]`` (instance 0, reported by
+    prefill rank 0, which wrote 1 MiB).
     """
 
     TAG: ClassVar[str] = "kv_ready"
@@ -192,9 +226,15 @@ class KVReady(Message):
     request_id: str
     rank: int = 0
     bytes: int = 0
+    instance: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.request_id, self.instance)
 
     def __post_init__(self) -> None:
         f.name("KVReady", "request_id", self.request_id)
+        f.uint("KVReady", "instance", self.instance)
         f.uint("KVReady", "rank", self.rank)
         f.uint("KVReady", "bytes", self.bytes)
 
@@ -262,7 +302,7 @@ def _check_regions(owner: str, layout: CacheLayout, regions: object) -> tuple[Re
 class RegisterCache(Message):
     """W/D→daemon: the engine's KV memory for this rank. The daemon never allocates it.
 
-    Wire: ``[1, "register", "host", [2, 64, 4096], [[0, 0, "kvx-p0", 0, 0],
+    Wire: ``[2, "register", "host", [2, 64, 4096], [[0, 0, "kvx-p0", 0, 0],
     [0, 1, "kvx-p0", 262144, 0], ...]]``. Answered with :class:`Ack`.
     """
 
@@ -282,7 +322,7 @@ class RegisterCache(Message):
 
 @dataclass(frozen=True, slots=True)
 class PeerQuery(Message):
-    """P→Q: ask a decode daemon for its :class:`PeerInfo`. Wire: ``[1, "peer_query", "prefill", 0]``."""
+    """P→Q: ask a decode daemon for its :class:`PeerInfo`. Wire: ``[2, "peer_query", "prefill", 0]``."""
 
     TAG: ClassVar[str] = "peer_query"
 
@@ -300,7 +340,7 @@ class PeerInfo(Message):
 
     ``host_id`` identifies the machine (same host enables shm and cuda_ipc).
     ``transports`` carries opaque per-transport metadata (e.g. an RDMA agent's
-    connection blob). Wire: ``[1, "peer_info", "decode", 0, "host-a1b2", "host",
+    connection blob). Wire: ``[2, "peer_info", "decode", 0, "host-a1b2", "host",
     [2, 64, 4096], [[0, 0, "kvx-d0", 0, 0], ...], {"rdma": b"..."}]``.
     """
 
@@ -328,7 +368,7 @@ class PeerInfo(Message):
 
 @dataclass(frozen=True, slots=True)
 class Ack(Message):
-    """Daemon→client: the message named by ``ref`` was accepted. Wire: ``[1, "ack", "register"]``."""
+    """Daemon→client: the message named by ``ref`` was accepted. Wire: ``[2, "ack", "register"]``."""
 
     TAG: ClassVar[str] = "ack"
 
@@ -342,7 +382,7 @@ class Ack(Message):
 class Error(Message):
     """Any→sender: the sender's message was refused. ``ref`` names what it was about.
 
-    Wire: ``[1, "error", "out_of_range", "src block 9000 >= 4096 blocks", "req-7"]``
+    Wire: ``[2, "error", "out_of_range", "src block 9000 >= 4096 blocks", "req-7"]``
     """
 
     TAG: ClassVar[str] = "error"
@@ -360,7 +400,7 @@ class Error(Message):
 
 @dataclass(frozen=True, slots=True)
 class StatusQuery(Message):
-    """Anyone→daemon: ask what the daemon is doing. Wire: ``[1, "status"]``."""
+    """Anyone→daemon: ask what the daemon is doing. Wire: ``[2, "status"]``."""
 
     TAG: ClassVar[str] = "status"
 
@@ -370,7 +410,7 @@ class StatusReply(Message):
     """Daemon→asker: its identity, state (``starting``, ``serving``, ``draining``) and a JSON report
     (table sizes, live requests with what each waits for, peers, counters).
 
-    Wire: ``[1, "status_reply", "prefill", "prefill", 0, "serving", "{\\"requests\\": []}"]``.
+    Wire: ``[2, "status_reply", "prefill", "prefill", 0, "serving", "{\\"requests\\": []}"]``.
     """
 
     TAG: ClassVar[str] = "status_reply"

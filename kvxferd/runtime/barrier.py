@@ -13,6 +13,8 @@ from typing import Any
 from kvxferd.config import Config
 from kvxferd.core import BarrierState, Effect, Problem, ToRank
 from kvxferd.protocol import (
+    Admit,
+    Admitted,
     Arrive,
     Diverged,
     Error,
@@ -25,6 +27,7 @@ from kvxferd.protocol import (
     StatusReply,
     Withdraw,
 )
+from kvxferd.protocol.fields import clip
 from kvxferd.runtime.service import Service
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class BarrierService(Service):
         self.barrier = BarrierState(timeout_s=config.barrier.timeout_s, max_keys=config.barrier.max_keys)
         self.endpoint = ""
         self.verdicts = 0
+        self.admissions = 0
 
     def start(self) -> None:
         self.endpoint = self.bind_router(self.config.barrier_endpoint())
@@ -56,10 +60,10 @@ class BarrierService(Service):
 
     def handle(self, identity: bytes, msg: Message, now: float) -> None:
         if isinstance(msg, StatusQuery):
-            report = {"sizes": self.barrier.sizes(), "verdicts": self.verdicts}
+            report = {"sizes": self.barrier.sizes(), "verdicts": self.verdicts, "admissions": self.admissions}
             self.reply(identity, StatusReply(self.role, "", 0, self.state, json.dumps(report)))
             return
-        if isinstance(msg, (Hello, Arrive, Withdraw)):
+        if isinstance(msg, (Hello, Admit, Arrive, Withdraw)):
             claimed = f"{msg.group}:{msg.rank}".encode()
             if identity != claimed:
                 detail = f"a rank must connect with identity {claimed!r} to speak for it, not {identity!r}"
@@ -76,8 +80,10 @@ class BarrierService(Service):
                     self.verdicts += 1
                     if not isinstance(eff.message, Release):
                         log.warning("%s -> %s:%d", eff.message, eff.group, eff.rank)
+                elif isinstance(eff.message, Admitted):
+                    self.admissions += 1
                 self.reply(f"{eff.group}:{eff.rank}".encode(), eff.message)
             elif isinstance(eff, Problem):
                 log.warning("%s: %s", eff.code.value, eff.detail)
                 if sender is not None and eff.reply:
-                    self.reply(sender, Error(eff.code, eff.detail, eff.ref))
+                    self.reply(sender, Error(eff.code, clip(eff.detail), eff.ref))

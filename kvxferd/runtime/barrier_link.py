@@ -74,7 +74,7 @@ class BarrierLink:
         deadline = time.monotonic() + timeout_s + GRACE_S
         self.hello()
         self._wait(lambda m: isinstance(m, Ack), deadline, stopping, "the barrier service to answer Hello")
-        self.send(Arrive(self.group, STARTUP_KEY, self.rank, Digest(0, 0, 0, fingerprint), timeout_s))
+        self.send(Arrive(self.group, STARTUP_KEY, 0, self.rank, Digest(0, 0, 0, fingerprint), timeout_s))
         verdict = self._wait(
             lambda m: isinstance(m, (Release, Diverged, Expired)) and m.key == STARTUP_KEY,
             deadline,

@@ -68,7 +68,7 @@ class Peers:
         self.links: dict[str, PeerLink] = {}
         self.transports: dict[str, Transport] = {}
         self.local: RegisterCache | None = None
-        self.used: dict[str, str] = {}  # request id -> transport its writes went over, until it ends
+        self.used: dict[tuple[str, int], str] = {}  # request instance -> transport its writes went over
         self.answers: list[tuple[PeerLink, Message]] = []  # collected by the socket handlers
         self._poll_delay = POLL_MIN_S
         self._next_poll: float | None = None
@@ -112,7 +112,10 @@ class Peers:
         return template.replace("{rank}", str(self.rank))
 
     def write(self, w: PostWrite, now: float) -> list[Completion]:
-        link = self._link(self.endpoint(w.peer))
+        try:
+            link = self._link(self.endpoint(w.peer))
+        except TransportError as exc:
+            return [Completion(w.write_id, str(exc))]
         if link.info is None:
             link.waiting.append(w)
             if link.deadline is None:
@@ -146,8 +149,8 @@ class Peers:
             transport = self._open(link, name)
         except (TransportError, TransportUnavailable) as exc:
             return [Completion(w.write_id, f"transport {name} to {link.endpoint}: {exc}")]
-        for rid in w.requests:
-            self.used.setdefault(rid, name)
+        for key in w.requests:
+            self.used.setdefault(key, name)
         done = transport.post(w.write_id, link.endpoint, w.layer, w.runs)
         if done is not None:
             return [done]
@@ -174,9 +177,11 @@ class Peers:
     # -- notices to decode daemons ----------------------------------------------------
 
     def notify(self, template: str, msg: Message) -> None:
-        link = self._link(self.endpoint(template))
         try:
+            link = self._link(self.endpoint(template))
             sockets.send(link.sock, msg)
+        except TransportError as exc:
+            log.error("%s; dropped %s", exc, msg)
         except zmq.Again:
             log.error("decode daemon %s is not reachable; dropped %s", link.endpoint, msg)
 
@@ -187,7 +192,11 @@ class Peers:
         if link is None:
             sock = sockets.socket(self.service.ctx, zmq.DEALER, max_frame=self.max_frame)
             sock.setsockopt(zmq.IDENTITY, f"{self.group}:{self.rank}".encode())
-            sock.connect(endpoint)
+            try:
+                sock.connect(endpoint)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)  # a half-made socket would block the context's termination
+                raise TransportError(f"cannot connect to peer {endpoint!r}: {exc}") from None
             link = self.links[endpoint] = PeerLink(endpoint, sock)
             self.service.watch(sock, lambda: self._on_link(link))
         return link
@@ -216,7 +225,11 @@ class Peers:
 
     def warm(self, template: str, now: float) -> None:
         """Discover a peer now and open it on the preferred transport, before any request needs it."""
-        link = self._link(self.endpoint(template))
+        try:
+            link = self._link(self.endpoint(template))
+        except TransportError as exc:
+            log.warning("%s", exc)
+            return
         link.warm = True
         if link.info is None and link.deadline is None:
             self._query(link, now)

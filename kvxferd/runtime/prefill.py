@@ -20,6 +20,7 @@ from kvxferd.core import Effect, PostWrite, Problem, RankCore, RankSettings, ToB
 from kvxferd.protocol import (
     Abort,
     Ack,
+    Admitted,
     CacheInfo,
     Diverged,
     Error,
@@ -32,6 +33,7 @@ from kvxferd.protocol import (
     StatusQuery,
     StatusReply,
 )
+from kvxferd.protocol.fields import clip
 from kvxferd.runtime.daemon import GroupDaemon
 from kvxferd.runtime.logs import TRACE
 from kvxferd.runtime.peers import Peers
@@ -68,7 +70,7 @@ class PrefillDaemon(GroupDaemon):
         super().__init__(config, group, rank)
         self.core = RankCore(rank_settings(config, group, rank))
         self.peers = Peers(self, config, group=group.name, rank=rank, memory=group.memory)
-        self.origins: dict[str, bytes] = {}  # request id -> the engine socket that sent its cache_info
+        self.origins: dict[tuple[str, int], bytes] = {}  # request instance -> the engine that sent its cache_info
         self._sender: bytes | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -105,14 +107,16 @@ class PrefillDaemon(GroupDaemon):
     def _engine_message(self, identity: bytes, msg: Message, now: float) -> None:
         self.counters[type(msg).__name__] += 1
         if isinstance(msg, CacheInfo):
+            refusal = None
             if self.state != "serving":
-                self._apply(self.core.refuse(msg, ErrorCode.UNAVAILABLE, SHUTTING_DOWN), now)
+                refusal = (ErrorCode.UNAVAILABLE, SHUTTING_DOWN)
             elif self.peers.local is None:
-                detail = f"no KV cache is registered with {self.group.name} rank {self.rank} yet"
-                self._apply(self.core.refuse(msg, ErrorCode.NOT_REGISTERED, detail), now)
-            else:
-                self.origins.setdefault(msg.request_id, identity)
-                self._apply(self.core.on_cache_info(msg, now), now)
+                detail = f"no KV cache is registered with {self.group.name} rank {self.rank}"
+                refusal = (ErrorCode.NOT_REGISTERED, detail)
+            effects = self.core.on_cache_info(msg, now, refusal)
+            if self.core.is_live(msg.key):
+                self.origins.setdefault(msg.key, identity)  # its result goes there, whoever is speaking then
+            self._apply(effects, now)
         elif isinstance(msg, (LayerSignal, Abort)):
             self._apply(self.core.handle(msg, now), now)
         elif isinstance(msg, RegisterCache):
@@ -146,7 +150,7 @@ class PrefillDaemon(GroupDaemon):
         now = time.monotonic()
         for msg in self.barrier.recv_ready():
             log.log(TRACE, "<- barrier %s", msg)
-            if isinstance(msg, (Release, Diverged, Expired)):
+            if isinstance(msg, (Admitted, Release, Diverged, Expired)):
                 self._apply(self.core.on_verdict(msg, now), now)
             elif isinstance(msg, Error):
                 log.error("the barrier service refused a message about %r: %s", msg.ref, msg.detail)
@@ -184,7 +188,7 @@ class PrefillDaemon(GroupDaemon):
     def _result(self, eff: ToEngine) -> None:
         result = eff.result
         rid = result.request_id
-        used = self.peers.used.pop(rid, None)
+        used = self.peers.used.pop(result.key, None)
         if used is not None:
             result = dataclasses.replace(result, transport=used)
         self.counters[f"result_{result.status.value}"] += 1
@@ -192,7 +196,7 @@ class PrefillDaemon(GroupDaemon):
             self.counters["bytes_ok"] += result.bytes
         else:
             log.warning("request %s %s: %s", rid, result.status.value, result.reason)
-        identity = self.origins.pop(rid, None) or self._sender
+        identity = self.origins.pop(result.key, None) or self._sender
         if identity is None:
             log.error("no engine to tell that request %s ended (%s)", rid, result.status.value)
             return
@@ -203,7 +207,7 @@ class PrefillDaemon(GroupDaemon):
         level = logging.INFO if eff.code is ErrorCode.STALE_SIGNAL and not eff.reply else logging.WARNING
         log.log(level, "%s: %s", eff.code.value, eff.detail)
         if eff.reply and self._sender is not None:
-            self.reply(self._sender, Error(eff.code, eff.detail, eff.ref))
+            self.reply(self._sender, Error(eff.code, clip(eff.detail), eff.ref))
 
     def status(self, now: float) -> StatusReply:
         report = {

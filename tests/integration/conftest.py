@@ -8,6 +8,7 @@ with SIGTERM afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import tempfile
@@ -103,10 +104,11 @@ def fill(cache: HostKVCache, blocks: list[int], seed: int) -> None:
     raw[:, :, blocks] = rng.integers(0, 256, size=raw[:, :, blocks].shape, dtype=np.uint8)
 
 
-@pytest.fixture
-def deployment() -> Iterator[Deployment]:
+@contextlib.contextmanager
+def deploy(text: str = SMALL) -> Iterator[Deployment]:
+    """A running deployment of config ``text``, engines connected; every daemon must exit cleanly."""
     run_dir = Path(tempfile.mkdtemp(prefix="kvx-", dir="/tmp"))
-    config = dataclasses.replace(loads(SMALL), run_dir=str(run_dir))
+    config = dataclasses.replace(loads(text), run_dir=str(run_dir))
     dep = Deployment(config, run_dir)
     try:
         dep.start()
@@ -116,3 +118,9 @@ def deployment() -> Iterator[Deployment]:
         codes = dep.close()
         shutil.rmtree(run_dir, ignore_errors=True)
     assert all(code == 0 for code in codes.values()), f"daemons did not exit cleanly: {codes}"
+
+
+@pytest.fixture
+def deployment() -> Iterator[Deployment]:
+    with deploy() as dep:
+        yield dep

@@ -76,12 +76,12 @@ def test_kv_ready_only_once_every_rank_wrote(deployment: Deployment) -> None:
     dep.wait_until("rank 0 to arrive at the barrier", rank0_arrived)
     assert dep.status(1)["requests"][0]["waiting_for"] == f"layer {layers - 1} of step 1"
     dep.dec.collect(0.2)
-    assert "R" not in dep.dec.outcomes, "decode heard of R before rank 1 wrote its last layer"
+    assert dep.dec.outcome("R") is None, "decode heard of R before rank 1 wrote its last layer"
 
     dep.workers[1].layer_ready(1, layers - 1)
-    while "R" not in dep.dec.outcomes:
+    while dep.dec.outcome("R") is None:
         assert dep.dec.collect(20.0), "no KVReady"
-    assert dep.dec.outcomes["R"].ready
+    assert dep.dec.outcome("R").ready  # type: ignore[union-attr]
     _check_bytes(dep, src, dst)  # at the moment the first KVReady arrived
     assert all(r.status is Status.OK for r in dep.sched.wait("R", 20.0).results.values())
 

@@ -2,38 +2,76 @@
 
 A *scenario* is what the engine does: the model worker's stream of layer
 signals and the scheduler's stream of cache_infos and aborts. Every rank gets
-both streams in the same order; the simulation interleaves them differently
-on each rank (driven by a ``random.Random``), completes each rank's writes in
-any order, and delivers barrier verdicts whenever it likes.
+the worker stream as it is and its own copy of the scheduler stream, which is
+where a scenario makes ranks disagree: a cache_info with one field changed on
+one rank (a scheduler bug), one a rank must refuse, an abort that overtakes its
+cache_info on some ranks, late repeats of messages of instances that ended.
+Request ids are reused with new instances. The simulation interleaves the
+streams differently on each rank (driven by a ``random.Random``), completes
+each rank's writes in any order, and delivers barrier verdicts whenever it
+likes.
 
 It also models memory: a source block of a layer is *written* once the layer
 signal of the step that computed the block's last token has reached the rank,
-and every write is checked against that, and against the request's block map.
+and every write is checked against that, against the request's block map, and
+against the admissions the rank has received.
 """
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvxferd.core import BarrierState, PostWrite, Problem, RankCore, RankSettings, ToBarrier, ToEngine, ToPeer, ToRank
 from kvxferd.core.blocks import blocks_needed
-from kvxferd.protocol import Abort, CacheInfo, Hello, KVReady, LayerSignal, Message, SlotChunk, TransferResult
+from kvxferd.protocol import (
+    Abort,
+    Admitted,
+    Arrive,
+    CacheInfo,
+    Hello,
+    KVReady,
+    LayerSignal,
+    Message,
+    SlotChunk,
+    Status,
+    TransferResult,
+)
 
 GROUP = "prefill"
 BLOCK_BYTES = 64
+Key = tuple[str, int]
+
+#: cache_info fields a scenario may change on one rank (ranks then disagree at admission)
+DIVERGENT_FIELDS = ("num_tokens", "src_blocks", "dst_blocks", "slot", "step", "peer", "transport")
+#: ways a scenario makes one rank refuse a cache_info
+REFUSALS = ("bad_layout", "out_of_range")
 
 
 @dataclass
 class RequestPlan:
     rid: str
+    instance: int
     slot: int
     num_tokens: int
     src: list[int]
     dst: list[int]
     chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (step, offset, count) as scheduled
+    first_step: int = 0
     aborted: bool = False
+    diverge: tuple[int, str] | None = None  # (rank, field) changed in that rank's cache_info
+    refuse: tuple[int, str] | None = None  # (rank, how) that rank must refuse
+    early: set[int] = field(default_factory=set)  # ranks whose abort comes before the cache_info
+
+    @property
+    def key(self) -> Key:
+        return (self.rid, self.instance)
+
+    @property
+    def tainted(self) -> bool:
+        """Ranks cannot agree on this instance: nothing may be written for it."""
+        return self.diverge is not None or self.refuse is not None
 
 
 @dataclass
@@ -42,11 +80,49 @@ class Scenario:
     block_tokens: int
     num_blocks: int
     worker: list[LayerSignal]
-    scheduler: list[Message]
-    plans: dict[str, RequestPlan]
+    schedulers: list[list[Message]]  # one stream per rank
+    plans: dict[Key, RequestPlan]
 
-    def info(self, rid: str) -> CacheInfo:
-        return next(m for m in self.scheduler if isinstance(m, CacheInfo) and m.request_id == rid)
+
+def _cache_info(plan: RequestPlan) -> CacheInfo:
+    return CacheInfo(
+        plan.rid,
+        plan.slot,
+        plan.first_step,
+        plan.num_tokens,
+        tuple(plan.src),
+        tuple(plan.dst),
+        "decode-{rank}",
+        "auto",
+        plan.instance,
+    )
+
+
+def _changed(info: CacheInfo, what: str, block_tokens: int, num_blocks: int, fresh: int) -> CacheInfo:
+    """``info`` as one rank's buggy scheduler would send it."""
+    n = info.num_tokens
+    if what == "num_tokens":
+        need = blocks_needed(n, block_tokens)
+        same_blocks = [t for t in range((need - 1) * block_tokens + 1, need * block_tokens + 1) if t != n]
+        if same_blocks:
+            return replace(info, num_tokens=same_blocks[0])
+        what = "dst_blocks"
+    if what == "src_blocks" and num_blocks > 1:
+        return replace(info, src_blocks=((info.src_blocks[0] + 1) % num_blocks, *info.src_blocks[1:]))
+    if what in ("src_blocks", "dst_blocks"):
+        return replace(info, dst_blocks=(*info.dst_blocks[:-1], fresh))
+    if what == "slot":
+        return replace(info, slot=info.slot + 1000)
+    if what == "step":
+        return replace(info, step=info.step + 100_000)
+    if what == "peer":
+        return replace(info, peer="decode-elsewhere-{rank}")
+    if what == "transport":
+        return replace(info, transport="shm")
+    if what == "bad_layout":
+        return replace(info, num_tokens=n + block_tokens)
+    assert what == "out_of_range", what
+    return replace(info, src_blocks=(num_blocks + 7, *info.src_blocks[1:]))
 
 
 def build_scenario(
@@ -56,23 +132,29 @@ def build_scenario(
     block_tokens: int,
     num_slots: int,
     num_steps: int,
+    world: int = 2,
     abort_rate: float = 0.15,
     max_tokens: int = 40,
+    divergence_rate: float = 0.0,
+    refusal_rate: float = 0.0,
+    reuse_rate: float = 0.0,
+    early_abort_rate: float = 0.0,
+    late_rate: float = 0.0,
 ) -> Scenario:
     """Plan steps like a continuous-batching scheduler with chunked prefill and slot reuse.
 
     An aborted request stops being scheduled after some step (possibly before
-    its first one), and its slot is reused afterwards. The scheduler stream has
-    each request's cache_info in order of first step, and each abort after its
-    cache_info and before the cache_info of the slot's next request.
+    its first one), and its slot is reused afterwards. The common scheduler
+    stream has each request's cache_info in order of first step, and each abort
+    after its cache_info and before the cache_info of the slot's next request;
+    each rank's copy then gets the per-rank changes described in the module.
     """
-    plans: dict[str, RequestPlan] = {}
+    plans: dict[Key, RequestPlan] = {}
     occupant: dict[int, RequestPlan | None] = dict.fromkeys(range(num_slots))
     free_after: dict[int, int] = dict.fromkeys(range(num_slots), 0)  # a slot is reusable after this step
-    stop_after: dict[str, int] = {}  # request to abort -> last step the worker runs it in
+    stop_after: dict[Key, int] = {}  # request to abort -> last step the worker runs it in
     worker: list[LayerSignal] = []
     events: list[tuple[int, int, RequestPlan]] = []  # (step, 0 = cache_info | 1 = abort, request)
-    first_step: dict[str, int] = {}
     next_src, next_dst = 0, 0
     for step in range(1, num_steps + 1):
         table: list[SlotChunk] = []
@@ -87,17 +169,21 @@ def build_scenario(
                 for _ in range(need):  # unique, mostly consecutive: runs coalesce sometimes
                     next_dst += 2 if rng.random() < 0.2 else 1
                     dst.append(next_dst)
-                plan = RequestPlan(f"r{len(plans)}", slot, num_tokens, list(range(next_src, next_src + need)), dst)
+                rid, instance = f"r{len(plans)}", 0
+                if plans and rng.random() < reuse_rate:  # an id used before, with a new instance
+                    rid = rng.choice(list(plans.values())).rid
+                    instance = 1 + max(p.instance for p in plans.values() if p.rid == rid)
+                src = list(range(next_src, next_src + need))
+                plan = RequestPlan(rid, instance, slot, num_tokens, src, dst, first_step=step)
                 next_src += need
-                plans[plan.rid] = plan
-                first_step[plan.rid] = step
+                plans[plan.key] = plan
                 events.append((step, 0, plan))
                 occupant[slot] = plan
                 if rng.random() < abort_rate:
-                    stop_after[plan.rid] = step + rng.randint(-1, 3)  # step - 1: aborted before it ran
-            if plan.rid in stop_after and step > stop_after[plan.rid]:
+                    stop_after[plan.key] = step + rng.randint(-1, 3)  # step - 1: aborted before it ran
+            if plan.key in stop_after and step > stop_after[plan.key]:
                 plan.aborted = True
-                events.append((max(stop_after[plan.rid], first_step[plan.rid]), 1, plan))
+                events.append((max(stop_after[plan.key], plan.first_step), 1, plan))
                 occupant[slot] = None
                 free_after[slot] = step
                 continue
@@ -106,7 +192,7 @@ def build_scenario(
                 continue  # a chunked request skips a step now and then
             count = plan.num_tokens - done if rng.random() < 0.5 else rng.randint(1, plan.num_tokens - done)
             plan.chunks.append((step, done, count))
-            table.append(SlotChunk(slot, done, count, first_step[plan.rid]))
+            table.append(SlotChunk(slot, done, count, plan.first_step))
             if done + count == plan.num_tokens:
                 occupant[slot] = None
                 free_after[slot] = step
@@ -116,23 +202,46 @@ def build_scenario(
         if plan is not None:
             plan.aborted = True
             events.append((num_steps, 1, plan))
-    scheduler: list[Message] = []
-    for _step, kind, plan in sorted(events, key=lambda e: (e[0], e[1])):
-        if kind == 0:
-            scheduler.append(
-                CacheInfo(
-                    plan.rid,
-                    plan.slot,
-                    first_step[plan.rid],
-                    plan.num_tokens,
-                    tuple(plan.src),
-                    tuple(plan.dst),
-                    "decode-{rank}",
-                )
-            )
-        else:
-            scheduler.append(Abort(plan.rid, "client cancelled"))
-    return Scenario(num_layers, block_tokens, max(next_src, 1), worker, scheduler, plans)
+    num_blocks = max(next_src, 1)
+
+    for plan in plans.values():
+        if rng.random() < divergence_rate:
+            plan.diverge = (rng.randrange(world), rng.choice(DIVERGENT_FIELDS))
+        elif rng.random() < refusal_rate:
+            plan.refuse = (rng.randrange(world), rng.choice(REFUSALS))
+        if plan.aborted:
+            plan.early = {r for r in range(world) if rng.random() < early_abort_rate}
+    ordered = sorted(events, key=lambda e: (e[0], e[1]))
+    late: list[tuple[int, Message]] = []  # (rank or -1 for all, message) appended to the streams
+    for _step, kind, plan in ordered:
+        if rng.random() < late_rate:  # a late repeat of this message, after everything else
+            late.append((-1, Abort(plan.rid, "client cancelled", plan.instance) if kind else _cache_info(plan)))
+    schedulers: list[list[Message]] = []
+    for r in range(world):
+        out: list[Message] = []
+        for _step, kind, plan in ordered:
+            abort = Abort(plan.rid, "client cancelled", plan.instance)
+            if kind == 1:
+                if r not in plan.early:
+                    out.append(abort)
+                continue
+            if r in plan.early:
+                out.append(abort)  # overtakes its cache_info on this rank
+            info = _cache_info(plan)
+            for change in (plan.diverge, plan.refuse):
+                if change is not None and change[0] == r:
+                    info = _changed(info, change[1], block_tokens, num_blocks, 10**6 + len(out))
+            out.append(info)
+        for who, msg in late:
+            if who in (-1, r):
+                out.append(msg if not isinstance(msg, CacheInfo) else _per_rank(out, msg))
+        schedulers.append(out)
+    return Scenario(num_layers, block_tokens, num_blocks, worker, schedulers, plans)
+
+
+def _per_rank(stream: list[Message], msg: CacheInfo) -> CacheInfo:
+    """The cache_info this rank got first for the instance (a late repeat repeats it exactly)."""
+    return next(m for m in stream if isinstance(m, CacheInfo) and m.key == msg.key)
 
 
 @dataclass
@@ -144,8 +253,9 @@ class RankSim:
     verdicts: list[Message] = field(default_factory=list)
     to_barrier: list[Message] = field(default_factory=list)
     ready_layers: set[tuple[int, int]] = field(default_factory=set)  # (step, layer) delivered
-    results: dict[str, list[TransferResult]] = field(default_factory=lambda: defaultdict(list))
-    arrivals: dict[str, object] = field(default_factory=dict)
+    admitted: set[Key] = field(default_factory=set)  # instances this rank received Admitted for
+    results: dict[Key, list[TransferResult]] = field(default_factory=lambda: defaultdict(list))
+    arrivals: dict[Key, object] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
 
 
@@ -153,6 +263,7 @@ class GroupSim:
     def __init__(
         self, scenario: Scenario, world_size: int, rng: random.Random, *, quiesce: bool = True, **settings: float
     ) -> None:
+        assert len(scenario.schedulers) == world_size
         self.sc = scenario
         self.rng = rng
         self.quiesce = quiesce
@@ -173,7 +284,7 @@ class GroupSim:
                     )
                 ),  # type: ignore[arg-type]
                 list(scenario.worker),
-                list(scenario.scheduler),
+                list(scenario.schedulers[r]),
             )
             for r in range(world_size)
         ]
@@ -181,8 +292,10 @@ class GroupSim:
             self.barrier.hello(Hello(GROUP, r, world_size, "prefill"))
         # decode memory: (rank, layer, dst block) -> src block written there (confirmed writes only)
         self.decode: dict[tuple[int, int, int], int] = {}
-        self.notices: dict[str, list[tuple[int, object]]] = defaultdict(list)
-        self.block_step: dict[tuple[str, int], int] = {}  # (request, block index) -> step completing it
+        self.notices: dict[Key, list[tuple[int, KVReady | TransferResult]]] = defaultdict(list)
+        self.written: set[Key] = set()  # instances any rank posted a write for
+        self.barrier_problems: list[Problem] = []
+        self.block_step: dict[tuple[Key, int], int] = {}  # (request, block index) -> step completing it
         for plan in scenario.plans.values():
             for step, offset, count in plan.chunks:
                 end = offset + count
@@ -193,9 +306,8 @@ class GroupSim:
                     else end // scenario.block_tokens
                 )
                 for b in range(first, last):
-                    self.block_step.setdefault((plan.rid, b), step)
-        self.src_owner = {s: (p.rid, i) for p in scenario.plans.values() for i, s in enumerate(p.src)}
-        self.dropped_writes: list[int] = []
+                    self.block_step.setdefault((plan.key, b), step)
+        self.src_owner = {s: (p.key, i) for p in scenario.plans.values() for i, s in enumerate(p.src)}
 
     # -- driving ----------------------------------------------------------------
 
@@ -241,7 +353,10 @@ class GroupSim:
             wid = self.rng.choice(list(sim.writes))
             self.complete_write(r, wid)
         elif what == "verdict":
-            self.apply(r, sim.core.handle(sim.verdicts.pop(0), self.now))
+            verdict = sim.verdicts.pop(0)
+            if isinstance(verdict, Admitted):
+                sim.admitted.add((verdict.key, verdict.instance))
+            self.apply(r, sim.core.handle(verdict, self.now))
         else:
             for eff in self.barrier.handle(sim.to_barrier.pop(0), self.now):
                 self.route_barrier(eff)
@@ -258,6 +373,9 @@ class GroupSim:
         self.apply(r, sim.core.write_done(wid, self.now, error))
 
     def route_barrier(self, eff: object) -> None:
+        if isinstance(eff, Problem):  # the service refused a word (the rank would log its Error)
+            self.barrier_problems.append(eff)
+            return
         assert isinstance(eff, ToRank), eff
         self.ranks[eff.rank].verdicts.append(eff.message)
 
@@ -267,57 +385,70 @@ class GroupSim:
             if isinstance(eff, PostWrite):
                 self.check_write(r, eff)
                 sim.writes[eff.write_id] = eff
+                self.written.update(eff.requests)
             elif isinstance(eff, ToBarrier):
-                if eff.message.__class__.__name__ == "Arrive":
-                    assert eff.message.key not in sim.arrivals, f"rank {r} arrived twice for {eff.message.key}"
-                    sim.arrivals[eff.message.key] = eff.message.digest
+                if isinstance(eff.message, Arrive):
+                    key = (eff.message.key, eff.message.instance)
+                    assert key not in sim.arrivals, f"rank {r} arrived twice for {key}"
+                    sim.arrivals[key] = eff.message.digest
                 sim.to_barrier.append(eff.message)
             elif isinstance(eff, ToEngine):
-                rid = eff.result.request_id
-                sim.results[rid].append(eff.result)
-                assert len(sim.results[rid]) == 1, f"rank {r} ended {rid} twice: {sim.results[rid]}"
-                assert sim.core.holds(rid) == [], f"rank {r} still holds {rid} in {sim.core.holds(rid)}"
+                key = eff.result.key
+                sim.results[key].append(eff.result)
+                assert len(sim.results[key]) == 1, f"rank {r} ended {key} twice: {sim.results[key]}"
+                assert sim.core.holds(key) == [], f"rank {r} still holds {key} in {sim.core.holds(key)}"
             elif isinstance(eff, ToPeer):
-                rid = eff.message.request_id
-                self.notices[rid].append((r, eff.message))
-                busy = [q for q, other in enumerate(self.ranks) for w in other.writes.values() if rid in w.requests]
-                assert not (busy and self.quiesce), f"decode told {rid} ended while ranks {busy} still write into it"
+                key = eff.message.key
+                self.notices[key].append((r, eff.message))
+                busy = [q for q, other in enumerate(self.ranks) for w in other.writes.values() if key in w.requests]
+                assert not (busy and self.quiesce), f"decode told {key} ended while ranks {busy} still write into it"
                 if isinstance(eff.message, KVReady):
-                    self.check_in_place(rid)
+                    self.check_in_place(key)
             elif isinstance(eff, Problem):
                 sim.problems.append(eff)
             else:
                 raise AssertionError(f"unexpected effect {eff!r}")
 
     def settle_timers(self, horizon: float = 1000.0) -> None:
-        """Let every deadline pass, then run everything that follows from it."""
-        self.now += horizon
-        for r, sim in enumerate(self.ranks):
-            self.apply(r, sim.core.on_timer(self.now))
-        for eff in self.barrier.on_timer(self.now):
-            self.route_barrier(eff)
-        self.run()
+        """Let every deadline pass, then run everything that follows from it, until nothing is left."""
+        for _ in range(20):
+            self.now += horizon
+            for r, sim in enumerate(self.ranks):
+                self.apply(r, sim.core.on_timer(self.now))
+            for eff in self.barrier.on_timer(self.now):
+                self.route_barrier(eff)
+            self.run()
+            pending = [rank.core.next_deadline() for rank in self.ranks] + [self.barrier.next_deadline()]
+            if all(t is None for t in pending):
+                return
+        raise AssertionError("deadlines keep coming")
 
     # -- checks -----------------------------------------------------------------
 
     def check_write(self, r: int, write: PostWrite) -> None:
         sim = self.ranks[r]
+        for key in write.requests:
+            assert key in sim.admitted, f"rank {r} wrote for {key} before the barrier admitted it"
+            assert not self.sc.plans[key].tainted, f"rank {r} wrote for {key}, which the ranks disagree on"
         for run in write.runs:
             for i in range(run.length):
-                rid, b = self.src_owner[run.src + i]
-                plan = self.sc.plans[rid]
-                assert plan.dst[b] == run.dst + i, f"{rid} block {b} sent to {run.dst + i}, belongs at {plan.dst[b]}"
-                step = self.block_step.get((rid, b))
-                assert step is not None, f"rank {r} sent block {b} of {rid}, which no step completed"
+                key, b = self.src_owner[run.src + i]
+                plan = self.sc.plans[key]
+                assert plan.dst[b] == run.dst + i, f"{key} block {b} sent to {run.dst + i}, belongs at {plan.dst[b]}"
+                step = self.block_step.get((key, b))
+                assert step is not None, f"rank {r} sent block {b} of {key}, which no step completed"
                 assert (step, write.layer) in sim.ready_layers, (
-                    f"rank {r} sent layer {write.layer} of {rid} block {b} before step {step} wrote it"
+                    f"rank {r} sent layer {write.layer} of {key} block {b} before step {step} wrote it"
                 )
 
-    def check_in_place(self, rid: str) -> None:
+    def check_in_place(self, key: Key) -> None:
         """A KVReady may only be sent once every rank's data is in the decode cache."""
-        plan = self.sc.plans[rid]
+        plan = self.sc.plans[key]
         for r in range(len(self.ranks)):
             for layer in range(self.sc.num_layers):
                 for b, dst in enumerate(plan.dst):
                     got = self.decode.get((r, layer, dst))
-                    assert got == plan.src[b], f"KVReady for {rid} but rank {r} layer {layer} block {dst} holds {got}"
+                    assert got == plan.src[b], f"KVReady for {key} but rank {r} layer {layer} block {dst} holds {got}"
+
+    def notice_status(self, msg: KVReady | TransferResult) -> Status:
+        return Status.OK if isinstance(msg, KVReady) else msg.status

@@ -1,13 +1,30 @@
-"""The barrier service's pure state: keyed agreement, verdicts, expiry, bounds."""
+"""The barrier service's pure state: admission, keyed agreement, one ending per instance, expiry, bounds."""
 
 from __future__ import annotations
 
 import pytest
 
 from kvxferd.core import BarrierState, Problem, ToRank
-from kvxferd.protocol import Ack, Arrive, Digest, Diverged, ErrorCode, Expired, Hello, Release, Status, Withdraw
+from kvxferd.protocol import (
+    Ack,
+    Admit,
+    Admitted,
+    Arrive,
+    Digest,
+    Diverged,
+    ErrorCode,
+    Expired,
+    Hello,
+    Release,
+    Status,
+    Terms,
+    Withdraw,
+    encode,
+)
+from kvxferd.protocol.fields import MAX_TEXT
 
 D = Digest(4, 2, 1024, "aa")
+T = Terms(40, 3, 7, "3 blocks #a", "3 blocks #b", "ipc:///d-{rank}", "auto")
 
 
 def barrier(world: int = 3, **kw: float) -> BarrierState:
@@ -17,86 +34,188 @@ def barrier(world: int = 3, **kw: float) -> BarrierState:
     return b
 
 
-def test_release_only_when_every_rank_arrived_with_the_same_digest() -> None:
+def admit_all(b: BarrierState, world: int, key: str = "k", instance: int = 0, now: float = 0.0) -> None:
+    out = []
+    for r in range(world):
+        out += b.handle(Admit("g", key, instance, r, T), now)
+    assert out == [ToRank("g", r, Admitted("g", key, instance)) for r in range(world)]
+
+
+def test_nothing_is_admitted_until_every_rank_admitted_with_equal_terms() -> None:
     b = barrier()
-    assert b.handle(Arrive("g", "k", 2, D), 0.0) == []
-    assert b.handle(Arrive("g", "k", 0, D), 0.1) == []
-    out = b.handle(Arrive("g", "k", 1, D), 0.2)
-    assert out == [ToRank("g", r, Release("g", "k", D)) for r in range(3)]
-    assert b.sizes()["open"] == 0 and b.next_deadline() is None
+    assert b.handle(Admit("g", "k", 0, 2, T), 0.0) == []
+    assert b.handle(Admit("g", "k", 0, 0, T), 0.1) == []
+    out = b.handle(Admit("g", "k", 0, 1, T), 0.2)
+    assert out == [ToRank("g", r, Admitted("g", "k", 0)) for r in range(3)]
+    assert b.sizes()["open"] == 1  # the completion round is open now
+    assert b.handle(Admit("g", "k", 0, 1, T), 0.3) == []  # a repeated admission is harmless
+
+
+def test_release_only_when_every_admitted_rank_arrived_with_the_same_digest() -> None:
+    b = barrier()
+    admit_all(b, 3)
+    assert b.handle(Arrive("g", "k", 0, 2, D), 1.0) == []
+    assert b.handle(Arrive("g", "k", 0, 0, D), 1.1) == []
+    out = b.handle(Arrive("g", "k", 0, 1, D), 1.2)
+    assert out == [ToRank("g", r, Release("g", "k", 0, D)) for r in range(3)]
+    assert b.sizes()["open"] == 0
+    # the verdict is remembered a while: a word that crossed it gets it again, no key opens
+    assert b.handle(Withdraw("g", "k", 0, 1, Status.ABORTED, "late"), 2.0) == [ToRank("g", 1, out[1].message)]
+    assert b.next_deadline() == 12.0
+    b.on_timer(12.0)
+    assert b.sizes() == {"groups": 1, "open": 0, "ended": 0} and b.next_deadline() is None
+
+
+@pytest.mark.parametrize(
+    ("field", "other"),
+    [
+        ("num_tokens", 44),
+        ("dst_blocks", "3 blocks #c"),
+        ("src_blocks", "3 blocks #z"),
+        ("peer", "ipc:///elsewhere-{rank}"),
+        ("transport", "rdma"),
+        ("slot", 4),
+        ("step", 8),
+    ],
+)
+def test_admission_divergence_names_the_field_and_the_ranks(field: str, other: object) -> None:
+    b = barrier(3)
+    odd = Terms(**{**{n: getattr(T, n) for n in Terms.FIELDS}, field: other})
+    b.handle(Admit("g", "k", 0, 0, T), 0.0)
+    b.handle(Admit("g", "k", 0, 1, odd), 0.0)
+    out = b.handle(Admit("g", "k", 0, 2, T), 0.0)
+    verdicts = [e.message for e in out]
+    assert len(verdicts) == 3 and all(v == verdicts[0] for v in verdicts)
+    (v,) = set(verdicts)
+    assert isinstance(v, Diverged) and v.status is Status.FAILED
+    assert f"disagree on the cache_info: {field} (ranks [0, 2]: {getattr(T, field)}; rank 1: {other})" in v.reason
+    assert "nothing was written" in v.reason
+    assert v.peer == T.peer
+    assert b.sizes()["open"] == 0  # the instance ended: no completion round
+
+
+def test_a_withdrawal_replaces_an_admission_and_ends_the_instance_as_aborted() -> None:
+    b = barrier(2)
+    b.handle(Admit("g", "k", 0, 0, T), 0.0)
+    assert b.handle(Withdraw("g", "k", 0, 0, Status.ABORTED, "client cancelled"), 0.1) == []
+    out = b.handle(Withdraw("g", "k", 0, 1, Status.ABORTED, "client cancelled"), 0.2)
+    (v,) = {e.message for e in out}
+    assert isinstance(v, Diverged) and (v.status, v.reason) == (Status.ABORTED, "aborted: client cancelled")
+    assert v.peer == T.peer  # named by rank 0's admission, so every rank can tell its decode rank
+
+
+def test_a_failed_withdrawal_wins_over_an_abort_so_a_refusing_rank_knows_the_status() -> None:
+    b = barrier(3)
+    admit_all(b, 3)
+    b.handle(Withdraw("g", "k", 0, 0, Status.ABORTED, "client cancelled"), 0.0)
+    b.handle(Arrive("g", "k", 0, 1, D), 0.0)
+    out = b.handle(Withdraw("g", "k", 0, 2, Status.FAILED, "peer gone"), 0.0)
+    (v,) = {e.message for e in out}
+    assert isinstance(v, Diverged) and v.status is Status.FAILED
+    assert v.reason == "rank 2 failed: peer gone"
+    assert [w.status for w in v.views] == [Status.ABORTED, Status.OK, Status.FAILED]
 
 
 def test_different_digests_diverge_with_every_ranks_view() -> None:
     b = barrier(2)
+    admit_all(b, 2)
     other = Digest(4, 2, 2048, "aa")
-    b.handle(Arrive("g", "k", 0, D), 0.0)
-    out = b.handle(Arrive("g", "k", 1, other), 0.0)
-    assert all(isinstance(e.message, Diverged) for e in out) and len(out) == 2
+    b.handle(Arrive("g", "k", 0, 0, D), 0.0)
+    out = b.handle(Arrive("g", "k", 0, 1, other), 0.0)
     verdict = out[0].message
+    assert isinstance(verdict, Diverged) and verdict.status is Status.FAILED
     assert [v.digest for v in verdict.views] == [D, other]
-    assert verdict.status is Status.FAILED
-    assert "2048 B" in verdict.describe() and "1024 B" in verdict.describe()
+    assert "2048 B" in verdict.reason and "1024 B" in verdict.reason
 
 
-def test_a_withdrawal_diverges_once_all_spoke_and_aborted_wins_the_status() -> None:
-    b = barrier(3)
-    b.handle(Arrive("g", "k", 0, D), 0.0)
-    b.handle(Withdraw("g", "k", 1, Status.FAILED, "timed out"), 0.0)
-    out = b.handle(Withdraw("g", "k", 2, Status.ABORTED, "client cancelled"), 0.0)
-    verdict = out[0].message
-    assert isinstance(verdict, Diverged) and verdict.status is Status.ABORTED
-    assert [v.status for v in verdict.views] == [Status.OK, Status.FAILED, Status.ABORTED]
+def test_arriving_before_admission_is_refused() -> None:
+    b = barrier(2)
+    b.handle(Admit("g", "k", 0, 0, T), 0.0)
+    (p,) = b.handle(Arrive("g", "k", 0, 1, D), 0.0)
+    assert isinstance(p, Problem) and p.code is ErrorCode.CONFLICT and "before the request was admitted" in p.detail
 
 
 def test_expiry_names_missing_ranks_tells_everyone_and_answers_stragglers() -> None:
     b = barrier(3)
-    b.handle(Arrive("g", "k", 0, D), 1.0)
-    b.handle(Withdraw("g", "k", 2, Status.ABORTED, "x"), 2.0)
+    b.handle(Admit("g", "k", 0, 0, T), 1.0)
+    b.handle(Withdraw("g", "k", 0, 2, Status.ABORTED, "x"), 2.0)
     assert b.next_deadline() == 11.0
     assert b.on_timer(10.9) == []
     out = b.on_timer(11.0)
-    assert out == [ToRank("g", r, Expired("g", "k", (1,), 10.0)) for r in range(3)]
+    (v,) = {e.message for e in out}
+    assert [e.rank for e in out] == [0, 1, 2]
+    assert isinstance(v, Expired) and v.missing == (1,) and v.status is Status.ABORTED
+    assert v.reason == "aborted: x (rank 1 of group g did not report within 10s (admission))"
+    assert v.peer == T.peer
     # the straggler gets the same verdict at once, and no new key opens
-    assert b.handle(Arrive("g", "k", 1, D), 12.0) == [ToRank("g", 1, Expired("g", "k", (1,), 10.0))]
-    assert b.sizes() == {"groups": 1, "open": 0, "expired": 1}
+    assert b.handle(Admit("g", "k", 0, 1, T), 12.0) == [ToRank("g", 1, v)]
+    assert b.sizes() == {"groups": 1, "open": 0, "ended": 1}
     b.on_timer(21.0)  # remembered for another timeout, then forgotten
-    assert b.sizes()["expired"] == 0
+    assert b.sizes()["ended"] == 0
 
 
-def test_a_named_barrier_may_set_its_own_timeout() -> None:
+def test_a_new_instance_of_an_expired_id_starts_clean() -> None:
     b = barrier(2)
-    b.handle(Arrive("g", "ready", 0, D, 60.0), 0.0)
+    b.handle(Admit("g", "k", 0, 0, T), 0.0)
+    b.on_timer(10.0)  # instance 0 expired and is remembered
+    admit_all(b, 2, instance=1, now=10.5)
+    b.handle(Arrive("g", "k", 1, 0, D), 11.0)
+    out = b.handle(Arrive("g", "k", 1, 1, D), 11.0)
+    assert {e.message for e in out} == {Release("g", "k", 1, D)}
+
+
+def test_a_named_barrier_is_one_round_of_arrivals_with_its_own_timeout() -> None:
+    b = barrier(2)
+    b.handle(Arrive("g", "ready", 0, 0, D, 60.0), 0.0)
     assert b.next_deadline() == 60.0
     (verdict, _) = b.on_timer(60.0)
-    assert verdict.message == Expired("g", "ready", (1,), 60.0)
-    assert b.handle(Arrive("g", "ready", 1, D), 100.0) == [ToRank("g", 1, Expired("g", "ready", (1,), 60.0))]
+    assert isinstance(verdict.message, Expired) and verdict.message.missing == (1,)
+    assert b.handle(Arrive("g", "ready", 0, 1, D), 100.0) == [ToRank("g", 1, verdict.message)]
     b.on_timer(120.0)
-    assert b.sizes()["expired"] == 0
+    assert b.sizes()["ended"] == 0
+    b.handle(Arrive("g", "ready", 0, 0, D), 130.0)
+    (p,) = b.handle(Admit("g", "ready", 0, 1, T), 130.0)
+    assert p.code is ErrorCode.CONFLICT
 
 
 def test_repeating_a_word_is_harmless_changing_it_is_refused() -> None:
     b = barrier(2)
-    b.handle(Arrive("g", "k", 0, D), 0.0)
-    assert b.handle(Arrive("g", "k", 0, D), 0.0) == []
-    (p,) = b.handle(Withdraw("g", "k", 0, Status.FAILED, "oops"), 0.0)
+    admit_all(b, 2)
+    b.handle(Arrive("g", "k", 0, 0, D), 0.0)
+    assert b.handle(Arrive("g", "k", 0, 0, D), 0.0) == []
+    (p,) = b.handle(Withdraw("g", "k", 0, 0, Status.FAILED, "oops"), 0.0)
     assert isinstance(p, Problem) and p.code is ErrorCode.CONFLICT and "already said" in p.detail
+    b.handle(Admit("g", "j", 0, 0, T), 0.0)
+    (p,) = b.handle(Admit("g", "j", 0, 0, Terms(41, 3, 7, "a", "b", "p", "auto")), 0.0)
+    assert p.code is ErrorCode.CONFLICT
+    b.handle(Withdraw("g", "j", 0, 1, Status.FAILED, "refused"), 0.0)  # rank 0 admitted, rank 1 withdrew: ends
+    assert b.sizes()["open"] == 1
+
+
+def test_long_reasons_make_a_verdict_that_still_fits_the_protocol() -> None:
+    b = barrier(3)
+    for r in range(3):
+        out = b.handle(Withdraw("g", "k", 0, r, Status.FAILED, "x" * MAX_TEXT), 0.0)
+    (v,) = {e.message for e in out}
+    assert len(v.reason) <= MAX_TEXT and "cut from" in v.reason
+    assert encode(v)
 
 
 def test_unknown_group_conflicting_size_and_rank_outside_the_group() -> None:
     b = barrier(2)
-    (p,) = b.handle(Arrive("other", "k", 0, D), 0.0)
+    (p,) = b.handle(Arrive("other", "k", 0, 0, D), 0.0)
     assert p.code is ErrorCode.NOT_REGISTERED and "send Hello first" in p.detail
     (p,) = b.hello(Hello("g", 0, 4, "prefill"))
     assert p.code is ErrorCode.CONFLICT and "world size 2" in p.detail
-    (p,) = b.handle(Arrive("g", "k", 3, D), 0.0)
+    (p,) = b.handle(Admit("g", "k", 0, 3, T), 0.0)
     assert p.code is ErrorCode.BAD_MESSAGE
 
 
 def test_open_keys_are_bounded() -> None:
     b = barrier(2, max_keys=2)
-    b.handle(Arrive("g", "a", 0, D), 0.0)
-    b.handle(Arrive("g", "b", 0, D), 0.0)
-    (p,) = b.handle(Arrive("g", "c", 0, D), 0.0)
+    b.handle(Admit("g", "a", 0, 0, T), 0.0)
+    b.handle(Admit("g", "a", 1, 0, T), 0.0)
+    (p,) = b.handle(Admit("g", "c", 0, 0, T), 0.0)
     assert p.code is ErrorCode.TABLE_FULL
 
 
@@ -107,7 +226,7 @@ def test_groups_and_keys_are_independent(order: tuple[int, ...]) -> None:
         b.hello(Hello("h", r, 2, "prefill"))
     out = []
     for r in order:
-        out += b.handle(Arrive("g", "same-key", r, D), 0.0)
+        out += b.handle(Admit("g", "same-key", 0, r, T), 0.0)
         if r < 2:
-            out += b.handle(Arrive("h", "same-key", r, D), 0.0)
+            out += b.handle(Admit("h", "same-key", 0, r, T), 0.0)
     assert sorted((e.group, e.rank) for e in out) == [("g", 0), ("g", 1), ("g", 2), ("h", 0), ("h", 1)]

@@ -8,8 +8,11 @@ from dataclasses import replace
 import pytest
 
 from kvxferd.core import BarrierState, PostWrite, Problem, RankCore, RankSettings, Run, ToBarrier, ToEngine, ToPeer
+from kvxferd.core.rank import terms_of
 from kvxferd.protocol import (
     Abort,
+    Admit,
+    Admitted,
     Arrive,
     CacheInfo,
     Diverged,
@@ -24,6 +27,7 @@ from kvxferd.protocol import (
     TransferResult,
     Withdraw,
 )
+from kvxferd.protocol.fields import MAX_TEXT
 from tests.unit.sim import GroupSim, build_scenario
 
 LAYERS = 3
@@ -45,8 +49,10 @@ def core(rank: int = 0, **overrides: object) -> RankCore:
     return RankCore(replace(SETTINGS, rank=rank, **overrides))  # type: ignore[arg-type]
 
 
-def info(rid: str, slot: int, step: int, tokens: int, src: list[int], dst: list[int], peer: str = "d") -> CacheInfo:
-    return CacheInfo(rid, slot, step, tokens, tuple(src), tuple(dst), peer)
+def info(
+    rid: str, slot: int, step: int, tokens: int, src: list[int], dst: list[int], peer: str = "d", instance: int = 0
+) -> CacheInfo:
+    return CacheInfo(rid, slot, step, tokens, tuple(src), tuple(dst), peer, "auto", instance)
 
 
 def layers(step: int, *slots: SlotChunk) -> list[LayerSignal]:
@@ -57,15 +63,62 @@ def of(effects: list, kind: type) -> list:
     return [e for e in effects if isinstance(e, kind)]
 
 
-def feed(c: RankCore, msgs: list, now: float = 0.0, complete: bool = True) -> list:
-    """Deliver messages; complete every write at once when ``complete``."""
+def messages(effects: list, kind: type) -> list:
+    """The barrier messages of one kind among ``effects``."""
+    return [e.message for e in of(effects, ToBarrier) if isinstance(e.message, kind)]
+
+
+def feed(c: RankCore, msgs: list, now: float = 0.0, complete: bool = True, admit: bool = True) -> list:
+    """Deliver messages; answer every admission at once when ``admit`` (a barrier that agrees),
+    and complete every write at once when ``complete``. Returns every effect, in order."""
     out: list = []
     for msg in msgs:
-        effects = c.handle(msg, now)
-        out += effects
-        if complete:
-            for w in of(effects, PostWrite):
-                out += c.write_done(w.write_id, now)
+        queue = c.handle(msg, now)
+        while queue:
+            eff = queue.pop(0)
+            out.append(eff)
+            if admit and isinstance(eff, ToBarrier) and isinstance(eff.message, Admit):
+                a = eff.message
+                queue += c.handle(Admitted(a.group, a.key, a.instance), now)
+            elif complete and isinstance(eff, PostWrite):
+                queue += c.write_done(eff.write_id, now)
+    return out
+
+
+def quiet(*cores: RankCore) -> None:
+    """Let every deadline of these cores pass (memories of endings included)."""
+    for c in cores:
+        for _ in range(10):
+            when = c.next_deadline()
+            if when is None:
+                break
+            c.on_timer(when)
+        assert c.next_deadline() is None
+
+
+def barrier(world: int = 2) -> BarrierState:
+    b = BarrierState(timeout_s=10.0)
+    for r in range(world):
+        b.hello(Hello("prefill", r, world, "prefill"))
+    return b
+
+
+def relay(b: BarrierState, ranks: list[RankCore], effects: dict[int, list], now: float = 1.0) -> dict[int, list]:
+    """Carry every rank's barrier messages to ``b`` and its verdicts back, until quiet; complete
+    every write at once. Returns each rank's effects (the ones given and everything that followed)."""
+    out = {r: list(effs) for r, effs in effects.items()}
+    todo = [(r, e) for r, effs in effects.items() for e in effs]
+    while todo:
+        r, eff = todo.pop(0)
+        new: list[tuple[int, object]] = []
+        if isinstance(eff, ToBarrier):
+            for v in b.handle(eff.message, now):
+                new += [(v.rank, x) for x in ranks[v.rank].handle(v.message, now)]
+        elif isinstance(eff, PostWrite):
+            new += [(r, x) for x in ranks[r].write_done(eff.write_id, now)]
+        for q, x in new:
+            out.setdefault(q, []).append(x)
+            todo.append((q, x))
     return out
 
 
@@ -80,25 +133,24 @@ def test_published_deadlock_ranks_see_cache_info_before_and_after_layer0_yet_agr
     b = info("B", 5, 1, 20, [3, 4], [13, 14])
     step = layers(1, SlotChunk(3, 0, 40, 1), SlotChunk(5, 0, 20, 1))
     r0, r1 = core(0), core(1)
-    out0 = feed(r0, [a, b, *step])
+    # rank 0 holds both admissions when the step comes; rank 1 is admitted request by request
+    out0 = feed(r0, [a, b], admit=False)
+    out0 += feed(r0, [Admitted("prefill", "A", 0), Admitted("prefill", "B", 0), *step])
     out1 = feed(r1, [*step, a, b])
 
     # rank 0 wrote each layer of A and B together; rank 1 wrote them request by request
-    assert [w.requests for w in of(out0, PostWrite)] == [("A", "B")] * LAYERS
-    assert [w.requests for w in of(out1, PostWrite)] == [("A",)] * LAYERS + [("B",)] * LAYERS
+    assert [w.requests for w in of(out0, PostWrite)] == [(("A", 0), ("B", 0))] * LAYERS
+    assert [w.requests for w in of(out1, PostWrite)] == [(("A", 0),)] * LAYERS + [(("B", 0),)] * LAYERS
     # ... yet both produced the same single-request arrivals
-    arrivals0 = {t.message.key: t.message.digest for t in of(out0, ToBarrier)}
-    arrivals1 = {t.message.key: t.message.digest for t in of(out1, ToBarrier)}
+    arrivals0 = {m.key: m.digest for m in messages(out0, Arrive)}
+    arrivals1 = {m.key: m.digest for m in messages(out1, Arrive)}
     assert set(arrivals0) == {"A", "B"}
     assert arrivals0 == arrivals1
 
-    barrier = BarrierState()
-    for r in (0, 1):
-        barrier.hello(Hello("prefill", r, 2, "prefill"))
+    bar = barrier()
     verdicts = []
-    for t in of(out0, ToBarrier) + of(out1, ToBarrier):
-        verdicts += barrier.handle(t.message, 1.0)
-    assert {(v.rank, v.message.key) for v in verdicts} == {(0, "A"), (0, "B"), (1, "A"), (1, "B")}
+    for m in messages(out0, Admit) + messages(out1, Admit) + messages(out0, Arrive) + messages(out1, Arrive):
+        verdicts += bar.handle(m, 1.0)
     results = []
     for v in verdicts:
         results += of([r0, r1][v.rank].handle(v.message, 1.0), ToEngine)
@@ -108,6 +160,7 @@ def test_published_deadlock_ranks_see_cache_info_before_and_after_layer0_yet_agr
         ("B", 0, Status.OK),
         ("B", 1, Status.OK),
     ]
+    quiet(r0, r1)
     assert set(r0.sizes().values()) == set(r1.sizes().values()) == {0}
 
 
@@ -118,7 +171,7 @@ def test_pipelining_a_step_of_eight_requests_posts_one_write_per_layer() -> None
     writes = of(out, PostWrite)
     assert [w.layer for w in writes] == list(range(LAYERS))
     for w in writes:
-        assert w.requests == tuple(f"r{i}" for i in range(8))
+        assert w.requests == tuple((f"r{i}", 0) for i in range(8))
         assert sum(r.length for r in w.runs) == 16
         assert w.nbytes == 16 * 1024 * 2
 
@@ -134,6 +187,64 @@ def test_runs_coalesce_within_and_across_requests() -> None:
     assert w.runs == (Run(5, 20, 2), Run(7, 30, 3))
 
 
+# -- no byte before agreement ---------------------------------------------------------------------
+
+
+def test_nothing_is_written_before_admission_and_everything_ready_is_posted_at_it() -> None:
+    c = core()
+    x = info("x", 2, 1, 16, [1], [9])
+    out = feed(c, [x, *layers(1, SlotChunk(2, 0, 16, 1))], admit=False, complete=False)
+    assert messages(out, Admit) == [Admit("prefill", "x", 0, 0, terms_of(x))]
+    assert not of(out, PostWrite), "a byte left before every rank held the same cache_info"
+    assert c.snapshot(0.0)[0]["waiting_for"].startswith("admission")
+    out = c.handle(Admitted("prefill", "x", 0), 0.5)
+    assert [w.layer for w in of(out, PostWrite)] == list(range(LAYERS))
+    assert c.handle(Admitted("prefill", "x", 0), 0.6) == []  # a repeat posts nothing twice
+
+
+def test_admission_before_the_signal_lets_layers_go_as_they_come() -> None:
+    c = core()
+    feed(c, [info("x", 2, 1, 16, [1], [9])], admit=True)
+    out = feed(c, [LayerSignal(1, 0, (SlotChunk(2, 0, 16, 1),))], complete=False)
+    assert [w.layer for w in of(out, PostWrite)] == [0]
+
+
+def test_terms_cover_every_field_ranks_must_agree_on() -> None:
+    x = info("x", 2, 1, 16, [1], [9], peer="ipc://d-{rank}")
+    base = terms_of(x)
+    for changed in (
+        replace(x, num_tokens=15),
+        replace(x, src_blocks=(2,)),
+        replace(x, dst_blocks=(8,)),
+        replace(x, slot=3),
+        replace(x, step=2),
+        replace(x, peer="ipc://e-{rank}"),
+        replace(x, transport="shm"),
+    ):
+        assert terms_of(changed) != base, changed
+
+
+@pytest.mark.parametrize("field", ["dst_blocks", "num_tokens"])
+def test_ranks_given_different_cache_infos_write_nothing_and_fail_alike(field: str) -> None:
+    """Cases 4 and 5: one rank's scheduler sent other destination blocks, or other token counts
+    with the same block count. Both ranks fail at admission, naming the field; nothing was written."""
+    x = info("x", 0, 1, 20, [1, 2], [5, 6])
+    odd = replace(x, dst_blocks=(5, 7)) if field == "dst_blocks" else replace(x, num_tokens=24)
+    ranks = [core(0), core(1)]
+    step = layers(1, SlotChunk(0, 0, 20, 1))
+    effects = {0: feed(ranks[0], [x, *step], admit=False), 1: feed(ranks[1], [*step, odd], admit=False)}
+    out = relay(barrier(), ranks, effects)
+    for r in (0, 1):
+        assert not of(out[r], PostWrite)
+        (res,) = of(out[r], ToEngine)
+        assert res.result.status is Status.FAILED
+        assert f"disagree on the cache_info: {field} (rank 0: " in res.result.reason
+        assert "nothing was written" in res.result.reason
+        (notice,) = of(out[r], ToPeer)
+        assert notice.message == res.result
+    assert of(out[0], ToEngine)[0].result.reason == of(out[1], ToEngine)[0].result.reason
+
+
 # -- recovery order, chunks, identity ------------------------------------------------------------
 
 
@@ -142,7 +253,7 @@ def test_later_layers_that_arrive_before_recovery_are_posted_at_recovery() -> No
     out = feed(c, layers(1, SlotChunk(2, 0, 16, 1)), complete=False)
     assert not of(out, PostWrite)
     assert c.sizes()["parked_signals"] == 1
-    out = c.handle(info("x", 2, 1, 16, [1], [9]), 0.0)
+    out = feed(c, [info("x", 2, 1, 16, [1], [9])], complete=False)
     assert [w.layer for w in of(out, PostWrite)] == list(range(LAYERS))
 
 
@@ -151,14 +262,14 @@ def test_chunked_prefill_sends_each_chunks_completed_blocks_and_finishes_after_t
     x = info("x", 4, 10, 40, [1, 2, 3], [7, 8, 9])  # 40 tokens: blocks of 16, 16, 8
     out = feed(c, [x, *layers(10, SlotChunk(4, 0, 20, 10))])  # tokens 0..19: block 0 complete
     assert {r for w in of(out, PostWrite) for r in w.runs} == {Run(1, 7, 1)}
-    assert not of(out, ToBarrier)
+    assert not messages(out, Arrive)
     out = feed(c, layers(11, SlotChunk(4, 20, 10, 10)))  # tokens 20..29: no new block complete
-    assert not of(out, PostWrite) and not of(out, ToBarrier)
+    assert not of(out, PostWrite) and not messages(out, Arrive)
     out = feed(c, layers(12, SlotChunk(4, 30, 10, 10)))  # final chunk: blocks 1 and 2
     assert {r for w in of(out, PostWrite) for r in w.runs} == {Run(2, 8, 2)}
-    (arrive,) = of(out, ToBarrier)
-    assert arrive.message.digest.blocks == 3
-    assert arrive.message.digest.bytes == 3 * LAYERS * 1024 * 2
+    (arrive,) = messages(out, Arrive)
+    assert arrive.digest.blocks == 3
+    assert arrive.digest.bytes == 3 * LAYERS * 1024 * 2
 
 
 def test_chunks_parked_before_the_cache_info_are_all_claimed_at_recovery() -> None:
@@ -168,7 +279,7 @@ def test_chunks_parked_before_the_cache_info_are_all_claimed_at_recovery() -> No
     out = feed(c, [info("x", 4, 10, 32, [1, 2], [7, 8])])
     # both chunks' blocks of a layer leave in one write, merged into one run
     assert [(w.layer, w.runs) for w in of(out, PostWrite)] == [(layer, (Run(1, 7, 2),)) for layer in range(LAYERS)]
-    assert len(of(out, ToBarrier)) == 1
+    assert len(messages(out, Arrive)) == 1
     assert c.sizes()["parked_signals"] == 0
 
 
@@ -183,8 +294,10 @@ def test_slot_reuse_never_hands_a_new_requests_chunk_to_the_old_one() -> None:
     assert c.sizes()["parked_signals"] == 2
     out = feed(c, [Abort("o", "preempted"), info("n", 2, 3, 32, [5, 6], [20, 21])])
     assert {r for w in of(out, PostWrite) for r in w.runs} == {Run(5, 20, 2)}
-    assert [t.message.key for t in of(out, ToBarrier)] == ["o", "n"]
-    assert isinstance(of(out, ToBarrier)[0].message, Withdraw)
+    assert [(type(m), m.key) for m in messages(out, Withdraw) + messages(out, Arrive)] == [
+        (Withdraw, "o"),
+        (Arrive, "n"),
+    ]
 
 
 def test_a_chunk_with_a_gap_fails_its_request_with_a_reason() -> None:
@@ -193,8 +306,8 @@ def test_a_chunk_with_a_gap_fails_its_request_with_a_reason() -> None:
     out = feed(c, layers(2, SlotChunk(1, 32, 16, 1)))
     (problem,) = of(out, Problem)
     assert problem.code is ErrorCode.BAD_LAYOUT and "previous one ended at 16" in problem.detail
-    (withdraw,) = of(out, ToBarrier)
-    assert withdraw.message.status is Status.FAILED and "token 32" in withdraw.message.reason
+    (withdraw,) = messages(out, Withdraw)
+    assert withdraw.status is Status.FAILED and "token 32" in withdraw.reason
 
 
 def test_a_repeated_layer_signal_posts_nothing_twice() -> None:
@@ -215,7 +328,7 @@ def test_step_ids_must_increase_and_unknown_later_layers_are_refused() -> None:
     assert p.code is ErrorCode.OUT_OF_RANGE
 
 
-# -- refusals and bounds ---------------------------------------------------------------------------
+# -- refusals: an ending like any other ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -225,17 +338,37 @@ def test_step_ids_must_increase_and_unknown_later_layers_are_refused() -> None:
         (info("x", 0, 1, 16, [64], [3]), ErrorCode.OUT_OF_RANGE),
     ],
 )
-def test_bad_cache_info_is_refused_with_a_result_and_a_withdrawal(msg: CacheInfo, code: ErrorCode) -> None:
+def test_a_refused_cache_info_is_told_to_the_engine_the_decode_peer_and_the_barrier(
+    msg: CacheInfo, code: ErrorCode
+) -> None:
     c = core()
     out = c.handle(msg, 0.0)
-    assert [type(e) for e in out] == [Problem, ToEngine, ToBarrier]
+    assert [type(e) for e in out] == [Problem, ToEngine, ToPeer, ToBarrier]
     assert out[0].code is code and out[0].reply
-    assert out[1].result.status is Status.FAILED and out[1].result.reason == out[0].detail
-    assert isinstance(out[2].message, Withdraw)
+    result = out[1].result
+    assert result.status is Status.FAILED and result.reason == out[0].detail and result.code == code.value
+    assert out[2] == ToPeer("d", result)  # the decode rank learns at once: its blocks can be reused
+    assert out[3].message == Withdraw("prefill", "x", 0, 0, Status.FAILED, out[0].detail)
+    assert c.sizes()["requests"] == 0
+    # the verdict that follows (the other ranks learn of the refusal) tells no one here again
+    verdict = Diverged("prefill", "x", 0, Status.FAILED, f"rank 0 failed: {out[0].detail}", (), "d")
+    assert c.handle(verdict, 1.0) == []
+    quiet(c)
     assert set(c.sizes().values()) == {0}
 
 
-def test_close_ends_everything_as_failed_and_empties_every_table() -> None:
+def test_refusals_of_the_shell_are_endings_too_but_never_for_a_live_instance() -> None:
+    c = core()
+    c.handle(info("x", 0, 1, 16, [1], [2]), 0.0)
+    refusal = (ErrorCode.UNAVAILABLE, "the prefill daemon is shutting down")
+    (p,) = c.on_cache_info(info("x", 0, 1, 16, [1], [2]), 0.0, refusal)  # the live one is untouched
+    assert p.code is ErrorCode.DUPLICATE_REQUEST
+    out = c.on_cache_info(info("y", 1, 1, 16, [3], [4]), 0.0, refusal)
+    assert of(out, ToEngine)[0].result.code == "unavailable"
+    assert of(out, ToPeer) and messages(out, Withdraw)
+
+
+def test_close_withdraws_and_ends_everything_as_failed_and_empties_every_table() -> None:
     c = core()
     feed(c, [info("a", 0, 1, 16, [1], [2]), LayerSignal(1, 0, (SlotChunk(0, 0, 16, 1),))], complete=False)
     c.handle(info("b", 1, 2, 16, [3], [4]), 0.0)
@@ -243,6 +376,8 @@ def test_close_ends_everything_as_failed_and_empties_every_table() -> None:
     results = sorted((e.result.request_id, e.result.status, e.result.reason) for e in of(out, ToEngine))
     assert results == [("a", Status.FAILED, "daemon shutting down"), ("b", Status.FAILED, "daemon shutting down")]
     assert len(of(out, ToPeer)) == 2
+    assert sorted(m.key for m in messages(out, Withdraw)) == ["a", "b"]  # the others fail them too
+    quiet(c)
     assert set(c.sizes().values()) == {0}
 
 
@@ -250,9 +385,10 @@ def test_duplicate_and_slot_busy_cache_infos() -> None:
     c = core()
     c.handle(info("x", 0, 1, 16, [1], [2]), 0.0)
     (p,) = c.handle(info("x", 0, 1, 16, [1], [2]), 0.0)
-    assert p.code is ErrorCode.DUPLICATE_REQUEST
+    assert p.code is ErrorCode.DUPLICATE_REQUEST and "already in flight" in p.detail
     out = c.handle(info("y", 0, 1, 16, [1], [2]), 0.0)
     assert out[0].code is ErrorCode.SLOT_BUSY and "already belongs to request x" in out[0].detail
+    assert of(out, ToPeer), "the refused request's decode blocks must be released too"
     assert c.sizes()["requests"] == 1
 
 
@@ -262,7 +398,7 @@ def test_request_table_bound_is_an_explicit_failure() -> None:
     c.handle(info("b", 1, 1, 16, [1], [2]), 0.0)
     out = c.handle(info("c", 2, 1, 16, [1], [2]), 0.0)
     assert out[0].code is ErrorCode.TABLE_FULL and "2 requests" in out[0].detail
-    assert out[1].result.status is Status.FAILED
+    assert out[1].result.status is Status.FAILED and out[1].result.code == "table_full"
 
 
 def test_signal_bound_drops_loudly() -> None:
@@ -283,7 +419,7 @@ def test_step_bound_drops_loudly() -> None:
     assert c.sizes()["steps"] == 2
 
 
-# -- stopping: aborts, write failures, verdicts ------------------------------------------------------
+# -- aborts ---------------------------------------------------------------------------------------
 
 
 def test_abort_waits_for_inflight_writes_before_withdrawing() -> None:
@@ -292,66 +428,172 @@ def test_abort_waits_for_inflight_writes_before_withdrawing() -> None:
     (w,) = of(out, PostWrite)
     assert c.handle(Abort("x", "user gone"), 1.0) == []  # draining: the write is still in flight
     out = c.write_done(w.write_id, 2.0)
-    (t,) = of(out, ToBarrier)
-    assert t.message == Withdraw("prefill", "x", 0, Status.ABORTED, "user gone")
-    out = c.handle(Diverged("prefill", "x", ()), 3.0)
+    assert messages(out, Withdraw) == [Withdraw("prefill", "x", 0, 0, Status.ABORTED, "user gone")]
+    out = c.handle(Diverged("prefill", "x", 0, Status.ABORTED, "aborted: user gone"), 3.0)
     (res,) = of(out, ToEngine)
-    assert res.result.status is Status.FAILED  # no rank reported an abort in the (empty) views
+    assert (res.result.status, res.result.reason) == (Status.ABORTED, "aborted: user gone")  # the verdict's words
 
 
-def test_abort_of_unknown_request_is_answered() -> None:
-    (p,) = core().handle(Abort("nope"), 0.0)
-    assert p.code is ErrorCode.UNKNOWN_REQUEST and p.reply
+def test_an_abort_before_the_cache_info_is_remembered_and_ends_it_at_once() -> None:
+    """Case 3: the abort overtook its cache_info. The cache_info then withdraws as aborted at once
+    (no admission, no write), and the layer-0 signal already parked for it is dropped."""
+    c = core()
+    feed(c, layers(1, SlotChunk(0, 0, 16, 1)))
+    assert c.handle(Abort("x", "client cancelled"), 0.0) == []
+    assert c.sizes()["aborts"] == 1
+    out = c.handle(info("x", 0, 1, 16, [1], [2]), 0.1)
+    assert messages(out, Withdraw) == [Withdraw("prefill", "x", 0, 0, Status.ABORTED, "client cancelled")]
+    assert not messages(out, Admit) and not of(out, PostWrite)
+    assert c.sizes()["parked_signals"] == 0 and c.sizes()["aborts"] == 0
+    out = c.handle(Diverged("prefill", "x", 0, Status.ABORTED, "aborted: client cancelled"), 0.2)
+    (res,) = of(out, ToEngine)
+    assert res.result.status is Status.ABORTED
+    (notice,) = of(out, ToPeer)
+    assert notice.message.status is Status.ABORTED
+    quiet(c)
+    assert set(c.sizes().values()) == {0}
+
+
+def test_remembered_aborts_expire_and_are_bounded() -> None:
+    c = core(max_requests=2)
+    c.handle(Abort("a"), 0.0)
+    c.handle(Abort("b"), 0.0)
+    (p,) = c.handle(Abort("c"), 0.0)
+    assert p.code is ErrorCode.TABLE_FULL and p.reply
+    assert c.next_deadline() == pytest.approx(5.0)  # pending_timeout_s
+    c.on_timer(5.0)
+    assert c.sizes()["aborts"] == 0
+    assert messages(feed(c, [info("a", 0, 1, 16, [1], [2])], admit=False), Admit)  # no longer aborted
+
+
+def test_an_abort_and_a_cache_info_in_either_order_end_the_same_on_every_rank() -> None:
+    """Case 2: rank 0 gets cache_info then Abort, rank 1 Abort then cache_info. Both end aborted,
+    with the same reason, and both decode ranks are told so."""
+    x = info("x", 0, 1, 16, [1], [2])
+    ranks = [core(0), core(1)]
+    effects = {
+        0: feed(ranks[0], [x, Abort("x", "client cancelled")], admit=False),
+        1: feed(ranks[1], [Abort("x", "client cancelled"), x], admit=False),
+    }
+    out = relay(barrier(), ranks, effects)
+    endings = [(e.result.status, e.result.reason) for r in (0, 1) for e in of(out[r], ToEngine)]
+    assert endings == [(Status.ABORTED, "aborted: client cancelled")] * 2
+    notices = [e.message for r in (0, 1) for e in of(out[r], ToPeer)]
+    assert [n.status for n in notices] == [Status.ABORTED, Status.ABORTED]
+
+
+def test_abort_of_an_ended_instance_is_dropped_quietly() -> None:
+    c = core()
+    out = feed(c, [info("x", 0, 1, 16, [1], [2]), *layers(1, SlotChunk(0, 0, 16, 1))])
+    (arrive,) = messages(out, Arrive)
+    c.handle(Release("prefill", "x", 0, arrive.digest), 1.0)
+    assert c.handle(Abort("x", "too late"), 2.0) == []
+    assert c.sizes()["aborts"] == 0
+
+
+# -- instances: reuse and late messages -------------------------------------------------------------
+
+
+def test_a_reused_id_starts_clean_and_late_messages_of_the_old_instance_are_dropped() -> None:
+    """Case 6: instance 0 of "x" expires; "x" is reused at once as instance 1 and completes. Late
+    words about instance 0 (an abort, a repeated verdict, its cache_info again) change nothing."""
+    c = core()
+    c.handle(info("x", 0, 1, 16, [1], [2]), 0.0)
+    expired = Expired("prefill", "x", 0, (1,), 10.0, Status.FAILED, "rank 1 of group prefill did not report")
+    (res,) = of(c.handle(expired, 10.0), ToEngine)
+    assert res.result.key == ("x", 0) and res.result.status is Status.FAILED
+    out = feed(c, [info("x", 1, 2, 16, [3], [4], instance=1), *layers(2, SlotChunk(1, 0, 16, 2))], now=10.5)
+    (arrive,) = messages(out, Arrive)
+    assert arrive.instance == 1
+    assert c.handle(Abort("x", "late", 0), 10.6) == []
+    assert c.handle(expired, 10.6) == []
+    (p,) = c.handle(info("x", 0, 1, 16, [1], [2]), 10.6)
+    assert p.code is ErrorCode.DUPLICATE_REQUEST and "already ended" in p.detail
+    out = c.handle(Release("prefill", "x", 1, arrive.digest), 11.0)
+    assert [e.result.status for e in of(out, ToEngine)] == [Status.OK]
+    assert of(out, ToPeer) == [ToPeer("d", KVReady("x", 0, LAYERS * 2048, 1))]
+
+
+def test_a_verdict_for_an_instance_never_held_tells_the_decode_peer_and_answers_the_straggler() -> None:
+    """This rank never got the cache_info before the barrier gave up on it. Its decode rank is
+    told anyway (the peer comes with the verdict); the cache_info that comes late is answered with
+    the same ending, and nobody is told twice."""
+    c = core(1)
+    expired = Expired("prefill", "x", 0, (1,), 10.0, Status.FAILED, "rank 1 did not report", "ipc://d-{rank}")
+    out = c.handle(expired, 10.0)
+    assert out == [ToPeer("ipc://d-{rank}", TransferResult("x", Status.FAILED, "rank 1 did not report", 1))]
+    out = c.handle(info("x", 0, 1, 16, [1], [2], peer="ipc://d-{rank}"), 11.0)
+    assert [type(e) for e in out] == [ToEngine]
+    assert (out[0].result.status, out[0].result.reason) == (Status.FAILED, "rank 1 did not report")
+    (p,) = c.handle(info("x", 0, 1, 16, [1], [2], peer="ipc://d-{rank}"), 11.0)
+    assert p.code is ErrorCode.DUPLICATE_REQUEST
+    assert c.sizes()["requests"] == 0
+
+
+# -- verdicts ---------------------------------------------------------------------------------------
 
 
 def test_write_failure_fails_the_request_on_every_rank_through_the_barrier() -> None:
     ranks = [core(0), core(1)]
-    barrier = BarrierState()
-    for r in (0, 1):
-        barrier.hello(Hello("prefill", r, 2, "prefill"))
+    bar = barrier()
     x = info("x", 0, 1, 16, [1], [2])
     sig = LayerSignal(1, 0, (SlotChunk(0, 0, 16, 1),))
     words = []
     for r, c in enumerate(ranks):
-        out = c.handle(x, 0.0) + c.handle(sig, 0.0)
+        out = feed(c, [x, sig], complete=False)
         (w,) = of(out, PostWrite)
         out = c.write_done(w.write_id, 0.1, error="peer gone" if r == 1 else None)
-        words += [t.message for t in of(out, ToBarrier)]
+        words += messages(out, Withdraw)
         for layer in range(1, LAYERS):
             for w in of(c.handle(LayerSignal(1, layer), 0.2), PostWrite):
-                words += [t.message for t in of(c.write_done(w.write_id, 0.3), ToBarrier)]
+                words += messages(c.write_done(w.write_id, 0.3), Arrive)
+    for r in (0, 1):
+        bar.handle(Admit("prefill", "x", 0, r, terms_of(x)), 0.0)
     assert [type(m) for m in words] == [Arrive, Withdraw]
-    verdicts = [v for m in words for v in barrier.handle(m, 1.0)]
+    verdicts = [v for m in words for v in bar.handle(m, 1.0)]
     assert all(isinstance(v.message, Diverged) for v in verdicts)
     results = [of(ranks[v.rank].handle(v.message, 1.0), ToEngine)[0].result for v in verdicts]
     assert [r.status for r in results] == [Status.FAILED, Status.FAILED]
-    assert all("rank 1 failed (write of layer 0 to d failed: peer gone)" in r.reason for r in results)
+    assert all(r.reason == "rank 1 failed: write of layer 0 to d failed: peer gone" for r in results)
 
 
 def test_a_verdict_while_active_stops_new_writes_and_waits_for_inflight_ones() -> None:
     c = core()
     out = feed(c, [info("x", 0, 1, 16, [1], [2]), LayerSignal(1, 0, (SlotChunk(0, 0, 16, 1),))], complete=False)
     (w,) = of(out, PostWrite)
-    assert c.handle(Expired("prefill", "x", (1,), 30.0), 1.0) == []
+    expired = Expired("prefill", "x", 0, (1,), 30.0, Status.FAILED, "rank 1 of group prefill did not report")
+    assert c.handle(expired, 1.0) == []
     assert not of(c.handle(LayerSignal(1, 1), 1.1), PostWrite)
     out = c.write_done(w.write_id, 1.2)
     (res,) = of(out, ToEngine)
-    assert res.result.status is Status.FAILED and "ranks [1]" in res.result.reason
+    assert res.result.status is Status.FAILED and res.result.reason == expired.reason
     (peer,) = of(out, ToPeer)
     assert peer.message == res.result
     assert not of(out, ToBarrier)  # the barrier already settled the key
+    quiet(c)
     assert set(c.sizes().values()) == {0}
 
 
 def test_release_reports_ok_to_engine_and_kv_ready_to_decode_peer() -> None:
     c = core()
     out = feed(c, [info("x", 0, 1, 16, [1], [2], peer="ipc://dec-{rank}"), *layers(1, SlotChunk(0, 0, 16, 1))])
-    (t,) = of(out, ToBarrier)
-    out = c.handle(Release("prefill", "x", t.message.digest), 0.5)
+    (arrive,) = messages(out, Arrive)
+    out = c.handle(Release("prefill", "x", 0, arrive.digest), 0.5)
     assert out == [
-        ToEngine(TransferResult("x", Status.OK, "", 0, LAYERS * 2048, "auto", 0.0, 0.0, 500.0)),
-        ToPeer("ipc://dec-{rank}", KVReady("x", 0, LAYERS * 2048)),
+        ToEngine(TransferResult("x", Status.OK, "", 0, LAYERS * 2048, "auto", 0.0, 0.0, 500.0, 0, "", 0.0)),
+        ToPeer("ipc://dec-{rank}", KVReady("x", 0, LAYERS * 2048, 0)),
     ]
+
+
+def test_long_reasons_are_clipped_never_raised() -> None:
+    c = core()
+    c.handle(info("x", 0, 1, 16, [1], [2]), 0.0)
+    out = c.handle(Abort("x", "r" * MAX_TEXT), 0.0)
+    (withdraw,) = messages(out, Withdraw)
+    assert len(withdraw.reason) <= MAX_TEXT
+    long = Diverged("prefill", "x", 0, Status.ABORTED, "aborted: " + "r" * (MAX_TEXT - 9))
+    (res,) = of(c.handle(long, 1.0), ToEngine)
+    assert len(res.result.reason) <= MAX_TEXT
 
 
 # -- deadlines ---------------------------------------------------------------------------------------
@@ -360,26 +602,37 @@ def test_release_reports_ok_to_engine_and_kv_ready_to_decode_peer() -> None:
 def test_next_deadline_and_timeouts_name_what_was_missing() -> None:
     c = core()
     assert c.next_deadline() is None
-    c.handle(info("a", 0, 1, 16, [1], [2]), 0.0)  # waits for its layer-0 signal
+    feed(c, [info("a", 0, 1, 16, [1], [2])])  # admitted; waits for its layer-0 signal
     feed(c, [LayerSignal(2, 0, (SlotChunk(3, 0, 16, 2),))], now=1.0)  # a signal nobody claims
     feed(c, [info("b", 4, 3, 32, [5, 6], [7, 8]), LayerSignal(3, 0, (SlotChunk(4, 0, 16, 3),))], now=2.0)
     assert c.next_deadline() == 5.0
     assert c.on_timer(4.99) == []
     out = c.on_timer(5.0)
-    (w,) = of(out, ToBarrier)
-    assert w.message.status is Status.FAILED and "no layer-0 signal for slot 0 of step 1 within 5s" in w.message.reason
+    (w,) = messages(out, Withdraw)
+    assert w.status is Status.FAILED and "no layer-0 signal for slot 0 of step 1 within 5s" in w.reason
     out = c.on_timer(6.0)
     (p,) = of(out, Problem)
     assert p.code is ErrorCode.STALE_SIGNAL and not p.reply and "slot 3 of step 2" in p.detail
     assert c.next_deadline() == 9.0  # b's progress deadline (7 s after its last write completed at 2.0)
-    (w,) = of(c.on_timer(9.0), ToBarrier)
-    assert "waiting for the chunk at token 16 of 32 (slot 4, after step 3)" in w.message.reason
+    (w,) = messages(c.on_timer(9.0), Withdraw)
+    assert "waiting for the chunk at token 16 of 32 (slot 4, after step 3)" in w.reason
     assert c.next_deadline() == 16.0  # a's verdict deadline (5 + 11)
     out = c.on_timer(16.0)
     (res,) = of(out, ToEngine)
     assert res.result.request_id == "a" and "no verdict from the barrier service within 11s" in res.result.reason
-    c.on_timer(100.0)
+    quiet(c)
     assert set(c.sizes().values()) == {0}
+
+
+def test_an_admission_the_barrier_never_answers_ends_with_a_withdrawal() -> None:
+    c = core()
+    out = feed(c, [info("x", 0, 1, 16, [1], [2]), *layers(1, SlotChunk(0, 0, 16, 1))], admit=False)
+    assert not of(out, PostWrite)
+    assert c.next_deadline() == 11.0  # verdict_timeout_s from the cache_info
+    out = c.on_timer(11.0)
+    assert [type(e) for e in out] == [ToBarrier, ToEngine, ToPeer]
+    assert "no admission verdict from the barrier service within 11s" in out[1].result.reason
+    assert c.sizes()["requests"] == 0
 
 
 def test_writes_that_never_confirm_are_given_up_after_the_drain_deadline() -> None:
@@ -397,9 +650,11 @@ def test_writes_that_never_confirm_are_given_up_after_the_drain_deadline() -> No
 
 @pytest.mark.parametrize("seed", range(5))
 def test_simulated_group_with_timeouts_ends_every_request(seed: int) -> None:
-    """Deadlines fire while work is still queued: everything still ends exactly once, agreeing."""
+    """Deadlines fire while work is still queued: everything still ends exactly once."""
     rng = random.Random(seed)
-    sc = build_scenario(rng, num_layers=2, block_tokens=4, num_slots=3, num_steps=8, abort_rate=0.3)
+    sc = build_scenario(
+        rng, world=3, num_layers=2, block_tokens=4, num_slots=3, num_steps=8, abort_rate=0.3, refusal_rate=0.1
+    )
     # Deadlines can end a request while a slow rank still writes (that is what they are for), so
     # the simulation's "nobody writes any more" check is off here.
     sim = GroupSim(
@@ -420,8 +675,8 @@ def test_simulated_group_with_timeouts_ends_every_request(seed: int) -> None:
         if not sim.step():
             break
     sim.settle_timers()
-    for rid in sc.plans:
-        results = [rank.results[rid] for rank in sim.ranks]
-        assert all(len(rs) == 1 for rs in results), (rid, results)
+    for key in sc.plans:
+        results = [rank.results[key] for rank in sim.ranks]
+        assert all(len(rs) == 1 for rs in results), (key, results)
     for rank in sim.ranks:
         assert set(rank.core.sizes().values()) == {0}

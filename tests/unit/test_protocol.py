@@ -13,6 +13,8 @@ from kvxferd.protocol import (
     REGISTRY,
     Abort,
     Ack,
+    Admit,
+    Admitted,
     Arrive,
     CacheInfo,
     CacheLayout,
@@ -35,6 +37,7 @@ from kvxferd.protocol import (
     Status,
     StatusQuery,
     StatusReply,
+    Terms,
     TransferResult,
     Withdraw,
     decode,
@@ -44,6 +47,7 @@ from kvxferd.protocol import (
 LAYOUT = CacheLayout(2, 64, 4096)
 REGIONS = tuple(Region(layer, kv, "kvx-seg", (2 * layer + kv) * 64 * 4096) for layer in range(2) for kv in (0, 1))
 DIGEST = Digest(32, 13, 27262976, "9f2c3b1a0e4d5c6b")
+TERMS = Terms(200, 3, 17, "13 blocks #9f2c3b1a0e4d5c6b", "13 blocks #0e4d5c6b9f2c3b1a", "ipc:///d-{rank}.sock", "auto")
 
 EXAMPLES: dict[str, Message] = {
     "layer": LayerSignal(17, 0, (SlotChunk(3, 0, 128, 17), SlotChunk(5, 512, 64, 15))),
@@ -56,10 +60,13 @@ EXAMPLES: dict[str, Message] = {
         tuple(range(40, 53)),
         "ipc:///run/kvxferd/decode-{rank}.sock",
         "shm",
+        4,
     ),
-    "abort": Abort("req-7", "client cancelled"),
-    "result": TransferResult("req-7", Status.FAILED, "peer gone", 1, 1 << 20, "rdma", 0.4, 2.1, 2.9),
-    "kv_ready": KVReady("req-7", 0, 1 << 20),
+    "abort": Abort("req-7", "client cancelled", 4),
+    "result": TransferResult(
+        "req-7", Status.FAILED, "table full", 1, 0, "rdma", 0.4, 2.1, 2.9, 4, ErrorCode.TABLE_FULL.value, 0.2
+    ),
+    "kv_ready": KVReady("req-7", 0, 1 << 20, 4),
     "register": RegisterCache("host", LAYOUT, REGIONS),
     "peer_query": PeerQuery("prefill", 0),
     "peer_info": PeerInfo(
@@ -74,11 +81,21 @@ EXAMPLES: dict[str, Message] = {
     "ack": Ack("register"),
     "error": Error(ErrorCode.OUT_OF_RANGE, "src block 9000 >= 4096 blocks", "req-7"),
     "hello": Hello("prefill", 1, 2, "prefill"),
-    "arrive": Arrive("prefill", "req-7", 1, DIGEST, 12.5),
-    "withdraw": Withdraw("prefill", "req-7", 1, Status.ABORTED, "client cancelled"),
-    "release": Release("prefill", "req-7", DIGEST),
-    "diverged": Diverged("prefill", "req-7", (RankView(0, Status.OK, DIGEST), RankView(1, Status.ABORTED, None, "x"))),
-    "expired": Expired("prefill", "req-7", (1, 3), 30.0),
+    "admit": Admit("prefill", "req-7", 4, 1, TERMS),
+    "admitted": Admitted("prefill", "req-7", 4),
+    "arrive": Arrive("prefill", "req-7", 4, 1, DIGEST, 12.5),
+    "withdraw": Withdraw("prefill", "req-7", 4, 1, Status.ABORTED, "client cancelled"),
+    "release": Release("prefill", "req-7", 4, DIGEST),
+    "diverged": Diverged(
+        "prefill",
+        "req-7",
+        4,
+        Status.ABORTED,
+        "aborted: x",
+        (RankView(0, Status.OK, DIGEST), RankView(1, Status.ABORTED, reason="x"), RankView(2, Status.OK, terms=TERMS)),
+        "ipc:///d-{rank}.sock",
+    ),
+    "expired": Expired("prefill", "req-7", 4, (1, 3), 30.0, Status.FAILED, "ranks [1, 3] did not report"),
     "status": StatusQuery(),
     "status_reply": StatusReply("prefill", "prefill", 0, "serving", '{"requests": []}'),
 }
@@ -122,7 +139,25 @@ MALFORMED = {
     "unknown tag": raw(PROTOCOL_VERSION, "launch_missiles", 1),
     "tag not a string": raw(PROTOCOL_VERSION, 7, "r"),
     "missing fields": raw(PROTOCOL_VERSION, "cache_info", "r", 3),
-    "extra fields": raw(PROTOCOL_VERSION, "abort", "r", "why", "extra"),
+    "extra fields": raw(PROTOCOL_VERSION, "abort", "r", "why", 0, "extra"),
+    "negative instance": raw(PROTOCOL_VERSION, "abort", "r", "why", -1),
+    "instance not an int": raw(PROTOCOL_VERSION, "kv_ready", "r", 0, 0, "1"),
+    "refusal code on ok": raw(PROTOCOL_VERSION, "result", "r", "ok", "", 0, 0, "", 0, 0, 0, 0, "table_full"),
+    "unknown refusal code": raw(PROTOCOL_VERSION, "result", "r", "failed", "x", 0, 0, "", 0, 0, 0, 0, "teapot"),
+    "admit without terms": raw(PROTOCOL_VERSION, "admit", "g", "k", 0, 0, None),
+    "terms with bad transport": raw(PROTOCOL_VERSION, "admit", "g", "k", 0, 0, [1, 0, 0, "b", "b", "p", "pigeon"]),
+    "diverged as ok": raw(PROTOCOL_VERSION, "diverged", "g", "k", 0, "ok", "why", [], ""),
+    "expired without reason": raw(PROTOCOL_VERSION, "expired", "g", "k", 0, [1], 1.0, "failed", ""),
+    "view with terms and digest": raw(
+        PROTOCOL_VERSION,
+        "diverged",
+        "g",
+        "k",
+        0,
+        "failed",
+        "x",
+        [[0, "ok", [1, 1, 1, "f"], [1, 0, 0, "b", "b", "p", "auto"], ""]],
+    ),
     "wrong type": raw(PROTOCOL_VERSION, "cache_info", CI[0], "3", *CI[2:]),
     "bool as int": raw(PROTOCOL_VERSION, "cache_info", CI[0], True, *CI[2:]),
     "negative block id": raw(PROTOCOL_VERSION, "cache_info", *CI[:4], [-1, *CI[4][1:]], *CI[5:]),
@@ -143,8 +178,8 @@ MALFORMED = {
     "NaN timing": raw(PROTOCOL_VERSION, "result", "r", "ok", "", 0, 0, "", math.nan),
     "unknown error code": raw(PROTOCOL_VERSION, "error", "teapot", "x"),
     "missing region": raw(PROTOCOL_VERSION, "register", "host", [2, 64, 4096], [[0, 0, "s", 0, 0]]),
-    "arrive without digest": raw(PROTOCOL_VERSION, "arrive", "g", "k", 0, None),
-    "withdraw as ok": raw(PROTOCOL_VERSION, "withdraw", "g", "k", 0, "ok", "why"),
+    "arrive without digest": raw(PROTOCOL_VERSION, "arrive", "g", "k", 0, 0, None),
+    "withdraw as ok": raw(PROTOCOL_VERSION, "withdraw", "g", "k", 0, 0, "ok", "why"),
     "rank outside world": raw(PROTOCOL_VERSION, "hello", "g", 2, 2, "prefill"),
     "string too long": raw(PROTOCOL_VERSION, "abort", "r" * 300, ""),
     "map key not a string": raw(PROTOCOL_VERSION, "peer_info", "d", 0, "h", "host", [2, 64, 4096], [], {1: b""}),
@@ -168,7 +203,7 @@ def test_oversize_frames_are_refused_before_parsing() -> None:
 def test_errors_name_the_message_and_field() -> None:
     with pytest.raises(RemoteProtocolError, match=r"CacheInfo\.src_blocks\[0\]: -1 is outside"):
         decode(MALFORMED["negative block id"])
-    with pytest.raises(RemoteProtocolError, match="version 2 is not supported"):
+    with pytest.raises(RemoteProtocolError, match=f"version {PROTOCOL_VERSION + 1} is not supported"):
         decode(MALFORMED["wrong version"])
 
 
