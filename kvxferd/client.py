@@ -19,10 +19,14 @@ Example, for a 2-rank prefill group and a 2-rank decode group::
     # prefill scheduler: one CacheInfo per request, to every rank
     sched = PrefillScheduler([config.endpoint(pgroup, r) for r in range(2)])
     sched.submit(CacheInfo("req-1", slot=3, step=17, num_tokens=200, src_blocks=src,
-                           dst_blocks=dst, peer=config.peer_template(dgroup)))
+                           dst_blocks=dst, peer=config.peer_template(dgroup), instance=0))
     # ... the worker runs step 17: worker.layer_ready(17, 0, [SlotChunk(3, 0, 200, 17)]), then layers 1..L-1
-    sched.wait("req-1", timeout_s=30)        # {rank: TransferResult}
+    sched.wait("req-1", timeout_s=30)        # PrefillOutcome: results {rank: TransferResult}
     decode.wait("req-1", timeout_s=30)       # DecodeOutcome(ready=True, ...)
+
+Outcomes are kept per request instance ``(request_id, instance)``: undecided
+ones until decided (at most :data:`MAX_OPEN`), decided ones for the
+:data:`KEEP_DONE` most recent instances, so nothing needs forgetting by hand.
 """
 
 from __future__ import annotations

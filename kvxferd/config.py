@@ -67,7 +67,7 @@ class GroupConfig:
 @dataclass(frozen=True)
 class BarrierConfig:
     endpoint: str = "ipc://{run_dir}/barrier.sock"
-    timeout_s: float = 30.0  # a key still open this long after its first word expires
+    timeout_s: float = 30.0  # a round still open this long expires; verdicts are remembered as long
     max_keys: int = 65536
 
     def __post_init__(self) -> None:
@@ -134,9 +134,9 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class TimeoutsConfig:
-    pending_s: float = 30.0  # cache_info or layer-0 signal waiting for its other half
+    pending_s: float = 30.0  # cache_info or layer-0 signal waiting for its other half; an early abort
     progress_s: float = 30.0  # a job without progress (layers, write completions)
-    verdict_s: float = 60.0  # an arrival waiting for the barrier's verdict
+    verdict_s: float = 60.0  # an admission, arrival or withdrawal waiting for the barrier's answer
     startup_s: float = 60.0  # the start-up barrier (all ranks of the group up)
     peer_s: float = 10.0  # answer to a peer query
     shutdown_s: float = 5.0  # graceful shutdown before forcing
