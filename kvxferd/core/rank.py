@@ -46,7 +46,7 @@ credited to it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import count
 from typing import Any
 
@@ -57,6 +57,7 @@ from kvxferd.core.lifecycle import Action, State, next_state
 from kvxferd.core.pending import PendingSignal, PendingTable
 from kvxferd.core.progress import StepTable
 from kvxferd.core.recall import Recall
+from kvxferd.core.request import Chunk, Ending, Key, Part, Request, terms_of
 from kvxferd.protocol import (
     Abort,
     Admit,
@@ -73,14 +74,10 @@ from kvxferd.protocol import (
     Release,
     SlotChunk,
     Status,
-    Terms,
     TransferResult,
     Withdraw,
-    block_summary,
 )
 from kvxferd.protocol.fields import clip
-
-Key = tuple[str, int]  # (request id, instance)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,66 +104,6 @@ class RankSettings:
         return self.pending_timeout_s + self.verdict_timeout_s
 
 
-@dataclass(slots=True)
-class Chunk:
-    step: int
-    token_offset: int
-    token_count: int
-    first_block: int
-    end_block: int
-    runs: tuple[Run, ...]
-    posted: set[int] = field(default_factory=set)
-    confirmed: set[int] = field(default_factory=set)
-
-
-@dataclass(slots=True)
-class Request:
-    info: CacheInfo
-    state: State
-    created: float
-    admitted: float | None = None  # when the barrier admitted it; nothing is written before
-    recovered: float | None = None
-    sent: float | None = None
-    chunks: list[Chunk] = field(default_factory=list)
-    next_token: int = 0  # where the next chunk must start
-    blocks_assigned: int = 0
-    inflight: int = 0  # write parts posted and not yet reported
-    bytes_done: int = 0
-    stop: tuple[Status, str] | None = None  # this rank's own decision to stop
-    outcome: tuple[Status, str] | None = None  # the group's verdict, if it came while draining
-
-
-@dataclass(slots=True)
-class Ending:
-    """How an instance ended here (or was learned to have ended), and who has been told."""
-
-    status: Status
-    reason: str
-    told_engine: bool
-    told_peer: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Part:
-    key: Key
-    chunk: int
-    layer: int
-    nbytes: int
-
-
-def terms_of(info: CacheInfo) -> Terms:
-    """What this rank admits at the barrier for ``info``: every field ranks must agree on."""
-    return Terms(
-        info.num_tokens,
-        info.slot,
-        info.step,
-        block_summary(info.src_blocks),
-        block_summary(info.dst_blocks),
-        info.peer,
-        info.transport,
-    )
-
-
 class RankCore:
     """Pure state of one prefill rank. See the module docstring."""
 
@@ -176,12 +113,16 @@ class RankCore:
         self._starts: dict[tuple[int, int], Key] = {}  # (slot, first step) -> live request instance
         self._pending = PendingTable()
         self._steps = StepTable()
-        self._writes: dict[int, tuple[_Part, ...]] = {}
+        self._writes: dict[int, tuple[Part, ...]] = {}
         self._write_ids = count(1)
         self._deadlines: Deadlines[Key] = Deadlines()  # one per live request
         self._signal_deadlines: Deadlines[tuple[int, int]] = Deadlines()  # one per parked (slot, step)
         self._aborts: Recall[Key, str] = Recall(ttl_s=settings.pending_timeout_s, limit=settings.max_requests)
         self._ended: Recall[Key, Ending] = Recall(ttl_s=settings.ended_memory_s, limit=4 * settings.max_requests)
+        # (slot, first step) of requests that ended or were refused here: their late signals are dropped
+        self._closed: Recall[tuple[int, int], bool] = Recall(
+            ttl_s=settings.pending_timeout_s, limit=settings.max_pending_signals
+        )
 
     # ------------------------------------------------------------------ inputs
 
@@ -278,6 +219,8 @@ class RankCore:
             signal = PendingSignal(sig.step, chunk, now)
             owner = self._starts.get((chunk.slot, chunk.start_step))
             req = self._requests[owner] if owner is not None else None
+            if req is None and (chunk.slot, chunk.start_step) in self._closed:
+                continue  # a signal of a request that ended or was refused here: nothing to send
             if chunk.start_step == sig.step:  # a first chunk: pairs with its cache_info
                 key = self._pending.take_info(chunk.slot, sig.step)
                 if key is not None:
@@ -367,8 +310,8 @@ class RankCore:
         return self._end(req, *outcome, now)
 
     def on_timer(self, now: float) -> list[Effect]:
-        self._aborts.expire(now)
-        self._ended.expire(now)
+        for memory in (self._aborts, self._ended, self._closed):
+            memory.expire(now)
         effects: list[Effect] = []
         for slot, step in self._signal_deadlines.pop_due(now):
             effects += self._expire_signal(slot, step)
@@ -384,6 +327,7 @@ class RankCore:
             self._signal_deadlines.earliest(),
             self._aborts.next_deadline(),
             self._ended.next_deadline(),
+            self._closed.next_deadline(),
         ]
         return min((t for t in times if t is not None), default=None)
 
@@ -398,6 +342,8 @@ class RankCore:
         )
         self._ended.put(info.key, Ending(Status.FAILED, detail, True, True), now)
         self._aborts.pop(info.key)
+        if code is not ErrorCode.SLOT_BUSY:  # a busy slot's signals belong to the request holding it
+            self._close_start(info, now)
         withdraw = Withdraw(s.group, rid, info.instance, s.rank, Status.FAILED, detail)
         return [Problem(code, detail, rid), ToEngine(result), ToPeer(info.peer, result), ToBarrier(withdraw)]
 
@@ -423,7 +369,8 @@ class RankCore:
     # ------------------------------------------------------------ introspection
 
     def sizes(self) -> dict[str, int]:
-        """Entries in every table (all zero when idle, nothing parked and nothing remembered)."""
+        """Entries in every table. ``aborts``, ``ended`` and ``closed_slots`` are bounded memories
+        that empty themselves within ``pending_s + verdict_s``; the rest are empty when idle."""
         return {
             "requests": len(self._requests),
             "starts": len(self._starts),
@@ -434,6 +381,7 @@ class RankCore:
             "deadlines": len(self._deadlines) + len(self._signal_deadlines),
             "aborts": len(self._aborts),
             "ended": len(self._ended),
+            "closed_slots": len(self._closed),
         }
 
     def is_live(self, key: Key) -> bool:
@@ -534,9 +482,18 @@ class RankCore:
     def _discard_parked(self, info: CacheInfo) -> None:
         """Claim and drop every parked signal of a request that will send nothing."""
         signal = self._pending.take_signal(info.slot, info.step)
-        while signal is not None:
+        if signal is not None:
             self._forget_signal(signal)
-            signal = self._pending.take_later_chunk(info.slot, info.step)
+        while (later := self._pending.take_later_chunk(info.slot, info.step)) is not None:
+            self._forget_signal(later)
+
+    def _close_start(self, info: CacheInfo, now: float) -> None:
+        """The request that began at ``(slot, step)`` sends nothing more from this rank: drop the
+        signals of it that wait, and those that come later."""
+        if (info.slot, info.step) in self._starts:
+            return  # another live request holds the slot: its signals are its own
+        self._closed.put((info.slot, info.step), True, now)
+        self._discard_parked(info)
 
     def _forget_signal(self, signal: PendingSignal) -> None:
         """A parked signal was claimed by a job (attach it first: this may close its step)."""
@@ -614,7 +571,7 @@ class RankCore:
     def _post(self, items: list[tuple[Key, int, int]], now: float) -> list[Effect]:
         """Turn (request, chunk, layer) items into writes: one per (peer, transport, layer)."""
         s = self.s
-        groups: dict[tuple[str, str, int], tuple[list[Run], list[_Part]]] = {}
+        groups: dict[tuple[str, str, int], tuple[list[Run], list[Part]]] = {}
         finished: dict[Key, Request] = {}
         for key, index, layer in items:
             req = self._requests[key]
@@ -631,7 +588,7 @@ class RankCore:
             nbytes = sum(r.length for r in chunk.runs) * s.block_bytes * 2
             runs, parts = groups.setdefault((req.info.peer, req.info.transport, layer), ([], []))
             runs.extend(chunk.runs)
-            parts.append(_Part(key, index, layer, nbytes))
+            parts.append(Part(key, index, layer, nbytes))
             req.inflight += 1
         effects: list[Effect] = []
         for (peer, transport, layer), (runs, parts) in groups.items():
@@ -708,6 +665,7 @@ class RankCore:
         if self._starts.get((info.slot, info.step)) == key:
             del self._starts[(info.slot, info.step)]
         self._pending.drop_info(info.slot, info.step, key)
+        self._close_start(info, now)
         self._deadlines.cancel(key)
         self._ended.put(key, Ending(status, reason, True, True), now)
         recovered = req.recovered if req.recovered is not None else now

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from kvxferd.core import BarrierState, PostWrite, Problem, RankCore, RankSettings, Run, ToBarrier, ToEngine, ToPeer
-from kvxferd.core.rank import terms_of
+from kvxferd.core.request import terms_of
 from kvxferd.protocol import (
     Abort,
     Admit,
@@ -353,6 +353,18 @@ def test_a_refused_cache_info_is_told_to_the_engine_the_decode_peer_and_the_barr
     # the verdict that follows (the other ranks learn of the refusal) tells no one here again
     verdict = Diverged("prefill", "x", 0, Status.FAILED, f"rank 0 failed: {out[0].detail}", (), "d")
     assert c.handle(verdict, 1.0) == []
+    quiet(c)
+    assert set(c.sizes().values()) == {0}
+
+
+def test_the_signals_of_a_refused_request_are_dropped_not_parked() -> None:
+    c = core()
+    feed(c, [LayerSignal(1, 0, (SlotChunk(0, 0, 16, 1),))])  # parked before the cache_info came
+    assert c.sizes()["parked_signals"] == 1
+    c.handle(info("x", 0, 1, 40, [1, 2], [3, 4]), 0.0)  # refused: bad layout
+    assert c.sizes()["parked_signals"] == 0
+    out = feed(c, layers(2, SlotChunk(0, 16, 16, 1)))  # its next chunk: nothing waits for it
+    assert out == [] and c.sizes()["parked_signals"] == 0
     quiet(c)
     assert set(c.sizes().values()) == {0}
 
