@@ -194,7 +194,8 @@ class Deployment:
         self.transport = transport
         self.step = 0
         self.seq = 0
-        self.admit_ms: list[float] = []  # cache_info to admission, as the prefill daemon measured it
+        # how long a job that could write waited for its admission, as the prefill daemon measured it
+        self.held_ms: list[float] = []
 
     def run(self, work: list[tuple[list[int], list[int]]]) -> float:
         """Move ``work`` through the daemons; returns GB/s."""
@@ -226,7 +227,9 @@ class Deployment:
             out = self.sched.wait(rid, 60.0)
             if not out.ok:
                 raise RuntimeError(f"{rid}: {out.results}")
-            self.admit_ms.append(out.results[0].admit_ms)
+            if not admitted_first:  # admission after the job's recovery held its first write back
+                result = out.results[0]
+                self.held_ms.append(max(0.0, result.admit_ms - result.wait_ms))
         elapsed = time.perf_counter() - t
         for rid in ids:
             self.dec.wait(rid, 60.0)
@@ -282,7 +285,7 @@ def bench(transport: str, sizes: list[int], repeat: int) -> list[dict[str, Any]]
             )
         one = [(sb[:1], db[:1]) for sb, db in plan(1, seed=0)][:1]
         dep.seconds(one)  # warm-up
-        dep.admit_ms.clear()
+        dep.held_ms.clear()
         inline, ahead = [], []
         for _ in range(max(repeat, 20)):  # alternating, so both see the same machine
             inline.append(dep.seconds(one))
@@ -292,7 +295,7 @@ def bench(transport: str, sizes: list[int], repeat: int) -> list[dict[str, Any]]
                 "transport": transport,
                 "fixed_ms": statistics.median(inline) * 1e3,
                 "admitted_first_ms": statistics.median(ahead) * 1e3,
-                "admit_ms": statistics.median(dep.admit_ms),
+                "held_ms": statistics.median(dep.held_ms),
             }
         )
     finally:
@@ -342,10 +345,10 @@ def main() -> None:
             print(
                 f"{r['transport']}: one request of one block ({LAYERS} layers) alone, cache_info to result: "
                 f"{r['fixed_ms']:.2f} ms (median): the fixed cost the rows above amortise\n"
-                f"{'':{len(r['transport'])}s}  the same, already admitted when its layers come: "
-                f"{r['admitted_first_ms']:.2f} ms; the admission round on the critical path adds "
-                f"{r['fixed_ms'] - r['admitted_first_ms']:.2f} ms ({r['fixed_ms'] / r['admitted_first_ms']:.2f}x); "
-                f"cache_info to admission as the daemon saw it: {r['admit_ms']:.2f} ms (median)"
+                f"{'':{len(r['transport'])}s}  its first write waited {r['held_ms']:.2f} ms for the admission round "
+                f"(median; the daemon's own clock: admission minus job recovery)\n"
+                f"{'':{len(r['transport'])}s}  the same request already admitted when its layers come: "
+                f"{r['admitted_first_ms']:.2f} ms, {r['fixed_ms'] / r['admitted_first_ms']:.2f}x"
             )
 
 

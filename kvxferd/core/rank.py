@@ -154,6 +154,8 @@ class RankCore:
             return self.refuse(info, *refusal, now)
         reason = self._aborts.pop(key)
         if reason is not None:  # aborted before it got here: end as aborted at once, everywhere
+            # Kept even when the table is full, so that it reports the verdict's status; such entries
+            # are bounded by the memory of aborts (max_requests), so the table by twice its limit.
             req = self._enter(info, now)
             self._discard_parked(info)
             return self._withdraw(req, Status.ABORTED, reason, now)
