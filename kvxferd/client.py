@@ -301,9 +301,9 @@ class _Ledger(Generic[Outcome]):
         if out is None:
             out = self.open[key] = self.make(key)
             if len(self.open) > MAX_OPEN:
-                old, dropped = next(iter(self.open.items()))
+                old = next(iter(self.open))
                 del self.open[old]
-                self.anomalies.append(f"{old[0]} instance {old[1]}: dropped undecided ({dropped})")
+                self.anomalies.append(f"{old[0]} instance {old[1]}: dropped undecided, {MAX_OPEN} others open")
         return out
 
     def settle(self, key: Key) -> bool:

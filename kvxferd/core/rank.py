@@ -149,7 +149,7 @@ class RankCore:
             return [Problem(ErrorCode.DUPLICATE_REQUEST, detail, rid)]
         ended = self._ended.get(key)
         if ended is not None:
-            return self._straggler(info, ended)
+            return self._straggler(info, ended, now)
         if refusal is not None:
             return self.refuse(info, *refusal, now)
         reason = self._aborts.pop(key)
@@ -451,13 +451,14 @@ class RankCore:
             when = now + s.verdict_timeout_s
         self._deadlines.set(req.info.key, when)
 
-    def _straggler(self, info: CacheInfo, ended: Ending) -> list[Effect]:
+    def _straggler(self, info: CacheInfo, ended: Ending, now: float) -> list[Effect]:
         """A cache_info of an instance that already ended here, or was learned to have ended."""
         rid = info.request_id
         if ended.told_engine:
             detail = f"request {rid} instance {info.instance} already ended ({ended.status.value}): cache_info dropped"
             return [Problem(ErrorCode.DUPLICATE_REQUEST, detail, rid)]
         ended.told_engine = True
+        self._close_start(info, now)  # its signals, parked or to come, have nothing to join
         result = TransferResult(rid, ended.status, ended.reason, self.s.rank, 0, info.transport, instance=info.instance)
         effects: list[Effect] = [ToEngine(result)]
         if not ended.told_peer:
