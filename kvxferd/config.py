@@ -54,6 +54,8 @@ class GroupConfig:
     world_size: int
     endpoint: str  # engine-facing ROUTER of each rank
     memory: str = "host"  # where this instance's KV cache lives: host | gpu
+    #: decode groups: the ROUTER prefill daemons talk to (default: the endpoint's ipc path + "-peer")
+    peer_endpoint: str = ""
 
     def __post_init__(self) -> None:
         _need(bool(self.name), "name", "must not be empty")
@@ -62,6 +64,23 @@ class GroupConfig:
         _need(_endpoint_ok(self.endpoint), "endpoint", f"{self.endpoint!r} is not an ipc://, tcp:// or inproc:// URL")
         _need(self.world_size == 1 or "{rank}" in self.endpoint, "endpoint", "needs {rank} when world_size > 1")
         _need(self.memory in ("host", "gpu"), "memory", f"{self.memory!r} is not host or gpu")
+        if self.role == "decode" and not self.peer_endpoint:
+            _need(
+                self.endpoint.startswith("ipc://"),
+                "peer_endpoint",
+                "is required for a decode group whose endpoint is not ipc://",
+            )
+            path = self.endpoint.removesuffix(".sock")
+            object.__setattr__(self, "peer_endpoint", f"{path}-peer" + (".sock" if path != self.endpoint else ""))
+        if self.peer_endpoint:
+            _need(self.role == "decode", "peer_endpoint", "only a decode group has a peer endpoint")
+            _need(_endpoint_ok(self.peer_endpoint), "peer_endpoint", f"{self.peer_endpoint!r} is not a URL")
+            _need(self.peer_endpoint != self.endpoint, "peer_endpoint", "must differ from the endpoint")
+            _need(
+                self.world_size == 1 or "{rank}" in self.peer_endpoint,
+                "peer_endpoint",
+                "needs {rank} when world_size > 1",
+            )
 
 
 @dataclass(frozen=True)
@@ -127,9 +146,26 @@ class LimitsConfig:
     max_pending_signals: int = 4096  # parked layer-0 slots without a cache_info
     max_steps: int = 1024  # forward steps with work in progress
     max_frame_bytes: int = 4 << 20  # largest control message accepted
+    max_step_gap: int = 1 << 16  # a layer-0 signal this many steps past the last one is refused
+    #: bytes of messages one connection may have queued before the daemon reads them (ZMQ
+    #: counts messages: the queue holds max(16, this // max_frame_bytes) of them)
+    max_queue_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
-        _positive(self, "max_requests", "max_pending_signals", "max_steps", "max_frame_bytes")
+        _positive(
+            self,
+            "max_requests",
+            "max_pending_signals",
+            "max_steps",
+            "max_frame_bytes",
+            "max_step_gap",
+            "max_queue_bytes",
+        )
+        _need(self.max_frame_bytes <= 64 << 20, "max_frame_bytes", "at most 64 MiB")
+
+    @property
+    def queue_messages(self) -> int:
+        return max(16, self.max_queue_bytes // self.max_frame_bytes)
 
 
 @dataclass(frozen=True)
@@ -143,6 +179,16 @@ class TimeoutsConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "pending_s", "progress_s", "verdict_s", "startup_s", "peer_s", "shutdown_s")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """The deployment secret every process derives its CURVE keys from (see kvxferd.security)."""
+
+    secret_file: str = "{run_dir}/secret"  # created (mode 600) by the first process that needs it
+
+    def __post_init__(self) -> None:
+        _need(bool(self.secret_file), "secret_file", "must name a file")
 
 
 @dataclass(frozen=True)
@@ -170,6 +216,7 @@ class Config:
     transport: TransportConfig = field(default_factory=TransportConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
@@ -216,6 +263,20 @@ class Config:
     def peer_template(self, group: GroupConfig) -> str:
         """The group's endpoint with ``{rank}`` left in: what a CacheInfo names as its peer."""
         return self.expand(group.endpoint)
+
+    def peer_endpoint(self, group: GroupConfig, rank: int) -> str:
+        """Where prefill daemons reach decode ``rank`` of ``group``."""
+        if group.role != "decode":
+            raise ConfigError(f"group {group.name!r} is not a decode group")
+        self.endpoint(group, rank)  # checks the rank
+        return self.expand(group.peer_endpoint, rank)
+
+    def decode_group_named(self, peer: str) -> GroupConfig | None:
+        """The decode group a CacheInfo's ``peer`` names: its name or its endpoint template."""
+        for g in self.groups:
+            if g.role == "decode" and peer in (g.name, self.peer_template(g)):
+                return g
+        return None
 
     def barrier_endpoint(self) -> str:
         return self.expand(self.barrier.endpoint)

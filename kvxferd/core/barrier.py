@@ -33,6 +33,7 @@ remembered verdicts).
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from dataclasses import dataclass, field
 
 from kvxferd.core import verdicts
@@ -79,12 +80,16 @@ class _Open:
 
 
 class BarrierState:
-    def __init__(self, *, timeout_s: float = 30.0, max_keys: int = 65536, max_groups: int = 256) -> None:
+    def __init__(
+        self, *, timeout_s: float = 30.0, max_keys: int = 65536, max_groups: int = 256, max_wait_s: float = 0.0
+    ) -> None:
         self.timeout_s = timeout_s
-        self.max_keys = max_keys
+        self.max_keys = max_keys  # open keys per group: one group cannot crowd out another
+        self.max_wait_s = max(max_wait_s, timeout_s)  # the longest a rank may ask a key to stay open
         self.max_groups = max_groups
         self._groups: dict[str, int] = {}  # group -> world size
         self._open: dict[Key, _Open] = {}
+        self._open_in: Counter[str] = Counter()  # group -> its open keys
         self._ended: Recall[Key, Release | Diverged | Expired] = Recall(ttl_s=timeout_s, limit=max_keys)
         self._deadlines: Deadlines[Key] = Deadlines()  # one per open key
 
@@ -96,7 +101,8 @@ class BarrierState:
             return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s)
         if isinstance(msg, Arrive):
             view = RankView(msg.rank, Status.OK, digest=msg.digest)
-            return self._word((msg.group, msg.key, msg.instance), view, now, msg.timeout_s or self.timeout_s)
+            wait = min(msg.timeout_s, self.max_wait_s) or self.timeout_s
+            return self._word((msg.group, msg.key, msg.instance), view, now, wait)
         if isinstance(msg, Withdraw):
             view = RankView(msg.rank, msg.status, reason=msg.reason)
             return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s)
@@ -118,6 +124,7 @@ class BarrierState:
         effects: list[Effect] = []
         for k in self._deadlines.pop_due(now):
             entry = self._open.pop(k)
+            self._open_in[entry.group] -= 1
             size = self._groups[entry.group]
             missing = tuple(r for r in range(size) if r not in entry.words)
             waited = round(now - entry.opened, 3)
@@ -149,8 +156,10 @@ class BarrierState:
             return [ToRank(group, view.rank, remembered)]
         entry = self._open.get(k)
         if entry is None:
-            if len(self._open) >= self.max_keys:
-                return [Problem(ErrorCode.TABLE_FULL, f"key {key!r} refused: {self.max_keys} keys already open", key)]
+            if self._open_in[group] >= self.max_keys:
+                detail = f"key {key!r} refused: group {group!r} already has {self.max_keys} keys open"
+                return [Problem(ErrorCode.TABLE_FULL, detail, key)]
+            self._open_in[group] += 1
             first = Round.NAMED if view.digest is not None else Round.ADMISSION
             entry = self._open[k] = _Open(group, key, instance, now, timeout_s, first)
             self._deadlines.set(k, now + timeout_s)
@@ -193,6 +202,7 @@ class BarrierState:
         else:
             ending = verdicts.completion(views)
         del self._open[k]
+        self._open_in[group] -= 1
         self._deadlines.cancel(k)
         verdict: Release | Diverged
         if ending is None:

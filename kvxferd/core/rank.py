@@ -94,6 +94,7 @@ class RankSettings:
     max_requests: int = 4096
     max_pending_signals: int = 4096
     max_steps: int = 1024
+    max_step_gap: int = 1 << 16  # a layer-0 signal this far past the last step is refused, not adopted
     pending_timeout_s: float = 30.0  # a half job waiting for its other half; an abort waiting for its request
     progress_timeout_s: float = 30.0  # a job, or its drain, without progress
     verdict_timeout_s: float = 60.0  # an admission, arrival or withdrawal without a verdict
@@ -208,6 +209,12 @@ class RankCore:
         if steps.highest is not None and sig.step <= steps.highest:
             detail = f"layer-0 signal of step {sig.step} after step {steps.highest}: step ids must increase"
             return [Problem(ErrorCode.STALE_SIGNAL, detail)]
+        if steps.highest is not None and sig.step - steps.highest > s.max_step_gap:
+            detail = (
+                f"layer-0 signal of step {sig.step} refused: {sig.step - steps.highest} steps past step "
+                f"{steps.highest}, at most {s.max_step_gap} allowed"
+            )
+            return [Problem(ErrorCode.OUT_OF_RANGE, detail)]
         steps.highest = sig.step
         if not sig.slots:
             return []

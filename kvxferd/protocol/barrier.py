@@ -33,6 +33,8 @@ from kvxferd.protocol.base import ROLES, TRANSPORTS, Message, Status, Struct, st
 
 #: Statuses a rank may withdraw with.
 WITHDRAW_STATUSES = (Status.FAILED.value, Status.ABORTED.value)
+#: Longest a rank may ask a key to stay open (one day); the service caps it at its own limit too.
+MAX_TIMEOUT_S = 86400.0
 
 
 def block_summary(blocks: Sequence[int]) -> str:
@@ -140,7 +142,7 @@ class RankView(Struct):
             raise f.fail("RankView", "digest", "a rank that admitted or arrived carries exactly one of terms, digest")
         if self.status is not Status.OK and said:
             raise f.fail("RankView", "digest", "a rank that withdrew carries no digest or terms")
-        f.text("RankView", "reason", self.reason)
+        store(self, "reason", f.reason("RankView", "reason", self.reason))
         if self.status is not Status.OK and not self.reason:
             raise f.fail("RankView", "reason", "a rank that withdrew must say why")
 
@@ -165,7 +167,7 @@ def _ending(owner: str, msg: Diverged | Expired) -> None:
     store(msg, "status", Status(msg.status))
     if msg.status is Status.OK:
         raise f.fail(owner, "status", "only a Release ends a key as ok")
-    f.text(owner, "reason", msg.reason, empty=False)
+    store(msg, "reason", f.reason(owner, "reason", msg.reason, empty=False))
     f.text(owner, "peer", msg.peer, limit=f.MAX_NAME)
 
 
@@ -256,7 +258,7 @@ class Arrive(Message):
         f.uint("Arrive", "rank", self.rank)
         if not isinstance(self.digest, Digest):
             raise f.fail("Arrive", "digest", "expected a Digest")
-        store(self, "timeout_s", f.number("Arrive", "timeout_s", self.timeout_s))
+        store(self, "timeout_s", f.number("Arrive", "timeout_s", self.timeout_s, high=MAX_TIMEOUT_S))
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +286,7 @@ class Withdraw(Message):
         f.uint("Withdraw", "rank", self.rank)
         f.choice("Withdraw", "status", self.status, WITHDRAW_STATUSES)
         store(self, "status", Status(self.status))
-        f.text("Withdraw", "reason", self.reason, empty=False)
+        store(self, "reason", f.reason("Withdraw", "reason", self.reason, empty=False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +332,7 @@ class Diverged(Message):
 
     TAG: ClassVar[str] = "diverged"
     NESTED: ClassVar[dict[str, object]] = {"views": [RankView]}
+    LIMITS: ClassVar[dict[str, int]] = {"views": 4096}
 
     group: str
     key: str

@@ -60,6 +60,9 @@ class Struct:
 
     __slots__ = ()
     NESTED: ClassVar[dict[str, Any]] = {}
+    #: most items of a list-of-structs field, checked by the codec before any item is built
+    #: (fields not named here: ``fields.MAX_ITEMS``)
+    LIMITS: ClassVar[dict[str, int]] = {}
 
 
 class Message(Struct):

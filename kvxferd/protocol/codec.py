@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from kvxferd.errors import LocalProtocolError, RemoteProtocolError
-from kvxferd.protocol import barrier, messages
+from kvxferd.protocol import barrier, fields, messages
 from kvxferd.protocol.base import PROTOCOL_VERSION, Message, Struct
 
 #: Default largest frame accepted (bytes).
@@ -95,6 +95,9 @@ def _from_wire(cls: type[Any], items: Any, where: str) -> Any:
         if isinstance(kind, list):
             if not isinstance(values[i], (list, tuple)):
                 raise RemoteProtocolError(f"{where}: {cls.__name__}.{name} must be an array")
+            limit = cls.LIMITS.get(name, fields.MAX_ITEMS)
+            if len(values[i]) > limit:  # counted before a single element is built
+                raise RemoteProtocolError(f"{where}: {cls.__name__}.{name} has {len(values[i])} items, at most {limit}")
             values[i] = tuple(_from_wire(kind[0], v, f"{where}.{name}[{j}]") for j, v in enumerate(values[i]))
         else:
             values[i] = _from_wire(kind, values[i], f"{where}.{name}")
@@ -102,6 +105,9 @@ def _from_wire(cls: type[Any], items: Any, where: str) -> Any:
         return cls(*values)
     except LocalProtocolError as exc:
         raise RemoteProtocolError(f"{where}: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:  # a check that let a value through to a builtin
+        text = fields.clip(str(exc), 200)
+        raise RemoteProtocolError(f"{where}: {cls.__name__}: {type(exc).__name__}: {text}") from None
 
 
 def encode(msg: Message) -> bytes:
@@ -121,20 +127,32 @@ def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME) -> Message:
     if not frame:
         raise RemoteProtocolError("empty frame")
     try:
-        items = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True)
+        items = msgpack.unpackb(
+            frame,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            # Bounds applied while parsing, before any object is built: no string, blob, list or
+            # map off the wire can be larger than the largest field that may hold it.
+            max_str_len=fields.MAX_BLOB,
+            max_bin_len=fields.MAX_BLOB,
+            max_array_len=fields.MAX_BLOCKS,
+            max_map_len=64,
+            max_ext_len=0,
+        )
     except msgpack.ExtraData:
         raise RemoteProtocolError("trailing bytes after the message") from None
-    except (ValueError, msgpack.UnpackException, TypeError) as exc:
-        raise RemoteProtocolError(f"not a msgpack frame ({type(exc).__name__}: {exc})") from None
+    except (ValueError, msgpack.UnpackException, TypeError, RecursionError, OverflowError) as exc:
+        raise RemoteProtocolError(f"not a msgpack frame ({type(exc).__name__}: {fields.clip(str(exc), 200)})") from None
     if not isinstance(items, list) or len(items) < 2:
         raise RemoteProtocolError("a frame must be an array [version, tag, fields...]")
     version, tag = items[0], items[1]
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise RemoteProtocolError(
-            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
+            f"protocol version {fields.show(version)} is not supported (this side speaks {PROTOCOL_VERSION})"
         )
     cls = REGISTRY.get(tag) if isinstance(tag, str) else None
     if cls is None:
-        raise RemoteProtocolError(f"unknown message tag {tag!r}")
+        raise RemoteProtocolError(f"unknown message tag {fields.show(tag)}")
     msg: Message = _from_wire(cls, items[2:], tag)
     return msg

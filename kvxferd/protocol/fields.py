@@ -16,8 +16,16 @@ from typing import Any
 
 from kvxferd.errors import LocalProtocolError
 
-#: Upper bound for block ids, slots, steps and other counters on the wire.
+#: Upper bound for slots, steps, byte counts and other counters on the wire.
 MAX_ID = (1 << 63) - 1
+#: Upper bound for a block id (a cache has at most ``1 << 31`` blocks, see CacheLayout).
+MAX_BLOCK_ID = (1 << 31) - 1
+#: Largest byte offset of a region inside what its handle maps (256 TiB).
+MAX_OFFSET = 1 << 48
+#: Largest number accepted in a float field (seconds, milliseconds): about 31 years in seconds.
+MAX_NUMBER = 1e9
+#: Most slots one forward step may name (a batch).
+MAX_SLOTS = 4096
 #: Longest request id / group name / key we accept.
 MAX_NAME = 256
 #: Longest free-text field (reasons, details).
@@ -39,23 +47,34 @@ def clip(value: str, limit: int = MAX_TEXT) -> str:
 
 
 def fail(owner: str, field: str, problem: str) -> LocalProtocolError:
-    return LocalProtocolError(f"{owner}.{field}: {problem}")
+    return LocalProtocolError(clip(f"{owner}.{field}: {problem}", MAX_TEXT // 4))
+
+
+def show(value: Any) -> str:
+    """A short, safe rendering of a value from the wire for an error text."""
+    try:
+        return clip(repr(value), 64)
+    except Exception:  # a hostile __repr__ cannot come off the wire, but an error text must never fail
+        return f"<{type(value).__name__}>"
 
 
 def uint(owner: str, field: str, value: Any, *, low: int = 0, high: int = MAX_ID) -> int:
     if type(value) is not int:  # bool is an int subclass; refuse it too
         raise fail(owner, field, f"expected an integer, got {type(value).__name__}")
     if value < low or value > high:
-        raise fail(owner, field, f"{value} is outside [{low}, {high}]")
+        raise fail(owner, field, f"{show(value)} is outside [{low}, {high}]")
     return value
 
 
-def number(owner: str, field: str, value: Any, *, low: float = 0.0) -> float:
+def number(owner: str, field: str, value: Any, *, low: float = 0.0, high: float = MAX_NUMBER) -> float:
     if type(value) not in (int, float):
         raise fail(owner, field, f"expected a number, got {type(value).__name__}")
-    if not value >= low:  # also rejects NaN
-        raise fail(owner, field, f"{value} is below {low}")
-    return float(value)
+    if type(value) is int and not low <= value <= high:  # a huge int would overflow float()
+        raise fail(owner, field, f"{show(value)} is outside [{low:g}, {high:g}]")
+    out = float(value)
+    if not low <= out <= high:  # also rejects NaN and the infinities
+        raise fail(owner, field, f"{show(value)} is outside [{low:g}, {high:g}]")
+    return out
 
 
 def text(owner: str, field: str, value: Any, *, limit: int = MAX_TEXT, empty: bool = True) -> str:
@@ -68,13 +87,24 @@ def text(owner: str, field: str, value: Any, *, limit: int = MAX_TEXT, empty: bo
     return value
 
 
+def reason(owner: str, field: str, value: Any, *, empty: bool = True) -> str:
+    """A free-text reason or detail: cut to :data:`MAX_TEXT` instead of refused, so an error
+    text built from other texts can never itself fail. (The codec bounds every string off the
+    wire before it is built, see :mod:`kvxferd.protocol.codec`.)"""
+    if type(value) is not str:
+        raise fail(owner, field, f"expected a string, got {type(value).__name__}")
+    if not empty and not value:
+        raise fail(owner, field, "must not be empty")
+    return clip(value)
+
+
 def name(owner: str, field: str, value: Any) -> str:
     return text(owner, field, value, limit=MAX_NAME, empty=False)
 
 
 def choice(owner: str, field: str, value: Any, allowed: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in allowed:
-        raise fail(owner, field, f"{value!r} is not one of {', '.join(allowed)}")
+        raise fail(owner, field, f"{show(value)} is not one of {', '.join(allowed)}")
     return value
 
 
@@ -118,5 +148,5 @@ def blob_map(owner: str, field: str, value: Any) -> dict[str, bytes]:
         raise fail(owner, field, f"{len(value)} entries, at most 64 allowed")
     out: dict[str, bytes] = {}
     for key, item in value.items():
-        out[name(owner, f"{field} key", key)] = blob(owner, f"{field}[{key!r}]", item)
+        out[name(owner, f"{field} key", key)] = blob(owner, f"{field}[{show(key)}]", item)
     return out

@@ -57,6 +57,7 @@ class LayerSignal(Message):
 
     TAG: ClassVar[str] = "layer"
     NESTED: ClassVar[dict[str, object]] = {"slots": [SlotChunk]}
+    LIMITS: ClassVar[dict[str, int]] = {"slots": f.MAX_SLOTS}
 
     step: int
     layer: int
@@ -65,7 +66,7 @@ class LayerSignal(Message):
     def __post_init__(self) -> None:
         f.uint("LayerSignal", "step", self.step)
         f.uint("LayerSignal", "layer", self.layer, high=1 << 16)
-        slots = f.items_of("LayerSignal", "slots", self.slots, SlotChunk)
+        slots = f.items_of("LayerSignal", "slots", self.slots, SlotChunk, limit=f.MAX_SLOTS)
         if self.layer > 0 and slots:
             raise f.fail("LayerSignal", "slots", f"only layer 0 carries a slot table (layer {self.layer})")
         seen = {c.slot for c in slots}
@@ -118,8 +119,8 @@ class CacheInfo(Message):
         f.uint("CacheInfo", "slot", self.slot)
         f.uint("CacheInfo", "step", self.step)
         f.uint("CacheInfo", "num_tokens", self.num_tokens, low=1)
-        src = f.uints("CacheInfo", "src_blocks", self.src_blocks)
-        dst = f.uints("CacheInfo", "dst_blocks", self.dst_blocks)
+        src = f.uints("CacheInfo", "src_blocks", self.src_blocks, high=f.MAX_BLOCK_ID)
+        dst = f.uints("CacheInfo", "dst_blocks", self.dst_blocks, high=f.MAX_BLOCK_ID)
         if not src:
             raise f.fail("CacheInfo", "src_blocks", "must name at least one block")
         if len(src) != len(dst):
@@ -153,7 +154,7 @@ class Abort(Message):
 
     def __post_init__(self) -> None:
         f.name("Abort", "request_id", self.request_id)
-        f.text("Abort", "reason", self.reason)
+        store(self, "reason", f.reason("Abort", "reason", self.reason))
         f.uint("Abort", "instance", self.instance)
 
 
@@ -197,7 +198,7 @@ class TransferResult(Message):
         f.name("TransferResult", "request_id", self.request_id)
         f.choice("TransferResult", "status", self.status, tuple(Status))
         store(self, "status", Status(self.status))
-        f.text("TransferResult", "reason", self.reason)
+        store(self, "reason", f.reason("TransferResult", "reason", self.reason))
         if self.status is not Status.OK and not self.reason:
             raise f.fail("TransferResult", "reason", f"a {self.status} result must say why")
         f.uint("TransferResult", "rank", self.rank)
@@ -285,7 +286,7 @@ class Region(Struct):
             f.name("Region", "handle", self.handle)
         else:
             f.blob("Region", "handle", self.handle, limit=1024)
-        f.uint("Region", "offset", self.offset)
+        f.uint("Region", "offset", self.offset, high=f.MAX_OFFSET)
         f.uint("Region", "device", self.device, high=1024)
 
 
@@ -394,8 +395,8 @@ class Error(Message):
     def __post_init__(self) -> None:
         f.choice("Error", "code", self.code, tuple(ErrorCode))
         store(self, "code", ErrorCode(self.code))
-        f.text("Error", "detail", self.detail, empty=False)
-        f.text("Error", "ref", self.ref, limit=f.MAX_NAME)
+        store(self, "detail", f.reason("Error", "detail", self.detail or "(no detail)"))
+        store(self, "ref", f.clip(f.reason("Error", "ref", self.ref), f.MAX_NAME))
 
 
 @dataclass(frozen=True, slots=True)

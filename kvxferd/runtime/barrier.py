@@ -39,7 +39,11 @@ class BarrierService(Service):
     def __init__(self, config: Config) -> None:
         super().__init__(shutdown_s=config.timeouts.shutdown_s, max_frame=config.limits.max_frame_bytes)
         self.config = config
-        self.barrier = BarrierState(timeout_s=config.barrier.timeout_s, max_keys=config.barrier.max_keys)
+        self.barrier = BarrierState(
+            timeout_s=config.barrier.timeout_s,
+            max_keys=config.barrier.max_keys,
+            max_wait_s=config.timeouts.startup_s,
+        )
         self.endpoint = ""
         self.verdicts = 0
         self.admissions = 0

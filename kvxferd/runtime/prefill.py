@@ -57,6 +57,7 @@ def rank_settings(config: Config, group: GroupConfig, rank: int) -> RankSettings
         max_requests=limits.max_requests,
         max_pending_signals=limits.max_pending_signals,
         max_steps=limits.max_steps,
+        max_step_gap=limits.max_step_gap,
         pending_timeout_s=t.pending_s,
         progress_timeout_s=t.progress_s,
         verdict_timeout_s=t.verdict_s,

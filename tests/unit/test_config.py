@@ -42,8 +42,9 @@ def _yaml_keys(data: object, prefix: str = "") -> set[str]:
         for k, v in data.items():
             out.add(prefix + k)
             out |= _yaml_keys(v, prefix + k + ".")
-    elif isinstance(data, list) and data:
-        out |= _yaml_keys(data[0], prefix)
+    elif isinstance(data, list):
+        for item in data:
+            out |= _yaml_keys(item, prefix)
     return out
 
 

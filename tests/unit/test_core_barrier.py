@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvxferd.core import BarrierState, Problem, ToRank
+from kvxferd.errors import LocalProtocolError
 from kvxferd.protocol import (
     Ack,
     Admit,
@@ -28,6 +29,7 @@ T = Terms(40, 3, 7, "3 blocks #a", "3 blocks #b", "ipc:///d-{rank}", "auto")
 
 
 def barrier(world: int = 3, **kw: float) -> BarrierState:
+    kw.setdefault("max_wait_s", 120.0)
     b = BarrierState(timeout_s=10.0, **kw)  # type: ignore[arg-type]
     for r in range(world):
         assert b.hello(Hello("g", r, world, "prefill")) == [ToRank("g", r, Ack("hello"))]
@@ -217,6 +219,34 @@ def test_open_keys_are_bounded() -> None:
     b.handle(Admit("g", "a", 1, 0, T), 0.0)
     (p,) = b.handle(Admit("g", "c", 0, 0, T), 0.0)
     assert p.code is ErrorCode.TABLE_FULL
+
+
+def test_one_group_filling_its_keys_does_not_starve_another() -> None:
+    b = barrier(2, max_keys=2)
+    b.hello(Hello("h", 0, 1, "prefill"))
+    for key in ("a", "b"):
+        b.handle(Admit("g", key, 0, 0, T), 0.0)
+    (p,) = b.handle(Admit("g", "c", 0, 0, T), 0.0)
+    assert p.code is ErrorCode.TABLE_FULL and "group 'g'" in p.detail
+    (ok,) = b.handle(Admit("h", "c", 0, 0, T), 0.0)  # a one-rank group is released at once
+    assert isinstance(ok.message, Admitted)
+    b.on_timer(10.0)  # g's keys expire and free its share
+    assert [e.message for e in b.handle(Admit("g", "d", 0, 0, T), 10.0)] == []
+    assert b.sizes()["open"] == 1
+
+
+@pytest.mark.parametrize("asked", [float("inf"), float("nan"), 1e300, float(2**63 - 1), -1.0])
+def test_an_arrival_timeout_out_of_range_is_refused_at_the_edge(asked: float) -> None:
+    with pytest.raises(LocalProtocolError, match="timeout_s"):
+        Arrive("g", "k", 0, 0, D, asked)
+
+
+@pytest.mark.parametrize(("asked", "deadline"), [(86400.0, 60.0), (30.0, 30.0), (0.0, 10.0)])
+def test_a_rank_cannot_keep_a_key_open_longer_than_the_cap(asked: float, deadline: float) -> None:
+    b = BarrierState(timeout_s=10.0, max_wait_s=60.0)
+    b.hello(Hello("g", 0, 2, "prefill"))
+    b.handle(Arrive("g", "k", 0, 0, D, asked), 0.0)
+    assert b.next_deadline() == deadline
 
 
 @pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])

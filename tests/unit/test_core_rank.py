@@ -693,3 +693,16 @@ def test_simulated_group_with_timeouts_ends_every_request(seed: int) -> None:
         assert all(len(rs) == 1 for rs in results), (key, results)
     for rank in sim.ranks:
         assert set(rank.core.sizes().values()) == {0}
+
+
+def test_a_step_far_ahead_is_refused_not_adopted_so_real_signals_keep_working() -> None:
+    c = core(max_step_gap=100)
+    feed(c, layers(5, SlotChunk(0, 0, 16, 5)))
+    (p,) = c.handle(LayerSignal(5 + 101, 0, (SlotChunk(1, 0, 16, 5),)), 0.0)
+    assert p.code is ErrorCode.OUT_OF_RANGE and "at most 100" in p.detail
+    (p,) = c.handle(LayerSignal((1 << 63) - 1, 0, (SlotChunk(1, 0, 16, 5),)), 0.0)
+    assert p.code is ErrorCode.OUT_OF_RANGE
+    # the next real step is not stale: the far-ahead ones were never adopted
+    effects = feed(c, [info("y", 1, 6, 16, [2], [3]), *layers(6, SlotChunk(1, 0, 16, 6))])
+    assert not [e for e in of(effects, Problem)]
+    assert of(effects, PostWrite)

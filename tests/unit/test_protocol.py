@@ -215,3 +215,64 @@ def test_constructors_validate_locally_too() -> None:
     # lists are accepted and stored as tuples, so messages stay hashable and immutable
     msg = CacheInfo("r", 0, 0, 1, [1], [2], "p")  # type: ignore[arg-type]
     assert msg.src_blocks == (1,) and hash(msg)
+
+
+# -- bounds at the edge: every refusal is a short, clean protocol error ----------------------------
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        raw(PROTOCOL_VERSION, "T" * 5000),  # an unknown tag quoted in the error
+        raw("V" * 5000, "abort", "r", ""),  # a version that is a long string
+        raw(PROTOCOL_VERSION, "result", "r", "x" * 5000, "", 0),  # a long value in a choice field
+        raw(PROTOCOL_VERSION, "error", "y" * 5000, "detail", ""),
+    ],
+)
+def test_a_long_value_in_an_error_text_is_clipped_never_raised(frame: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode(frame)
+    assert len(str(info.value)) < 1200
+    Error(ErrorCode.BAD_MESSAGE, str(info.value))  # the answer to the sender can always be built
+
+
+def test_long_reasons_and_details_are_cut_not_refused() -> None:
+    long = "z" * 20_000
+    assert len(Abort("r", long).reason) == len(Withdraw("g", "k", 0, 0, "failed", long).reason) <= 4096
+    assert len(Error(ErrorCode.INTERNAL, long, long).detail) <= 4096
+    assert Error(ErrorCode.INTERNAL, "").detail == "(no detail)"
+    # an ending built from an abort's reason (the verdict's text) still fits a result
+    result = TransferResult("r", Status.ABORTED, "aborted: " + Abort("r", long).reason)
+    assert len(result.reason) <= 4096
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, 1e300, (1 << 63) - 1, (1 << 64) - 1])
+def test_numbers_off_the_wire_are_finite_and_in_range(value: float) -> None:
+    frame = raw(PROTOCOL_VERSION, "arrive", "g", "k", 0, 0, [1, 1, 64, "fp"], value)
+    with pytest.raises(RemoteProtocolError, match="timeout_s"):
+        decode(frame)
+
+
+def test_list_counts_are_checked_before_any_element_is_built() -> None:
+    slots = [[i, 0, 16, 1] for i in range(5000)]
+    with pytest.raises(RemoteProtocolError, match="5000 items, at most 4096"):
+        decode(raw(PROTOCOL_VERSION, "layer", 1, 0, slots))
+    # elements that would each be refused are never looked at: the count fails first
+    with pytest.raises(RemoteProtocolError, match="items, at most"):
+        decode(raw(PROTOCOL_VERSION, "layer", 1, 0, [None] * 5000))
+
+
+def test_block_ids_and_offsets_are_bounded_so_no_arithmetic_overflows() -> None:
+    with pytest.raises(RemoteProtocolError, match="dst_blocks"):
+        decode(raw(PROTOCOL_VERSION, "cache_info", "r", 0, 1, 16, [1], [(1 << 63) - 2], "d", "auto", 0))
+    with pytest.raises(RemoteProtocolError, match="offset"):
+        decode(raw(PROTOCOL_VERSION, "register", "host", [2, 64, 4096], [[0, 0, "s", 1 << 60, 0]]))
+
+
+def test_deep_or_huge_msgpack_is_refused_while_parsing() -> None:
+    # [3, "abort", [[[[...]]]], ""] nested 100,000 deep, written by hand (msgpack will not pack it)
+    frame = b"\x94" + msgpack.packb(PROTOCOL_VERSION) + msgpack.packb("abort") + b"\x91" * 100_000 + b"\x90\xa0"
+    with pytest.raises(RemoteProtocolError):
+        decode(frame, max_bytes=1 << 20)
+    with pytest.raises(RemoteProtocolError, match="not a msgpack frame"):  # a header claiming 2**32 items
+        decode(b"\x92\x03\xdd\xff\xff\xff\xff")

@@ -1,0 +1,107 @@
+"""The codec fuzzed directly: whatever a frame holds, decoding it returns a valid message or
+raises :class:`RemoteProtocolError` with a short text. Nothing else escapes, nothing hangs.
+
+Inputs are mutations of every valid example message, structural (a field replaced by a hostile
+value, a list grown or cut) and byte-level (bytes flipped, inserted, removed), so most of them get
+past msgpack and reach the field checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvxferd.errors import RemoteProtocolError
+from kvxferd.protocol import Error, ErrorCode, Message, decode, encode
+from tests.unit.test_protocol import EXAMPLES
+
+FRAMES = [encode(msg) for _, msg in sorted(EXAMPLES.items())]
+
+HOSTILE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.sampled_from([0, -1, 1 << 31, (1 << 63) - 1, -(1 << 63), (1 << 64) - 1, 1 << 48]),
+    st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["", ".", "..", "../../etc/passwd", "a/b", "x" * 5000, "\x00", "ok", "auto", "shm"]),
+    st.text(max_size=40),
+    st.binary(max_size=64),
+    st.lists(st.integers(min_value=-2, max_value=1 << 40), max_size=6),
+    st.dictionaries(st.text(max_size=4), st.binary(max_size=4), max_size=3),
+)
+
+
+def _paths(value: Any, prefix: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
+    out = [prefix] if prefix else []
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            out += _paths(item, (*prefix, i))
+    return out
+
+
+def _replace(value: Any, path: tuple[int, ...], new: Any) -> Any:
+    if not path:
+        return new
+    copy = list(value)
+    copy[path[0]] = _replace(copy[path[0]], path[1:], new)
+    return copy
+
+
+@st.composite
+def structural(draw: st.DrawFn) -> bytes:
+    items = msgpack.unpackb(draw(st.sampled_from(FRAMES)), raw=False)
+    for _ in range(draw(st.integers(1, 3))):
+        paths = _paths(items)
+        path = draw(st.sampled_from(paths))
+        if path == (0,) and draw(st.booleans()):
+            continue  # mostly keep the version, so the field checks are reached
+        items = _replace(items, path, draw(HOSTILE))
+    if draw(st.booleans()) and len(items) > 2:
+        items = items[: draw(st.integers(2, len(items)))] + draw(st.lists(HOSTILE, max_size=2))
+    packed: bytes = msgpack.packb(items, use_bin_type=draw(st.booleans()))
+    return packed
+
+
+@st.composite
+def byte_level(draw: st.DrawFn) -> bytes:
+    frame = bytearray(draw(st.sampled_from(FRAMES)))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "insert", "delete"]))
+        at = draw(st.integers(0, max(0, len(frame) - 1)))
+        if op == "flip" and frame:
+            frame[at] = draw(st.integers(0, 255))
+        elif op == "insert":
+            frame[at:at] = draw(st.binary(min_size=1, max_size=8))
+        elif frame:
+            del frame[at : at + draw(st.integers(1, 8))]
+    return bytes(frame)
+
+
+def _decodes_cleanly(frame: bytes) -> None:
+    try:
+        msg = decode(frame)
+    except RemoteProtocolError as exc:
+        text = str(exc)
+        assert 0 < len(text) < 1200
+        Error(ErrorCode.BAD_MESSAGE, text)  # the daemon's answer can always be built
+        return
+    assert isinstance(msg, Message)
+    assert decode(encode(msg)) == msg  # what is accepted is a valid message in every respect
+
+
+FUZZ = settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+
+@FUZZ
+@given(structural())
+def test_structural_mutations_decode_or_fail_cleanly(frame: bytes) -> None:
+    _decodes_cleanly(frame)
+
+
+@FUZZ
+@given(byte_level())
+def test_byte_mutations_decode_or_fail_cleanly(frame: bytes) -> None:
+    _decodes_cleanly(frame)
