@@ -62,3 +62,8 @@ class BarrierTimeout(KvxferdError):
 
 class DaemonError(KvxferdError):
     """The daemon could not start, or a client could not reach it in time."""
+
+
+class CoreBroken(KvxferdError):
+    """A core state machine raised: one of its invariants is broken and its tables cannot be
+    trusted. The daemon fails every request in flight and exits non-zero."""

@@ -28,6 +28,7 @@ from kvxferd.protocol import (
     Withdraw,
 )
 from kvxferd.protocol.fields import clip
+from kvxferd.runtime.guard import guarded
 from kvxferd.runtime.service import Service
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,12 @@ class BarrierService(Service):
     def __init__(self, config: Config) -> None:
         super().__init__(shutdown_s=config.timeouts.shutdown_s, max_frame=config.limits.max_frame_bytes)
         self.config = config
-        self.barrier = BarrierState(
+        state = BarrierState(
             timeout_s=config.barrier.timeout_s,
             max_keys=config.barrier.max_keys,
             max_wait_s=config.timeouts.startup_s,
         )
+        self.barrier = guarded(state, "barrier core")
         self.endpoint = ""
         self.verdicts = 0
         self.admissions = 0

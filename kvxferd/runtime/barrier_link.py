@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import zmq
 
-from kvxferd.errors import DaemonError, RemoteProtocolError
-from kvxferd.protocol import Ack, Arrive, Digest, Diverged, Error, Expired, Hello, Message, Release, decode
+from kvxferd.errors import DaemonError
+from kvxferd.protocol import Ack, Arrive, Digest, Diverged, Error, Expired, Hello, Message, Release
 from kvxferd.runtime import sockets
 
 log = logging.getLogger(__name__)
@@ -56,15 +56,11 @@ class BarrierLink:
     def recv_ready(self) -> list[Message]:
         """Every message waiting on the socket (bad frames are logged and skipped)."""
         out: list[Message] = []
-        for _ in range(sockets.BATCH):
-            try:
-                frame = self.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            try:
-                out.append(decode(frame, max_bytes=self.max_frame))
-            except RemoteProtocolError as exc:
-                log.error("bad frame from the barrier service: %s", exc)
+        for inbound in sockets.receive(self.sock, max_frame=self.max_frame, router=False):
+            if inbound.msg is None:
+                log.error("bad frame from the barrier service: %s", inbound.error)
+            else:
+                out.append(inbound.msg)
         return out
 
     def startup(self, fingerprint: str, timeout_s: float, stopping: Callable[[], bool]) -> None:

@@ -24,8 +24,8 @@ import zmq
 
 from kvxferd.config import Config
 from kvxferd.core import PostWrite
-from kvxferd.errors import RemoteProtocolError, TransportError, TransportUnavailable
-from kvxferd.protocol import Error, ErrorCode, Message, PeerInfo, PeerQuery, RegisterCache, decode
+from kvxferd.errors import TransportError, TransportUnavailable
+from kvxferd.protocol import Error, ErrorCode, Message, PeerInfo, PeerQuery, RegisterCache
 from kvxferd.runtime import sockets
 from kvxferd.runtime.service import Service
 from kvxferd.transports import Completion, Transport, choose, load
@@ -211,17 +211,11 @@ class Peers:
             link.retry_at = now + RETRY_S
 
     def _on_link(self, link: PeerLink) -> None:
-        for _ in range(sockets.BATCH):
-            try:
-                frame = link.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = decode(frame, max_bytes=self.max_frame)
-            except RemoteProtocolError as exc:
-                log.error("bad frame from peer %s: %s", link.endpoint, exc)
-                continue
-            self.answers.append((link, msg))
+        for inbound in sockets.receive(link.sock, max_frame=self.max_frame, router=False):
+            if inbound.msg is None:
+                log.error("bad frame from peer %s: %s", link.endpoint, inbound.error)
+            else:
+                self.answers.append((link, inbound.msg))
 
     def warm(self, template: str, now: float) -> None:
         """Discover a peer now and open it on the preferred transport, before any request needs it."""

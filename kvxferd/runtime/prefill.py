@@ -30,11 +30,14 @@ from kvxferd.protocol import (
     Message,
     RegisterCache,
     Release,
+    Status,
     StatusQuery,
     StatusReply,
+    TransferResult,
 )
 from kvxferd.protocol.fields import clip
 from kvxferd.runtime.daemon import GroupDaemon
+from kvxferd.runtime.guard import guarded, unguarded
 from kvxferd.runtime.logs import TRACE
 from kvxferd.runtime.peers import Peers
 from kvxferd.transports import Completion
@@ -69,7 +72,7 @@ class PrefillDaemon(GroupDaemon):
 
     def __init__(self, config: Config, group: GroupConfig, rank: int) -> None:
         super().__init__(config, group, rank)
-        self.core = RankCore(rank_settings(config, group, rank))
+        self.core = guarded(RankCore(rank_settings(config, group, rank)), "prefill core")
         self.peers = Peers(self, config, group=group.name, rank=rank, memory=group.memory)
         self.origins: dict[tuple[str, int], bytes] = {}  # request instance -> the engine that sent its cache_info
         self._sender: bytes | None = None
@@ -95,6 +98,21 @@ class PrefillDaemon(GroupDaemon):
 
     def close(self) -> None:
         self.peers.close()
+
+    def on_broken(self, reason: str, now: float) -> None:
+        """End every request in flight as failed: through the core's own close if it still can
+        (that also withdraws at the barrier and tells the decode peers), else to each origin."""
+        self.peers.close_transports()  # no write of a broken daemon may land after this
+        try:
+            effects = unguarded(self.core).close(reason, now)
+        except Exception:
+            log.exception("the core cannot close; telling each engine directly")
+        else:
+            self._apply([e for e in effects if not isinstance(e, PostWrite)], now)
+            return
+        for (rid, instance), identity in self.origins.items():
+            self.reply(identity, TransferResult(rid, Status.FAILED, reason, rank=self.rank, instance=instance))
+        self.origins.clear()
 
     # -- inbound ----------------------------------------------------------------------
 

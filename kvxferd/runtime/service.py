@@ -9,8 +9,15 @@ registered in it. ``run`` goes through start → ready → serve → drain → s
   (the core's next deadline, a peer query's deadline, a transport that wants
   polling); an idle daemon sleeps in ``poll`` and uses no CPU.
 * A service answers on one ROUTER (``bind_router``): every frame is decoded
-  and handed to ``handle(identity, msg, now)``; a frame that is not a valid
-  message is answered with an ``Error`` and logged, never raised.
+  (:func:`kvxferd.runtime.sockets.receive`, the one receive path) and handed
+  to ``handle(identity, msg, now)``; a frame that is not a valid message is
+  answered with an ``Error`` and logged, never raised.
+* Handlers are guarded: an exception while handling one message is logged
+  with its traceback, answered with ``Error(internal)``, and the daemon keeps
+  serving. An exception out of a core (:class:`~kvxferd.errors.CoreBroken`,
+  see :mod:`kvxferd.runtime.guard`) means its tables cannot be trusted: the
+  service calls ``on_broken`` (fail every request in flight, with the reason)
+  and ``run`` returns :data:`BROKEN_EXIT`.
 * SIGTERM / SIGINT only set a flag; a byte on the signal wake-up socket makes
   ``poll`` return. The service then drains (``begin_drain``) until it is idle
   or ``shutdown_s`` has passed, then stops (``force_stop``) and closes every
@@ -32,14 +39,20 @@ from typing import Any
 
 import zmq
 
-from kvxferd.errors import RemoteProtocolError
-from kvxferd.protocol import Error, ErrorCode, Message, decode
+from kvxferd.errors import CoreBroken
+from kvxferd.protocol import Error, ErrorCode, Message
+from kvxferd.protocol.fields import clip, show
 from kvxferd.runtime import sockets
 from kvxferd.runtime.logs import TRACE
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[], None]
+
+#: exit status of a daemon whose core broke (EX_SOFTWARE)
+BROKEN_EXIT = 70
+#: timer runs in a row that may raise before the daemon counts itself broken
+TICK_FAILURES = 3
 
 
 class Service:
@@ -89,33 +102,45 @@ class Service:
 
     def on_router(self) -> None:
         assert self.router is not None
-        for _ in range(sockets.BATCH):
-            try:
-                identity, frame = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:
-                log.warning("dropped a message that was not [identity, frame]")
-                continue
-            try:
-                msg = decode(frame, max_bytes=self.max_frame)
-            except RemoteProtocolError as exc:
-                log.warning("bad frame from %r: %s", identity, exc)
-                self.reply(identity, Error(ErrorCode.BAD_MESSAGE, str(exc)))
-                continue
-            log.log(TRACE, "<- %r %s", identity, msg)
-            self.handle(identity, msg, time.monotonic())
+        self.serve(self.router)
 
-    def reply(self, identity: bytes, msg: Message) -> bool:
-        """Send ``msg`` to ``identity`` on the ROUTER; False (logged) if it is not reachable."""
-        assert self.router is not None
+    def serve(self, sock: zmq.Socket[bytes]) -> None:
+        """Decode and handle what waits on the ROUTER ``sock`` (answers go back on ``self.router``
+        unless ``handle`` says otherwise)."""
+        for inbound in sockets.receive(sock, max_frame=self.max_frame, router=True):
+            identity = inbound.identity or b""
+            if inbound.msg is None:
+                log.warning("bad frame from %s: %s", show(identity), inbound.error)
+                self.answer(sock, identity, Error(ErrorCode.BAD_MESSAGE, inbound.error))
+                continue
+            log.log(TRACE, "<- %r %s", identity, inbound.msg)
+            self.dispatch(sock, identity, inbound.msg, time.monotonic())
+
+    def dispatch(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, now: float) -> None:
+        """``handle`` one message, guarded: a failure is logged and answered, not fatal."""
         try:
-            sockets.send(self.router, msg, identity)
+            self.handle(identity, msg, now)
+        except CoreBroken:
+            raise
+        except Exception as exc:
+            log.exception("internal error handling %s from %s; still serving", type(msg).__name__, show(identity))
+            detail = f"internal error handling {type(msg).__name__}: {type(exc).__name__}: {clip(str(exc), 512)}"
+            self.answer(sock, identity, Error(ErrorCode.INTERNAL, detail))
+
+    def answer(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message) -> bool:
+        """Send ``msg`` to ``identity`` on the ROUTER ``sock``; False (logged) if it is not reachable."""
+        try:
+            sockets.send(sock, msg, identity)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: not connected (yet, or any more); EAGAIN: not reading
-            log.warning("%r unreachable (%s); dropped %s", identity, exc.strerror, type(msg).__name__)
+            log.warning("%s unreachable (%s); dropped %s", show(identity), exc.strerror, type(msg).__name__)
             return False
         log.log(TRACE, "-> %r %s", identity, msg)
         return True
+
+    def reply(self, identity: bytes, msg: Message) -> bool:
+        """Send ``msg`` to ``identity`` on the service's ROUTER; False (logged) if it is not reachable."""
+        assert self.router is not None
+        return self.answer(self.router, identity, msg)
 
     # -- hooks for subclasses ---------------------------------------------------------
 
@@ -149,11 +174,14 @@ class Service:
     def close(self) -> None:
         """Release resources other than sockets (transports, mappings)."""
 
+    def on_broken(self, reason: str, now: float) -> None:
+        """A core broke (``reason``): tell everyone waiting on a request in flight that it failed."""
+
     # -- the loop ----------------------------------------------------------------------
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         self._stop_signal = signum
-        with contextlib.suppress(BlockingIOError):  # a wake-up byte is already pending
+        with contextlib.suppress(OSError):  # a wake-up byte is already pending, or the service has stopped
             self._wake_w.send(b"\0")
 
     def run(self, *, announce: bool = True) -> int:
@@ -165,6 +193,14 @@ class Service:
                 self._announce()
             self._loop()
             return 0
+        except CoreBroken as exc:
+            log.critical("%s: failing every request in flight and exiting", exc, exc_info=exc)
+            self.state = "broken"
+            try:
+                self.on_broken(f"{self.role} stopped on an internal error ({clip(str(exc), 300)})", time.monotonic())
+            except Exception:
+                log.exception("could not tell every engine about its requests in flight")
+            return BROKEN_EXIT
         finally:
             self._restore_signals(previous)
             self.shutdown_sockets()
@@ -173,6 +209,7 @@ class Service:
         wake_fd = self._wake_r.fileno()
         self.poller.register(wake_fd, zmq.POLLIN)  # the poller reports plain fds back as ints
         drain_deadline: float | None = None
+        failures = 0
         while True:
             now = time.monotonic()
             if self._stop_signal is not None and drain_deadline is None:
@@ -195,9 +232,22 @@ class Service:
             for sock, _ in self.poller.poll(timeout):
                 if sock == wake_fd:
                     self._drain_wake()
-                else:
-                    self._handlers[sock]()
-            self.tick(time.monotonic())
+                elif sock in self._handlers:  # a handler earlier in this round may have closed it
+                    self._guard(self._handlers[sock], "reading a socket")
+            failures = 0 if self._guard(lambda: self.tick(time.monotonic()), "running timers") else failures + 1
+            if failures >= TICK_FAILURES:
+                raise CoreBroken(f"timers failed {failures} times in a row")
+
+    def _guard(self, step: Handler, what: str) -> bool:
+        """Run one step of the loop; an exception other than CoreBroken is logged, not fatal."""
+        try:
+            step()
+        except CoreBroken:
+            raise
+        except Exception:
+            log.exception("internal error %s; still serving", what)
+            return False
+        return True
 
     def _drain_wake(self) -> None:
         try:

@@ -1,0 +1,201 @@
+"""Guarded handlers: one message that makes a handler raise costs that message only; a core
+that raises (a broken invariant) fails every request in flight, then its daemon exits non-zero.
+
+Nothing outside the process can make a correct handler raise on purpose, so these tests run
+the real services in threads of the test process and break a method of theirs; everything
+else (sockets, clients, the other daemons) is what production runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import dataclasses
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, status
+from kvxferd.config import Config, loads
+from kvxferd.errors import DaemonError
+from kvxferd.kvcache import HostKVCache, KVShape
+from kvxferd.protocol import CacheInfo, Error, ErrorCode, Hello, SlotChunk, Status, StatusQuery, decode, encode
+from kvxferd.runtime.barrier import BarrierService
+from kvxferd.runtime.decode import DecodeDaemon
+from kvxferd.runtime.guard import unguarded
+from kvxferd.runtime.prefill import PrefillDaemon
+from kvxferd.runtime.service import BROKEN_EXIT, Service
+
+ONE_BY_ONE = """
+groups:
+  - {name: prefill, role: prefill, world_size: 1, endpoint: "ipc://{run_dir}/p-{rank}.sock", memory: host}
+  - {name: decode, role: decode, world_size: 1, endpoint: "ipc://{run_dir}/d-{rank}.sock", memory: host}
+kv: {num_layers: 2, kv_heads: 2, head_dim: 16, block_tokens: 4, num_blocks: 16, dtype: float32}
+timeouts: {pending_s: 20, progress_s: 20, verdict_s: 30, peer_s: 10, startup_s: 20, shutdown_s: 2}
+"""
+
+
+class Running:
+    """A service's ``run`` in a thread; ``code`` is what it returned."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.code: int | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.code = self.service.run(announce=False)
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    def wait(self, timeout_s: float = 20.0) -> int | None:
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), f"{self.service.role} did not stop within {timeout_s}s"
+        assert self.error is None, self.error
+        return self.code
+
+    def stop(self) -> int | None:
+        if self.thread.is_alive():
+            self.service.request_stop()
+        return self.wait()
+
+
+def ready(endpoint: str, timeout_s: float = 20.0) -> None:
+    """The readiness handshake: a status query answered (retried until the deadline)."""
+    last: Exception | None = None
+    for _ in range(int(timeout_s / 0.5)):
+        try:
+            status(endpoint, 0.5)
+            return
+        except DaemonError as exc:
+            last = exc
+    raise AssertionError(f"{endpoint} never answered: {last}")
+
+
+@contextlib.contextmanager
+def run_dir() -> Iterator[Config]:
+    path = Path(tempfile.mkdtemp(prefix="kvx-g-", dir="/tmp"))
+    try:
+        yield dataclasses.replace(loads(ONE_BY_ONE), run_dir=str(path))
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def ask(endpoint: str, frame: bytes, identity: bytes = b"") -> object:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if identity:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    sock.connect(endpoint)
+    try:
+        sock.send(frame)
+        assert sock.poll(10_000), "no answer within 10 s"
+        return decode(sock.recv())
+    finally:
+        sock.close()
+
+
+def test_a_handler_that_raises_costs_one_message_and_is_answered_as_internal() -> None:
+    with run_dir() as config:
+        service = BarrierService(config)
+        real = service._apply
+
+        def flaky(effects: list, sender: bytes | None) -> None:  # the shell, not the core, fails
+            if sender == b"boom:0":
+                raise RuntimeError("x" * 10_000)  # a long text, too: the answer must still be built
+            real(effects, sender)
+
+        service._apply = flaky  # type: ignore[method-assign]
+        running = Running(service)
+        endpoint = config.barrier_endpoint()
+        ready(endpoint)
+        answer = ask(endpoint, encode(Hello("boom", 0, 1, "prefill")), b"boom:0")
+        assert isinstance(answer, Error) and answer.code is ErrorCode.INTERNAL
+        assert "RuntimeError" in answer.detail and len(answer.detail) < 1024
+        # still serving, for the same kind of message from someone else
+        assert not isinstance(ask(endpoint, encode(Hello("fine", 0, 1, "prefill")), b"fine:0"), Error)
+        assert ask(endpoint, encode(StatusQuery())) is not None
+        assert running.stop() == 0
+
+
+def test_a_core_that_raises_fails_every_request_in_flight_then_exits_non_zero() -> None:
+    with run_dir() as config:
+        pgroup, dgroup = config.group(role="prefill"), config.group(role="decode")
+        barrier = Running(BarrierService(config))
+        prefill = PrefillDaemon(config, pgroup, 0)
+        services = [barrier, Running(prefill), Running(DecodeDaemon(config, dgroup, 0))]
+        shape = KVShape.from_config(config, 1)
+        caches = [HostKVCache.create(shape), HostKVCache.create(shape)]
+        clients: list = []
+        try:
+            for endpoint in (config.endpoint(pgroup, 0), config.endpoint(dgroup, 0)):
+                ready(endpoint)
+            dec = DecodeEngine([config.endpoint(dgroup, 0)])
+            worker = PrefillWorker(config.endpoint(pgroup, 0))
+            sched = PrefillScheduler([config.endpoint(pgroup, 0)])
+            clients += [dec, worker, sched]
+            dec.register([caches[1]])
+            worker.register(caches[0])
+            peer = config.peer_template(dgroup)
+            sched.submit(CacheInfo("in-flight", 0, 1, 4, (1,), (2,), peer))  # waits for its layer-0 signal
+            for _ in range(100):  # the readiness of the request: in the prefill rank's table
+                if json.loads(status(config.endpoint(pgroup, 0)).report)["tables"]["requests"] == 1:
+                    break
+            else:
+                raise AssertionError("the cache_info never reached the request table")
+            core = unguarded(prefill.core)
+
+            def broken(msg: object, now: float) -> list:
+                raise AssertionError("pending table out of step with the request table")
+
+            core.handle = broken  # type: ignore[method-assign]
+            # the first layer signal is handled by a broken core
+            worker.layer_ready(1, 0, [SlotChunk(0, 0, 4, 1)])
+            outcome = sched.wait("in-flight", 10.0)
+            assert outcome.status is Status.FAILED
+            (result,) = outcome.results.values()
+            assert "internal error" in result.reason and "pending table" in result.reason
+            told = dec.wait("in-flight", 10.0)
+            assert told.decided and not told.ready
+            assert services[1].wait() == BROKEN_EXIT
+        finally:
+            for client in clients:
+                client.close()
+            codes = [s.stop() for s in services]
+            for cache in caches:
+                cache.close()
+                cache.unlink()
+        assert codes[0] == 0 and codes[2] == 0
+
+
+@pytest.mark.parametrize(("times", "code"), [(1, 0), (2, 0), (3, BROKEN_EXIT)])
+def test_timers_that_raise_now_and_then_are_survived_but_not_forever(times: int, code: int) -> None:
+    with run_dir() as config:
+        service = BarrierService(config)
+        left = [times]
+        real_tick, real_wakeup = service.tick, service.next_wakeup
+
+        def flaky_tick(now: float) -> None:  # a shell's timer work (transports, links), not the core
+            if left[0]:
+                left[0] -= 1
+                raise OSError("a passing failure")
+            real_tick(now)
+
+        service.tick = flaky_tick  # type: ignore[method-assign]
+        service.next_wakeup = lambda: 0.0 if left[0] else real_wakeup()  # type: ignore[method-assign]
+        running = Running(service)
+        if code == 0:
+            ready(config.barrier_endpoint())
+            assert left == [0]
+            assert running.stop() == 0
+        else:
+            assert running.wait() == code  # exits by itself
