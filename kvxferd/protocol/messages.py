@@ -9,6 +9,7 @@ engine, P = prefill daemon, Q = decode daemon.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -296,6 +297,22 @@ def _check_regions(owner: str, layout: CacheLayout, regions: object) -> tuple[Re
     have = [(r.layer, r.kv) for r in items]
     if len(set(have)) != len(have) or set(have) != want:
         raise f.fail(owner, "regions", f"need exactly one K and one V region for each of {layout.num_layers} layers")
+    # Regions that share a handle must not overlap: a write into one would land in another
+    # (and some transports refuse to register overlapping memory at all).
+    by_handle: dict[tuple[str | bytes, int], list[Region]] = {}
+    for r in items:
+        by_handle.setdefault((r.handle, r.device), []).append(r)
+    size = layout.region_bytes
+    for shared in by_handle.values():
+        shared.sort(key=lambda r: r.offset)
+        for a, b in itertools.pairwise(shared):
+            if a.offset + size > b.offset:
+                raise f.fail(
+                    owner,
+                    "regions",
+                    f"the regions of layer {a.layer} {'KV'[a.kv]} and layer {b.layer} {'KV'[b.kv]} overlap "
+                    f"(offsets {a.offset} and {b.offset}, {size} bytes each)",
+                )
     return tuple(sorted(items, key=lambda r: (r.layer, r.kv)))
 
 

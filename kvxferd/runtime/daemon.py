@@ -12,9 +12,11 @@ from collections import Counter
 from typing import Any
 
 from kvxferd.config import Config, GroupConfig
+from kvxferd.errors import TransportError
 from kvxferd.protocol import CacheLayout, RegisterCache
 from kvxferd.runtime.barrier_link import BarrierLink
 from kvxferd.runtime.service import Service
+from kvxferd.shm import Segment
 
 
 class GroupDaemon(Service):
@@ -56,7 +58,25 @@ class GroupDaemon(Service):
             return f"group {self.group.name!r} keeps its cache in {self.group.memory} memory, not {msg.memory}"
         if msg.layout != self.layout:
             return f"the engine's cache is {msg.layout}, the config describes {self.layout}"
-        return None
+        return check_segments(msg)
 
     def ready_info(self) -> dict[str, Any]:
         return {"group": self.group.name, "rank": self.rank, "endpoint": self.endpoint}
+
+
+def check_segments(msg: RegisterCache) -> str | None:
+    """For host memory: every segment is a regular file of this daemon's uid, large enough for
+    its regions (see :meth:`kvxferd.shm.Segment.attach`). Prefill and decode check alike."""
+    if msg.memory != "host":
+        return None
+    need: dict[str, int] = {}
+    for region in msg.regions:
+        if not isinstance(region.handle, str):
+            return f"host-memory region of layer {region.layer} must name a shared-memory segment"
+        need[region.handle] = max(need.get(region.handle, 0), region.offset + msg.layout.region_bytes)
+    for name, size in need.items():
+        try:
+            Segment.attach(name, min_size=size, writable=False, populate=False).close()
+        except TransportError as exc:
+            return str(exc)
+    return None

@@ -32,7 +32,6 @@ from kvxferd.protocol import (
 )
 from kvxferd.runtime.daemon import GroupDaemon
 from kvxferd.runtime.peers import host_id
-from kvxferd.shm import Segment
 from kvxferd.transports import Transport, load
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ class DecodeDaemon(GroupDaemon):
             super().handle(identity, msg, now)
 
     def _register(self, identity: bytes, msg: RegisterCache) -> None:
-        problem = self.registration_problem(msg) or self._check_memory(msg)
+        problem = self.registration_problem(msg)
         if problem is not None:
             self._send(identity, Error(ErrorCode.BAD_LAYOUT, problem, "register"))
             return
@@ -108,22 +107,6 @@ class DecodeDaemon(GroupDaemon):
             "".join(f", {n}" for n in self.published),
         )
         self._send(identity, Ack("register"))
-
-    def _check_memory(self, msg: RegisterCache) -> str | None:
-        """For host memory, check that every segment exists and is large enough."""
-        if msg.memory != "host":
-            return None
-        need: dict[str, int] = {}
-        for region in msg.regions:
-            if not isinstance(region.handle, str):
-                return f"host-memory region of layer {region.layer} must name a shared-memory segment"
-            need[region.handle] = max(need.get(region.handle, 0), region.offset + msg.layout.region_bytes)
-        for name, size in need.items():
-            try:
-                Segment.attach(name, min_size=size, writable=False, populate=False).close()
-            except TransportError as exc:
-                return str(exc)
-        return None
 
     def _peer_info(self) -> PeerInfo | None:
         if self.cache is None:

@@ -20,7 +20,7 @@ import numpy as np
 from kvxferd.config import TransportConfig
 from kvxferd.errors import TransportError
 from kvxferd.protocol import CacheLayout, PeerInfo, RegisterCache
-from kvxferd.shm import SHM_DIR, Segment
+from kvxferd.shm import Segment
 from kvxferd.transports.base import Completion, RunTable, Transport, region_map
 
 Views = dict[tuple[int, int], np.ndarray[Any, np.dtype[np.uint8]]]
@@ -46,7 +46,7 @@ class MappedCache:
                 seg = self.segments.get(region.handle)
                 if seg is None:
                     seg = self.segments[region.handle] = Segment.attach(region.handle, writable=writable)
-                    self.fds.append(os.open(SHM_DIR / region.handle, os.O_RDONLY))
+                    self.fds.append(seg.watch_fd())
                 end = region.offset + layout.region_bytes
                 if end > seg.size:
                     raise TransportError(

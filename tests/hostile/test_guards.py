@@ -9,8 +9,8 @@ else (sockets, clients, the other daemons) is what production runs.
 from __future__ import annotations
 
 import contextlib
-import json
 import dataclasses
+import json
 import shutil
 import tempfile
 import threading

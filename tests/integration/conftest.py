@@ -105,11 +105,11 @@ def fill(cache: HostKVCache, blocks: list[int], seed: int) -> None:
 
 
 @contextlib.contextmanager
-def deploy(text: str = SMALL) -> Iterator[Deployment]:
+def deploy(text: str = SMALL, *, kind: type[Deployment] = Deployment) -> Iterator[Deployment]:
     """A running deployment of config ``text``, engines connected; every daemon must exit cleanly."""
     run_dir = Path(tempfile.mkdtemp(prefix="kvx-", dir="/tmp"))
     config = dataclasses.replace(loads(text), run_dir=str(run_dir))
-    dep = Deployment(config, run_dir)
+    dep = kind(config, run_dir)
     try:
         dep.start()
         dep.engines()

@@ -75,7 +75,7 @@ EXAMPLES: dict[str, Message] = {
         "host-a1",
         "gpu",
         LAYOUT,
-        tuple(Region(r.layer, r.kv, b"\x01" * 64, 128, 3) for r in REGIONS),
+        tuple(Region(r.layer, r.kv, b"\x01" * 64, 128 + r.offset, 3) for r in REGIONS),
         {"rdma": b"\x00md"},
     ),
     "ack": Ack("register"),
@@ -276,3 +276,13 @@ def test_deep_or_huge_msgpack_is_refused_while_parsing() -> None:
         decode(frame, max_bytes=1 << 20)
     with pytest.raises(RemoteProtocolError, match="not a msgpack frame"):  # a header claiming 2**32 items
         decode(b"\x92\x03\xdd\xff\xff\xff\xff")
+
+
+def test_regions_that_share_a_handle_must_not_overlap() -> None:
+    layout = CacheLayout(1, 4, 100)  # each region 400 bytes
+    fine = (Region(0, 0, "seg", 0), Region(0, 1, "seg", 400))
+    assert RegisterCache("host", layout, fine).regions == fine
+    with pytest.raises(LocalProtocolError, match="overlap"):
+        RegisterCache("host", layout, (Region(0, 0, "seg", 0), Region(0, 1, "seg", 399)))
+    # the same offsets in different segments are not an overlap
+    assert RegisterCache("host", layout, (Region(0, 0, "a", 0), Region(0, 1, "b", 0)))
