@@ -115,11 +115,13 @@ def status(config_path: str | None, group: str | None, rank: int, timeout: float
     """Print what a running daemon is doing, as JSON: state, tables, pending requests, counters."""
     from kvxferd.client import status as ask
     from kvxferd.errors import KvxferdError
+    from kvxferd.security import credentials
 
     config = _load(config_path)
     try:
         endpoint = config.endpoint(config.group(group), rank) if group else config.barrier_endpoint()
-        reply = ask(endpoint, timeout)
+        # the barrier serves daemons only; an operator holding the secret holds their keys too
+        reply = ask(endpoint, timeout, credentials=credentials(config, "engine" if group else "daemon"))
     except KvxferdError as exc:
         raise click.ClickException(str(exc)) from None
     out = {"role": reply.role, "group": reply.group, "rank": reply.rank, "state": reply.state}

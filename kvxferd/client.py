@@ -6,20 +6,25 @@ sends back (an :class:`~kvxferd.protocol.Error`) are raised as
 :class:`~kvxferd.errors.DaemonError` where a call waits for a reply, and are
 returned as events by ``poll`` otherwise.
 
+Every client holds the deployment's engine keys (:func:`credentials`, made
+from the deployment secret, see :mod:`kvxferd.security`): a daemon does not
+complete the handshake with a client without them, and answers nothing.
+
 Example, for a 2-rank prefill group and a 2-rank decode group::
 
     shape = KVShape.from_config(config, world_size=2)
+    creds = credentials(config)
     # decode engine: register each rank's cache, then wait for requests
-    decode = DecodeEngine([config.endpoint(dgroup, r) for r in range(2)])
+    decode = DecodeEngine([config.endpoint(dgroup, r) for r in range(2)], credentials=creds)
     dcaches = [HostKVCache.create(shape) for _ in range(2)]
     decode.register(dcaches)
     # prefill model worker of rank r (one per rank, in the worker process)
-    worker = PrefillWorker(config.endpoint(pgroup, r))
+    worker = PrefillWorker(config.endpoint(pgroup, r), credentials=creds)
     worker.register(HostKVCache.create(shape))
     # prefill scheduler: one CacheInfo per request, to every rank
-    sched = PrefillScheduler([config.endpoint(pgroup, r) for r in range(2)])
+    sched = PrefillScheduler([config.endpoint(pgroup, r) for r in range(2)], credentials=creds)
     sched.submit(CacheInfo("req-1", slot=3, step=17, num_tokens=200, src_blocks=src,
-                           dst_blocks=dst, peer=config.peer_template(dgroup), instance=0))
+                           dst_blocks=dst, peer=dgroup.name, instance=0))
     # ... the worker runs step 17: worker.layer_ready(17, 0, [SlotChunk(3, 0, 200, 17)]), then layers 1..L-1
     sched.wait("req-1", timeout_s=30)        # PrefillOutcome: results {rank: TransferResult}
     decode.wait("req-1", timeout_s=30)       # DecodeOutcome(ready=True, ...)
@@ -44,6 +49,7 @@ from kvxferd.protocol import (
     DEFAULT_MAX_FRAME,
     Abort,
     Ack,
+    Attach,
     CacheInfo,
     Error,
     ErrorCode,
@@ -64,7 +70,17 @@ from kvxferd.runtime import sockets
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
+    from kvxferd.config import Config
     from kvxferd.kvcache import HostKVCache
+    from kvxferd.security import Credentials
+
+
+def credentials(config: Config) -> Credentials:
+    """The engine keys of ``config``'s deployment (what every client here needs)."""
+    from kvxferd import security
+
+    return security.credentials(config, "engine")
+
 
 Event = tuple[int, Message]  # (rank, message)
 
@@ -76,6 +92,7 @@ class Channel:
         self,
         endpoint: str,
         *,
+        credentials: Credentials,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
         send_timeout_s: float = 5.0,
         max_frame: int = DEFAULT_MAX_FRAME,
@@ -85,6 +102,7 @@ class Channel:
         self._own_ctx = ctx is None
         self.ctx = ctx if ctx is not None else zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
+        credentials.client(self.sock)
         self.sock.setsockopt(zmq.LINGER, sockets.LINGER_MS)
         self.sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
         self.sock.setsockopt(zmq.SNDHWM, sockets.HWM)
@@ -121,11 +139,13 @@ class Channel:
 class _Group:
     """Channels to every rank of one daemon group, polled together."""
 
-    def __init__(self, endpoints: Sequence[str], *, send_timeout_s: float = 5.0) -> None:
+    def __init__(self, endpoints: Sequence[str], *, credentials: Credentials, send_timeout_s: float = 5.0) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is needed")
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.channels = [Channel(e, ctx=self.ctx, send_timeout_s=send_timeout_s) for e in endpoints]
+        self.channels = [
+            Channel(e, credentials=credentials, ctx=self.ctx, send_timeout_s=send_timeout_s) for e in endpoints
+        ]
         self.poller = zmq.Poller()
         self.backlog: list[Event] = []  # messages taken while waiting for something else
         self._rank_of = {}
@@ -177,8 +197,8 @@ def _registration(cache: HostKVCache | RegisterCache) -> RegisterCache:
 class PrefillWorker(_Group):
     """One prefill rank's model worker: registers its cache and says which layers are written."""
 
-    def __init__(self, endpoint: str, *, send_timeout_s: float = 5.0) -> None:
-        super().__init__([endpoint], send_timeout_s=send_timeout_s)
+    def __init__(self, endpoint: str, *, credentials: Credentials, send_timeout_s: float = 5.0) -> None:
+        super().__init__([endpoint], credentials=credentials, send_timeout_s=send_timeout_s)
 
     def register(self, cache: HostKVCache | RegisterCache, timeout_s: float = 10.0) -> None:
         self.channels[0].send(_registration(cache))
@@ -320,9 +340,11 @@ class _Ledger(Generic[Outcome]):
 class PrefillScheduler(_Group):
     """The prefill scheduler: cache_info and aborts to every rank, results from every rank."""
 
-    def __init__(self, endpoints: Sequence[str], *, send_timeout_s: float = 5.0) -> None:
-        super().__init__(endpoints, send_timeout_s=send_timeout_s)
+    def __init__(self, endpoints: Sequence[str], *, credentials: Credentials, send_timeout_s: float = 5.0) -> None:
+        super().__init__(endpoints, credentials=credentials, send_timeout_s=send_timeout_s)
         world = len(self.channels)
+        for ch in self.channels:  # say who we are first: ZMQ keeps a connection's order, so no wait
+            ch.send(Attach("scheduler"))
         self.ledger: _Ledger[PrefillOutcome] = _Ledger(lambda k: PrefillOutcome(k[0], k[1], world))
         #: Error replies (bad messages, refusals, duplicates), oldest dropped first.
         self.errors: deque[tuple[int, Error]] = deque(maxlen=MAX_EVENTS)
@@ -398,8 +420,8 @@ class PrefillScheduler(_Group):
 class DecodeEngine(_Group):
     """The decode engine: registers each rank's cache and learns when each request's KV is in."""
 
-    def __init__(self, endpoints: Sequence[str], *, send_timeout_s: float = 5.0) -> None:
-        super().__init__(endpoints, send_timeout_s=send_timeout_s)
+    def __init__(self, endpoints: Sequence[str], *, credentials: Credentials, send_timeout_s: float = 5.0) -> None:
+        super().__init__(endpoints, credentials=credentials, send_timeout_s=send_timeout_s)
         world = len(self.channels)
         self.ledger: _Ledger[DecodeOutcome] = _Ledger(lambda k: DecodeOutcome(k[0], k[1], world))
         self.errors: deque[tuple[int, Error]] = deque(maxlen=MAX_EVENTS)
@@ -462,9 +484,9 @@ class DecodeEngine(_Group):
             self.collect(min(left, 0.5))
 
 
-def status(endpoint: str, timeout_s: float = 5.0) -> StatusReply:
-    """Ask one daemon (or the barrier service) what it is doing."""
-    ch = Channel(endpoint, send_timeout_s=timeout_s)
+def status(endpoint: str, timeout_s: float = 5.0, *, credentials: Credentials) -> StatusReply:
+    """Ask one daemon (or, with the daemon keys, the barrier service) what it is doing."""
+    ch = Channel(endpoint, credentials=credentials, send_timeout_s=timeout_s)
     try:
         ch.send(StatusQuery())
         reply = ch.recv(timeout_s)

@@ -145,7 +145,7 @@ class LimitsConfig:
     max_requests: int = 4096  # requests in flight per rank
     max_pending_signals: int = 4096  # parked layer-0 slots without a cache_info
     max_steps: int = 1024  # forward steps with work in progress
-    max_frame_bytes: int = 4 << 20  # largest control message accepted
+    max_frame_bytes: int = 1 << 20  # largest control message accepted (a 128-layer registration is ~8 KiB)
     max_step_gap: int = 1 << 16  # a layer-0 signal this many steps past the last one is refused
     #: bytes of messages one connection may have queued before the daemon reads them (ZMQ
     #: counts messages: the queue holds max(16, this // max_frame_bytes) of them)
@@ -165,7 +165,7 @@ class LimitsConfig:
 
     @property
     def queue_messages(self) -> int:
-        return max(16, self.max_queue_bytes // self.max_frame_bytes)
+        return max(16, self.max_queue_bytes // self.max_frame_bytes)  # 64 with the defaults
 
 
 @dataclass(frozen=True)

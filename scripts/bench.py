@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, status
+from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, credentials, status
 from kvxferd.config import Config, GroupConfig, TransportConfig, dump, loads
 from kvxferd.demo.launch import Cluster
 from kvxferd.kvcache import HostKVCache, KVShape
@@ -185,12 +185,13 @@ class Deployment:
         self.cluster.start(60)
         p, d = self.config.groups
         self.src, self.dst = HostKVCache.create(SHAPE), HostKVCache.create(SHAPE)
-        self.dec = DecodeEngine([self.config.endpoint(d, 0)])
+        self.creds = credentials(self.config)
+        self.dec = DecodeEngine([self.config.endpoint(d, 0)], credentials=self.creds)
         self.dec.register([self.dst])
-        self.worker = PrefillWorker(self.config.endpoint(p, 0))
+        self.worker = PrefillWorker(self.config.endpoint(p, 0), credentials=self.creds)
         self.worker.register(self.src)
-        self.sched = PrefillScheduler([self.config.endpoint(p, 0)])
-        self.peer = self.config.peer_template(d)
+        self.sched = PrefillScheduler([self.config.endpoint(p, 0)], credentials=self.creds)
+        self.peer = d.name
         self.transport = transport
         self.step = 0
         self.seq = 0
@@ -239,7 +240,7 @@ class Deployment:
         endpoint = self.config.endpoint(self.config.groups[0], 0)
         deadline = time.monotonic() + 30.0
         while True:
-            requests = json.loads(status(endpoint).report)["requests"]
+            requests = json.loads(status(endpoint, credentials=self.creds).report)["requests"]
             if len(requests) == count and all(r["admitted"] for r in requests):
                 return
             if time.monotonic() > deadline:

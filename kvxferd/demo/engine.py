@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker
+from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, credentials
 from kvxferd.config import Config, GroupConfig
 from kvxferd.errors import DaemonError
 from kvxferd.kvcache import HostKVCache, KVShape
@@ -125,16 +125,17 @@ class DemoEngine:
         self.shape = KVShape.from_config(config, self.world)
         self.bt = self.shape.block_tokens
         self.layers = self.shape.num_layers
-        self.peer = config.peer_template(decode)
+        self.peer = decode.name
         self.pcaches = [HostKVCache.create(self.shape) for _ in range(self.world)]
         self.dcaches = [HostKVCache.create(self.shape) for _ in range(self.world)]
         self.pviews = [u64_view(c) for c in self.pcaches]
         self.dviews = [u64_view(c) for c in self.dcaches]
         self.src_pool = BlockPool(self.shape.num_blocks)
         self.dst_pool = BlockPool(self.shape.num_blocks, self.rng)
-        self.workers = [PrefillWorker(config.endpoint(prefill, r)) for r in range(self.world)]
-        self.sched = PrefillScheduler([config.endpoint(prefill, r) for r in range(self.world)])
-        self.decode = DecodeEngine([config.endpoint(decode, r) for r in range(self.world)])
+        creds = credentials(config)
+        self.workers = [PrefillWorker(config.endpoint(prefill, r), credentials=creds) for r in range(self.world)]
+        self.sched = PrefillScheduler([config.endpoint(prefill, r) for r in range(self.world)], credentials=creds)
+        self.decode = DecodeEngine([config.endpoint(decode, r) for r in range(self.world)], credentials=creds)
         self.requests: list[DemoRequest] = []
         self.by_id: dict[str, DemoRequest] = {}
         self.step = 0

@@ -32,6 +32,7 @@ from kvxferd.protocol.codec import DEFAULT_MAX_FRAME, REGISTRY, decode, encode
 from kvxferd.protocol.messages import (
     Abort,
     Ack,
+    Attach,
     CacheInfo,
     CacheLayout,
     Error,
@@ -59,6 +60,7 @@ __all__ = [
     "Admit",
     "Admitted",
     "Arrive",
+    "Attach",
     "CacheInfo",
     "CacheLayout",
     "Digest",

@@ -175,7 +175,7 @@ def _ending(owner: str, msg: Diverged | Expired) -> None:
 class Hello(Message):
     """Rank→service: announce a rank of a group and the group's size. Answered with Ack.
 
-    Wire: ``[2, "hello", "prefill", 0, 2, "prefill"]``.
+    Wire: ``[3, "hello", "prefill", 0, 2, "prefill"]``.
     """
 
     TAG: ClassVar[str] = "hello"
@@ -197,7 +197,7 @@ class Admit(Message):
     """Rank→service: this rank holds the cache_info of ``key`` (instance ``instance``), with these terms.
 
     Sent the moment the rank accepted the cache_info; it never waits for the
-    answer. Wire: ``[2, "admit", "prefill", "req-7", 0, 1, [200, 3, 17, "13 blocks #9f2c...",
+    answer. Wire: ``[3, "admit", "prefill", "req-7", 0, 1, [200, 3, 17, "13 blocks #9f2c...",
     "13 blocks #0e4d...", "ipc:///run/kvxferd/decode-{rank}.sock", "auto"]]``.
     """
 
@@ -221,7 +221,7 @@ class Admit(Message):
 class Admitted(Message):
     """Service→ranks: every rank admitted ``key`` with equal terms; writing may begin.
 
-    Not an ending: the completion round follows. Wire: ``[2, "admitted", "prefill", "req-7", 0]``.
+    Not an ending: the completion round follows. Wire: ``[3, "admitted", "prefill", "req-7", 0]``.
     """
 
     TAG: ClassVar[str] = "admitted"
@@ -240,7 +240,7 @@ class Arrive(Message):
 
     ``timeout_s`` (named barriers such as start-up) sets how long the key may
     stay open if this arrival opens it; 0 means the service's default.
-    Wire: ``[2, "arrive", "prefill", "req-7", 0, 1, [32, 13, 27262976, "9f2c..."], 0.0]``.
+    Wire: ``[3, "arrive", "prefill", "req-7", 0, 1, [32, 13, 27262976, "9f2c..."], 0.0]``.
     """
 
     TAG: ClassVar[str] = "arrive"
@@ -268,7 +268,7 @@ class Withdraw(Message):
     It is the rank's word in whichever round is open, and replaces an Admit of
     the same round. Sent only once the rank has no write for the key in
     flight, so a verdict that follows means no rank is still writing.
-    ``status`` is ``failed`` or ``aborted``. Wire: ``[2, "withdraw", "prefill",
+    ``status`` is ``failed`` or ``aborted``. Wire: ``[3, "withdraw", "prefill",
     "req-7", 0, 1, "aborted", "client cancelled"]``.
     """
 
@@ -293,7 +293,7 @@ class Withdraw(Message):
 class Release(Message):
     """Service→ranks: every rank arrived at ``key`` with the same digest: the request is ok.
 
-    Wire: ``[2, "release", "prefill", "req-7", 0, [32, 13, 27262976, "9f2c..."]]``.
+    Wire: ``[3, "release", "prefill", "req-7", 0, [32, 13, 27262976, "9f2c..."]]``.
     """
 
     TAG: ClassVar[str] = "release"
@@ -325,7 +325,7 @@ class Diverged(Message):
     ``status`` and ``reason`` are what every rank reports; ``views`` holds each
     rank's terms, digest or withdrawal; ``peer`` the decode endpoint template
     from the admissions, so a rank that never held the cache_info can still
-    tell its decode rank. Wire: ``[2, "diverged", "prefill", "req-7", 0,
+    tell its decode rank. Wire: ``[3, "diverged", "prefill", "req-7", 0,
     "aborted", "aborted: client cancelled", [[0, "ok", [...], null, ""], [1,
     "aborted", null, null, "client cancelled"]], "ipc:///run/kvxferd/decode-{rank}.sock"]``.
     """
@@ -355,7 +355,7 @@ class Expired(Message):
     """Service→ranks: ``key``'s open round timed out; ``missing`` lists the ranks never heard from.
 
     ``status``, ``reason`` and ``peer`` as in :class:`Diverged`. Wire:
-    ``[2, "expired", "prefill", "req-7", 0, [1], 30.0, "failed",
+    ``[3, "expired", "prefill", "req-7", 0, [1], 30.0, "failed",
     "ranks [1] of group prefill did not report within 30s", ""]``.
     """
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 #: Wire protocol version. Bumped on any incompatible change to any message;
 #: independent of the package version.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: Transport names a request may ask for. ``auto`` lets the daemon choose.
 TRANSPORTS = ("auto", "shm", "cuda_ipc", "rdma")
@@ -50,6 +50,7 @@ class ErrorCode(enum.StrEnum):
     BAD_LAYOUT = "bad_layout"  # block count does not match the token count
     STALE_SIGNAL = "stale_signal"  # signal for a step that has ended or never began
     NOT_REGISTERED = "not_registered"  # no KV memory registered yet
+    UNKNOWN_PEER = "unknown_peer"  # a cache_info's peer names no decode group of the deployment
     CONFLICT = "conflict"  # e.g. a barrier group announced with two world sizes
     UNAVAILABLE = "unavailable"  # the service is starting or shutting down
     INTERNAL = "internal"  # a bug: logged with a traceback

@@ -36,6 +36,7 @@ _MESSAGE_TYPES: tuple[type[Message], ...] = (
     messages.PeerInfo,
     messages.Ack,
     messages.Error,
+    messages.Attach,
     messages.StatusQuery,
     messages.StatusReply,
     barrier.Hello,

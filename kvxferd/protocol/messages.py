@@ -1,6 +1,6 @@
 """Messages between engines and daemons, and between prefill and decode daemons.
 
-Wire examples show the msgpack array written as JSON-ish text: ``[2, "abort",
+Wire examples show the msgpack array written as JSON-ish text: ``[3, "abort",
 "req-7", "client cancelled"]`` is version 1, tag ``abort``, then the fields.
 
 Direction legend: W = prefill model worker, S = prefill scheduler, D = decode
@@ -51,9 +51,9 @@ class LayerSignal(Message):
     the slots named at layer 0 of the same step. Step ids increase and are never
     reused, which is how a stale signal is told apart from a slot's new occupant.
 
-    Wire: ``[2, "layer", 17, 0, [[3, 0, 128, 17], [5, 512, 64, 15]]]`` (slot 3
+    Wire: ``[3, "layer", 17, 0, [[3, 0, 128, 17], [5, 512, 64, 15]]]`` (slot 3
     starts a request; slot 5 computes the second chunk of one begun in step 15),
-    then ``[2, "layer", 17, 1, []]`` ...
+    then ``[3, "layer", 17, 1, []]`` ...
     """
 
     TAG: ClassVar[str] = "layer"
@@ -94,7 +94,7 @@ class CacheInfo(Message):
     with a new instance at any time, and a late message of the old instance
     is never taken for the new one.
 
-    Wire: ``[2, "cache_info", "req-7", 3, 17, 200, [10, 11], [40, 41],
+    Wire: ``[3, "cache_info", "req-7", 3, 17, 200, [10, 11], [40, 41],
     "ipc:///run/kvxferd/decode-{rank}.sock", "auto", 0]``
     """
 
@@ -140,7 +140,7 @@ class Abort(Message):
 
     An Abort that reaches a rank before the instance's cache_info is kept (for
     ``timeouts.pending_s``), and the cache_info then ends as aborted at once.
-    Wire: ``[2, "abort", "req-7", "client cancelled", 0]``
+    Wire: ``[3, "abort", "req-7", "client cancelled", 0]``
     """
 
     TAG: ClassVar[str] = "abort"
@@ -173,7 +173,7 @@ class TransferResult(Message):
     confirmed write, ``total_ms`` from cache_info to the end, ``admit_ms`` from
     cache_info to the admission verdict.
 
-    Wire: ``[2, "result", "req-7", "ok", "", 0, 1048576, "shm", 0.4, 2.1, 2.9, 0, "", 0.2]``
+    Wire: ``[3, "result", "req-7", "ok", "", 0, 1048576, "shm", 0.4, 2.1, 2.9, 0, "", 0.2]``
     """
 
     TAG: ClassVar[str] = "result"
@@ -219,7 +219,7 @@ class KVReady(Message):
     """P→Q→D: every prefill rank's KV for ``request_id`` is in the decode cache.
 
     Sent only after the prefill group's barrier released the request. Wire:
-    ``[2, "kv_ready", "req-7", 0, 1048576, 0]`` (instance 0, reported by
+    ``[3, "kv_ready", "req-7", 0, 1048576, 0]`` (instance 0, reported by
     prefill rank 0, which wrote 1 MiB).
     """
 
@@ -320,7 +320,7 @@ def _check_regions(owner: str, layout: CacheLayout, regions: object) -> tuple[Re
 class RegisterCache(Message):
     """W/D→daemon: the engine's KV memory for this rank. The daemon never allocates it.
 
-    Wire: ``[2, "register", "host", [2, 64, 4096], [[0, 0, "kvx-p0", 0, 0],
+    Wire: ``[3, "register", "host", [2, 64, 4096], [[0, 0, "kvx-p0", 0, 0],
     [0, 1, "kvx-p0", 262144, 0], ...]]``. Answered with :class:`Ack`.
     """
 
@@ -340,7 +340,7 @@ class RegisterCache(Message):
 
 @dataclass(frozen=True, slots=True)
 class PeerQuery(Message):
-    """P→Q: ask a decode daemon for its :class:`PeerInfo`. Wire: ``[2, "peer_query", "prefill", 0]``."""
+    """P→Q: ask a decode daemon for its :class:`PeerInfo`. Wire: ``[3, "peer_query", "prefill", 0]``."""
 
     TAG: ClassVar[str] = "peer_query"
 
@@ -358,7 +358,7 @@ class PeerInfo(Message):
 
     ``host_id`` identifies the machine (same host enables shm and cuda_ipc).
     ``transports`` carries opaque per-transport metadata (e.g. an RDMA agent's
-    connection blob). Wire: ``[2, "peer_info", "decode", 0, "host-a1b2", "host",
+    connection blob). Wire: ``[3, "peer_info", "decode", 0, "host-a1b2", "host",
     [2, 64, 4096], [[0, 0, "kvx-d0", 0, 0], ...], {"rdma": b"..."}]``.
     """
 
@@ -386,7 +386,7 @@ class PeerInfo(Message):
 
 @dataclass(frozen=True, slots=True)
 class Ack(Message):
-    """Daemon→client: the message named by ``ref`` was accepted. Wire: ``[2, "ack", "register"]``."""
+    """Daemon→client: the message named by ``ref`` was accepted. Wire: ``[3, "ack", "register"]``."""
 
     TAG: ClassVar[str] = "ack"
 
@@ -400,7 +400,7 @@ class Ack(Message):
 class Error(Message):
     """Any→sender: the sender's message was refused. ``ref`` names what it was about.
 
-    Wire: ``[2, "error", "out_of_range", "src block 9000 >= 4096 blocks", "req-7"]``
+    Wire: ``[3, "error", "out_of_range", "src block 9000 >= 4096 blocks", "req-7"]``
     """
 
     TAG: ClassVar[str] = "error"
@@ -416,9 +416,29 @@ class Error(Message):
         store(self, "ref", f.clip(f.reason("Error", "ref", self.ref), f.MAX_NAME))
 
 
+#: What an engine connection may say it is (:class:`Attach`).
+ATTACH_ROLES = ("scheduler",)
+
+
+@dataclass(frozen=True, slots=True)
+class Attach(Message):
+    """S→P: this connection is a prefill scheduler: besides cache_infos, it may abort a request
+    whose cache_info has not reached the rank yet. Answered with :class:`Ack`.
+
+    Wire: ``[3, "attach", "scheduler"]``.
+    """
+
+    TAG: ClassVar[str] = "attach"
+
+    role: str
+
+    def __post_init__(self) -> None:
+        f.choice("Attach", "role", self.role, ATTACH_ROLES)
+
+
 @dataclass(frozen=True, slots=True)
 class StatusQuery(Message):
-    """Anyone→daemon: ask what the daemon is doing. Wire: ``[2, "status"]``."""
+    """Anyone→daemon: ask what the daemon is doing. Wire: ``[3, "status"]``."""
 
     TAG: ClassVar[str] = "status"
 
@@ -428,7 +448,7 @@ class StatusReply(Message):
     """Daemon→asker: its identity, state (``starting``, ``serving``, ``draining``) and a JSON report
     (table sizes, live requests with what each waits for, peers, counters).
 
-    Wire: ``[2, "status_reply", "prefill", "prefill", 0, "serving", "{\\"requests\\": []}"]``.
+    Wire: ``[3, "status_reply", "prefill", "prefill", 0, "serving", "{\\"requests\\": []}"]``.
     """
 
     TAG: ClassVar[str] = "status_reply"

@@ -30,6 +30,7 @@ from kvxferd.protocol import (
 from kvxferd.protocol.fields import clip
 from kvxferd.runtime.guard import guarded
 from kvxferd.runtime.service import Service
+from kvxferd.security import credentials
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,12 @@ class BarrierService(Service):
     role = "barrier"
 
     def __init__(self, config: Config) -> None:
-        super().__init__(shutdown_s=config.timeouts.shutdown_s, max_frame=config.limits.max_frame_bytes)
+        super().__init__(
+            shutdown_s=config.timeouts.shutdown_s,
+            max_frame=config.limits.max_frame_bytes,
+            queue=config.limits.queue_messages,
+            creds=credentials(config, "daemon"),
+        )
         self.config = config
         state = BarrierState(
             timeout_s=config.barrier.timeout_s,
@@ -51,7 +57,7 @@ class BarrierService(Service):
         self.admissions = 0
 
     def start(self) -> None:
-        self.endpoint = self.bind_router(self.config.barrier_endpoint())
+        self.endpoint = self.bind_router(self.config.barrier_endpoint(), "barrier")
         assert self.router is not None
         self.watch(self.router, self.on_router)
 

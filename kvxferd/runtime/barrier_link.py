@@ -28,7 +28,7 @@ GRACE_S = 2.0
 class BarrierLink:
     def __init__(
         self,
-        ctx: zmq.Context[zmq.Socket[bytes]],
+        sock: zmq.Socket[bytes],
         endpoint: str,
         *,
         group: str,
@@ -37,12 +37,15 @@ class BarrierLink:
         role: str,
         max_frame: int,
     ) -> None:
+        """``sock``: a DEALER named ``identity(group, rank)``, connected to ``endpoint``."""
         self.endpoint = endpoint
         self.group, self.rank, self.world_size, self.role = group, rank, world_size, role
         self.max_frame = max_frame
-        self.sock = sockets.socket(ctx, zmq.DEALER, max_frame=max_frame)
-        self.sock.setsockopt(zmq.IDENTITY, f"{group}:{rank}".encode())
-        self.sock.connect(endpoint)
+        self.sock = sock
+
+    @staticmethod
+    def identity(group: str, rank: int) -> str:
+        return f"{group}:{rank}"
 
     def send(self, msg: Message) -> None:
         try:

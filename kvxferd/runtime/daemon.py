@@ -11,17 +11,25 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import zmq
+
 from kvxferd.config import Config, GroupConfig
-from kvxferd.errors import TransportError
+from kvxferd.errors import DaemonError, TransportError
 from kvxferd.protocol import CacheLayout, RegisterCache
 from kvxferd.runtime.barrier_link import BarrierLink
 from kvxferd.runtime.service import Service
+from kvxferd.security import credentials
 from kvxferd.shm import Segment
 
 
 class GroupDaemon(Service):
     def __init__(self, config: Config, group: GroupConfig, rank: int) -> None:
-        super().__init__(shutdown_s=config.timeouts.shutdown_s, max_frame=config.limits.max_frame_bytes)
+        super().__init__(
+            shutdown_s=config.timeouts.shutdown_s,
+            max_frame=config.limits.max_frame_bytes,
+            queue=config.limits.queue_messages,
+            creds=credentials(config, "daemon"),
+        )
         self.config, self.group, self.rank = config, group, rank
         self.counters: Counter[str] = Counter()
         self.endpoint = ""
@@ -31,9 +39,14 @@ class GroupDaemon(Service):
 
     def start(self) -> None:
         self.endpoint = self.bind_router(self.config.endpoint(self.group, self.rank))
+        endpoint = self.config.barrier_endpoint()
+        try:
+            sock = self.client_socket(endpoint, BarrierLink.identity(self.group.name, self.rank))
+        except zmq.ZMQError as exc:
+            raise DaemonError(f"cannot connect to the barrier service at {endpoint}: {exc}") from None
         self.barrier = BarrierLink(
-            self.ctx,
-            self.config.barrier_endpoint(),
+            sock,
+            endpoint,
             group=self.group.name,
             rank=self.rank,
             world_size=self.group.world_size,

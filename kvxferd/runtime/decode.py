@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 
+import zmq
+
 from kvxferd.config import Config, GroupConfig
 from kvxferd.errors import TransportError, TransportUnavailable
 from kvxferd.protocol import (
@@ -30,6 +32,7 @@ from kvxferd.protocol import (
     StatusReply,
     TransferResult,
 )
+from kvxferd.protocol.fields import clip, show
 from kvxferd.runtime.daemon import GroupDaemon
 from kvxferd.runtime.peers import host_id
 from kvxferd.transports import Transport, load
@@ -41,6 +44,11 @@ PUBLISHERS = ("rdma",)
 
 
 class DecodeDaemon(GroupDaemon):
+    """Two sockets: the engine's (``endpoint``: registration, status) and the peers'
+    (``peer_endpoint``: PeerQuery and notices, from prefill daemons only; see
+    :mod:`kvxferd.security`). A notice is forwarded only if it came from our rank of a
+    prefill group of the config and names that rank; a notice on the engine socket is refused."""
+
     role = "decode"
 
     def __init__(self, config: Config, group: GroupConfig, rank: int) -> None:
@@ -48,42 +56,108 @@ class DecodeDaemon(GroupDaemon):
         self.cache: RegisterCache | None = None
         self.published: dict[str, bytes] = {}
         self.exposers: list[Transport] = []
-        self.engines: list[bytes] = []  # identities of the engines that registered, to notify
+        self.engine: bytes | None = None  # the connection that registered the cache: the one engine told
+        self.peer_router: zmq.Socket[bytes] | None = None
+        self.peer_endpoint = ""
+        self.queried: set[bytes] = set()  # prefill daemons that asked for our PeerInfo
+        #: the identities prefill daemons of this deployment connect with, for our rank
+        self.prefills = {
+            f"{g.name}:{rank}".encode(): g.name for g in config.groups if g.role == "prefill" and rank < g.world_size
+        }
+
+    def start(self) -> None:
+        self.peer_router, self.peer_endpoint = self.server_socket(
+            self.config.peer_endpoint(self.group, self.rank), "peer"
+        )
+        super().start()
+        self.watch(self.peer_router, self.on_peers)
+
+    def ready_info(self) -> dict[str, object]:
+        return {**super().ready_info(), "peer_endpoint": self.peer_endpoint}
 
     def close(self) -> None:
         for transport in self.exposers:
             transport.close()
         self.exposers.clear()
 
+    # -- the engine socket ---------------------------------------------------------
+
     def handle(self, identity: bytes, msg: Message, now: float) -> None:
         self.counters[type(msg).__name__] += 1
-        if isinstance(msg, (KVReady, TransferResult)):
-            self._forward(msg)
-        elif isinstance(msg, PeerQuery):
-            self._send(
-                identity,
-                self._peer_info()
-                or Error(
-                    ErrorCode.NOT_REGISTERED, f"decode rank {self.rank} has no KV cache registered yet", "peer_query"
-                ),
-            )
-        elif isinstance(msg, RegisterCache):
+        if isinstance(msg, RegisterCache):
             self._register(identity, msg)
         elif isinstance(msg, StatusQuery):
             report = {
                 "endpoint": self.endpoint,
+                "peer_endpoint": self.peer_endpoint,
                 "registered": self.cache is not None,
-                "engines": len(self.engines),
+                "engine": self.engine is not None,
                 "counters": dict(self.counters),
             }
-            self._send(identity, StatusReply(self.role, self.group.name, self.rank, self.state, json.dumps(report)))
+            self.reply(identity, StatusReply(self.role, self.group.name, self.rank, self.state, json.dumps(report)))
+        elif isinstance(msg, (KVReady, TransferResult, PeerQuery)):
+            self.counters["refused_on_engine_socket"] += 1
+            detail = f"{type(msg).__name__} is for prefill daemons, on the peer socket {self.peer_endpoint}"
+            self.reply(identity, Error(ErrorCode.WRONG_ROLE, detail))
         else:
             super().handle(identity, msg, now)
+
+    # -- the peer socket -------------------------------------------------------------
+
+    def on_peers(self) -> None:
+        assert self.peer_router is not None
+        self.serve(self.peer_router)
+
+    def dispatch(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, now: float) -> None:
+        if sock is self.peer_router:
+            try:
+                self._from_peer(identity, msg)
+            except Exception as exc:  # guarded as every handler (see Service.dispatch)
+                log.exception("internal error handling %s from peer %s", type(msg).__name__, show(identity))
+                self.answer(sock, identity, Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {clip(str(exc), 512)}"))
+        else:
+            super().dispatch(sock, identity, msg, now)
+
+    def _from_peer(self, identity: bytes, msg: Message) -> None:
+        assert self.peer_router is not None
+        self.counters[f"peer_{type(msg).__name__}"] += 1
+        source = self.prefills.get(identity)
+        if source is None:
+            self.counters["refused_peer"] += 1
+            log.warning(
+                "refused %s from %s: not a prefill rank %d of this deployment",
+                type(msg).__name__,
+                show(identity),
+                self.rank,
+            )
+            self.answer(
+                self.peer_router,
+                identity,
+                Error(ErrorCode.WRONG_ROLE, f"only prefill ranks {self.rank} may speak here"),
+            )
+            return
+        if isinstance(msg, PeerQuery):
+            self.queried.add(identity)
+            info = self._peer_info()
+            answer: Message = info or Error(
+                ErrorCode.NOT_REGISTERED, f"decode rank {self.rank} has no KV cache registered yet", "peer_query"
+            )
+            self.answer(self.peer_router, identity, answer)
+        elif isinstance(msg, (KVReady, TransferResult)):
+            if msg.rank != self.rank:
+                self.counters["refused_peer"] += 1
+                log.warning("refused a notice from %s naming rank %d", show(identity), msg.rank)
+                return
+            self._forward(msg)
+        else:
+            self.answer(
+                self.peer_router, identity, Error(ErrorCode.WRONG_ROLE, f"{type(msg).__name__} is not a peer message")
+            )
 
     def _register(self, identity: bytes, msg: RegisterCache) -> None:
         problem = self.registration_problem(msg)
         if problem is not None:
-            self._send(identity, Error(ErrorCode.BAD_LAYOUT, problem, "register"))
+            self.reply(identity, Error(ErrorCode.BAD_LAYOUT, problem, "register"))
             return
         self.close()
         self.published = {}
@@ -99,14 +173,22 @@ class DecodeDaemon(GroupDaemon):
             if blob is not None:
                 self.published[name] = blob
         self.cache = msg
-        if identity not in self.engines:
-            self.engines.append(identity)
+        if self.engine is not None and self.engine != identity:
+            # one engine per decode rank: the newest registration is the engine; the other one
+            # is told it will hear nothing more from this rank
+            detail = f"another engine registered a cache with decode rank {self.rank}; it reports to that one now"
+            self.reply(self.engine, Error(ErrorCode.NOT_REGISTERED, detail, "register"))
+        self.engine = identity
         log.info(
             "engine cache registered (%s memory; transports offered: shm/cuda_ipc by region%s)",
             msg.memory,
             "".join(f", {n}" for n in self.published),
         )
-        self._send(identity, Ack("register"))
+        self.reply(identity, Ack("register"))
+        info = self._peer_info()
+        assert self.peer_router is not None and info is not None
+        for prefill in self.queried:  # they hold our old PeerInfo: give them the new one
+            self.answer(self.peer_router, prefill, info)
 
     def _peer_info(self) -> PeerInfo | None:
         if self.cache is None:
@@ -115,12 +197,8 @@ class DecodeDaemon(GroupDaemon):
         return PeerInfo(self.group.name, self.rank, host_id(), c.memory, c.layout, c.regions, self.published)
 
     def _forward(self, msg: KVReady | TransferResult) -> None:
-        if not self.engines:
+        if self.engine is None:
             log.warning("no engine registered to tell about request %s", msg.request_id)
             return
-        for identity in list(self.engines):
-            self._send(identity, msg)
-
-    def _send(self, identity: bytes, msg: Message) -> None:
-        if not self.reply(identity, msg) and identity in self.engines and isinstance(msg, (KVReady, TransferResult)):
-            self.engines.remove(identity)  # that engine is gone; stop addressing it
+        if not self.reply(self.engine, msg):
+            self.counters["notices_dropped"] += 1

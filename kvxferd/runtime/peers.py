@@ -1,15 +1,21 @@
 """A prefill daemon's decode peers: discovery, transport choice, writes and notices.
 
-Theory of operation: a peer is a decode rank's daemon, named by the endpoint
-its requests carry (``{rank}`` replaced by our rank). The first write for a
-peer opens a DEALER to it and asks for its :class:`PeerInfo`; writes wait,
+Theory of operation: a peer is a decode rank's daemon: the rank of ours in a
+decode group of the config, which a request's ``peer`` names (by the group's
+name or its endpoint template; anything else is refused, so a cache_info can
+never send writes or notices anywhere the config does not list). The first
+write for a peer opens a DEALER to the group's peer endpoint and asks for its
+:class:`PeerInfo`, which must match that group's layout; writes wait,
 queued, until it answers (or fail when ``peer_s`` passes, with the reason).
 With the answer, each write picks its transport (:func:`kvxferd.transports.choose`),
 opens the peer on that transport once, and is posted. Completions come back
 at once (``shm``) or from polling (``rdma``, ``cuda_ipc``); polling backs off
 from 50 µs to 2 ms while writes are pending and stops when none are.
 
-A peer that failed to answer is forgotten, so a later write asks again.
+A peer that failed to answer is forgotten, so a later write asks again; so is
+one whose write failed (its cache may have changed: the next write asks
+again). A decode daemon whose engine registers a new cache sends its new
+PeerInfo unasked; the transports open on the old one are closed.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from pathlib import Path
 
 import zmq
 
-from kvxferd.config import Config
+from kvxferd.config import Config, GroupConfig
 from kvxferd.core import PostWrite
 from kvxferd.errors import TransportError, TransportUnavailable
-from kvxferd.protocol import Error, ErrorCode, Message, PeerInfo, PeerQuery, RegisterCache
+from kvxferd.protocol import CacheLayout, Error, ErrorCode, Message, PeerInfo, PeerQuery, RegisterCache
+from kvxferd.protocol.fields import show
 from kvxferd.runtime import sockets
 from kvxferd.runtime.service import Service
 from kvxferd.transports import Completion, Transport, choose, load
@@ -51,12 +58,15 @@ def host_id() -> str:
 class PeerLink:
     endpoint: str
     sock: zmq.Socket[bytes]
+    group: GroupConfig
+    layout: CacheLayout  # what the group's PeerInfo must describe
     info: PeerInfo | None = None
     waiting: list[PostWrite] = field(default_factory=list)
     deadline: float | None = None  # for the PeerInfo answer
     retry_at: float | None = None
     opened: set[str] = field(default_factory=set)  # transports this peer is open on
     warm: bool = False  # open the preferred transport as soon as the peer answers
+    stale: bool = False  # a write failed: ask for the PeerInfo again before the next write
 
 
 class Peers:
@@ -65,7 +75,8 @@ class Peers:
         self.config = config
         self.group, self.rank, self.memory = group, rank, memory
         self.max_frame = config.limits.max_frame_bytes
-        self.links: dict[str, PeerLink] = {}
+        self.links: dict[str, PeerLink] = {}  # decode group name -> its rank of ours
+        self.writes: dict[int, PeerLink] = {}  # write id -> the peer it went to, until it completes
         self.transports: dict[str, Transport] = {}
         self.local: RegisterCache | None = None
         self.used: dict[tuple[str, int], str] = {}  # request instance -> transport its writes went over
@@ -108,14 +119,24 @@ class Peers:
 
     # -- writes --------------------------------------------------------------------
 
-    def endpoint(self, template: str) -> str:
-        return template.replace("{rank}", str(self.rank))
+    def group_of(self, peer: str) -> GroupConfig:
+        """The decode group a request's ``peer`` names; TransportError if none does."""
+        group = self.config.decode_group_named(peer)
+        if group is None:
+            names = ", ".join(g.name for g in self.config.groups if g.role == "decode") or "none"
+            raise TransportError(f"peer {show(peer)} names no decode group of this deployment (decode groups: {names})")
+        if self.rank >= group.world_size:
+            raise TransportError(f"decode group {group.name!r} has no rank {self.rank}")
+        return group
 
     def write(self, w: PostWrite, now: float) -> list[Completion]:
         try:
-            link = self._link(self.endpoint(w.peer))
+            link = self._link(w.peer)
         except TransportError as exc:
             return [Completion(w.write_id, str(exc))]
+        if link.stale and link.info is not None:
+            self._forget(link)
+        link.stale = False
         if link.info is None:
             link.waiting.append(w)
             if link.deadline is None:
@@ -151,9 +172,10 @@ class Peers:
             return [Completion(w.write_id, f"transport {name} to {link.endpoint}: {exc}")]
         for key in w.requests:
             self.used.setdefault(key, name)
+        self.writes[w.write_id] = link
         done = transport.post(w.write_id, link.endpoint, w.layer, w.runs)
         if done is not None:
-            return [done]
+            return self.settled([done])
         self._poll_delay = POLL_MIN_S
         self._next_poll = now + POLL_MIN_S
         return []
@@ -172,13 +194,34 @@ class Peers:
             self._next_poll = now + self._poll_delay
         else:
             self._next_poll = None
+        return self.settled(done)
+
+    def settled(self, done: list[Completion]) -> list[Completion]:
+        """Forget completed writes; a failed one makes its peer be asked again before the next write."""
+        for c in done:
+            link = self.writes.pop(c.write_id, None)
+            if c.error is not None and not c.refused and link is not None and not link.stale:
+                log.warning("a write to %s failed; its PeerInfo will be asked again", link.endpoint)
+                link.stale = True
         return done
+
+    def _forget(self, link: PeerLink) -> None:
+        """Drop what we know of the peer's cache and every transport opened on it."""
+        link.info = None
+        for name in link.opened:
+            transport = self.transports.get(name)
+            if transport is not None:
+                try:
+                    transport.close_peer(link.endpoint)
+                except (TransportError, TransportUnavailable) as exc:
+                    log.warning("closing peer %s on %s: %s", link.endpoint, name, exc)
+        link.opened.clear()
 
     # -- notices to decode daemons ----------------------------------------------------
 
-    def notify(self, template: str, msg: Message) -> None:
+    def notify(self, peer: str, msg: Message) -> None:
         try:
-            link = self._link(self.endpoint(template))
+            link = self._link(peer)
             sockets.send(link.sock, msg)
         except TransportError as exc:
             log.error("%s; dropped %s", exc, msg)
@@ -187,17 +230,22 @@ class Peers:
 
     # -- discovery -------------------------------------------------------------------------
 
-    def _link(self, endpoint: str) -> PeerLink:
-        link = self.links.get(endpoint)
+    def _link(self, peer: str) -> PeerLink:
+        """The link to our rank of the decode group ``peer`` names (one per group, so at most as
+        many links as the config has decode groups)."""
+        group = self.group_of(peer)
+        link = self.links.get(group.name)
         if link is None:
-            sock = sockets.socket(self.service.ctx, zmq.DEALER, max_frame=self.max_frame)
-            sock.setsockopt(zmq.IDENTITY, f"{self.group}:{self.rank}".encode())
+            endpoint = self.config.peer_endpoint(group, self.rank)
             try:
-                sock.connect(endpoint)
+                sock = self.service.client_socket(endpoint, f"{self.group}:{self.rank}")
             except zmq.ZMQError as exc:
-                sock.close(linger=0)  # a half-made socket would block the context's termination
-                raise TransportError(f"cannot connect to peer {endpoint!r}: {exc}") from None
-            link = self.links[endpoint] = PeerLink(endpoint, sock)
+                raise TransportError(
+                    f"cannot connect to decode {group.name!r} rank {self.rank} at {endpoint}: {exc}"
+                ) from None
+            kv = self.config.kv
+            layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size))
+            link = self.links[group.name] = PeerLink(endpoint, sock, group, layout)
             self.service.watch(sock, lambda: self._on_link(link))
         return link
 
@@ -217,10 +265,10 @@ class Peers:
             else:
                 self.answers.append((link, inbound.msg))
 
-    def warm(self, template: str, now: float) -> None:
+    def warm(self, peer: str, now: float) -> None:
         """Discover a peer now and open it on the preferred transport, before any request needs it."""
         try:
-            link = self._link(self.endpoint(template))
+            link = self._link(peer)
         except TransportError as exc:
             log.warning("%s", exc)
             return
@@ -234,6 +282,15 @@ class Peers:
         answers, self.answers = self.answers, []
         for link, msg in answers:
             if isinstance(msg, PeerInfo):
+                problem = self._mismatch(link, msg)
+                if problem is not None:
+                    done += self._fail(
+                        link, f"decode {link.group.name!r} rank {self.rank} at {link.endpoint}: {problem}"
+                    )
+                    continue
+                if link.info is not None and link.info != msg:
+                    log.info("decode %r rank %d registered a new cache", link.group.name, self.rank)
+                    self._forget(link)
                 link.info, link.deadline, link.retry_at = msg, None, None
                 if link.warm and self.local is not None:
                     name = self._choose("auto", msg)
@@ -267,11 +324,21 @@ class Peers:
             times += [t for t in (link.deadline, link.retry_at) if t is not None]
         return min(times, default=None)
 
+    def _mismatch(self, link: PeerLink, info: PeerInfo) -> str | None:
+        """Why a PeerInfo is not what the config says this peer holds, if it is not."""
+        if info.group != link.group.name or info.rank != self.rank:
+            return f"answered as {show(info.group)} rank {info.rank}"
+        if info.memory != link.group.memory:
+            return f"its cache is in {info.memory} memory; the config says {link.group.memory}"
+        if info.layout != link.layout:
+            return f"its cache is {info.layout}; the config describes {link.layout}"
+        return None
+
     def _fail(self, link: PeerLink, reason: str) -> list[Completion]:
         log.warning("%s", reason)
         waiting, link.waiting = link.waiting, []
         link.deadline = link.retry_at = None
-        link.info = None
+        self._forget(link)
         return [Completion(w.write_id, reason) for w in waiting]
 
     def close(self) -> None:

@@ -14,13 +14,16 @@ import dataclasses
 import json
 import logging
 import time
+from collections import OrderedDict
 
 from kvxferd.config import Config, GroupConfig
 from kvxferd.core import Effect, PostWrite, Problem, RankCore, RankSettings, ToBarrier, ToEngine, ToPeer
+from kvxferd.errors import TransportError
 from kvxferd.protocol import (
     Abort,
     Ack,
     Admitted,
+    Attach,
     CacheInfo,
     Diverged,
     Error,
@@ -35,7 +38,7 @@ from kvxferd.protocol import (
     StatusReply,
     TransferResult,
 )
-from kvxferd.protocol.fields import clip
+from kvxferd.protocol.fields import clip, show
 from kvxferd.runtime.daemon import GroupDaemon
 from kvxferd.runtime.guard import guarded, unguarded
 from kvxferd.runtime.logs import TRACE
@@ -45,6 +48,8 @@ from kvxferd.transports import Completion
 log = logging.getLogger(__name__)
 
 SHUTTING_DOWN = "the prefill daemon is shutting down"
+#: scheduler connections remembered (the most recent ones) as allowed to abort a request not seen yet
+MAX_SCHEDULERS = 64
 
 
 def rank_settings(config: Config, group: GroupConfig, rank: int) -> RankSettings:
@@ -75,6 +80,9 @@ class PrefillDaemon(GroupDaemon):
         self.core = guarded(RankCore(rank_settings(config, group, rank)), "prefill core")
         self.peers = Peers(self, config, group=group.name, rank=rank, memory=group.memory)
         self.origins: dict[tuple[str, int], bytes] = {}  # request instance -> the engine that sent its cache_info
+        self.worker: bytes | None = None  # the connection that registered the cache: the one model worker
+        #: connections that sent a cache_info lately (schedulers): who may abort a request not seen yet
+        self.schedulers: OrderedDict[bytes, None] = OrderedDict()
         self._sender: bytes | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -126,24 +134,59 @@ class PrefillDaemon(GroupDaemon):
     def _engine_message(self, identity: bytes, msg: Message, now: float) -> None:
         self.counters[type(msg).__name__] += 1
         if isinstance(msg, CacheInfo):
+            self._attached(identity)
             refusal = None
             if self.state != "serving":
                 refusal = (ErrorCode.UNAVAILABLE, SHUTTING_DOWN)
             elif self.peers.local is None:
                 detail = f"no KV cache is registered with {self.group.name} rank {self.rank}"
                 refusal = (ErrorCode.NOT_REGISTERED, detail)
+            else:
+                try:
+                    self.peers.group_of(msg.peer)
+                except TransportError as exc:
+                    refusal = (ErrorCode.UNKNOWN_PEER, f"request {msg.request_id}: {exc}")
             effects = self.core.on_cache_info(msg, now, refusal)
             if self.core.is_live(msg.key):
                 self.origins.setdefault(msg.key, identity)  # its result goes there, whoever is speaking then
             self._apply(effects, now)
-        elif isinstance(msg, (LayerSignal, Abort)):
+        elif isinstance(msg, LayerSignal):
+            if identity != self.worker:
+                self._refuse(
+                    identity, "layer signals", "the model worker's connection (the one that registered the cache)"
+                )
+                return
             self._apply(self.core.handle(msg, now), now)
+        elif isinstance(msg, Abort):
+            origin = self.origins.get(msg.key)
+            allowed = identity == origin or identity == self.worker or (origin is None and identity in self.schedulers)
+            if not allowed:
+                self._refuse(
+                    identity, f"an abort of {msg.request_id}", "its scheduler (the connection that sent its cache_info)"
+                )
+                return
+            self._apply(self.core.handle(msg, now), now)
+        elif isinstance(msg, Attach):
+            self._attached(identity)
+            self.reply(identity, Ack("attach"))
         elif isinstance(msg, RegisterCache):
             self._register(identity, msg)
         elif isinstance(msg, StatusQuery):
             self.reply(identity, self.status(now))
         else:
             super().handle(identity, msg, now)
+
+    def _attached(self, identity: bytes) -> None:
+        """``identity`` is a scheduler connection (it attached, or sent a cache_info)."""
+        self.schedulers[identity] = None
+        self.schedulers.move_to_end(identity)
+        if len(self.schedulers) > MAX_SCHEDULERS:
+            self.schedulers.popitem(last=False)
+
+    def _refuse(self, identity: bytes, what: str, who: str) -> None:
+        self.counters["refused_sender"] += 1
+        log.warning("refused %s from %s: accepted only from %s", what, show(identity), who)
+        self.reply(identity, Error(ErrorCode.WRONG_ROLE, f"{what} is accepted only from {who}"))
 
     def _register(self, identity: bytes, msg: RegisterCache) -> None:
         problem = self.registration_problem(msg)
@@ -153,6 +196,13 @@ class PrefillDaemon(GroupDaemon):
             self.reply(identity, Error(ErrorCode.BAD_LAYOUT, problem, "register"))
             return
         self.peers.set_local(msg)
+        if self.worker is not None and self.worker != identity:
+            detail = (
+                f"another connection registered a cache with {self.group.name} rank {self.rank}; "
+                "only its layer signals count now"
+            )
+            self.reply(self.worker, Error(ErrorCode.NOT_REGISTERED, detail, "register"))
+        self.worker = identity
         log.info(
             "engine cache registered: %d layers x %d blocks of %d B",
             msg.layout.num_layers,
@@ -163,7 +213,7 @@ class PrefillDaemon(GroupDaemon):
         if self.config.transport.warm_peers:
             for group in self.config.groups:
                 if group.role == "decode" and self.rank < group.world_size:
-                    self.peers.warm(self.config.peer_template(group), time.monotonic())
+                    self.peers.warm(group.name, time.monotonic())
 
     def on_barrier(self) -> None:
         now = time.monotonic()

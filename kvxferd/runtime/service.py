@@ -44,6 +44,7 @@ from kvxferd.protocol import Error, ErrorCode, Message
 from kvxferd.protocol.fields import clip, show
 from kvxferd.runtime import sockets
 from kvxferd.runtime.logs import TRACE
+from kvxferd.security import Credentials, authenticator
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,12 @@ class Service:
     #: shown in logs and status replies
     role = "service"
 
-    def __init__(self, *, shutdown_s: float, max_frame: int) -> None:
+    def __init__(self, *, shutdown_s: float, max_frame: int, queue: int, creds: Credentials) -> None:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.max_frame = max_frame
+        self.queue = queue  # messages per socket and connection (LimitsConfig.queue_messages)
+        self.creds = creds
+        self._auth: Any = None  # the ZAP handler, started before the first server socket binds
         self.router: zmq.Socket[bytes] | None = None
         self.poller = zmq.Poller()
         self._handlers: dict[Any, Handler] = {}
@@ -95,10 +99,32 @@ class Service:
 
     # -- the ROUTER everyone talks to ---------------------------------------------------
 
-    def bind_router(self, endpoint: str) -> str:
+    def server_socket(self, endpoint: str, domain: str) -> tuple[zmq.Socket[bytes], str]:
+        """A CURVE ROUTER bound at ``endpoint`` whose clients must hold the keys ``domain`` accepts
+        (:data:`kvxferd.security.DOMAINS`); closed with the service, not yet polled."""
+        if self._auth is None:
+            self._auth = authenticator(self.ctx, self.creds)
+        sock = self.own(sockets.socket(self.ctx, zmq.ROUTER, max_frame=self.max_frame, queue=self.queue))
+        self.creds.server(sock, domain)
+        return sock, sockets.bind(sock, endpoint)
+
+    def client_socket(self, endpoint: str, identity: str) -> zmq.Socket[bytes]:
+        """A CURVE DEALER named ``identity``, connected to another daemon's server socket (not owned:
+        the caller closes it, or hands it to ``own``). Raises zmq.ZMQError for a bad endpoint."""
+        sock = sockets.socket(self.ctx, zmq.DEALER, max_frame=self.max_frame, queue=self.queue)
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+        self.creds.client(sock)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)  # a half-made socket would block the context's termination
+            raise
+        return sock
+
+    def bind_router(self, endpoint: str, domain: str = "engine") -> str:
         """Bind the service's ROUTER (not yet polled: ``watch(self.router, self.on_router)``)."""
-        self.router = self.own(sockets.socket(self.ctx, zmq.ROUTER, max_frame=self.max_frame))
-        return sockets.bind(self.router, endpoint)
+        self.router, real = self.server_socket(endpoint, domain)
+        return real
 
     def on_router(self) -> None:
         assert self.router is not None
@@ -287,6 +313,9 @@ class Service:
             self._sockets.clear()
             self._wake_r.close()
             self._wake_w.close()
+            if self._auth is not None:
+                self._auth.stop()
+                self._auth = None
             self.ctx.term()
             self.state = "stopped"
 

@@ -1,10 +1,11 @@
 """ZMQ plumbing shared by the daemons and the clients: sockets, bind, and the one receive path.
 
 Every socket gets an explicit linger, a largest message (``MAXMSGSIZE``: a
-bigger one drops the connection before any byte of it is kept) and a queue
-bound in messages derived from a byte budget (:attr:`LimitsConfig.queue_messages`:
-ZMQ counts messages, so the bound in bytes is that count times the largest
-frame). Deployment sockets run CURVE (:mod:`kvxferd.security`).
+bigger one drops the connection before any byte of it is kept) and a receive
+queue bound in messages derived from a byte budget
+(:attr:`LimitsConfig.queue_messages`: ZMQ counts messages, so the bound in
+bytes is that count times the largest frame). Deployment sockets run CURVE
+(:mod:`kvxferd.security`).
 
 ``bind`` creates the directory of an ``ipc://`` endpoint (mode 700), removes
 a stale socket file, and returns the endpoint the socket really bound.
@@ -69,8 +70,8 @@ def socket(
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
-    sock.setsockopt(zmq.SNDHWM, queue)
-    sock.setsockopt(zmq.RCVHWM, queue)
+    sock.setsockopt(zmq.SNDHWM, HWM)  # what we send is ours, small, and must not be dropped
+    sock.setsockopt(zmq.RCVHWM, queue)  # what others send is bounded: queue x max_frame bytes
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown identity raises instead of dropping silently
     return sock

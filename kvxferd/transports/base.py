@@ -39,6 +39,7 @@ class Completion:
 
     write_id: int
     error: str | None = None
+    refused: bool = False  # never started (our own checks said no): says nothing about the peer
 
 
 def run_table(runs: Sequence[Run]) -> RunTable:
@@ -121,7 +122,7 @@ class Transport(ABC):
         table = run_table(runs)
         problem = check_runs(table, self.local.layout, remote, layer)
         if problem is not None:
-            return Completion(write_id, f"refused before writing: {problem}")
+            return Completion(write_id, f"refused before writing: {problem}", refused=True)
         try:
             return self._post(write_id, key, layer, table)
         except TransportError as exc:

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import zmq
 
+from kvxferd import security
 from kvxferd.client import status
 from kvxferd.protocol import CacheInfo, Message, SlotChunk, decode, encode
+from kvxferd.security import Credentials
 from tests.integration.conftest import SMALL, Deployment, deploy, fill
 
 HOSTILE = SMALL + "barrier: {timeout_s: 5}\n"
@@ -26,9 +28,12 @@ ANSWER_S = 10.0  # a daemon that answers does so well within this; one that must
 class Probe:
     """A raw DEALER an attacker holds (see :func:`probe`)."""
 
-    def __init__(self, endpoint: str, *, identity: bytes | None = None) -> None:
-        self.ctx = zmq.Context.instance()
+    def __init__(self, endpoint: str, *, credentials: Credentials | None, identity: bytes | None = None) -> None:
+        """``credentials``: the keys the attacker holds (None: an outsider, without the secret)."""
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
+        if credentials is not None:
+            credentials.client(self.sock)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDTIMEO, 5000)
         if identity is not None:
@@ -86,8 +91,10 @@ class Hostile(Deployment):
         """Every daemon process runs and answers a status query."""
         for daemon in self.cluster.daemons:
             assert daemon.popen.poll() is None, f"{daemon.name} exited with {daemon.popen.returncode}"
+        daemon = security.credentials(self.config, "daemon")
         for endpoint in self.endpoints():
-            assert status(endpoint, ANSWER_S).state == "serving", endpoint
+            creds = daemon if endpoint == self.config.barrier_endpoint() else self.creds
+            assert status(endpoint, ANSWER_S, credentials=creds).state == "serving", endpoint
 
     def legit(self, rid: str) -> None:
         """One request, end to end: every rank ok, decode ready, the bytes in decode's blocks."""

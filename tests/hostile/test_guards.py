@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, status
+from kvxferd import security
+from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, credentials, status
 from kvxferd.config import Config, loads
 from kvxferd.errors import DaemonError
 from kvxferd.kvcache import HostKVCache, KVShape
@@ -68,12 +69,13 @@ class Running:
         return self.wait()
 
 
-def ready(endpoint: str, timeout_s: float = 20.0) -> None:
+def ready(config: Config, endpoint: str, timeout_s: float = 20.0) -> None:
     """The readiness handshake: a status query answered (retried until the deadline)."""
     last: Exception | None = None
+    creds = security.credentials(config, "daemon" if endpoint == config.barrier_endpoint() else "engine")
     for _ in range(int(timeout_s / 0.5)):
         try:
-            status(endpoint, 0.5)
+            status(endpoint, 0.5, credentials=creds)
             return
         except DaemonError as exc:
             last = exc
@@ -89,9 +91,10 @@ def run_dir() -> Iterator[Config]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def ask(endpoint: str, frame: bytes, identity: bytes = b"") -> object:
-    ctx = zmq.Context.instance()
+def ask(config: Config, endpoint: str, frame: bytes, identity: bytes = b"") -> object:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
+    security.credentials(config, "daemon").client(sock)
     sock.setsockopt(zmq.LINGER, 0)
     if identity:
         sock.setsockopt(zmq.IDENTITY, identity)
@@ -117,13 +120,13 @@ def test_a_handler_that_raises_costs_one_message_and_is_answered_as_internal() -
         service._apply = flaky  # type: ignore[method-assign]
         running = Running(service)
         endpoint = config.barrier_endpoint()
-        ready(endpoint)
-        answer = ask(endpoint, encode(Hello("boom", 0, 1, "prefill")), b"boom:0")
+        ready(config, endpoint)
+        answer = ask(config, endpoint, encode(Hello("boom", 0, 1, "prefill")), b"boom:0")
         assert isinstance(answer, Error) and answer.code is ErrorCode.INTERNAL
         assert "RuntimeError" in answer.detail and len(answer.detail) < 1024
         # still serving, for the same kind of message from someone else
-        assert not isinstance(ask(endpoint, encode(Hello("fine", 0, 1, "prefill")), b"fine:0"), Error)
-        assert ask(endpoint, encode(StatusQuery())) is not None
+        assert not isinstance(ask(config, endpoint, encode(Hello("fine", 0, 1, "prefill")), b"fine:0"), Error)
+        assert ask(config, endpoint, encode(StatusQuery())) is not None
         assert running.stop() == 0
 
 
@@ -138,17 +141,18 @@ def test_a_core_that_raises_fails_every_request_in_flight_then_exits_non_zero() 
         clients: list = []
         try:
             for endpoint in (config.endpoint(pgroup, 0), config.endpoint(dgroup, 0)):
-                ready(endpoint)
-            dec = DecodeEngine([config.endpoint(dgroup, 0)])
-            worker = PrefillWorker(config.endpoint(pgroup, 0))
-            sched = PrefillScheduler([config.endpoint(pgroup, 0)])
+                ready(config, endpoint)
+            creds = credentials(config)
+            dec = DecodeEngine([config.endpoint(dgroup, 0)], credentials=creds)
+            worker = PrefillWorker(config.endpoint(pgroup, 0), credentials=creds)
+            sched = PrefillScheduler([config.endpoint(pgroup, 0)], credentials=creds)
             clients += [dec, worker, sched]
             dec.register([caches[1]])
             worker.register(caches[0])
-            peer = config.peer_template(dgroup)
+            peer = dgroup.name
             sched.submit(CacheInfo("in-flight", 0, 1, 4, (1,), (2,), peer))  # waits for its layer-0 signal
             for _ in range(100):  # the readiness of the request: in the prefill rank's table
-                if json.loads(status(config.endpoint(pgroup, 0)).report)["tables"]["requests"] == 1:
+                if json.loads(status(config.endpoint(pgroup, 0), credentials=creds).report)["tables"]["requests"] == 1:
                     break
             else:
                 raise AssertionError("the cache_info never reached the request table")
@@ -194,7 +198,7 @@ def test_timers_that_raise_now_and_then_are_survived_but_not_forever(times: int,
         service.next_wakeup = lambda: 0.0 if left[0] else real_wakeup()  # type: ignore[method-assign]
         running = Running(service)
         if code == 0:
-            ready(config.barrier_endpoint())
+            ready(config, config.barrier_endpoint())
             assert left == [0]
             assert running.stop() == 0
         else:

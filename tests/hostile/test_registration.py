@@ -61,7 +61,7 @@ def test_registrations_of_what_is_not_a_cache_are_refused_and_nothing_hangs(dep:
     endpoint = dep.config.endpoint(group, 0)
     legit = dep.pcaches[0].registration()
     size = legit.layout.region_bytes * 2 * legit.layout.num_layers
-    attacker = probes(endpoint)
+    attacker = probes(endpoint, credentials=dep.creds)
     for kind in KINDS:
         with shm_file(kind, size) as name:
             answer = attacker.ask(_naming(legit, name))
@@ -76,7 +76,7 @@ def test_registrations_of_what_is_not_a_cache_are_refused_and_nothing_hangs(dep:
 @pytest.mark.parametrize("role", ROLES)
 def test_overlapping_regions_are_refused_at_the_edge(dep: Hostile, probes, role: str) -> None:
     group = dep.prefill if role == "prefill" else dep.decode
-    attacker = probes(dep.config.endpoint(group, 0))
+    attacker = probes(dep.config.endpoint(group, 0), credentials=dep.creds)
     legit = dep.pcaches[0].registration()
     first = legit.regions[0]
     # layer 0's V region starts half-way into its K region

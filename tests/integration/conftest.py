@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, status
+from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, credentials, status
 from kvxferd.config import Config, dump, loads
 from kvxferd.demo.launch import Cluster
 from kvxferd.kvcache import HostKVCache, KVShape
@@ -57,22 +57,27 @@ class Deployment:
         world = self.prefill.world_size
         self.pcaches = [HostKVCache.create(self.shape) for _ in range(world)]
         self.dcaches = [HostKVCache.create(self.shape) for _ in range(world)]
-        self.dec = DecodeEngine([self.config.endpoint(self.decode, r) for r in range(world)])
+        self.creds = credentials(self.config)
+        self.dec = DecodeEngine([self.config.endpoint(self.decode, r) for r in range(world)], credentials=self.creds)
         self.dec.register(self.dcaches)
-        self.workers = [PrefillWorker(self.config.endpoint(self.prefill, r)) for r in range(world)]
+        self.workers = [
+            PrefillWorker(self.config.endpoint(self.prefill, r), credentials=self.creds) for r in range(world)
+        ]
         for worker, cache in zip(self.workers, self.pcaches, strict=True):
             worker.register(cache)
-        self.sched = PrefillScheduler([self.config.endpoint(self.prefill, r) for r in range(world)])
+        self.sched = PrefillScheduler(
+            [self.config.endpoint(self.prefill, r) for r in range(world)], credentials=self.creds
+        )
 
     @property
     def peer(self) -> str:
-        return self.config.peer_template(self.decode)
+        return self.decode.name
 
     def status(self, rank: int, role: str = "prefill") -> dict[str, Any]:
         import json
 
         group = self.prefill if role == "prefill" else self.decode
-        reply = status(self.config.endpoint(group, rank), 10.0)
+        reply = status(self.config.endpoint(group, rank), 10.0, credentials=self.creds)
         return {"state": reply.state, **json.loads(reply.report)}
 
     def wait_until(self, what: str, check: Callable[[], bool], timeout_s: float = 20.0) -> None:

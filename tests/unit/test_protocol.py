@@ -16,6 +16,7 @@ from kvxferd.protocol import (
     Admit,
     Admitted,
     Arrive,
+    Attach,
     CacheInfo,
     CacheLayout,
     Digest,
@@ -97,6 +98,7 @@ EXAMPLES: dict[str, Message] = {
     ),
     "expired": Expired("prefill", "req-7", 4, (1, 3), 30.0, Status.FAILED, "ranks [1, 3] did not report"),
     "status": StatusQuery(),
+    "attach": Attach("scheduler"),
     "status_reply": StatusReply("prefill", "prefill", 0, "serving", '{"requests": []}'),
 }
 
