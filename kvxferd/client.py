@@ -36,6 +36,7 @@ ones until decided (at most :data:`MAX_OPEN`), decided ones for the
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -102,6 +103,8 @@ class Channel:
         self._own_ctx = ctx is None
         self.ctx = ctx if ctx is not None else zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
+        # A name of our own, kept across reconnects: a daemon knows its worker and schedulers by it.
+        self.sock.setsockopt(zmq.IDENTITY, b"engine-" + secrets.token_hex(8).encode())
         credentials.client(self.sock)
         self.sock.setsockopt(zmq.LINGER, sockets.LINGER_MS)
         self.sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))

@@ -393,6 +393,15 @@ class RankCore:
             "closed_slots": len(self._closed),
         }
 
+    def new_worker(self) -> bool:
+        """A model worker (re)registered: its step ids start a new sequence, so the next layer-0
+        signal sets the window again (a step far ahead is refused only relative to one seen from
+        the same worker). Only while no step is open; returns whether the window was reset."""
+        if len(self._steps):
+            return False
+        self._steps.highest = None
+        return True
+
     def is_live(self, key: Key) -> bool:
         """Whether request instance ``key`` is in flight here."""
         return key in self._requests

@@ -196,6 +196,7 @@ class PrefillDaemon(GroupDaemon):
             self.reply(identity, Error(ErrorCode.BAD_LAYOUT, problem, "register"))
             return
         self.peers.set_local(msg)
+        self.core.new_worker()
         if self.worker is not None and self.worker != identity:
             detail = (
                 f"another connection registered a cache with {self.group.name} rank {self.rank}; "

@@ -21,7 +21,7 @@ from kvxferd.protocol import CacheInfo, Message, SlotChunk, decode, encode
 from kvxferd.security import Credentials
 from tests.integration.conftest import SMALL, Deployment, deploy, fill
 
-HOSTILE = SMALL + "barrier: {timeout_s: 5}\n"
+HOSTILE = SMALL + "barrier: {timeout_s: 5, max_keys: 64}\n"
 ANSWER_S = 10.0  # a daemon that answers does so well within this; one that must not answer is given as long
 
 

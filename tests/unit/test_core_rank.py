@@ -706,3 +706,14 @@ def test_a_step_far_ahead_is_refused_not_adopted_so_real_signals_keep_working() 
     effects = feed(c, [info("y", 1, 6, 16, [2], [3]), *layers(6, SlotChunk(1, 0, 16, 6))])
     assert not [e for e in of(effects, Problem)]
     assert of(effects, PostWrite)
+
+
+def test_a_new_worker_starts_a_new_step_window_only_when_no_step_is_open() -> None:
+    c = core()
+    feed(c, [info("a", 0, 1000, 16, [1], [2]), *layers(1000, SlotChunk(0, 0, 16, 1000))])
+    assert c.new_worker()  # nothing open: the next worker may start anywhere
+    assert not of(feed(c, layers(3, SlotChunk(0, 0, 16, 3))), Problem)
+    c.handle(LayerSignal(4, 0, (SlotChunk(1, 0, 16, 4),)), 0.0)  # parked: step 4 is open
+    assert not c.new_worker()
+    (p,) = c.handle(LayerSignal(2, 0, (SlotChunk(2, 0, 16, 2),)), 0.0)
+    assert p.code is ErrorCode.STALE_SIGNAL
