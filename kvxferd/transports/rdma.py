@@ -39,7 +39,7 @@ import numpy as np
 
 from kvxferd.config import TransportConfig
 from kvxferd.errors import TransportError, TransportUnavailable
-from kvxferd.protocol import CacheLayout, PeerInfo, RegisterCache
+from kvxferd.protocol import CacheLayout, PeerInfo, RegisterCache, fields
 from kvxferd.transports.base import Completion, RunTable, Transport
 from kvxferd.transports.shm import MappedCache
 
@@ -124,14 +124,42 @@ class PeerBlob:
 
     @classmethod
     def unpack(cls, blob: bytes) -> PeerBlob:
+        """The peer's blob, every field checked for type and range before use (a peer's bytes are
+        untrusted: no value of them may overflow, exhaust memory or raise anything but TransportError)."""
         try:
-            version, agent, metadata, mem, regions = msgpack.unpackb(blob)
+            items = msgpack.unpackb(
+                blob, raw=False, max_str_len=256, max_bin_len=len(blob), max_array_len=MAX_REGIONS, max_map_len=0
+            )
+            if not isinstance(items, list) or len(items) != 5:
+                raise ValueError("expected [version, agent, metadata, memory, regions]")
+            version, agent, metadata, mem, regions = items
             if version != BLOB_VERSION or mem not in ("DRAM", "VRAM"):
-                raise ValueError(f"blob version {version}, memory {mem}")
-            spans = tuple((int(a), int(b), int(c), int(d)) for a, b, c, d in regions)
-            return cls(str(agent), bytes(metadata), mem, spans)
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise TransportError(f"peer's rdma metadata is malformed: {exc}") from None
+                raise ValueError(f"blob version {fields.show(version)}, memory {fields.show(mem)}")
+            if (
+                not isinstance(agent, str)
+                or not agent
+                or not isinstance(metadata, bytes)
+                or not isinstance(regions, list)
+            ):
+                raise ValueError("agent must be a name, metadata bytes, regions a list")
+            spans = tuple(_span(r) for r in regions)
+            return cls(agent, metadata, mem, spans)
+        except (ValueError, TypeError, OverflowError, MemoryError, RecursionError, msgpack.UnpackException) as exc:
+            raise TransportError(f"peer's rdma metadata is malformed: {fields.clip(str(exc), 200)}") from None
+
+
+#: Most regions a blob may list (two per layer).
+MAX_REGIONS = 2 << 16
+
+
+def _span(region: object) -> tuple[int, int, int, int]:
+    """One (layer, kv, address, device), each an int in range."""
+    if not isinstance(region, list) or len(region) != 4 or not all(type(v) is int for v in region):
+        raise ValueError("a region is [layer, kv, address, device], all integers")
+    layer, kv, address, device = region
+    if not (0 <= layer <= 1 << 16 and kv in (0, 1) and 0 < address < 1 << 64 and 0 <= device <= 1024):
+        raise ValueError(f"region {fields.show(region)} is out of range")
+    return layer, kv, address, device
 
 
 def _rows(layout: CacheLayout, address: dict[tuple[int, int], int], device: int) -> np.ndarray[Any, Any]:
