@@ -73,6 +73,6 @@ def test_cuda_ipc_says_why_it_cannot_run_without_a_gpu() -> None:
     from kvxferd.protocol import CacheLayout, Region
 
     layout = CacheLayout(1, 4, 64)
-    gpu_cache = RegisterCache("gpu", layout, (Region(0, 0, b"\0" * 64), Region(0, 1, b"\0" * 64)))
+    gpu_cache = RegisterCache("gpu", layout, (Region(0, 0, b"\0" * 64), Region(0, 1, b"\1" * 64)))
     with pytest.raises(TransportUnavailable, match=r"CuPy is not installed|CUDA is not usable|no GPU"):
         load("cuda_ipc")(TransportConfig(), gpu_cache)
