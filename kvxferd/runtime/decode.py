@@ -32,7 +32,7 @@ from kvxferd.protocol import (
     StatusReply,
     TransferResult,
 )
-from kvxferd.protocol.fields import clip, show
+from kvxferd.protocol.fields import show
 from kvxferd.runtime.daemon import GroupDaemon
 from kvxferd.runtime.peers import host_id
 from kvxferd.transports import Transport, load
@@ -108,15 +108,11 @@ class DecodeDaemon(GroupDaemon):
         assert self.peer_router is not None
         self.serve(self.peer_router)
 
-    def dispatch(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, now: float) -> None:
+    def handle_on(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, now: float) -> None:
         if sock is self.peer_router:
-            try:
-                self._from_peer(identity, msg)
-            except Exception as exc:  # guarded as every handler (see Service.dispatch)
-                log.exception("internal error handling %s from peer %s", type(msg).__name__, show(identity))
-                self.answer(sock, identity, Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {clip(str(exc), 512)}"))
+            self._from_peer(identity, msg)
         else:
-            super().dispatch(sock, identity, msg, now)
+            self.handle(identity, msg, now)
 
     def _from_peer(self, identity: bytes, msg: Message) -> None:
         assert self.peer_router is not None

@@ -106,6 +106,7 @@ class Peers:
         for transport in self.transports.values():
             transport.close()
         self.transports.clear()
+        self.writes.clear()  # only when no write is live, or the core is ending them all
         for link in self.links.values():
             link.opened.clear()
 

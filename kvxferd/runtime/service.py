@@ -131,8 +131,7 @@ class Service:
         self.serve(self.router)
 
     def serve(self, sock: zmq.Socket[bytes]) -> None:
-        """Decode and handle what waits on the ROUTER ``sock`` (answers go back on ``self.router``
-        unless ``handle`` says otherwise)."""
+        """Decode and handle what waits on the ROUTER ``sock``; refusals are answered on ``sock``."""
         for inbound in sockets.receive(sock, max_frame=self.max_frame, router=True):
             identity = inbound.identity or b""
             if inbound.msg is None:
@@ -143,9 +142,9 @@ class Service:
             self.dispatch(sock, identity, inbound.msg, time.monotonic())
 
     def dispatch(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, now: float) -> None:
-        """``handle`` one message, guarded: a failure is logged and answered, not fatal."""
+        """Handle one message from ``sock``, guarded: a failure is logged and answered, not fatal."""
         try:
-            self.handle(identity, msg, now)
+            self.handle_on(sock, identity, msg, now)
         except CoreBroken:
             raise
         except Exception as exc:
@@ -169,6 +168,10 @@ class Service:
         return self.answer(self.router, identity, msg)
 
     # -- hooks for subclasses ---------------------------------------------------------
+
+    def handle_on(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, now: float) -> None:
+        """One message from the server socket ``sock`` (a service with more than one overrides this)."""
+        self.handle(identity, msg, now)
 
     def handle(self, identity: bytes, msg: Message, now: float) -> None:
         """One message from the ROUTER."""

@@ -17,7 +17,6 @@ into an :class:`Inbound` that holds either the message or why it was refused.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,6 @@ import zmq
 from kvxferd.errors import DaemonError, RemoteProtocolError
 from kvxferd.protocol import DEFAULT_MAX_FRAME, Message, decode, encode
 from kvxferd.protocol.fields import clip
-
-log = logging.getLogger(__name__)
 
 LINGER_MS = 500
 #: Messages queued per connection by default (clients; daemons derive theirs from the config).

@@ -111,3 +111,23 @@ def test_group_lookup() -> None:
         cfg.group("x")
     with pytest.raises(ConfigError, match="say which group"):
         cfg.group()
+
+
+def test_decode_peer_endpoints_and_the_names_a_cache_info_may_use() -> None:
+    config = loads("")
+    decode = config.group(role="decode")
+    assert config.peer_endpoint(decode, 1).endswith("decode-1-peer.sock")
+    assert config.peer_endpoint(decode, 1) != config.endpoint(decode, 1)
+    assert config.decode_group_named(decode.name) is decode
+    assert config.decode_group_named(config.peer_template(decode)) is decode
+    for other in ("prefill", config.endpoint(decode, 0), "tcp://elsewhere:1", ""):
+        assert config.decode_group_named(other) is None, other
+    with pytest.raises(ConfigError, match="not a decode group"):
+        config.peer_endpoint(config.group(role="prefill"), 0)
+    tcp = """
+groups:
+  - {name: p, role: prefill, world_size: 1, endpoint: "tcp://127.0.0.1:7001"}
+  - {name: d, role: decode, world_size: 1, endpoint: "tcp://127.0.0.1:7002"}
+"""
+    with pytest.raises(ConfigError, match="peer_endpoint"):
+        loads(tcp)
