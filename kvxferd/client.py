@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import zmq
 
-from kvxferd.errors import DaemonError, RemoteProtocolError
+from kvxferd.errors import DaemonError
 from kvxferd.protocol import (
     DEFAULT_MAX_FRAME,
     Abort,
@@ -63,7 +63,6 @@ from kvxferd.protocol import (
     StatusQuery,
     StatusReply,
     TransferResult,
-    decode,
     encode,
 )
 from kvxferd.runtime import sockets
@@ -102,14 +101,11 @@ class Channel:
         self.max_frame = max_frame
         self._own_ctx = ctx is None
         self.ctx = ctx if ctx is not None else zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock = sockets.socket(self.ctx, zmq.DEALER, max_frame=max_frame)
         # A name of our own, kept across reconnects: a daemon knows its worker and schedulers by it.
         self.sock.setsockopt(zmq.IDENTITY, b"engine-" + secrets.token_hex(8).encode())
         credentials.client(self.sock)
-        self.sock.setsockopt(zmq.LINGER, sockets.LINGER_MS)
         self.sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
-        self.sock.setsockopt(zmq.SNDHWM, sockets.HWM)
-        self.sock.setsockopt(zmq.RCVHWM, sockets.HWM)
         self.sock.connect(endpoint)
 
     def send(self, msg: Message) -> None:
@@ -124,14 +120,13 @@ class Channel:
         return self.recv_now()
 
     def recv_now(self) -> Message | None:
-        try:
-            frame = self.sock.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            return None
-        try:
-            return decode(frame, max_bytes=self.max_frame)
-        except RemoteProtocolError as exc:
-            return Error(ErrorCode.BAD_MESSAGE, f"undecodable reply from {self.endpoint}: {exc}")
+        """The next message waiting, if any; one the daemon sent that cannot be decoded comes back
+        as ``Error(bad_message)`` saying why (read through the daemons' own receive path)."""
+        for inbound in sockets.receive(self.sock, max_frame=self.max_frame, router=False, limit=1):
+            if inbound.msg is None:
+                return Error(ErrorCode.BAD_MESSAGE, f"undecodable reply from {self.endpoint}: {inbound.error}")
+            return inbound.msg
+        return None
 
     def close(self) -> None:
         self.sock.close()

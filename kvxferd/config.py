@@ -175,10 +175,11 @@ class TimeoutsConfig:
     verdict_s: float = 60.0  # an admission, arrival or withdrawal waiting for the barrier's answer
     startup_s: float = 60.0  # the start-up barrier (all ranks of the group up)
     peer_s: float = 10.0  # answer to a peer query
+    peer_idle_s: float = 300.0  # a decode link unused this long is closed (a later write opens it again)
     shutdown_s: float = 5.0  # graceful shutdown before forcing
 
     def __post_init__(self) -> None:
-        _positive(self, "pending_s", "progress_s", "verdict_s", "startup_s", "peer_s", "shutdown_s")
+        _positive(self, "pending_s", "progress_s", "verdict_s", "startup_s", "peer_s", "peer_idle_s", "shutdown_s")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ class Run(NamedTuple):
 class PostWrite:
     """Copy ``runs`` of one layer (K and V) to ``peer`` over ``transport``.
 
-    The shell reports the outcome with ``core.write_done(write_id, now, error)``.
+    The shell reports the outcome with ``core.write_done(write_id, now, error, transport)``.
     ``requests`` names every request instance ``(request_id, instance)`` the
     write serves; ``nbytes`` counts K and V.
     """
@@ -48,9 +48,11 @@ class ToBarrier:
 
 @dataclass(frozen=True, slots=True)
 class ToEngine:
-    """Report how a request ended to the prefill engine that sent its cache_info."""
+    """Report how a request ended to the prefill engine that sent its cache_info: ``origin``,
+    the connection the shell named with it, or (None) the sender of the message being handled."""
 
     result: TransferResult
+    origin: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -139,8 +139,15 @@ class RankCore:
             return self.on_verdict(msg, now)
         return [Problem(ErrorCode.WRONG_ROLE, f"a prefill rank does not accept {type(msg).__name__}")]
 
-    def on_cache_info(self, info: CacheInfo, now: float, refusal: tuple[ErrorCode, str] | None = None) -> list[Effect]:
-        """A cache_info from the scheduler. ``refusal`` (code, detail): the shell cannot take
+    def on_cache_info(
+        self,
+        info: CacheInfo,
+        now: float,
+        refusal: tuple[ErrorCode, str] | None = None,
+        origin: bytes | None = None,
+    ) -> list[Effect]:
+        """A cache_info from the scheduler connection ``origin`` (the shell's name for it; the
+        request's result goes there). ``refusal`` (code, detail): the shell cannot take
         requests now (not registered, shutting down); the cache_info is refused unless it
         is a duplicate or a straggler of an instance that already ended."""
         s, rid, key = self.s, info.request_id, info.key
@@ -150,14 +157,14 @@ class RankCore:
             return [Problem(ErrorCode.DUPLICATE_REQUEST, detail, rid)]
         ended = self._ended.get(key)
         if ended is not None:
-            return self._straggler(info, ended, now)
+            return self._straggler(info, ended, now, origin)
         if refusal is not None:
-            return self.refuse(info, *refusal, now)
+            return self.refuse(info, *refusal, now, origin=origin)
         reason = self._aborts.pop(key)
         if reason is not None:  # aborted before it got here: end as aborted at once, everywhere
             # Kept even when the table is full, so that it reports the verdict's status; such entries
             # are bounded by the memory of aborts (max_requests), so the table by twice its limit.
-            req = self._enter(info, now)
+            req = self._enter(info, now, origin)
             self._discard_parked(info)
             return self._withdraw(req, Status.ABORTED, reason, now)
 
@@ -167,20 +174,20 @@ class RankCore:
                 f"request {rid}: {info.num_tokens} tokens need {need} blocks of {s.block_tokens} tokens, "
                 f"cache_info names {len(info.src_blocks)}"
             )
-            return self.refuse(info, ErrorCode.BAD_LAYOUT, detail, now)
+            return self.refuse(info, ErrorCode.BAD_LAYOUT, detail, now, origin=origin)
         top = max(info.src_blocks)
         if top >= s.num_blocks:
             detail = f"request {rid}: source block {top} is outside this rank's {s.num_blocks} blocks"
-            return self.refuse(info, ErrorCode.OUT_OF_RANGE, detail, now)
+            return self.refuse(info, ErrorCode.OUT_OF_RANGE, detail, now, origin=origin)
         if len(self._requests) >= s.max_requests:
             detail = f"request {rid}: request table full ({s.max_requests} requests in flight)"
-            return self.refuse(info, ErrorCode.TABLE_FULL, detail, now)
+            return self.refuse(info, ErrorCode.TABLE_FULL, detail, now, origin=origin)
         holder = self._starts.get((info.slot, info.step))
         if holder is not None:
             detail = f"request {rid}: slot {info.slot} of step {info.step} already belongs to request {holder[0]}"
-            return self.refuse(info, ErrorCode.SLOT_BUSY, detail, now)
+            return self.refuse(info, ErrorCode.SLOT_BUSY, detail, now, origin=origin)
 
-        req = self._enter(info, now)
+        req = self._enter(info, now, origin)
         effects: list[Effect] = [ToBarrier(Admit(s.group, rid, info.instance, s.rank, terms_of(info)))]
         signal = self._pending.take_signal(info.slot, info.step)
         if signal is None:
@@ -270,8 +277,11 @@ class RankCore:
         self._aborts.put(key, reason, now)
         return []
 
-    def write_done(self, write_id: int, now: float, error: str | None = None) -> list[Effect]:
-        """The transport finished write ``write_id``; ``error`` says why it failed, if it did."""
+    def write_done(
+        self, write_id: int, now: float, error: str | None = None, transport: str | None = None
+    ) -> list[Effect]:
+        """The transport finished write ``write_id``; ``error`` says why it failed, if it did;
+        ``transport`` names the one it went over (the request's result reports it)."""
         parts = self._writes.pop(write_id, None)
         if parts is None:
             return [Problem(ErrorCode.INTERNAL, f"completion for unknown write {write_id}", reply=False)]
@@ -282,6 +292,8 @@ class RankCore:
             if req is None:
                 continue
             req.inflight -= 1
+            if req.transport is None:
+                req.transport = transport
             touched[part.key] = req
             if error is None:
                 req.chunks[part.chunk].confirmed.add(part.layer)
@@ -340,7 +352,9 @@ class RankCore:
         ]
         return min((t for t in times if t is not None), default=None)
 
-    def refuse(self, info: CacheInfo, code: ErrorCode, detail: str, now: float) -> list[Effect]:
+    def refuse(
+        self, info: CacheInfo, code: ErrorCode, detail: str, now: float, *, origin: bytes | None = None
+    ) -> list[Effect]:
         """Refuse a cache_info without keeping it: an error reply, the failed result to the engine
         and to the decode peer at once, and a withdrawal, so that the verdict every other rank
         reports is ``failed`` too. Only a short memory of the ending is kept."""
@@ -354,7 +368,7 @@ class RankCore:
         if code is not ErrorCode.SLOT_BUSY:  # a busy slot's signals belong to the request holding it
             self._close_start(info, now)
         withdraw = Withdraw(s.group, rid, info.instance, s.rank, Status.FAILED, detail)
-        return [Problem(code, detail, rid), ToEngine(result), ToPeer(info.peer, result), ToBarrier(withdraw)]
+        return [Problem(code, detail, rid), ToEngine(result, origin), ToPeer(info.peer, result), ToBarrier(withdraw)]
 
     def close(self, reason: str, now: float) -> list[Effect]:
         """Forced shutdown: end every live request as failed with ``reason``, clear every table.
@@ -402,6 +416,15 @@ class RankCore:
         self._steps.highest = None
         return True
 
+    def origin_of(self, key: Key) -> bytes | None:
+        """The connection request instance ``key``'s cache_info came from, while it is live here."""
+        req = self._requests.get(key)
+        return req.origin if req is not None else None
+
+    def origins(self) -> dict[Key, bytes | None]:
+        """Every live request instance and its origin: what a shell whose core broke still needs."""
+        return {key: req.origin for key, req in self._requests.items()}
+
     def is_live(self, key: Key) -> bool:
         """Whether request instance ``key`` is in flight here."""
         return key in self._requests
@@ -448,8 +471,8 @@ class RankCore:
     def _who(self, req: Request) -> str:
         return f"request {req.info.request_id} instance {req.info.instance} on {self.s.group} rank {self.s.rank}"
 
-    def _enter(self, info: CacheInfo, now: float) -> Request:
-        req = Request(info=info, state=State.WAIT_SIGNAL, created=now)
+    def _enter(self, info: CacheInfo, now: float, origin: bytes | None) -> Request:
+        req = Request(info=info, state=State.WAIT_SIGNAL, created=now, origin=origin)
         self._requests[info.key] = req
         self._starts.setdefault((info.slot, info.step), info.key)
         return req
@@ -467,7 +490,7 @@ class RankCore:
             when = now + s.verdict_timeout_s
         self._deadlines.set(req.info.key, when)
 
-    def _straggler(self, info: CacheInfo, ended: Ending, now: float) -> list[Effect]:
+    def _straggler(self, info: CacheInfo, ended: Ending, now: float, origin: bytes | None) -> list[Effect]:
         """A cache_info of an instance that already ended here, or was learned to have ended."""
         rid = info.request_id
         if ended.told_engine:
@@ -476,7 +499,7 @@ class RankCore:
         ended.told_engine = True
         self._close_start(info, now)  # its signals, parked or to come, have nothing to join
         result = TransferResult(rid, ended.status, ended.reason, self.s.rank, 0, info.transport, instance=info.instance)
-        effects: list[Effect] = [ToEngine(result)]
+        effects: list[Effect] = [ToEngine(result, origin)]
         if not ended.told_peer:
             ended.told_peer = True
             effects.append(ToPeer(info.peer, result))
@@ -695,7 +718,7 @@ class RankCore:
             reason,
             s.rank,
             req.bytes_done,
-            info.transport,
+            req.transport or info.transport,
             wait_ms=(recovered - req.created) * 1e3,
             send_ms=(sent - recovered) * 1e3,
             total_ms=(now - req.created) * 1e3,
@@ -705,7 +728,7 @@ class RankCore:
         notice: KVReady | TransferResult = result
         if status is Status.OK:
             notice = KVReady(info.request_id, s.rank, req.bytes_done, info.instance)
-        return [ToEngine(result), ToPeer(info.peer, notice)]
+        return [ToEngine(result, req.origin), ToPeer(info.peer, notice)]
 
     def _expire_signal(self, slot: int, step: int) -> list[Effect]:
         signal = self._pending.take_signal(slot, step)

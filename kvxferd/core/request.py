@@ -37,6 +37,8 @@ class Request:
     info: CacheInfo
     state: State
     created: float
+    origin: bytes | None = None  # the engine connection its cache_info came from: its result goes there
+    transport: str | None = None  # the transport its first completed write went over
     admitted: float | None = None  # when the barrier admitted it; nothing is written before
     recovered: float | None = None
     sent: float | None = None

@@ -1,25 +1,26 @@
-"""A prefill daemon's decode peers: discovery, transport choice, writes and notices.
+"""A prefill daemon's decode peers: the shell around :class:`kvxferd.core.peer.PeerLink`.
 
 Theory of operation: a peer is a decode rank's daemon: the rank of ours in a
 decode group of the config, which a request's ``peer`` names (by the group's
 name or its endpoint template; anything else is refused, so a cache_info can
-never send writes or notices anywhere the config does not list). The first
-write for a peer opens a DEALER to the group's peer endpoint and asks for its
-:class:`PeerInfo`, which must match that group's layout; writes wait,
-queued, until it answers (or fail when ``peer_s`` passes, with the reason).
-With the answer, each write picks its transport (:func:`kvxferd.transports.choose`),
-opens the peer on that transport once, and is posted. Completions come back
-at once (``shm``) or from polling (``rdma``, ``cuda_ipc``); polling backs off
-from 50 µs to 2 ms while writes are pending and stops when none are.
+never send writes or notices anywhere the config does not list). There is at
+most one link per decode group. What a link knows and when it asks (the
+PeerInfo, the question out, queued and in-flight writes, idleness) is the pure
+state machine in :mod:`kvxferd.core.peer`; this module owns its DEALER socket
+and the transports, feeds the machine events with ``now`` and carries out what
+it returns. The PeerInfo is checked here against the group's layout and
+memory, since only the shell knows the config.
 
-A peer that failed to answer is forgotten, so a later write asks again; so is
-one whose write failed (its cache may have changed: the next write asks
-again). A decode daemon whose engine registers a new cache sends its new
-PeerInfo unasked; the transports open on the old one are closed.
+With the peer's cache known, each write picks its transport
+(:func:`kvxferd.transports.choose`), opens the peer on it once, and is posted.
+Completions come back at once (``shm``) or from polling (``rdma``,
+``cuda_ipc``), each stamped with the transport it went over; polling backs
+off from 50 µs to 2 ms while writes are pending and stops when none are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket as pysocket
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import zmq
 
 from kvxferd.config import Config, GroupConfig
 from kvxferd.core import PostWrite
+from kvxferd.core.peer import Ask, Close, Drop, Fail, LinkEffect, LinkSettings, Note, PeerLink, Post, Warm
 from kvxferd.errors import TransportError, TransportUnavailable
 from kvxferd.protocol import CacheLayout, Error, ErrorCode, Message, PeerInfo, PeerQuery, RegisterCache
 from kvxferd.protocol.fields import show
@@ -55,18 +57,15 @@ def host_id() -> str:
 
 
 @dataclass
-class PeerLink:
+class Link:
+    """One decode group's link: the machine, and the plumbing it drives."""
+
     endpoint: str
     sock: zmq.Socket[bytes]
     group: GroupConfig
     layout: CacheLayout  # what the group's PeerInfo must describe
-    info: PeerInfo | None = None
-    waiting: list[PostWrite] = field(default_factory=list)
-    deadline: float | None = None  # for the PeerInfo answer
-    retry_at: float | None = None
+    machine: PeerLink
     opened: set[str] = field(default_factory=set)  # transports this peer is open on
-    warm: bool = False  # open the preferred transport as soon as the peer answers
-    stale: bool = False  # a write failed: ask for the PeerInfo again before the next write
 
 
 class Peers:
@@ -75,12 +74,11 @@ class Peers:
         self.config = config
         self.group, self.rank, self.memory = group, rank, memory
         self.max_frame = config.limits.max_frame_bytes
-        self.links: dict[str, PeerLink] = {}  # decode group name -> its rank of ours
-        self.writes: dict[int, PeerLink] = {}  # write id -> the peer it went to, until it completes
+        self.links: dict[str, Link] = {}  # decode group name -> its rank of ours
+        self.writes: dict[int, tuple[Link, str]] = {}  # write id -> (link, transport), until it completes
         self.transports: dict[str, Transport] = {}
         self.local: RegisterCache | None = None
-        self.used: dict[tuple[str, int], str] = {}  # request instance -> transport its writes went over
-        self.answers: list[tuple[PeerLink, Message]] = []  # collected by the socket handlers
+        self.answers: list[tuple[Link, Message]] = []  # collected by the socket handlers
         self._poll_delay = POLL_MIN_S
         self._next_poll: float | None = None
 
@@ -103,10 +101,14 @@ class Peers:
             log.warning("transport %s cannot be prepared: %s", likely, exc)
 
     def close_transports(self) -> None:
+        """Close every transport; writes still in flight are forgotten (only when none is live,
+        or the core is ending them all)."""
         for transport in self.transports.values():
             transport.close()
         self.transports.clear()
-        self.writes.clear()  # only when no write is live, or the core is ending them all
+        for link in self.links.values():
+            link.machine.writes_lost()
+        self.writes.clear()
         for link in self.links.values():
             link.opened.clear()
 
@@ -132,18 +134,46 @@ class Peers:
 
     def write(self, w: PostWrite, now: float) -> list[Completion]:
         try:
-            link = self._link(w.peer)
+            link = self._link(w.peer, now)
         except TransportError as exc:
             return [Completion(w.write_id, str(exc))]
-        if link.stale and link.info is not None:
-            self._forget(link)
-        link.stale = False
-        if link.info is None:
-            link.waiting.append(w)
-            if link.deadline is None:
-                self._query(link, now)
+        return self._carry(link, link.machine.want(w, now), now)
+
+    def warm(self, peer: str, now: float) -> None:
+        """Discover a peer now and open it on the preferred transport, before any request needs it."""
+        try:
+            link = self._link(peer, now)
+        except TransportError as exc:
+            log.warning("%s", exc)
+            return
+        self._carry(link, link.machine.want(None, now), now)
+
+    def poll(self, now: float) -> list[Completion]:
+        """Completions from transports that finish asynchronously."""
+        if self._next_poll is None or now < self._next_poll:
             return []
-        return self._dispatch(link, w, now)
+        done: list[Completion] = []
+        pending = 0
+        for name, transport in self.transports.items():
+            done += [dataclasses.replace(c, transport=name) for c in transport.poll()]
+            pending += transport.pending()
+        if pending:
+            self._poll_delay = POLL_MIN_S if done else min(self._poll_delay * 2, POLL_MAX_S)
+            self._next_poll = now + self._poll_delay
+        else:
+            self._next_poll = None
+        return self._settled(done, now)
+
+    def _settled(self, done: list[Completion], now: float) -> list[Completion]:
+        """Tell each write's link it completed; a failed one makes the peer be asked again."""
+        out = list(done)
+        for c in done:
+            found = self.writes.pop(c.write_id, None)
+            if found is not None:
+                link = found[0]
+                failed = c.error is not None and not c.refused
+                out += self._carry(link, link.machine.completed(c.write_id, failed, now), now)
+        return out
 
     def _choose(self, requested: str, info: PeerInfo) -> str:
         return choose(
@@ -154,61 +184,33 @@ class Peers:
             same_host=info.host_id == host_id(),
         )
 
-    def _open(self, link: PeerLink, name: str) -> Transport:
-        """The transport ``name``, open on ``link``'s peer; raises TransportError/TransportUnavailable."""
-        transport = self.transport(name)
-        if name not in link.opened:
-            assert link.info is not None
-            transport.open_peer(link.endpoint, link.info)
-            link.opened.add(name)
-            log.info("peer %s (%s rank %d) open on %s", link.endpoint, link.info.group, link.info.rank, name)
-        return transport
-
-    def _dispatch(self, link: PeerLink, w: PostWrite, now: float) -> list[Completion]:
-        assert link.info is not None
-        name = self._choose(w.transport, link.info)
+    def _post(self, link: Link, w: PostWrite, info: PeerInfo, now: float) -> list[Completion]:
+        name = self._choose(w.transport, info)
         try:
-            transport = self._open(link, name)
+            transport = self._open(link, name, info)
         except (TransportError, TransportUnavailable) as exc:
-            return [Completion(w.write_id, f"transport {name} to {link.endpoint}: {exc}")]
-        for key in w.requests:
-            self.used.setdefault(key, name)
-        self.writes[w.write_id] = link
+            return [Completion(w.write_id, f"transport {name} to {link.endpoint}: {exc}", transport=name)]
+        self.writes[w.write_id] = (link, name)
+        link.machine.posted(w.write_id, now)
         done = transport.post(w.write_id, link.endpoint, w.layer, w.runs)
         if done is not None:
-            return self.settled([done])
+            return self._settled([dataclasses.replace(done, transport=name)], now)
         self._poll_delay = POLL_MIN_S
         self._next_poll = now + POLL_MIN_S
         return []
 
-    def poll(self, now: float) -> list[Completion]:
-        """Completions from transports that finish asynchronously."""
-        if self._next_poll is None or now < self._next_poll:
-            return []
-        done: list[Completion] = []
-        pending = 0
-        for transport in self.transports.values():
-            done += transport.poll()
-            pending += transport.pending()
-        if pending:
-            self._poll_delay = POLL_MIN_S if done else min(self._poll_delay * 2, POLL_MAX_S)
-            self._next_poll = now + self._poll_delay
-        else:
-            self._next_poll = None
-        return self.settled(done)
+    def _open(self, link: Link, name: str, info: PeerInfo) -> Transport:
+        """The transport ``name``, open on ``link``'s peer; raises TransportError/TransportUnavailable."""
+        transport = self.transport(name)
+        if name not in link.opened:
+            transport.open_peer(link.endpoint, info)
+            link.opened.add(name)
+            log.info("peer %s (%s rank %d) open on %s", link.endpoint, info.group, info.rank, name)
+        return transport
 
-    def settled(self, done: list[Completion]) -> list[Completion]:
-        """Forget completed writes; a failed one makes its peer be asked again before the next write."""
-        for c in done:
-            link = self.writes.pop(c.write_id, None)
-            if c.error is not None and not c.refused and link is not None and not link.stale:
-                log.warning("a write to %s failed; its PeerInfo will be asked again", link.endpoint)
-                link.stale = True
-        return done
-
-    def _forget(self, link: PeerLink) -> None:
-        """Drop what we know of the peer's cache and every transport opened on it."""
-        link.info = None
+    def _drop(self, link: Link, now: float) -> None:
+        """Close every transport opened on the link's peer. Writes in flight on them complete
+        as failed from the transport's next poll."""
         for name in link.opened:
             transport = self.transports.get(name)
             if transport is not None:
@@ -216,13 +218,57 @@ class Peers:
                     transport.close_peer(link.endpoint)
                 except (TransportError, TransportUnavailable) as exc:
                     log.warning("closing peer %s on %s: %s", link.endpoint, name, exc)
+                if transport.pending():  # what was in flight on it completes at the next poll
+                    self._next_poll = now
         link.opened.clear()
+
+    # -- the machine's effects ----------------------------------------------------------
+
+    def _carry(self, link: Link, effects: list[LinkEffect], now: float) -> list[Completion]:
+        done: list[Completion] = []
+        queue = list(effects)
+        while queue:
+            eff = queue.pop(0)
+            if isinstance(eff, Ask):
+                try:
+                    sockets.send(link.sock, PeerQuery(self.group, self.rank))
+                except zmq.Again:
+                    queue += link.machine.blocked(now)
+            elif isinstance(eff, Post):
+                for w in eff.writes:
+                    done += self._post(link, w, eff.info, now)
+            elif isinstance(eff, Fail):
+                done += [Completion(w.write_id, eff.reason) for w in eff.writes]
+            elif isinstance(eff, Drop):
+                self._drop(link, now)
+            elif isinstance(eff, Warm):
+                if self.local is not None:
+                    name = self._choose("auto", eff.info)
+                    try:
+                        self._open(link, name, eff.info)
+                    except (TransportError, TransportUnavailable) as exc:
+                        log.warning("could not open peer %s on %s ahead of time: %s", link.endpoint, name, exc)
+            elif isinstance(eff, Close):
+                log.info("%s: closing the link", eff.reason)
+                self._close_link(link, now)
+            elif isinstance(eff, Note):
+                log.warning("%s", eff.text)
+        return done
+
+    def _close_link(self, link: Link, now: float) -> None:
+        self._drop(link, now)
+        self.service.unwatch(link.sock)
+        link.sock.close()
+        if self.links.get(link.group.name) is link:
+            del self.links[link.group.name]
+        self.answers = [(lk, m) for lk, m in self.answers if lk is not link]
 
     # -- notices to decode daemons ----------------------------------------------------
 
-    def notify(self, peer: str, msg: Message) -> None:
+    def notify(self, peer: str, msg: Message, now: float) -> None:
         try:
-            link = self._link(peer)
+            link = self._link(peer, now)
+            link.machine.last_used = now
             sockets.send(link.sock, msg)
         except TransportError as exc:
             log.error("%s; dropped %s", exc, msg)
@@ -231,7 +277,19 @@ class Peers:
 
     # -- discovery -------------------------------------------------------------------------
 
-    def _link(self, peer: str) -> PeerLink:
+    def report(self) -> dict[str, dict[str, object]]:
+        """Each link's state, for the status reply."""
+        return {
+            name: {
+                "state": link.machine.state.value,
+                "open_on": sorted(link.opened),
+                "waiting": len(link.machine.waiting),
+                "inflight": len(link.machine.inflight),
+            }
+            for name, link in self.links.items()
+        }
+
+    def _link(self, peer: str, now: float) -> Link:
         """The link to our rank of the decode group ``peer`` names (one per group, so at most as
         many links as the config has decode groups)."""
         group = self.group_of(peer)
@@ -244,88 +302,53 @@ class Peers:
                 raise TransportError(
                     f"cannot connect to decode {group.name!r} rank {self.rank} at {endpoint}: {exc}"
                 ) from None
-            kv = self.config.kv
+            kv, t = self.config.kv, self.config.timeouts
             layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size))
-            link = self.links[group.name] = PeerLink(endpoint, sock, group, layout)
+            settings = LinkSettings(
+                f"decode {group.name!r} rank {self.rank} at {endpoint}", t.peer_s, RETRY_S, t.peer_idle_s
+            )
+            link = self.links[group.name] = Link(endpoint, sock, group, layout, PeerLink(settings, now))
             self.service.watch(sock, lambda: self._on_link(link))
         return link
 
-    def _query(self, link: PeerLink, now: float) -> None:
-        if link.deadline is None:
-            link.deadline = now + self.config.timeouts.peer_s
-        link.retry_at = None
-        try:
-            sockets.send(link.sock, PeerQuery(self.group, self.rank))
-        except zmq.Again:
-            link.retry_at = now + RETRY_S
-
-    def _on_link(self, link: PeerLink) -> None:
+    def _on_link(self, link: Link) -> None:
         for inbound in sockets.receive(link.sock, max_frame=self.max_frame, router=False):
             if inbound.msg is None:
                 log.error("bad frame from peer %s: %s", link.endpoint, inbound.error)
             else:
                 self.answers.append((link, inbound.msg))
 
-    def warm(self, peer: str, now: float) -> None:
-        """Discover a peer now and open it on the preferred transport, before any request needs it."""
-        try:
-            link = self._link(peer)
-        except TransportError as exc:
-            log.warning("%s", exc)
-            return
-        link.warm = True
-        if link.info is None and link.deadline is None:
-            self._query(link, now)
-
     def handle_answers(self, now: float) -> list[Completion]:
         """Act on what peers said since the last call."""
         done: list[Completion] = []
         answers, self.answers = self.answers, []
         for link, msg in answers:
+            machine = link.machine
             if isinstance(msg, PeerInfo):
-                problem = self._mismatch(link, msg)
-                if problem is not None:
-                    done += self._fail(
-                        link, f"decode {link.group.name!r} rank {self.rank} at {link.endpoint}: {problem}"
-                    )
-                    continue
-                if link.info is not None and link.info != msg:
-                    log.info("decode %r rank %d registered a new cache", link.group.name, self.rank)
-                    self._forget(link)
-                link.info, link.deadline, link.retry_at = msg, None, None
-                if link.warm and self.local is not None:
-                    name = self._choose("auto", msg)
-                    try:
-                        self._open(link, name)
-                    except (TransportError, TransportUnavailable) as exc:
-                        log.warning("could not open peer %s on %s ahead of time: %s", link.endpoint, name, exc)
-                waiting, link.waiting = link.waiting, []
-                for w in waiting:
-                    done += self._dispatch(link, w, now)
-            elif isinstance(msg, Error) and msg.code is ErrorCode.NOT_REGISTERED and link.deadline is not None:
-                link.retry_at = now + RETRY_S  # the decode engine has not registered its cache yet
+                effects = machine.answered(msg, self._mismatch(link, msg), now)
+            elif isinstance(msg, Error) and msg.code is ErrorCode.NOT_REGISTERED:
+                effects = machine.not_registered(now)
             elif isinstance(msg, Error):
-                done += self._fail(link, f"peer {link.endpoint} refused: {msg.detail}")
+                effects = machine.refused(msg.detail, now)
             else:
-                log.warning("unexpected %s from peer %s", type(msg).__name__, link.endpoint)
+                effects = [Note(f"unexpected {type(msg).__name__} from peer {link.endpoint}")]
+            done += self._carry(link, effects, now)
         return done
 
     def tick(self, now: float) -> list[Completion]:
         done: list[Completion] = []
         for link in list(self.links.values()):
-            if link.deadline is not None and now >= link.deadline:
-                done += self._fail(link, f"peer {link.endpoint} did not answer within {self.config.timeouts.peer_s:g}s")
-            elif link.retry_at is not None and now >= link.retry_at:
-                self._query(link, now)
+            due = link.machine.next_deadline()
+            if due is not None and now >= due:
+                done += self._carry(link, link.machine.on_timer(now), now)
         return done + self.poll(now)
 
     def next_wakeup(self) -> float | None:
         times = [self._next_poll] if self._next_poll is not None else []
-        for link in self.links.values():
-            times += [t for t in (link.deadline, link.retry_at) if t is not None]
+        times += [t for link in self.links.values() if (t := link.machine.next_deadline()) is not None]
         return min(times, default=None)
 
-    def _mismatch(self, link: PeerLink, info: PeerInfo) -> str | None:
+    def _mismatch(self, link: Link, info: PeerInfo) -> str | None:
         """Why a PeerInfo is not what the config says this peer holds, if it is not."""
         if info.group != link.group.name or info.rank != self.rank:
             return f"answered as {show(info.group)} rank {info.rank}"
@@ -335,16 +358,8 @@ class Peers:
             return f"its cache is {info.layout}; the config describes {link.layout}"
         return None
 
-    def _fail(self, link: PeerLink, reason: str) -> list[Completion]:
-        log.warning("%s", reason)
-        waiting, link.waiting = link.waiting, []
-        link.deadline = link.retry_at = None
-        self._forget(link)
-        return [Completion(w.write_id, reason) for w in waiting]
-
     def close(self) -> None:
         self.close_transports()
-        for link in self.links.values():
-            self.service.unwatch(link.sock)
-            link.sock.close()
+        for link in list(self.links.values()):
+            self._close_link(link, 0.0)
         self.links.clear()

@@ -10,7 +10,6 @@ that sent the request's cache_info, notices to the decode peer.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -79,7 +78,6 @@ class PrefillDaemon(GroupDaemon):
         super().__init__(config, group, rank)
         self.core = guarded(RankCore(rank_settings(config, group, rank)), "prefill core")
         self.peers = Peers(self, config, group=group.name, rank=rank, memory=group.memory)
-        self.origins: dict[tuple[str, int], bytes] = {}  # request instance -> the engine that sent its cache_info
         self.worker: bytes | None = None  # the connection that registered the cache: the one model worker
         #: connections that sent a cache_info lately (schedulers): who may abort a request not seen yet
         self.schedulers: OrderedDict[bytes, None] = OrderedDict()
@@ -118,9 +116,14 @@ class PrefillDaemon(GroupDaemon):
         else:
             self._apply([e for e in effects if not isinstance(e, PostWrite)], now)
             return
-        for (rid, instance), identity in self.origins.items():
-            self.reply(identity, TransferResult(rid, Status.FAILED, reason, rank=self.rank, instance=instance))
-        self.origins.clear()
+        try:
+            origins = unguarded(self.core).origins()
+        except Exception:
+            log.exception("the core cannot name its requests' engines either; they learn from their timeouts")
+            return
+        for (rid, instance), identity in origins.items():
+            if identity is not None:
+                self.reply(identity, TransferResult(rid, Status.FAILED, reason, rank=self.rank, instance=instance))
 
     # -- inbound ----------------------------------------------------------------------
 
@@ -146,10 +149,7 @@ class PrefillDaemon(GroupDaemon):
                     self.peers.group_of(msg.peer)
                 except TransportError as exc:
                     refusal = (ErrorCode.UNKNOWN_PEER, f"request {msg.request_id}: {exc}")
-            effects = self.core.on_cache_info(msg, now, refusal)
-            if self.core.is_live(msg.key):
-                self.origins.setdefault(msg.key, identity)  # its result goes there, whoever is speaking then
-            self._apply(effects, now)
+            self._apply(self.core.on_cache_info(msg, now, refusal, origin=identity), now)
         elif isinstance(msg, LayerSignal):
             if identity != self.worker:
                 self._refuse(
@@ -158,7 +158,7 @@ class PrefillDaemon(GroupDaemon):
                 return
             self._apply(self.core.handle(msg, now), now)
         elif isinstance(msg, Abort):
-            origin = self.origins.get(msg.key)
+            origin = self.core.origin_of(msg.key)
             allowed = identity == origin or identity == self.worker or (origin is None and identity in self.schedulers)
             if not allowed:
                 self._refuse(
@@ -241,32 +241,29 @@ class PrefillDaemon(GroupDaemon):
                 completions = self.peers.write(eff, now)
                 now = time.monotonic()  # a synchronous copy took time: stamp what follows with the real time
                 for done in completions:
-                    queue += self.core.write_done(done.write_id, now, done.error)
+                    queue += self.core.write_done(done.write_id, now, done.error, done.transport)
             elif isinstance(eff, ToBarrier):
                 self.barrier.send(eff.message)
             elif isinstance(eff, ToEngine):
                 self._result(eff)
             elif isinstance(eff, ToPeer):
-                self.peers.notify(eff.peer, eff.message)
+                self.peers.notify(eff.peer, eff.message, now)
             elif isinstance(eff, Problem):
                 self._problem(eff)
 
     def _complete(self, completions: list[Completion], now: float) -> None:
         for done in completions:
-            self._apply(self.core.write_done(done.write_id, now, done.error), now)
+            self._apply(self.core.write_done(done.write_id, now, done.error, done.transport), now)
 
     def _result(self, eff: ToEngine) -> None:
         result = eff.result
         rid = result.request_id
-        used = self.peers.used.pop(result.key, None)
-        if used is not None:
-            result = dataclasses.replace(result, transport=used)
         self.counters[f"result_{result.status.value}"] += 1
         if result.status.value == "ok":
             self.counters["bytes_ok"] += result.bytes
         else:
             log.warning("request %s %s: %s", rid, result.status.value, result.reason)
-        identity = self.origins.pop(result.key, None) or self._sender
+        identity = eff.origin or self._sender
         if identity is None:
             log.error("no engine to tell that request %s ended (%s)", rid, result.status.value)
             return
@@ -285,10 +282,7 @@ class PrefillDaemon(GroupDaemon):
             "registered": self.peers.local is not None,
             "tables": self.core.sizes(),
             "requests": self.core.snapshot(now)[:100],
-            "peers": {
-                e: {"open_on": sorted(link.opened), "waiting": len(link.waiting)}
-                for e, link in self.peers.links.items()
-            },
+            "peers": self.peers.report(),
             "counters": dict(self.counters),
         }
         return StatusReply(self.role, self.group.name, self.rank, self.state, json.dumps(report))

@@ -40,6 +40,7 @@ class Completion:
     write_id: int
     error: str | None = None
     refused: bool = False  # never started (our own checks said no): says nothing about the peer
+    transport: str | None = None  # the transport it went over (stamped by the peers shell)
 
 
 def run_table(runs: Sequence[Run]) -> RunTable:

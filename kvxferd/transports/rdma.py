@@ -305,10 +305,11 @@ class RdmaTransport(Transport):
         return Completion(write_id, error)
 
     def poll(self) -> list[Completion]:
-        return [done for wid in list(self._inflight) if (done := self._check(wid)) is not None]
+        done, self._done = self._done, []  # writes ended by closing their peer
+        return done + [c for wid in list(self._inflight) if (c := self._check(wid)) is not None]
 
     def pending(self) -> int:
-        return len(self._inflight)
+        return len(self._inflight) + len(self._done)
 
     def _close_peer(self, key: str) -> None:
         for wid, (_, _, peer) in list(self._inflight.items()):

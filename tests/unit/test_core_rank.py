@@ -717,3 +717,36 @@ def test_a_new_worker_starts_a_new_step_window_only_when_no_step_is_open() -> No
     assert not c.new_worker()
     (p,) = c.handle(LayerSignal(2, 0, (SlotChunk(2, 0, 16, 2),)), 0.0)
     assert p.code is ErrorCode.STALE_SIGNAL
+
+
+# -- where results go and what they report -----------------------------------------------------
+
+
+def test_a_result_goes_to_the_connection_its_cache_info_came_from_with_the_transport_used() -> None:
+    c = core(world_size=1)
+    effects = c.on_cache_info(info("R", 0, 1, 16, [3], [4]), 0.0, origin=b"scheduler-A")
+    assert c.origin_of(("R", 0)) == b"scheduler-A"
+    queue = effects + c.handle(Admitted("prefill", "R", 0), 0.0)
+    out: list = []
+    for signal in layers(1, SlotChunk(0, 0, 16, 1)):
+        queue += c.handle(signal, 0.1)
+    while queue:
+        eff = queue.pop(0)
+        out.append(eff)
+        if isinstance(eff, PostWrite):
+            queue += c.write_done(eff.write_id, 0.2, transport="shm")
+        elif isinstance(eff, ToBarrier) and isinstance(eff.message, Arrive):
+            queue += c.handle(Release("prefill", "R", 0, eff.message.digest), 0.3)
+    (result,) = of(out, ToEngine)
+    assert result.origin == b"scheduler-A"
+    assert result.result.status is Status.OK and result.result.transport == "shm"
+    assert c.origin_of(("R", 0)) is None and c.origins() == {}
+
+
+def test_a_refused_cache_info_is_answered_to_its_sender() -> None:
+    c = core(world_size=1, max_requests=1)
+    c.on_cache_info(info("A", 0, 1, 16, [3], [4]), 0.0, origin=b"one")
+    out = c.on_cache_info(info("B", 1, 1, 16, [5], [6]), 0.0, origin=b"two")
+    (result,) = of(out, ToEngine)
+    assert result.origin == b"two" and result.result.code == ErrorCode.TABLE_FULL.value
+    assert c.origins() == {("A", 0): b"one"}

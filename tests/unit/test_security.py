@@ -62,3 +62,37 @@ def test_a_secret_others_could_read_or_swap_is_refused(tmp_path: Path, problem: 
         path.chmod(0o600)
     with pytest.raises(ConfigError, match="secret"):
         security.credentials(config, "engine")
+
+
+def test_a_client_reads_replies_through_the_one_receive_path(tmp_path: Path) -> None:
+    """An engine client gets an undecodable reply as Error(bad_message), then the next reply as is."""
+    import zmq
+
+    from kvxferd.client import Channel
+    from kvxferd.protocol import Ack, Error, ErrorCode, StatusQuery, encode
+
+    config = _config(tmp_path)
+    daemon, engine = security.credentials(config, "daemon"), security.credentials(config, "engine")
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    auth = security.authenticator(ctx, daemon)
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    daemon.server(router, "engine")
+    endpoint = f"ipc://{tmp_path}/d.sock"
+    router.bind(endpoint)
+    ch = Channel(endpoint, credentials=engine, ctx=ctx)
+    try:
+        ch.send(StatusQuery())
+        assert router.poll(10_000)
+        identity, _ = router.recv_multipart()
+        router.send_multipart([identity, b"\xc1 not msgpack"])
+        router.send_multipart([identity, encode(Ack("status"))])
+        bad = ch.recv(10.0)
+        assert isinstance(bad, Error) and bad.code is ErrorCode.BAD_MESSAGE and endpoint in bad.detail
+        assert ch.recv(10.0) == Ack("status")
+        assert ch.recv_now() is None
+    finally:
+        ch.close()
+        router.close()
+        auth.stop()  # type: ignore[attr-defined]
+        ctx.term()

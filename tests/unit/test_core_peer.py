@@ -1,0 +1,307 @@
+"""The peer link state machine (kvxferd.core.peer), driven with a fake clock."""
+
+from __future__ import annotations
+
+from itertools import count
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvxferd.core import PostWrite, Run
+from kvxferd.core.peer import (
+    TRANSITIONS,
+    Ask,
+    Close,
+    Drop,
+    Fail,
+    LinkEffect,
+    LinkEvent,
+    LinkSettings,
+    LinkState,
+    Note,
+    PeerLink,
+    Post,
+    Warm,
+)
+from kvxferd.protocol import CacheLayout, PeerInfo, Region
+
+LAYOUT = CacheLayout(2, 8, 64)
+SETTINGS = LinkSettings("decode 'd' rank 0", answer_s=10.0, retry_s=0.5, idle_s=100.0)
+_ids = count(1)
+
+
+def info(tag: str = "seg") -> PeerInfo:
+    regions = tuple(Region(layer, kv, f"/{tag}", (layer * 2 + kv) * 512) for layer in range(2) for kv in (0, 1))
+    return PeerInfo("d", 0, "host", "host", LAYOUT, regions, {})
+
+
+def write() -> PostWrite:
+    wid = next(_ids)
+    return PostWrite(wid, "d", "auto", 0, (Run(0, 0, 1),), ((f"r{wid}", 0),), 128)
+
+
+def kinds(effects: list[LinkEffect]) -> list[type]:
+    return [type(e) for e in effects if not isinstance(e, Note)]
+
+
+def posted(effects: list[LinkEffect]) -> list[int]:
+    return [w.write_id for e in effects if isinstance(e, Post) for w in e.writes]
+
+
+def failed(effects: list[LinkEffect]) -> list[int]:
+    return [w.write_id for e in effects if isinstance(e, Fail) for w in e.writes]
+
+
+def new_link(now: float = 0.0) -> PeerLink:
+    return PeerLink(SETTINGS, now)
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+def test_every_state_is_reachable_and_closed_is_final():
+    seen, frontier = {LinkState.IDLE}, [LinkState.IDLE]
+    while frontier:
+        for target in TRANSITIONS[frontier.pop()].values():
+            if target not in seen:
+                seen.add(target)
+                frontier.append(target)
+    assert seen == set(LinkState)
+    assert TRANSITIONS[LinkState.CLOSED] == {}
+
+
+def test_a_question_out_is_the_only_time_writes_queue():
+    # A state with a deadline (ASKING, BACKOFF) is the only kind a DEADLINE event leaves.
+    with_deadline = {s for s, row in TRANSITIONS.items() if LinkEvent.DEADLINE in row}
+    assert with_deadline == {LinkState.ASKING, LinkState.BACKOFF}
+    assert all(LinkEvent.IDLE_OUT not in TRANSITIONS[s] for s in with_deadline)
+
+
+# -- asking ------------------------------------------------------------------------------------
+
+
+def test_writes_queue_behind_one_question_and_go_in_order_when_answered():
+    link, a, b = new_link(), write(), write()
+    assert kinds(link.want(a, 1.0)) == [Ask]
+    assert link.state is LinkState.ASKING and link.deadline == 11.0
+    assert kinds(link.want(b, 2.0)) == []  # one question is enough
+    effects = link.answered(info(), None, 3.0)
+    assert posted(effects) == [a.write_id, b.write_id]
+    assert link.state is LinkState.READY and link.deadline is None and link.waiting == []
+    c = write()
+    assert posted(link.want(c, 4.0)) == [c.write_id]
+
+
+def test_no_answer_fails_every_queued_write_at_the_deadline_and_the_next_write_asks_afresh():
+    link, a, b = new_link(), write(), write()
+    link.want(a, 0.0)
+    link.want(b, 5.0)
+    assert link.next_deadline() == 10.0
+    assert link.on_timer(9.99) == []
+    effects = link.on_timer(10.0)
+    assert failed(effects) == [a.write_id, b.write_id]
+    reason = next(e.reason for e in effects if isinstance(e, Fail))
+    assert "decode 'd' rank 0" in reason and "10s" in reason
+    assert link.state is LinkState.IDLE and link.waiting == []
+    assert kinds(link.want(write(), 20.0)) == [Ask]
+    assert link.deadline == 30.0
+
+
+def test_not_registered_retries_within_the_first_deadline():
+    link, a = new_link(), write()
+    link.want(a, 0.0)
+    assert link.not_registered(1.0) == []
+    assert link.state is LinkState.BACKOFF and link.next_deadline() == 1.5
+    assert link.on_timer(1.4) == []
+    assert kinds(link.on_timer(1.5)) == [Ask]
+    assert link.state is LinkState.ASKING
+    link.not_registered(9.8)
+    assert link.next_deadline() == 10.0  # the retry would come after the deadline: the deadline wins
+    assert failed(link.on_timer(10.0)) == [a.write_id]
+
+
+def test_a_query_that_cannot_be_sent_is_retried():
+    link = new_link()
+    link.want(write(), 0.0)
+    assert link.blocked(0.0) == []
+    assert link.state is LinkState.BACKOFF
+    assert kinds(link.on_timer(0.5)) == [Ask]
+
+
+def test_a_refusal_fails_the_queue_but_an_error_while_ready_changes_nothing():
+    link, a = new_link(), write()
+    link.want(a, 0.0)
+    effects = link.refused("no such group", 1.0)
+    assert failed(effects) == [a.write_id] and "no such group" in effects[-1].reason  # type: ignore[union-attr]
+    assert link.state is LinkState.IDLE
+    link.want(write(), 2.0)
+    link.answered(info(), None, 2.0)
+    effects = link.refused("unknown request", 3.0)
+    assert kinds(effects) == [] and link.state is LinkState.READY and link.info == info()
+
+
+def test_a_peer_info_that_does_not_match_the_config_forgets_the_peer():
+    link, a = new_link(), write()
+    link.want(a, 0.0)
+    effects = link.answered(info(), "its cache is gpu memory; the config says host", 1.0)
+    assert failed(effects) == [a.write_id] and Drop in kinds(effects)
+    assert link.state is LinkState.IDLE and link.info is None
+    # the same while ready: the peer changed under us into something the config does not allow
+    link.want(write(), 2.0)
+    link.answered(info(), None, 2.0)
+    link.answered(info("other"), "answered as 'x' rank 0", 3.0)
+    assert link.state is LinkState.IDLE and link.info is None
+
+
+# -- a peer that changes ------------------------------------------------------------------------
+
+
+def test_a_failed_write_makes_the_next_write_ask_again_and_drop_the_old_transports():
+    link, a = new_link(), write()
+    link.want(a, 0.0)
+    link.answered(info(), None, 0.0)
+    link.posted(a.write_id, 0.0)
+    link.completed(a.write_id, True, 1.0)
+    assert link.state is LinkState.STALE
+    b = write()
+    effects = link.want(b, 2.0)
+    assert kinds(effects) == [Drop, Ask] and link.info is None and link.waiting == [b]
+    assert posted(link.answered(info("new"), None, 3.0)) == [b.write_id]
+    assert link.info == info("new")
+
+
+def test_a_refused_write_says_nothing_about_the_peer():
+    link, a = new_link(), write()
+    link.want(a, 0.0)
+    link.answered(info(), None, 0.0)
+    link.posted(a.write_id, 0.0)
+    assert link.completed(a.write_id, False, 1.0) == []
+    assert link.state is LinkState.READY
+
+
+def test_a_pushed_new_cache_replaces_the_old_one_and_drops_its_transports():
+    link = new_link()
+    link.want(None, 0.0)  # warm: open as soon as known
+    assert kinds(link.answered(info(), None, 1.0)) == [Warm]
+    assert kinds(link.answered(info(), None, 2.0)) == [Warm]  # the same cache again: nothing to drop
+    effects = link.answered(info("new"), None, 3.0)
+    assert kinds(effects) == [Drop, Warm] and link.info == info("new")
+
+
+def test_a_push_to_a_link_that_never_asked_is_taken():
+    link = new_link()
+    assert kinds(link.answered(info(), None, 0.0)) == []
+    assert link.state is LinkState.READY
+    a = write()
+    assert posted(link.want(a, 1.0)) == [a.write_id]
+
+
+def test_answers_nobody_asked_for_are_ignored_not_raised():
+    link = new_link()
+    assert kinds(link.not_registered(0.0)) == [] and link.state is LinkState.IDLE
+    assert kinds(link.blocked(0.0)) == [] and link.state is LinkState.IDLE
+    assert any(isinstance(e, Note) for e in link.not_registered(0.0))
+
+
+# -- idleness ------------------------------------------------------------------------------------
+
+
+def test_an_unused_link_closes_but_not_while_a_write_is_in_flight():
+    link, a = new_link(), write()
+    link.want(a, 0.0)
+    link.answered(info(), None, 1.0)
+    link.posted(a.write_id, 1.0)
+    assert link.next_deadline() is None  # in flight: never idle
+    assert link.on_timer(1000.0) == []
+    link.completed(a.write_id, False, 50.0)
+    assert link.next_deadline() == 150.0
+    assert link.on_timer(149.0) == []
+    effects = link.on_timer(150.0)
+    assert kinds(effects) == [Close] and link.state is LinkState.CLOSED
+    assert link.next_deadline() is None
+    assert kinds(link.want(write(), 151.0)) == []  # closed is final: the shell opens a new link
+
+
+def test_use_keeps_a_link_open():
+    link = new_link()
+    link.want(None, 0.0)
+    link.answered(info(), None, 0.0)
+    for t in (60.0, 120.0, 180.0):
+        assert link.on_timer(t) == []
+        link.want(write(), t)
+    assert link.next_deadline() == 280.0
+
+
+# -- any sequence ---------------------------------------------------------------------------------
+
+ACTIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["want", "warm", "info", "new_info", "bad", "not_reg", "refused", "blocked", "done", "fail"]),
+        st.floats(min_value=0.0, max_value=30.0, allow_nan=False),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(ACTIONS)
+def test_any_sequence_ends_every_write_once_and_the_link_closes_when_left_alone(actions):
+    link, now = new_link(), 0.0
+    wanted: list[int] = []
+    ended: list[int] = []  # posted or failed: each write the link released
+    live: set[int] = set()  # posted, not completed
+
+    def carry(effects: list[LinkEffect]) -> None:
+        for e in effects:
+            if isinstance(e, Post):
+                for w in e.writes:
+                    ended.append(w.write_id)
+                    live.add(w.write_id)
+                    link.posted(w.write_id, now)
+            elif isinstance(e, Fail):
+                ended.extend(w.write_id for w in e.writes)
+        # the invariants of every state
+        assert (link.state in (LinkState.ASKING, LinkState.BACKOFF)) == (link.deadline is not None)
+        assert not link.waiting or link.state in (LinkState.ASKING, LinkState.BACKOFF)
+        assert (link.info is not None) == (link.state in (LinkState.READY, LinkState.STALE))
+        assert link.state is not LinkState.CLOSED or link.next_deadline() is None
+
+    for action, advance in actions:
+        while (due := link.next_deadline()) is not None and due <= now + advance:
+            now = max(now, due)
+            carry(link.on_timer(now))
+        now += advance
+        if link.state is LinkState.CLOSED:
+            link = new_link(now)  # what the shell does: a new link for the next write
+        if action == "want":
+            w = write()
+            wanted.append(w.write_id)
+            carry(link.want(w, now))
+        elif action == "warm":
+            carry(link.want(None, now))
+        elif action in ("info", "new_info", "bad"):
+            problem = "mismatch" if action == "bad" else None
+            carry(link.answered(info("new" if action == "new_info" else "seg"), problem, now))
+        elif action == "not_reg":
+            carry(link.not_registered(now))
+        elif action == "refused":
+            carry(link.refused("no", now))
+        elif action == "blocked":
+            carry(link.blocked(now))
+        elif action in ("done", "fail") and live:
+            wid = min(live)
+            live.discard(wid)
+            carry(link.completed(wid, action == "fail", now))
+
+    # Left alone (every posted write completes, nobody answers): every write has ended exactly
+    # once, and the link closes within answer_s + idle_s.
+    for wid in sorted(live):
+        carry(link.completed(wid, False, now))
+    live.clear()
+    start = now
+    while (due := link.next_deadline()) is not None:
+        now = max(now, due)
+        carry(link.on_timer(now))
+    assert sorted(ended) == sorted(wanted)
+    assert link.state is LinkState.CLOSED
+    assert now - start <= SETTINGS.answer_s + SETTINGS.idle_s
