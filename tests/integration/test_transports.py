@@ -183,6 +183,37 @@ def test_a_peer_that_goes_away_fails_the_write_with_a_reason_in_time(name: str, 
         src.unlink()
 
 
+def test_closing_a_peer_ends_its_writes_in_flight_as_failed_at_the_next_poll(name: str) -> None:
+    if name == "shm":
+        pytest.skip("shm writes finish before post returns: none is ever in flight")
+    src = HostKVCache.create(SHAPE)
+    proc, info = _start_peer(name)
+    init = load(name)(replace(CONFIG, write_timeout_s=60.0), src.registration())
+    segment = next(r.handle for r in info.regions)
+    try:
+        init.open_peer("peer", info)
+        assert _wait(init, init.post(1, "peer", 0, [Run(0, 0, 4)])).error is None
+        proc.send_signal(signal.SIGSTOP)  # the peer hangs: writes stay in flight
+        inflight = [wid for wid in range(2, 6) if init.post(wid, "peer", 0, [Run(0, 0, 4)]) is None]
+        inflight = [w for w in inflight if w not in {c.write_id for c in init.poll()}]
+        assert inflight, "no write stayed in flight to a stopped peer"
+        init.close_peer("peer")
+        done = {c.write_id: c for c in init.poll()}
+        assert set(inflight) <= set(done), f"writes {sorted(set(inflight) - set(done))} were never returned"
+        assert all(done[w].error is not None and "closed" in done[w].error for w in inflight)
+        assert init.pending() == 0
+    finally:
+        init.close()
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        Path("/dev/shm", str(segment)).unlink(missing_ok=True)
+        src.close()
+        src.unlink()
+
+
 def _resources() -> tuple[int, int, int]:
     """Native threads, mappings of /dev/shm files and open /dev/shm descriptors of this process."""
     threads = len(os.listdir("/proc/self/task"))
