@@ -48,24 +48,46 @@ class Cluster:
         self.log_level = log_level
         self.daemons: list[Daemon] = []
 
-    def start(self, timeout_s: float) -> None:
+    def start(self, timeout_s: float, *, skip: frozenset[str] = frozenset()) -> None:
+        """Start the barrier service, then every rank of every group not named in ``skip``."""
         deadline = time.monotonic() + timeout_s
-        barrier = self._spawn("barrier", ["barrier"])
+        barrier = self.spawn("barrier")
         self._wait_ready([barrier], deadline)
         ranks = [
-            self._spawn(f"{g.name}-{r}", ["serve", "--group", g.name, "--rank", str(r)])
-            for g in self.config.groups
-            for r in range(g.world_size)
+            self.spawn(f"{g.name}-{r}") for g in self.config.groups if g.name not in skip for r in range(g.world_size)
         ]
         self._wait_ready(ranks, deadline)
 
-    def _spawn(self, name: str, args: list[str]) -> Daemon:
+    def spawn(self, name: str) -> Daemon:
+        """Start daemon ``name`` ("barrier" or "GROUP-RANK"); it replaces an earlier daemon of that name."""
+        if name == "barrier":
+            args = ["barrier"]
+        else:
+            group, _, rank = name.rpartition("-")
+            args = ["serve", "--group", group, "--rank", rank]
         log_path = self.run_dir / f"{name}.log"
         cmd = [sys.executable, "-m", "kvxferd", *args, "--config", str(self.config_path), "--log-level", self.log_level]
-        with open(log_path, "wb") as log_file:
+        with open(log_path, "ab") as log_file:
             popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL)
         daemon = Daemon(name, popen, log_path)
-        self.daemons.append(daemon)
+        self.daemons = [d for d in self.daemons if d.name != name] + [daemon]
+        return daemon
+
+    def daemon(self, name: str) -> Daemon:
+        for d in self.daemons:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def restart(self, name: str, timeout_s: float = 60.0) -> Daemon:
+        """Start daemon ``name`` again (its old process must have ended) and wait until it is ready."""
+        old = self.daemon(name)
+        if old.popen.poll() is None:
+            raise DaemonError(f"{name} still runs (pid {old.popen.pid})")
+        if old.popen.stdout is not None:
+            old.popen.stdout.close()
+        daemon = self.spawn(name)
+        self._wait_ready([daemon], time.monotonic() + timeout_s)
         return daemon
 
     def _wait_ready(self, daemons: list[Daemon], deadline: float) -> None:

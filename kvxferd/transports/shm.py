@@ -7,7 +7,8 @@ views of ``[num_blocks, block_bytes]`` per layer and K/V. A write copies each
 run of consecutive blocks with one ``numpy.copyto`` for K and one for V and
 completes synchronously. Before each write the peer's segments are checked
 (``fstat``): a segment its engine unlinked means the peer is gone, and the
-write fails instead of filling orphaned memory.
+write fails instead of filling orphaned memory. A peer whose segments are the
+local cache's own files (by inode, whatever the name) is refused at open.
 """
 
 from __future__ import annotations
@@ -93,8 +94,17 @@ class ShmTransport(Transport):
         return self._src
 
     def _open_peer(self, key: str, peer: PeerInfo) -> None:
-        self._source()
-        self._dst[key] = MappedCache(peer, writable=True, who=f"peer {key}")
+        src = self._source()
+        dst = MappedCache(peer, writable=True, who=f"peer {key}")
+        own = {seg.inode: name for name, seg in src.segments.items()}
+        for name, seg in dst.segments.items():
+            if seg.inode in own:
+                dst.close()
+                raise TransportError(
+                    f"peer {key} names segment {name!r}, which is the local engine's own cache "
+                    f"({own[seg.inode]!r}): a cache is never written from itself"
+                )
+        self._dst[key] = dst
 
     def _post(self, write_id: int, key: str, layer: int, runs: RunTable) -> Completion:
         dst = self._dst[key]

@@ -32,13 +32,18 @@ timeouts: {pending_s: 20, progress_s: 20, verdict_s: 30, peer_s: 10, startup_s: 
 
 
 class Deployment:
-    """The barrier service, a 2-rank prefill group and a 2-rank decode group, plus engine clients."""
+    """The barrier service, a 2-rank prefill group and a 2-rank decode group, plus engine clients.
+
+    ``prefill`` and ``decode`` are the config's first group of each role; groups named in
+    ``skip`` are not started (a test plays them)."""
+
+    skip: frozenset[str] = frozenset()
 
     def __init__(self, config: Config, run_dir: Path) -> None:
         self.config = config
         self.run_dir = run_dir
-        self.prefill = config.group(role="prefill")
-        self.decode = config.group(role="decode")
+        self.prefill = next(g for g in config.groups if g.role == "prefill")
+        self.decode = next(g for g in config.groups if g.role == "decode")
         path = run_dir / "config.yaml"
         path.write_text(dump(config))
         self.cluster = Cluster(config, path, run_dir, "INFO")
@@ -50,7 +55,7 @@ class Deployment:
         self.dec: DecodeEngine | None = None
 
     def start(self) -> None:
-        self.cluster.start(60.0)
+        self.cluster.start(60.0, skip=self.skip)
 
     def engines(self) -> None:
         """Create and register every cache (decode first), connect scheduler and workers."""
