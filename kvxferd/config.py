@@ -177,9 +177,20 @@ class TimeoutsConfig:
     peer_s: float = 10.0  # answer to a peer query
     peer_idle_s: float = 300.0  # a decode link unused this long is closed (a later write opens it again)
     shutdown_s: float = 5.0  # graceful shutdown before forcing
+    heartbeat_s: float = 1.0  # a serving rank tells the barrier service it runs; 3 missed: not live
 
     def __post_init__(self) -> None:
-        _positive(self, "pending_s", "progress_s", "verdict_s", "startup_s", "peer_s", "peer_idle_s", "shutdown_s")
+        _positive(
+            self,
+            "pending_s",
+            "progress_s",
+            "verdict_s",
+            "startup_s",
+            "peer_s",
+            "peer_idle_s",
+            "shutdown_s",
+            "heartbeat_s",
+        )
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,17 @@ In the admission round a Withdraw may replace the rank's Admit (an abort that
 came after the cache_info). Otherwise repeating a word is harmless and
 changing it is refused. Tables are bounded (``max_keys`` open keys and as many
 remembered verdicts).
+
+Joining and restarts. A serving rank says ``Hello(serving=fingerprint)`` every
+heartbeat; ranks heard from within ``alive_s`` are the group's live ones. The
+start-up key (:data:`STARTUP_KEY`) is for a cold start: a rank arriving at it
+while other ranks of its group are live joins at once (``Release`` if their
+configs agree, ``Diverged`` naming them if not) instead of waiting for ranks
+that are not starting. Every ``Ack`` of a Hello names the service's ``epoch``;
+a rank that sees a new one knows the service restarted and announces its open
+words again: its ``Admit``, ``Arrive`` or ``Withdraw``. A key reopened that way
+cannot tell which round it lost; since a rank arrives only once admitted, an
+``Arrive`` makes it a completion round, and an ``Admit`` into that is a repeat.
 """
 
 from __future__ import annotations
@@ -41,10 +52,12 @@ from kvxferd.core.deadlines import Deadlines
 from kvxferd.core.effects import Effect, Problem, ToRank
 from kvxferd.core.recall import Recall
 from kvxferd.protocol import (
+    STARTUP_KEY,
     Ack,
     Admit,
     Admitted,
     Arrive,
+    Digest,
     Diverged,
     ErrorCode,
     Expired,
@@ -81,9 +94,18 @@ class _Open:
 
 class BarrierState:
     def __init__(
-        self, *, timeout_s: float = 30.0, max_keys: int = 65536, max_groups: int = 256, max_wait_s: float = 0.0
+        self,
+        *,
+        timeout_s: float = 30.0,
+        max_keys: int = 65536,
+        max_groups: int = 256,
+        max_wait_s: float = 0.0,
+        epoch: str = "0",
+        alive_s: float = 3.0,
     ) -> None:
         self.timeout_s = timeout_s
+        self.epoch = epoch  # names this run of the service in every Ack of a Hello
+        self.alive_s = alive_s  # a serving rank heard from within this long counts as live
         self.max_keys = max_keys  # open keys per group: one group cannot crowd out another
         self.max_wait_s = max(max_wait_s, timeout_s)  # the longest a rank may ask a key to stay open
         self.max_groups = max_groups
@@ -92,14 +114,20 @@ class BarrierState:
         self._open_in: Counter[str] = Counter()  # group -> its open keys
         self._ended: Recall[Key, Release | Diverged | Expired] = Recall(ttl_s=timeout_s, limit=max_keys)
         self._deadlines: Deadlines[Key] = Deadlines()  # one per open key
+        #: (group, rank) -> (its last serving Hello, its config fingerprint); bounded by groups x ranks
+        self._serving: dict[tuple[str, int], tuple[float, str]] = {}
 
     def handle(self, msg: Message, now: float) -> list[Effect]:
         if isinstance(msg, Hello):
-            return self.hello(msg)
+            return self.hello(msg, now)
         if isinstance(msg, Admit):
             view = RankView(msg.rank, Status.OK, terms=msg.terms)
             return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s)
         if isinstance(msg, Arrive):
+            if msg.key == STARTUP_KEY:
+                joined = self._join(msg, now)
+                if joined is not None:
+                    return joined
             view = RankView(msg.rank, Status.OK, digest=msg.digest)
             wait = min(msg.timeout_s, self.max_wait_s) or self.timeout_s
             return self._word((msg.group, msg.key, msg.instance), view, now, wait)
@@ -108,7 +136,7 @@ class BarrierState:
             return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s)
         return [Problem(ErrorCode.WRONG_ROLE, f"the barrier service does not accept {type(msg).__name__}")]
 
-    def hello(self, msg: Hello) -> list[Effect]:
+    def hello(self, msg: Hello, now: float) -> list[Effect]:
         size = self._groups.get(msg.group)
         if size is None:
             if len(self._groups) >= self.max_groups:
@@ -117,7 +145,37 @@ class BarrierState:
         elif size != msg.world_size:
             detail = f"group {msg.group!r} has world size {size}; rank {msg.rank} announced {msg.world_size}"
             return [Problem(ErrorCode.CONFLICT, detail, msg.group)]
-        return [ToRank(msg.group, msg.rank, Ack("hello"))]
+        if msg.serving:
+            self._serving[(msg.group, msg.rank)] = (now, msg.serving)
+        return [ToRank(msg.group, msg.rank, Ack(f"hello {self.epoch}"))]
+
+    def live(self, group: str, now: float) -> dict[int, str]:
+        """Ranks of ``group`` that said they serve within ``alive_s``, with their fingerprints."""
+        return {r: fp for (g, r), (seen, fp) in self._serving.items() if g == group and now - seen <= self.alive_s}
+
+    def _join(self, msg: Arrive, now: float) -> list[Effect] | None:
+        """A rank arriving at the start-up key while others of its group serve: its verdict now
+        (None: no other rank is live, a cold start, the named round as usual)."""
+        size = self._groups.get(msg.group)
+        if size is None or msg.rank >= size:
+            return None
+        live = {r: fp for r, fp in self.live(msg.group, now).items() if r != msg.rank}
+        if not live:
+            return None
+        mine = msg.digest.fingerprint
+        if all(fp == mine for fp in live.values()):
+            return [ToRank(msg.group, msg.rank, Release(msg.group, STARTUP_KEY, msg.instance, msg.digest))]
+        others = {r: RankView(r, Status.OK, digest=Digest(0, 0, 0, fp)) for r, fp in live.items()}
+        others[msg.rank] = RankView(msg.rank, Status.OK, digest=msg.digest)
+        odd = sorted(r for r, fp in live.items() if fp != mine)
+        reason = (
+            f"ranks {odd} of group {msg.group!r} serve with another configuration than rank {msg.rank}; "
+            "a rank joining a running group must use its configuration"
+        )
+        verdict = Diverged(
+            msg.group, STARTUP_KEY, msg.instance, Status.FAILED, reason, tuple(others[r] for r in sorted(others))
+        )
+        return [ToRank(msg.group, msg.rank, verdict)]
 
     def on_timer(self, now: float) -> list[Effect]:
         self._ended.expire(now)
@@ -163,31 +221,46 @@ class BarrierState:
             first = Round.NAMED if view.digest is not None else Round.ADMISSION
             entry = self._open[k] = _Open(group, key, instance, now, timeout_s, first)
             self._deadlines.set(k, now + timeout_s)
-        problem = self._take(entry, view)
+        problem, tell = self._take(entry, view)
         if problem is not None:
             return [Problem(ErrorCode.CONFLICT, f"rank {view.rank} about {key!r} instance {instance}: {problem}", key)]
         if view.terms is not None and not entry.peer:
             entry.peer = view.terms.peer
+        admitted: list[Effect] = [ToRank(group, r, Admitted(group, key, instance)) for r in tell]
         if len(entry.words) < size:
-            return []
-        return self._settle(k, entry, size, now)
+            return admitted
+        return admitted + self._settle(k, entry, size, now)
 
-    def _take(self, entry: _Open, view: RankView) -> str | None:
-        """Record one rank's word in the open round; a sentence if the word is not acceptable."""
-        said = entry.words.get(view.rank)
+    def _take(self, entry: _Open, view: RankView) -> tuple[str | None, list[int]]:
+        """Record one rank's word in the open round: a sentence if the word is not acceptable, and
+        the ranks that must hear ``Admitted`` now.
+
+        A rank arrives only once admitted, so an ``Arrive`` into an admission round (or an ``Admit``
+        into a round some rank arrived in) means the service lost the admission in a restart and
+        ranks announced their words again: the round is the completion round, with those terms, and
+        a rank whose ``Admitted`` was lost with the old service (it admits again) hears it now."""
         if view.terms is not None and entry.round is not Round.ADMISSION:
-            if entry.round is Round.COMPLETION and view.terms == entry.terms:
-                return None  # a repeated admission: harmless
-            return f"admits in the {entry.round.value} round"
+            if entry.round is Round.NAMED and entry.key != STARTUP_KEY:
+                entry.round, entry.terms = Round.COMPLETION, view.terms
+            if entry.round is Round.COMPLETION and entry.terms in (None, view.terms):
+                entry.terms = view.terms
+                return None, [view.rank]  # a repeated admission: harmless, and answered
+            return f"admits in the {entry.round.value} round", []
         if view.digest is not None and entry.round is Round.ADMISSION:
-            return "arrives before the request was admitted"
+            admitted = [w.terms for w in entry.words.values() if w.terms is not None]
+            entry.round, entry.terms = Round.COMPLETION, (admitted[0] if admitted else None)
+            waiting = sorted(r for r, w in entry.words.items() if w.terms is not None)
+            entry.words = {r: w for r, w in entry.words.items() if w.terms is None}  # withdrawals still count
+            problem, _ = self._take(entry, view)
+            return problem, ([] if problem else waiting)
+        said = entry.words.get(view.rank)
         if said is None or said == view:
             entry.words[view.rank] = view
-            return None
+            return None, []
         if entry.round is Round.ADMISSION and said.terms is not None and view.status is not Status.OK:
             entry.words[view.rank] = view  # a withdrawal replaces an admission
-            return None
-        return f"already said {said.describe()}; now {view.describe()}"
+            return None, []
+        return f"already said {said.describe()}; now {view.describe()}", []
 
     def _settle(self, k: Key, entry: _Open, size: int, now: float) -> list[Effect]:
         """Every rank has spoken in the open round."""

@@ -363,11 +363,11 @@ class RankCore:
         result = TransferResult(
             rid, Status.FAILED, detail, s.rank, transport=info.transport, instance=info.instance, code=code.value
         )
-        self._ended.put(info.key, Ending(Status.FAILED, detail, True, True), now)
+        withdraw = Withdraw(s.group, rid, info.instance, s.rank, Status.FAILED, detail)
+        self._ended.put(info.key, Ending(Status.FAILED, detail, True, True, withdraw), now)
         self._aborts.pop(info.key)
         if code is not ErrorCode.SLOT_BUSY:  # a busy slot's signals belong to the request holding it
             self._close_start(info, now)
-        withdraw = Withdraw(s.group, rid, info.instance, s.rank, Status.FAILED, detail)
         return [Problem(code, detail, rid), ToEngine(result, origin), ToPeer(info.peer, result), ToBarrier(withdraw)]
 
     def close(self, reason: str, now: float) -> list[Effect]:
@@ -382,11 +382,33 @@ class RankCore:
         s = self.s
         for req in list(self._requests.values()):
             info = req.info
+            withdraw = None
             if req.state not in (State.ARRIVED, State.WITHDRAWN):
                 withdraw = Withdraw(s.group, info.request_id, info.instance, s.rank, Status.FAILED, clip(reason))
                 effects.append(ToBarrier(withdraw))
             req.inflight = 0
-            effects += self._end(req, Status.FAILED, reason, now)
+            effects += self._end(req, Status.FAILED, reason, now, word=withdraw)
+        return effects
+
+    def reannounce(self) -> list[Effect]:
+        """The barrier service restarted (its tables are empty): every word this rank said about a
+        request still waiting on a verdict, again. Admissions not yet answered are admitted again;
+        a request admitted before the restart has no word out until it arrives or withdraws; one
+        that ended here on a withdrawal no verdict has answered yet is withdrawn again."""
+        s = self.s
+        effects: list[Effect] = []
+        for req in self._requests.values():
+            info = req.info
+            if req.state in (State.WAIT_SIGNAL, State.ACTIVE) and req.admitted is None:
+                effects.append(ToBarrier(Admit(s.group, info.request_id, info.instance, s.rank, terms_of(info))))
+            elif req.state is State.ARRIVED:
+                effects.append(ToBarrier(self._arrival(req)))
+            elif req.state is State.WITHDRAWN and req.stop is not None:
+                status, reason = req.stop
+                effects.append(
+                    ToBarrier(Withdraw(s.group, info.request_id, info.instance, s.rank, status, clip(reason)))
+                )
+        effects += [ToBarrier(ended.word) for ended in self._ended.values() if ended.word is not None]
         return effects
 
     # ------------------------------------------------------------ introspection
@@ -507,7 +529,9 @@ class RankCore:
 
     def _learn(self, key: Key, verdict: Release | Diverged | Expired, now: float) -> list[Effect]:
         """A final verdict for an instance this rank does not hold."""
-        if key in self._ended:
+        ended = self._ended.get(key)
+        if ended is not None:
+            ended.word = None  # the service has the word: nothing to say again after a restart
             return []  # it ended here already: a repeated or late verdict
         self._aborts.pop(key)
         if isinstance(verdict, Release):
@@ -652,10 +676,14 @@ class RankCore:
         req.state = next_state(req.state, Action.ARRIVE, self._who(req))
         req.sent = now
         self._arm(req, now)
+        return [ToBarrier(self._arrival(req))]
+
+    def _arrival(self, req: Request) -> Arrive:
+        info, s = req.info, self.s
         chunks = [(c.step, c.token_offset, c.token_count) for c in req.chunks]
         fp = fingerprint(info.request_id, info.num_tokens, info.src_blocks, info.dst_blocks, chunks, s.num_layers)
         digest = Digest(s.num_layers, req.blocks_assigned, req.bytes_done, fp)
-        return [ToBarrier(Arrive(s.group, info.request_id, info.instance, s.rank, digest))]
+        return Arrive(s.group, info.request_id, info.instance, s.rank, digest)
 
     def _detach(self, req: Request) -> None:
         """Stop a job from taking new layers: leave the steps of its chunks."""
@@ -697,7 +725,10 @@ class RankCore:
             return Status.FAILED, f"released by the barrier while this rank was {req.state.value} (barrier bug?)"
         return verdict.status, verdict.reason
 
-    def _end(self, req: Request, status: Status, reason: str, now: float) -> list[Effect]:
+    def _end(
+        self, req: Request, status: Status, reason: str, now: float, *, word: Withdraw | None = None
+    ) -> list[Effect]:
+        """End ``req`` here; ``word``: the withdrawal it ends on, when no verdict came (see Ending)."""
         info, s = req.info, self.s
         key = info.key
         reason = clip(reason)
@@ -709,7 +740,7 @@ class RankCore:
         self._pending.drop_info(info.slot, info.step, key)
         self._close_start(info, now)
         self._deadlines.cancel(key)
-        self._ended.put(key, Ending(status, reason, True, True), now)
+        self._ended.put(key, Ending(status, reason, True, True, word), now)
         recovered = req.recovered if req.recovered is not None else now
         sent = req.sent if req.sent is not None else now
         result = TransferResult(
@@ -755,7 +786,7 @@ class RankCore:
             reason = f"no admission verdict from the barrier service within {s.verdict_timeout_s:g}s"
             withdraw = Withdraw(s.group, info.request_id, info.instance, s.rank, Status.FAILED, reason)
             self._detach(req)
-            return [ToBarrier(withdraw), *self._end(req, Status.FAILED, reason, now)]
+            return [ToBarrier(withdraw), *self._end(req, Status.FAILED, reason, now, word=withdraw)]
         if state is State.ACTIVE:
             reason = f"no progress for {s.progress_timeout_s:g}s: waiting for {self._waiting_for(req)}"
             return self._stop(req, Status.FAILED, reason, now)

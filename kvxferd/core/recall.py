@@ -69,6 +69,10 @@ class Recall(Generic[K, V]):
     def full(self) -> bool:
         return len(self._items) >= self.limit
 
+    def values(self) -> list[V]:
+        """Every value remembered, oldest first."""
+        return [value for _, value in self._items.values()]
+
     def __contains__(self, key: object) -> bool:
         return key in self._items
 

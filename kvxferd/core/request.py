@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from kvxferd.core.effects import Run
 from kvxferd.core.lifecycle import State
-from kvxferd.protocol import CacheInfo, Status, Terms, block_summary
+from kvxferd.protocol import CacheInfo, Status, Terms, Withdraw, block_summary
 
 Key = tuple[str, int]  # (request id, instance)
 
@@ -59,6 +59,9 @@ class Ending:
     reason: str
     told_engine: bool
     told_peer: bool
+    #: a withdrawal this rank ended on before any verdict came (a refusal, a deadline, a forced
+    #: stop): said again if the barrier restarts, until a verdict for the instance arrives
+    word: Withdraw | None = None
 
 
 @dataclass(frozen=True, slots=True)

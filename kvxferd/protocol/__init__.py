@@ -4,6 +4,7 @@ Importing this package loads msgpack and the standard library, nothing else.
 """
 
 from kvxferd.protocol.barrier import (
+    STARTUP_KEY,
     Admit,
     Admitted,
     Arrive,
@@ -54,6 +55,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REGISTRY",
     "ROLES",
+    "STARTUP_KEY",
     "TRANSPORTS",
     "Abort",
     "Ack",

@@ -35,6 +35,8 @@ from kvxferd.protocol.base import ROLES, TRANSPORTS, Message, Status, Struct, st
 WITHDRAW_STATUSES = (Status.FAILED.value, Status.ABORTED.value)
 #: Longest a rank may ask a key to stay open (one day); the service caps it at its own limit too.
 MAX_TIMEOUT_S = 86400.0
+#: the named barrier every group passes at a cold start (digest: the config's fingerprint)
+STARTUP_KEY = "ready"
 
 
 def block_summary(blocks: Sequence[int]) -> str:
@@ -173,9 +175,13 @@ def _ending(owner: str, msg: Diverged | Expired) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
-    """Rank→service: announce a rank of a group and the group's size. Answered with Ack.
+    """Rank→service: announce a rank of a group and the group's size. Answered with
+    ``Ack("hello EPOCH")``, where EPOCH names the service's run (a new one after a restart).
 
-    Wire: ``[3, "hello", "prefill", 0, 2, "prefill"]``.
+    ``serving``: empty while the rank starts; once it serves, the fingerprint of its config,
+    sent again every ``heartbeat_s`` (so the service knows the group runs, and with which
+    config, and a rank that restarts can join it). Wire: ``[3, "hello", "prefill", 0, 2,
+    "prefill", "9f2c..."]``.
     """
 
     TAG: ClassVar[str] = "hello"
@@ -184,12 +190,14 @@ class Hello(Message):
     rank: int
     world_size: int
     role: str
+    serving: str = ""
 
     def __post_init__(self) -> None:
         f.name("Hello", "group", self.group)
         f.uint("Hello", "world_size", self.world_size, low=1, high=4096)
         f.uint("Hello", "rank", self.rank, high=self.world_size - 1)
         f.choice("Hello", "role", self.role, ROLES)
+        f.text("Hello", "serving", self.serving, limit=f.MAX_NAME)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from typing import Any
 
 from kvxferd.config import Config
@@ -50,6 +51,8 @@ class BarrierService(Service):
             timeout_s=config.barrier.timeout_s,
             max_keys=config.barrier.max_keys,
             max_wait_s=config.timeouts.startup_s,
+            epoch=secrets.token_hex(6),  # this run of the service: a rank seeing another one announces again
+            alive_s=3 * config.timeouts.heartbeat_s,
         )
         self.barrier = guarded(state, "barrier core")
         self.endpoint = ""
@@ -81,7 +84,7 @@ class BarrierService(Service):
                 detail = f"a rank must connect with identity {claimed!r} to speak for it, not {identity!r}"
                 self.reply(identity, Error(ErrorCode.BAD_MESSAGE, detail))
                 return
-            if isinstance(msg, Hello):
+            if isinstance(msg, Hello) and not msg.serving:
                 log.info("group %r rank %d of %d is up", msg.group, msg.rank, msg.world_size)
         self._apply(self.barrier.handle(msg, now), identity)
 

@@ -4,7 +4,10 @@ The DEALER's identity is ``group:rank``, so the service can address any rank
 without having heard from it. ``startup`` is the blocking named barrier every
 group passes before serving: each rank arrives at key ``ready`` with the
 fingerprint of its config as digest, so a group whose ranks run different
-configs refuses to start and says which rank differs.
+configs refuses to start and says which rank differs. A rank that starts while
+its group serves passes it at once (the service knows the live ranks by their
+heartbeats, :meth:`beat`). ``epoch`` is the service run the last Ack named:
+a new one means the service restarted and lost its tables.
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ from collections.abc import Callable
 import zmq
 
 from kvxferd.errors import DaemonError
-from kvxferd.protocol import Ack, Arrive, Digest, Diverged, Error, Expired, Hello, Message, Release
+from kvxferd.protocol import STARTUP_KEY, Ack, Arrive, Digest, Diverged, Error, Expired, Hello, Message, Release
 from kvxferd.runtime import sockets
 
 log = logging.getLogger(__name__)
 
-STARTUP_KEY = "ready"
 GRACE_S = 2.0
 
 
@@ -42,6 +44,8 @@ class BarrierLink:
         self.group, self.rank, self.world_size, self.role = group, rank, world_size, role
         self.max_frame = max_frame
         self.sock = sock
+        self.epoch: str | None = None  # the service run that answered our last Hello
+        self.serving = ""  # our config's fingerprint once we serve (sent with every heartbeat)
 
     @staticmethod
     def identity(group: str, rank: int) -> str:
@@ -54,7 +58,16 @@ class BarrierLink:
             log.error("barrier service %s is not keeping up; dropped %s", self.endpoint, type(msg).__name__)
 
     def hello(self) -> None:
-        self.send(Hello(self.group, self.rank, self.world_size, self.role))
+        self.send(Hello(self.group, self.rank, self.world_size, self.role, self.serving))
+
+    def acked(self, ack: Ack) -> bool:
+        """Note the service run an Ack of a Hello names; True if it is a new run (a restart)."""
+        word, _, epoch = ack.ref.partition(" ")
+        if word != "hello" or not epoch:
+            return False
+        new = self.epoch is not None and epoch != self.epoch
+        self.epoch = epoch
+        return new
 
     def recv_ready(self) -> list[Message]:
         """Every message waiting on the socket (bad frames are logged and skipped)."""
@@ -72,7 +85,9 @@ class BarrierLink:
         # missing ranks) arrives before our own deadline.
         deadline = time.monotonic() + timeout_s + GRACE_S
         self.hello()
-        self._wait(lambda m: isinstance(m, Ack), deadline, stopping, "the barrier service to answer Hello")
+        ack = self._wait(lambda m: isinstance(m, Ack), deadline, stopping, "the barrier service to answer Hello")
+        assert isinstance(ack, Ack)
+        self.acked(ack)
         self.send(Arrive(self.group, STARTUP_KEY, 0, self.rank, Digest(0, 0, 0, fingerprint), timeout_s))
         verdict = self._wait(
             lambda m: isinstance(m, (Release, Diverged, Expired)) and m.key == STARTUP_KEY,
@@ -89,6 +104,7 @@ class BarrierLink:
             raise DaemonError(
                 f"ranks {list(verdict.missing)} of group {self.group!r} did not start within {verdict.waited_s:.3g}s"
             )
+        self.serving = fingerprint
 
     def _wait(
         self, want: Callable[[Message], bool], deadline: float, stopping: Callable[[], bool], what: str

@@ -4,10 +4,17 @@ A group daemon binds its rank's engine endpoint, connects to the group's
 barrier service and passes the start-up barrier (every rank of the group up,
 with the same config) before it polls anything: engines may connect and
 send early, their messages simply wait in the socket until the group serves.
+
+Once serving, a rank says Hello every ``timeouts.heartbeat_s`` (with its
+config's fingerprint): the service knows the group runs, so a rank restarted
+later joins it, and the Ack tells the rank when the service itself restarted
+(``on_barrier_restart``: a prefill rank announces its open words again).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
 from typing import Any
 
@@ -15,11 +22,13 @@ import zmq
 
 from kvxferd.config import Config, GroupConfig
 from kvxferd.errors import DaemonError, TransportError
-from kvxferd.protocol import CacheLayout, RegisterCache
+from kvxferd.protocol import STARTUP_KEY, Ack, CacheLayout, Error, ErrorCode, Message, RegisterCache
 from kvxferd.runtime.barrier_link import BarrierLink
 from kvxferd.runtime.service import Service
 from kvxferd.security import credentials
 from kvxferd.shm import Segment
+
+log = logging.getLogger(__name__)
 
 
 class GroupDaemon(Service):
@@ -36,6 +45,8 @@ class GroupDaemon(Service):
         kv = config.kv
         #: what the engine's cache must look like on this rank
         self.layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size))
+        self.heartbeat_s = config.timeouts.heartbeat_s
+        self._next_beat: float | None = None  # set once serving
 
     def start(self) -> None:
         self.endpoint = self.bind_router(self.config.endpoint(self.group, self.rank))
@@ -60,10 +71,39 @@ class GroupDaemon(Service):
         assert self.router is not None
         self.watch(self.router, self.on_router)
         self.watch(self.barrier.sock, self.on_barrier)
+        self._next_beat = time.monotonic()
+
+    def next_wakeup(self) -> float | None:
+        return self._next_beat
+
+    def tick(self, now: float) -> None:
+        if self._next_beat is not None and now >= self._next_beat:
+            self.barrier.hello()
+            self._next_beat = now + self.heartbeat_s
 
     def on_barrier(self) -> None:
         """Messages from the barrier service after start-up."""
-        self.barrier.recv_ready()
+        now = time.monotonic()
+        for msg in self.barrier.recv_ready():
+            self.from_barrier(msg, now)
+
+    def from_barrier(self, msg: Message, now: float) -> None:
+        """What every group daemon does with a barrier message (prefill adds verdicts)."""
+        if isinstance(msg, Ack):
+            if self.barrier.acked(msg):
+                log.warning("the barrier service restarted (run %s): announcing this rank's open words again", msg.ref)
+                self.on_barrier_restart(now)
+        elif isinstance(msg, Error):
+            log.error("the barrier service refused a message about %r: %s", msg.ref, msg.detail)
+            if msg.code is ErrorCode.NOT_REGISTERED:
+                self.barrier.hello()  # the service restarted and does not know us yet; its Ack says so
+        elif getattr(msg, "key", None) == STARTUP_KEY:
+            pass  # the start-up barrier of ranks starting now (or a joiner's) is not ours: we serve
+        else:
+            log.warning("unexpected %s from the barrier service", type(msg).__name__)
+
+    def on_barrier_restart(self, now: float) -> None:
+        """The barrier service lost its tables: say again what it must know."""
 
     def registration_problem(self, msg: RegisterCache) -> str | None:
         """Why an engine's cache registration does not fit this daemon's config, if it does not."""

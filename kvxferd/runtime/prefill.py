@@ -19,6 +19,7 @@ from kvxferd.config import Config, GroupConfig
 from kvxferd.core import Effect, PostWrite, Problem, RankCore, RankSettings, ToBarrier, ToEngine, ToPeer
 from kvxferd.errors import TransportError
 from kvxferd.protocol import (
+    STARTUP_KEY,
     Abort,
     Ack,
     Admitted,
@@ -86,10 +87,13 @@ class PrefillDaemon(GroupDaemon):
     # -- lifecycle -------------------------------------------------------------------
 
     def next_wakeup(self) -> float | None:
-        times = [t for t in (self.core.next_deadline(), self.peers.next_wakeup()) if t is not None]
+        times = [
+            t for t in (self.core.next_deadline(), self.peers.next_wakeup(), super().next_wakeup()) if t is not None
+        ]
         return min(times, default=None)
 
     def tick(self, now: float) -> None:
+        super().tick(now)
         self._complete(self.peers.handle_answers(now) + self.peers.tick(now), now)
         deadline = self.core.next_deadline()
         if deadline is not None and now >= deadline:
@@ -98,9 +102,9 @@ class PrefillDaemon(GroupDaemon):
     def idle(self) -> bool:
         return self.core.sizes()["requests"] == 0
 
-    def force_stop(self, now: float) -> None:
+    def force_stop(self, now: float, why: str) -> None:
         self.peers.close_transports()
-        self._apply(self.core.close(SHUTTING_DOWN + " (drain deadline passed)", now), now)
+        self._apply(self.core.close(f"{SHUTTING_DOWN} ({why})", now), now)
 
     def close(self) -> None:
         self.peers.close()
@@ -216,18 +220,17 @@ class PrefillDaemon(GroupDaemon):
                 if group.role == "decode" and self.rank < group.world_size:
                     self.peers.warm(group.name, time.monotonic())
 
-    def on_barrier(self) -> None:
-        now = time.monotonic()
-        for msg in self.barrier.recv_ready():
-            log.log(TRACE, "<- barrier %s", msg)
-            if isinstance(msg, (Admitted, Release, Diverged, Expired)):
-                self._apply(self.core.on_verdict(msg, now), now)
-            elif isinstance(msg, Error):
-                log.error("the barrier service refused a message about %r: %s", msg.ref, msg.detail)
-                if msg.code is ErrorCode.NOT_REGISTERED:
-                    self.barrier.hello()  # the service restarted: announce ourselves again
-            elif not isinstance(msg, Ack):
-                log.warning("unexpected %s from the barrier service", type(msg).__name__)
+    def from_barrier(self, msg: Message, now: float) -> None:
+        log.log(TRACE, "<- barrier %s", msg)
+        if isinstance(msg, (Admitted, Release, Diverged, Expired)) and msg.key != STARTUP_KEY:
+            self._apply(self.core.on_verdict(msg, now), now)
+        else:
+            super().from_barrier(msg, now)
+
+    def on_barrier_restart(self, now: float) -> None:
+        effects = self.core.reannounce()
+        log.warning("announcing %d open words about requests again", len(effects))
+        self._apply(effects, now)
 
     # -- effects -----------------------------------------------------------------------
 

@@ -21,7 +21,9 @@ registered in it. ``run`` goes through start → ready → serve → drain → s
 * SIGTERM / SIGINT only set a flag; a byte on the signal wake-up socket makes
   ``poll`` return. The service then drains (``begin_drain``) until it is idle
   or ``shutdown_s`` has passed, then stops (``force_stop``) and closes every
-  socket with a linger.
+  socket with a linger. A second signal while draining stops it at once
+  (``force_stop``: what is left fails with a reason). Socket files of the
+  ``ipc://`` endpoints it bound are removed when it stops.
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ class Service:
         self.poller = zmq.Poller()
         self._handlers: dict[Any, Handler] = {}
         self._sockets: list[zmq.Socket[bytes]] = []
+        self._claims: list[sockets.Claim] = []  # ipc endpoints bound: socket files removed at the end
         self.shutdown_s = shutdown_s
         self.state = "starting"
         self._stop_signal: int | None = None
+        self._forced = False  # a second signal came while draining
         self._wake_r, self._wake_w = pysocket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -106,7 +110,10 @@ class Service:
             self._auth = authenticator(self.ctx, self.creds)
         sock = self.own(sockets.socket(self.ctx, zmq.ROUTER, max_frame=self.max_frame, queue=self.queue))
         self.creds.server(sock, domain)
-        return sock, sockets.bind(sock, endpoint)
+        real, claim = sockets.bind(sock, endpoint)
+        if claim is not None:
+            self._claims.append(claim)
+        return sock, real
 
     def client_socket(self, endpoint: str, identity: str) -> zmq.Socket[bytes]:
         """A CURVE DEALER named ``identity``, connected to another daemon's server socket (not owned:
@@ -197,8 +204,8 @@ class Service:
         """True once draining has nothing left to finish."""
         return True
 
-    def force_stop(self, now: float) -> None:
-        """The drain deadline passed: end what is left."""
+    def force_stop(self, now: float, why: str) -> None:
+        """Draining ends early (``why``: the deadline passed, or a second signal): end what is left."""
 
     def close(self) -> None:
         """Release resources other than sockets (transports, mappings)."""
@@ -209,6 +216,8 @@ class Service:
     # -- the loop ----------------------------------------------------------------------
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        if self._stop_signal is not None:
+            self._forced = True
         self._stop_signal = signum
         with contextlib.suppress(OSError):  # a wake-up byte is already pending, or the service has stopped
             self._wake_w.send(b"\0")
@@ -250,9 +259,10 @@ class Service:
                 if self.idle():
                     log.info("drained; stopping")
                     return
-                if now >= drain_deadline:
-                    log.warning("drain deadline passed; stopping what is left")
-                    self.force_stop(now)
+                if now >= drain_deadline or self._forced:
+                    why = "a second signal" if self._forced else "drain deadline passed"
+                    log.warning("%s; stopping what is left", why)
+                    self.force_stop(now, why)
                     return
             wake = self.next_wakeup()
             if drain_deadline is not None:
@@ -320,6 +330,9 @@ class Service:
                 self._auth.stop()
                 self._auth = None
             self.ctx.term()
+            for claim in self._claims:
+                claim.release()
+            self._claims.clear()
             self.state = "stopped"
 
 

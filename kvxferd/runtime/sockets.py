@@ -7,8 +7,11 @@ queue bound in messages derived from a byte budget
 bytes is that count times the largest frame). Deployment sockets run CURVE
 (:mod:`kvxferd.security`).
 
-``bind`` creates the directory of an ``ipc://`` endpoint (mode 700), removes
-a stale socket file, and returns the endpoint the socket really bound.
+``bind`` creates the directory of an ``ipc://`` endpoint (mode 700), claims
+the endpoint (:class:`Claim`: a second daemon for a live endpoint refuses to
+start and names the running one; a dead one's socket file is replaced), and
+returns the endpoint the socket really bound with the claim, released (the
+socket file removed) when the daemon stops.
 
 :func:`receive` is the only place frames are read and decoded, for every
 socket kind: a bounded batch, each frame decoded (the codec's bounds apply)
@@ -17,6 +20,8 @@ into an :class:`Inbound` that holds either the message or why it was refused.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,22 +48,71 @@ class Inbound:
     error: str = ""
 
 
-def bind(sock: zmq.Socket[bytes], endpoint: str) -> str:
+class Claim:
+    """This process's hold on an ``ipc://`` endpoint: an exclusive ``flock`` on ``PATH.lock``
+    (which names our pid), held for the process's life. The kernel drops the lock when the process
+    dies however it dies, so a socket file whose lock nobody holds is stale and may be replaced."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = path.with_name(path.name + ".lock")
+        self.fd = self._take()
+
+    def _take(self) -> int:
+        for _ in range(8):
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise DaemonError(
+                    f"ipc://{self.path} is served by a running process (pid {holder}); "
+                    "stop it first, or give this daemon another endpoint"
+                ) from None
+            try:
+                same = os.stat(self.lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file its last holder unlinked between our open and our lock
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return fd
+            os.close(fd)
+        raise DaemonError(f"could not claim ipc://{self.path}: its lock file keeps changing")
+
+    def release(self) -> None:
+        """Remove the socket file and the lock file (still holding the lock), then let go."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.lock.unlink()
+        os.close(self.fd)
+        self.fd = -1
+
+
+def bind(sock: zmq.Socket[bytes], endpoint: str) -> tuple[str, Claim | None]:
     path = Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
+    claim = None
     if path is not None:
         if len(str(path)) > 100:
             raise DaemonError(f"ipc path {path} is too long for a unix socket (keep run_dir short)")
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if path.exists():
-            path.unlink()  # a stale socket file from a daemon that died; binding fails loudly otherwise
+        claim = Claim(path)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # the socket file of a daemon that died; binding fails loudly otherwise
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
+        if claim is not None:
+            claim.release()
         raise DaemonError(f"cannot bind {endpoint}: {exc}") from None
     if path is not None:
         os.chmod(path, 0o600)
     real: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    return real
+    return real, claim
 
 
 def socket(

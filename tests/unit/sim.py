@@ -9,7 +9,9 @@ cache_info on some ranks, late repeats of messages of instances that ended.
 Request ids are reused with new instances. The simulation interleaves the
 streams differently on each rank (driven by a ``random.Random``), completes
 each rank's writes in any order, and delivers barrier verdicts whenever it
-likes.
+likes. It may also restart the barrier service (``restarts`` times): the new
+one knows nothing, each word on its way to the old one is lost or not, and
+each rank announces its open words again at a moment of its own.
 
 It also models memory: a source block of a layer is *written* once the layer
 signal of the step that computed the block's last token has reached the rank,
@@ -27,6 +29,7 @@ from kvxferd.core import BarrierState, PostWrite, Problem, RankCore, RankSetting
 from kvxferd.core.blocks import blocks_needed
 from kvxferd.protocol import (
     Abort,
+    Ack,
     Admitted,
     Arrive,
     CacheInfo,
@@ -257,18 +260,29 @@ class RankSim:
     results: dict[Key, list[TransferResult]] = field(default_factory=lambda: defaultdict(list))
     arrivals: dict[Key, object] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    reannounce: bool = False  # the barrier restarted; this rank has not announced its words again yet
 
 
 class GroupSim:
     def __init__(
-        self, scenario: Scenario, world_size: int, rng: random.Random, *, quiesce: bool = True, **settings: float
+        self,
+        scenario: Scenario,
+        world_size: int,
+        rng: random.Random,
+        *,
+        quiesce: bool = True,
+        restarts: int = 0,
+        **settings: float,
     ) -> None:
         assert len(scenario.schedulers) == world_size
         self.sc = scenario
         self.rng = rng
         self.quiesce = quiesce
         self.now = 0.0
-        self.barrier = BarrierState(timeout_s=float(settings.pop("barrier_timeout_s", 30.0)))
+        self.barrier_timeout_s = float(settings.pop("barrier_timeout_s", 30.0))
+        self.barrier = BarrierState(timeout_s=self.barrier_timeout_s)
+        self.restarts = restarts  # barrier restarts still to come
+        self.epochs = 0
         self.ranks = [
             RankSim(
                 RankCore(
@@ -289,7 +303,7 @@ class GroupSim:
             for r in range(world_size)
         ]
         for r in range(world_size):
-            self.barrier.hello(Hello(GROUP, r, world_size, "prefill"))
+            self.barrier.hello(Hello(GROUP, r, world_size, "prefill"), 0.0)
         # decode memory: (rank, layer, dst block) -> src block written there (confirmed writes only)
         self.decode: dict[tuple[int, int, int], int] = {}
         self.notices: dict[Key, list[tuple[int, KVReady | TransferResult]]] = defaultdict(list)
@@ -324,15 +338,32 @@ class GroupSim:
             out.append("verdict")
         if sim.to_barrier:
             out.append("barrier")
+        if sim.reannounce:
+            out.append("reannounce")
         return out
 
     def step(self) -> bool:
         live = [(r, c) for r in range(len(self.ranks)) for c in self.choices(r)]
         if not live:
             return False
+        if self.restarts and self.rng.random() < 0.02:
+            self.restart_barrier()
+            return True
         r, what = self.rng.choice(live)
         self.deliver(r, what)
         return True
+
+    def restart_barrier(self) -> None:
+        """The barrier service dies and a new one starts: what it held is gone."""
+        self.restarts -= 1
+        self.epochs += 1
+        self.barrier = BarrierState(timeout_s=self.barrier_timeout_s, epoch=str(self.epochs))
+        world = len(self.ranks)
+        for r, sim in enumerate(self.ranks):
+            sim.to_barrier = [m for m in sim.to_barrier if self.rng.random() < 0.5]  # read by the dead one, or not
+            # the heartbeat reaches the new service; its Ack (a new epoch) comes after what the old one sent
+            for eff in self.barrier.hello(Hello(GROUP, r, world, "prefill"), self.now):
+                self.route_barrier(eff)
 
     def run(self, limit: int = 200_000) -> None:
         for _ in range(limit):
@@ -354,9 +385,17 @@ class GroupSim:
             self.complete_write(r, wid)
         elif what == "verdict":
             verdict = sim.verdicts.pop(0)
+            if isinstance(verdict, Ack):  # the link sees a new epoch: the rank announces its words again
+                sim.reannounce = True  # (only the new service's Acks are routed here)
+                return
             if isinstance(verdict, Admitted):
                 sim.admitted.add((verdict.key, verdict.instance))
             self.apply(r, sim.core.handle(verdict, self.now))
+        elif what == "reannounce":
+            sim.reannounce = False
+            for eff in sim.core.reannounce():
+                assert isinstance(eff, ToBarrier), eff
+                sim.to_barrier.append(eff.message)
         else:
             for eff in self.barrier.handle(sim.to_barrier.pop(0), self.now):
                 self.route_barrier(eff)
@@ -409,18 +448,20 @@ class GroupSim:
             else:
                 raise AssertionError(f"unexpected effect {eff!r}")
 
-    def settle_timers(self, horizon: float = 1000.0) -> None:
-        """Let every deadline pass, then run everything that follows from it, until nothing is left."""
-        for _ in range(20):
-            self.now += horizon
+    def settle_timers(self, limit: int = 10_000) -> None:
+        """Let the deadlines pass in the order they fall due (every rank's and the barrier's), running
+        everything that follows from each, until none is left."""
+        for _ in range(limit):
+            pending = [rank.core.next_deadline() for rank in self.ranks] + [self.barrier.next_deadline()]
+            due = [t for t in pending if t is not None]
+            if not due:
+                return
+            self.now = max(self.now, min(due)) + 1e-6
             for r, sim in enumerate(self.ranks):
                 self.apply(r, sim.core.on_timer(self.now))
             for eff in self.barrier.on_timer(self.now):
                 self.route_barrier(eff)
             self.run()
-            pending = [rank.core.next_deadline() for rank in self.ranks] + [self.barrier.next_deadline()]
-            if all(t is None for t in pending):
-                return
         raise AssertionError("deadlines keep coming")
 
     # -- checks -----------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 from kvxferd.core import BarrierState, Problem, ToRank
 from kvxferd.errors import LocalProtocolError
 from kvxferd.protocol import (
+    STARTUP_KEY,
     Ack,
     Admit,
     Admitted,
@@ -32,7 +33,7 @@ def barrier(world: int = 3, **kw: float) -> BarrierState:
     kw.setdefault("max_wait_s", 120.0)
     b = BarrierState(timeout_s=10.0, **kw)  # type: ignore[arg-type]
     for r in range(world):
-        assert b.hello(Hello("g", r, world, "prefill")) == [ToRank("g", r, Ack("hello"))]
+        assert b.hello(Hello("g", r, world, "prefill"), 0.0) == [ToRank("g", r, Ack("hello 0"))]
     return b
 
 
@@ -50,7 +51,8 @@ def test_nothing_is_admitted_until_every_rank_admitted_with_equal_terms() -> Non
     out = b.handle(Admit("g", "k", 0, 1, T), 0.2)
     assert out == [ToRank("g", r, Admitted("g", "k", 0)) for r in range(3)]
     assert b.sizes()["open"] == 1  # the completion round is open now
-    assert b.handle(Admit("g", "k", 0, 1, T), 0.3) == []  # a repeated admission is harmless
+    # a repeated admission is harmless, and answered (the rank may have lost the first answer)
+    assert b.handle(Admit("g", "k", 0, 1, T), 0.3) == [ToRank("g", 1, Admitted("g", "k", 0))]
 
 
 def test_release_only_when_every_admitted_rank_arrived_with_the_same_digest() -> None:
@@ -130,11 +132,69 @@ def test_different_digests_diverge_with_every_ranks_view() -> None:
     assert "2048 B" in verdict.reason and "1024 B" in verdict.reason
 
 
-def test_arriving_before_admission_is_refused() -> None:
+def test_an_arrival_into_an_admission_round_means_a_lost_admission_and_completes_it() -> None:
+    # the service restarted after admitting: rank 1 had its Admitted and arrives, rank 0 lost its
+    # Admitted and admits again, rank 2 arrives too
+    b = barrier(3)
+    assert b.handle(Admit("g", "k", 0, 0, T), 0.0) == []
+    assert b.handle(Arrive("g", "k", 0, 1, D), 0.1) == [ToRank("g", 0, Admitted("g", "k", 0))]
+    assert b.handle(Admit("g", "k", 0, 2, T), 0.2) == [ToRank("g", 2, Admitted("g", "k", 0))]
+    assert b.handle(Arrive("g", "k", 0, 2, D), 0.3) == []
+    out = b.handle(Arrive("g", "k", 0, 0, D), 0.4)
+    assert out == [ToRank("g", r, Release("g", "k", 0, D)) for r in range(3)]
+
+
+def test_a_reopened_round_keeps_withdrawals_and_refuses_changed_words() -> None:
     b = barrier(2)
-    b.handle(Admit("g", "k", 0, 0, T), 0.0)
-    (p,) = b.handle(Arrive("g", "k", 0, 1, D), 0.0)
-    assert isinstance(p, Problem) and p.code is ErrorCode.CONFLICT and "before the request was admitted" in p.detail
+    assert b.handle(Withdraw("g", "k", 0, 0, Status.FAILED, "write failed"), 0.0) == []
+    out = b.handle(Arrive("g", "k", 0, 1, D), 0.1)  # the withdrawal was of the completion round
+    (v,) = {e.message for e in out}
+    assert isinstance(v, Diverged) and v.status is Status.FAILED and "write failed" in v.reason
+    assert [e.rank for e in out] == [0, 1]
+    b2 = barrier(2)
+    b2.handle(Arrive("g", "k", 0, 0, D), 0.0)
+    other = Terms(41, 3, 7, "3 blocks #a", "3 blocks #b", "ipc:///d-{rank}", "auto")
+    assert b2.handle(Admit("g", "k", 0, 1, T), 0.1) == [ToRank("g", 1, Admitted("g", "k", 0))]
+    (p,) = b2.handle(Admit("g", "k", 0, 1, other), 0.2)  # admitting other terms is not a repeat
+    assert isinstance(p, Problem) and p.code is ErrorCode.CONFLICT and "admits in the completion round" in p.detail
+
+
+def test_every_ack_of_a_hello_names_the_services_epoch() -> None:
+    old, new = BarrierState(epoch="a1"), BarrierState(epoch="b2")
+    assert old.hello(Hello("g", 0, 2, "prefill"), 0.0) == [ToRank("g", 0, Ack("hello a1"))]
+    assert new.hello(Hello("g", 0, 2, "prefill"), 0.0) == [ToRank("g", 0, Ack("hello b2"))]
+
+
+def _serving(alive_s: float = 3.0) -> BarrierState:
+    b = BarrierState(timeout_s=10.0, alive_s=alive_s)
+    b.hello(Hello("g", 0, 2, "prefill", serving="fp-a"), 0.0)
+    b.hello(Hello("g", 1, 2, "prefill", serving="fp-a"), 0.0)
+    return b
+
+
+def test_a_rank_starting_while_its_group_serves_joins_at_once() -> None:
+    b = _serving()
+    b.hello(Hello("g", 1, 2, "prefill"), 1.0)  # rank 1 restarted: not serving yet
+    mine = Digest(0, 0, 0, "fp-a")
+    out = b.handle(Arrive("g", STARTUP_KEY, 0, 1, mine), 1.0)
+    assert out == [ToRank("g", 1, Release("g", STARTUP_KEY, 0, mine))]
+    assert b.sizes()["open"] == 0  # no round was opened for the others to join
+
+
+def test_a_rank_joining_with_another_config_is_told_which_ranks_differ() -> None:
+    b = _serving()
+    (e,) = b.handle(Arrive("g", STARTUP_KEY, 0, 1, Digest(0, 0, 0, "fp-b")), 1.0)
+    assert e.rank == 1 and isinstance(e.message, Diverged) and e.message.status is Status.FAILED
+    assert "ranks [0]" in e.message.reason and "another configuration" in e.message.reason
+
+
+def test_ranks_not_heard_within_alive_s_do_not_count_so_a_cold_start_waits_for_all() -> None:
+    b = _serving(alive_s=3.0)
+    mine = Digest(0, 0, 0, "fp-a")
+    assert b.handle(Arrive("g", STARTUP_KEY, 0, 1, mine), 10.0) == []  # rank 0 silent since t=0
+    assert b.live("g", 10.0) == {}
+    out = b.handle(Arrive("g", STARTUP_KEY, 0, 0, mine), 10.5)
+    assert out == [ToRank("g", r, Release("g", STARTUP_KEY, 0, mine)) for r in range(2)]
 
 
 def test_expiry_names_missing_ranks_tells_everyone_and_answers_stragglers() -> None:
@@ -207,7 +267,7 @@ def test_unknown_group_conflicting_size_and_rank_outside_the_group() -> None:
     b = barrier(2)
     (p,) = b.handle(Arrive("other", "k", 0, 0, D), 0.0)
     assert p.code is ErrorCode.NOT_REGISTERED and "send Hello first" in p.detail
-    (p,) = b.hello(Hello("g", 0, 4, "prefill"))
+    (p,) = b.hello(Hello("g", 0, 4, "prefill"), 0.0)
     assert p.code is ErrorCode.CONFLICT and "world size 2" in p.detail
     (p,) = b.handle(Admit("g", "k", 0, 3, T), 0.0)
     assert p.code is ErrorCode.BAD_MESSAGE
@@ -223,7 +283,7 @@ def test_open_keys_are_bounded() -> None:
 
 def test_one_group_filling_its_keys_does_not_starve_another() -> None:
     b = barrier(2, max_keys=2)
-    b.hello(Hello("h", 0, 1, "prefill"))
+    b.hello(Hello("h", 0, 1, "prefill"), 0.0)
     for key in ("a", "b"):
         b.handle(Admit("g", key, 0, 0, T), 0.0)
     (p,) = b.handle(Admit("g", "c", 0, 0, T), 0.0)
@@ -244,7 +304,7 @@ def test_an_arrival_timeout_out_of_range_is_refused_at_the_edge(asked: float) ->
 @pytest.mark.parametrize(("asked", "deadline"), [(86400.0, 60.0), (30.0, 30.0), (0.0, 10.0)])
 def test_a_rank_cannot_keep_a_key_open_longer_than_the_cap(asked: float, deadline: float) -> None:
     b = BarrierState(timeout_s=10.0, max_wait_s=60.0)
-    b.hello(Hello("g", 0, 2, "prefill"))
+    b.hello(Hello("g", 0, 2, "prefill"), 0.0)
     b.handle(Arrive("g", "k", 0, 0, D, asked), 0.0)
     assert b.next_deadline() == deadline
 
@@ -253,7 +313,7 @@ def test_a_rank_cannot_keep_a_key_open_longer_than_the_cap(asked: float, deadlin
 def test_groups_and_keys_are_independent(order: tuple[int, ...]) -> None:
     b = barrier(3)
     for r in (0, 1):
-        b.hello(Hello("h", r, 2, "prefill"))
+        b.hello(Hello("h", r, 2, "prefill"), 0.0)
     out = []
     for r in order:
         out += b.handle(Admit("g", "same-key", 0, r, T), 0.0)

@@ -99,7 +99,7 @@ def quiet(*cores: RankCore) -> None:
 def barrier(world: int = 2) -> BarrierState:
     b = BarrierState(timeout_s=10.0)
     for r in range(world):
-        b.hello(Hello("prefill", r, world, "prefill"))
+        b.hello(Hello("prefill", r, world, "prefill"), 0.0)
     return b
 
 
@@ -750,3 +750,41 @@ def test_a_refused_cache_info_is_answered_to_its_sender() -> None:
     (result,) = of(out, ToEngine)
     assert result.origin == b"two" and result.result.code == ErrorCode.TABLE_FULL.value
     assert c.origins() == {("A", 0): b"one"}
+
+
+def test_after_a_barrier_restart_each_rank_says_its_open_words_again_and_requests_complete() -> None:
+    """Three requests when the service dies: A admitted, written and arrived on both ranks (its
+    verdict lost), B admitted, written and arrived on rank 0 only (rank 1's Admitted lost), C
+    withdrawn by rank 1 (aborted) with no verdict yet. A new service learns all from the ranks."""
+    a = info("A", 1, 1, 16, [0], [10])
+    b = info("B", 2, 1, 16, [1], [11])
+    c = info("C", 3, 1, 16, [2], [12])
+    step = layers(1, SlotChunk(1, 0, 16, 1), SlotChunk(2, 0, 16, 1), SlotChunk(3, 0, 16, 1))
+    r0, r1 = core(0), core(1)
+    feed(r0, [a, b, c], admit=False)
+    feed(r1, [a, b, c], admit=False)
+    for r in (r0, r1):
+        r.handle(Admitted("prefill", "A", 0), 0.0)
+    r0.handle(Admitted("prefill", "B", 0), 0.0)
+    out0 = feed(r0, step, admit=False)
+    out1 = feed(r1, [*step, Abort("C", "client cancelled", 0)], admit=False)
+    assert [m.key for m in messages(out0, Arrive)] == ["A", "B"]
+    assert [m.key for m in messages(out1, Arrive)] == ["A"]
+    assert [m.key for m in messages(out1, Withdraw)] == ["C"]
+    assert [w.requests for w in of(out1, PostWrite)] == [(("A", 0),)] * LAYERS  # nothing of B yet
+
+    # the old service is gone with everything it was told; a new one hears the ranks again
+    new = barrier()
+    said0, said1 = r0.reannounce(), r1.reannounce()
+    words = [(type(e.message).__name__, e.message.key) for e in said0 + said1]
+    assert sorted(words[:3]) == [("Admit", "C"), ("Arrive", "A"), ("Arrive", "B")]
+    assert sorted(words[3:]) == [("Admit", "B"), ("Arrive", "A"), ("Withdraw", "C")]
+    out = relay(new, [r0, r1], {0: said0, 1: said1})
+    # rank 1 hears B was admitted (rank 0 arrived for it), writes it, arrives: B is released
+    assert [w.requests for w in of(out[1], PostWrite)] == [(("B", 0),)] * LAYERS
+    results = {(e.result.request_id, q): e.result.status for q in (0, 1) for e in of(out[q], ToEngine)}
+    expected = {"A": Status.OK, "B": Status.OK, "C": Status.ABORTED}
+    assert results == {(k, q): v for k, v in expected.items() for q in (0, 1)}
+    assert new.sizes()["open"] == 0
+    quiet(r0, r1)
+    assert set(r0.sizes().values()) == set(r1.sizes().values()) == {0}

@@ -5,7 +5,9 @@ slot reuse, aborts, ids reused with new instances; on some ranks a cache_info
 with one field changed, one that must be refused, an abort that overtakes its
 cache_info, late repeats of messages of ended instances) and a per-rank
 interleaving of the worker stream, the scheduler stream, write completions (in
-any order) and barrier verdicts. Invariants:
+any order) and barrier verdicts; in some examples the barrier service restarts
+(losing its tables and some words on their way to it) and ranks announce
+their open words again. Invariants:
 
 * every instance ends exactly once on every prefill rank, with one status;
 * every decode rank gets exactly one notice, with that status;
@@ -57,7 +59,8 @@ def cases(draw: st.DrawFn) -> tuple[GroupSim, int]:
         late_rate=draw(rates),
     )
     interleave = draw(st.integers(0, 2**32 - 1))
-    return GroupSim(scenario, world, random.Random(interleave)), world
+    restarts = draw(st.sampled_from([0, 0, 1, 3]))
+    return GroupSim(scenario, world, random.Random(interleave), restarts=restarts), world
 
 
 def check(case: tuple[GroupSim, int]) -> None:
