@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,13 +54,16 @@ class LyingPeer:
         creds = security.credentials(dep.config, "daemon")
         self.auth = security.authenticator(self.ctx, creds)
         self.socks = []
+        self.paths: list[Path] = []  # the socket files this test binds, removed at close
         g = dep.config.group(group)
         for rank in range(g.world_size):
             sock = self.ctx.socket(zmq.ROUTER)
             sock.setsockopt(zmq.LINGER, 0)
             creds.server(sock, "peer")
-            sock.bind(dep.config.peer_endpoint(g, rank))
+            endpoint = dep.config.peer_endpoint(g, rank)
+            sock.bind(endpoint)
             self.socks.append(sock)
+            self.paths.append(Path(endpoint.removeprefix("ipc://")))
         self.answer = answer
         self.queries: list[PeerQuery] = []
         self.stop = threading.Event()
@@ -85,6 +89,8 @@ class LyingPeer:
             sock.close()
         self.auth.stop()  # type: ignore[attr-defined]
         self.ctx.term()
+        for path in self.paths:
+            path.unlink(missing_ok=True)
 
 
 @pytest.fixture

@@ -116,7 +116,8 @@ def fill(cache: HostKVCache, blocks: list[int], seed: int) -> None:
 
 @contextlib.contextmanager
 def deploy(text: str = SMALL, *, kind: type[Deployment] = Deployment) -> Iterator[Deployment]:
-    """A running deployment of config ``text``, engines connected; every daemon must exit cleanly."""
+    """A running deployment of config ``text``, engines connected; every daemon must exit cleanly
+    and leave no socket file behind."""
     run_dir = Path(tempfile.mkdtemp(prefix="kvx-", dir="/tmp"))
     config = dataclasses.replace(loads(text), run_dir=str(run_dir))
     dep = kind(config, run_dir)
@@ -126,8 +127,10 @@ def deploy(text: str = SMALL, *, kind: type[Deployment] = Deployment) -> Iterato
         yield dep
     finally:
         codes = dep.close()
+        left = sorted(p.name for p in run_dir.rglob("*") if p.is_socket() or p.name.endswith(".lock"))
         shutil.rmtree(run_dir, ignore_errors=True)
     assert all(code == 0 for code in codes.values()), f"daemons did not exit cleanly: {codes}"
+    assert not left, f"socket files left behind by daemons that exited cleanly: {left}"
 
 
 @pytest.fixture

@@ -1,0 +1,208 @@
+"""Processes die, stop and come back, through real ``kvxferd serve`` / ``barrier`` processes.
+
+Each case runs a deployment (barrier service, 2 prefill + 2 decode ranks on host memory), moves
+requests with verified bytes before the fault, injects the fault (SIGKILL, SIGTERM twice, a second
+daemon for a live endpoint), checks what the requests touched by it report and how soon, restarts
+only the faulted process, and moves verified requests again. Every deployment ends with a clean
+stop of every daemon and no socket file left in its run directory (``deploy`` checks both).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvxferd.client import PrefillOutcome
+from kvxferd.protocol import CacheInfo, SlotChunk, Status
+from tests.integration.conftest import SMALL, Deployment, deploy, fill
+
+BARRIER_S = 4.0  # the barrier's round timeout in these deployments
+SLACK_S = 3.0  # what a failure report may take beyond its timeout on a busy 2-core machine
+
+
+def faults(**timeouts: float) -> str:
+    """The small deployment with a short barrier timeout, quick heartbeats and ``timeouts``."""
+    base: dict[str, float] = {"pending_s": 20, "progress_s": 20, "verdict_s": 30, "peer_s": 10, "startup_s": 30}
+    base |= {"shutdown_s": 5, "heartbeat_s": 0.25} | timeouts
+    kv = next(line for line in SMALL.splitlines() if line.startswith("kv:"))
+    inner = ", ".join(f"{k}: {v}" for k, v in base.items())
+    return f"{kv}\ntimeouts: {{{inner}}}\nbarrier: {{timeout_s: {BARRIER_S}}}\n"
+
+
+class Traffic:
+    """One-block requests on every rank, each with fresh bytes, checked at decode byte for byte."""
+
+    def __init__(self, dep: Deployment) -> None:
+        self.dep = dep
+        self.step = 0
+        self.n = 0
+
+    def info(self, slot: int | None = None) -> tuple[CacheInfo, int, int]:
+        self.n += 1
+        self.step += 1
+        src, dst = self.n % 24, 24 + self.n % 24
+        rid = f"q{self.n}"
+        for r in range(self.dep.prefill.world_size):
+            fill(self.dep.pcaches[r], [src], seed=1000 * self.n + r)
+        slot = self.n % 8 if slot is None else slot
+        return CacheInfo(rid, slot, self.step, 4, (src,), (dst,), self.dep.peer), src, dst
+
+    def signal(self, info: CacheInfo, ranks: range | list[int]) -> None:
+        chunk = (SlotChunk(info.slot, 0, info.num_tokens, info.step),)
+        for r in ranks:
+            for layer in range(self.dep.config.kv.num_layers):
+                self.dep.workers[r].layer_ready(info.step, layer, chunk if layer == 0 else ())
+
+    def ok(self, count: int = 3) -> None:
+        """``count`` requests, each reported ok on every rank, ready at decode, bytes in place."""
+        dep = self.dep
+        assert dep.sched is not None and dep.dec is not None
+        for _ in range(count):
+            info, src, dst = self.info()
+            dep.sched.submit(info)
+            self.signal(info, range(dep.prefill.world_size))
+            out = dep.sched.wait(info.request_id, 20.0)
+            assert out.ok, out.results
+            assert dep.dec.wait(info.request_id, 20.0).ready
+            self.verify(src, dst)
+
+    def verify(self, src: int, dst: int) -> None:
+        for r in range(self.dep.prefill.world_size):
+            p, d = self.dep.pcaches[r].raw(), self.dep.dcaches[r].raw()
+            assert np.array_equal(p[:, :, [src]], d[:, :, [dst]]), f"rank {r}: decode block {dst} differs"
+
+
+def _name(dep: Deployment, role: str, rank: int) -> str:
+    group = dep.prefill if role == "prefill" else dep.decode
+    return f"{group.name}-{rank}"
+
+
+def _socket(dep: Deployment, rank: int) -> Path:
+    return Path(dep.config.endpoint(dep.prefill, rank)[len("ipc://") :])
+
+
+def _kill(dep: Deployment, name: str) -> float:
+    d = dep.cluster.daemon(name)
+    d.popen.send_signal(signal.SIGKILL)
+    assert d.popen.wait(timeout=10) == -signal.SIGKILL
+    return time.monotonic()
+
+
+def _wait_state(dep: Deployment, rank: int, rid: str, state: str) -> None:
+    def there() -> bool:
+        return any(r["request_id"] == rid and r["state"] == state for r in dep.status(rank)["requests"])
+
+    dep.wait_until(f"{rid} to be {state} on rank {rank}", there)
+
+
+def _outcome_on(dep: Deployment, rid: str, rank: int, timeout_s: float) -> PrefillOutcome:
+    """Wait until ``rank`` reported on ``rid`` (other ranks may never)."""
+    assert dep.sched is not None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = dep.sched.outcome(rid)
+        if out is not None and rank in out.results:
+            return out
+        left = deadline - time.monotonic()
+        assert left > 0, f"rank {rank} did not report on {rid} within {timeout_s}s"
+        dep.sched.collect(min(left, 0.2))
+
+
+@pytest.mark.slow
+def test_a_second_daemon_for_a_live_endpoint_refuses_and_names_the_running_one() -> None:
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep)
+        traffic.ok(1)
+        first = dep.cluster.daemon(_name(dep, "prefill", 0))
+        cmd = [sys.executable, "-m", "kvxferd", "serve", "--group", dep.prefill.name, "--rank", "0"]
+        cmd += ["--config", str(dep.cluster.config_path)]
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert second.returncode != 0
+        assert f"is served by a running process (pid {first.popen.pid})" in second.stderr, second.stderr
+        # the running daemon kept its socket and serves on
+        assert _socket(dep, 0).is_socket()
+        assert first.popen.poll() is None
+        traffic.ok(2)
+
+
+@pytest.mark.slow
+def test_a_killed_prefill_rank_rejoins_its_running_group_and_its_requests_fail_on_the_others() -> None:
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep)
+        assert dep.sched is not None
+        traffic.ok(3)
+        # a request in flight: both ranks hold it, only rank 0 has its layers (it arrives), then rank 1 dies
+        info, _, _ = traffic.info()
+        dep.sched.submit(info)
+        traffic.signal(info, [0])
+        _wait_state(dep, 0, info.request_id, "arrived")
+        fault = _kill(dep, _name(dep, "prefill", 1))
+        out = _outcome_on(dep, info.request_id, 0, BARRIER_S + SLACK_S + 5)
+        took = time.monotonic() - fault
+        report = out.results[0]
+        assert report.status is Status.FAILED, report
+        assert "rank 1 of group prefill did not report" in report.reason, report.reason
+        assert took <= BARRIER_S + SLACK_S, f"the failure came {took:.1f}s after the fault"
+        assert _socket(dep, 1).exists()  # the dead rank's socket file stays until its next start
+
+        # only rank 1 starts again; it joins the serving group at once (no cold-start barrier)
+        dep.cluster.restart(_name(dep, "prefill", 1))
+        dep.workers[1].register(dep.pcaches[1])  # the restarted daemon learns the worker's cache anew
+        traffic.ok(3)
+        assert dep.status(0)["tables"]["requests"] == 0 and dep.status(1)["tables"]["requests"] == 0
+
+
+@pytest.mark.slow
+def test_a_second_signal_ends_the_drain_at_once_and_fails_what_is_left() -> None:
+    with deploy(faults(shutdown_s=120)) as dep:
+        traffic = Traffic(dep)
+        assert dep.sched is not None
+        traffic.ok(1)
+        info, _, _ = traffic.info()
+        dep.sched.submit(info)  # held by both ranks, no layer ever signalled: the drain cannot finish
+        _wait_state(dep, 0, info.request_id, "wait_signal")
+        name = _name(dep, "prefill", 0)
+        daemon = dep.cluster.daemon(name)
+        daemon.popen.send_signal(signal.SIGTERM)
+        dep.wait_until("rank 0 to drain", lambda: dep.status(0)["state"] == "draining")
+        assert daemon.popen.poll() is None  # the first signal drains: the request still holds it
+        asked = time.monotonic()
+        daemon.popen.send_signal(signal.SIGTERM)
+        assert daemon.popen.wait(timeout=30) == 0
+        assert time.monotonic() - asked < 10, "the second signal did not stop the daemon at once"
+        out = dep.sched.wait(info.request_id, BARRIER_S + SLACK_S + 10)
+        assert {r.status for r in out.results.values()} == {Status.FAILED}, out.results
+        assert all("a second signal" in r.reason for r in out.results.values()), out.results
+        assert not _socket(dep, 0).exists() and not _socket(dep, 0).with_suffix(".sock.lock").exists()
+
+        dep.cluster.restart(name)
+        dep.workers[0].register(dep.pcaches[0])
+        traffic.ok(2)
+
+
+@pytest.mark.slow
+def test_a_restarted_barrier_service_loses_no_request_in_flight() -> None:
+    # verdict_s far beyond the test: a request the new service did not recover would hang, not fail
+    with deploy(faults(verdict_s=60)) as dep:
+        traffic = Traffic(dep)
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(2)
+        # rank 0 wrote and arrived (the old service heard it), rank 1 has not written yet
+        info, src, dst = traffic.info()
+        dep.sched.submit(info)
+        traffic.signal(info, [0])
+        _wait_state(dep, 0, info.request_id, "arrived")
+        _kill(dep, "barrier")
+        dep.cluster.restart("barrier")
+        traffic.signal(info, [1])
+        out = dep.sched.wait(info.request_id, BARRIER_S + SLACK_S + 10)
+        assert out.ok, out.results
+        assert dep.dec.wait(info.request_id, 10.0).ready
+        traffic.verify(src, dst)
+        traffic.ok(2)
