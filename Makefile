@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 EXTRAS := test,dev,torch,rdma
 
-.PHONY: all demo test test-fast bench lint fmt clean venv
+.PHONY: all demo test test-fast bench soak lint fmt clean venv
 
 all: test
 
@@ -33,6 +33,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py
+
+# Ten minutes of mixed traffic with a fault every 30 s (SOAK_ARGS="--minutes 2" for a short one).
+soak: $(STAMP)
+	$(PY) scripts/soak.py $(SOAK_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvxferd tests scripts

@@ -269,8 +269,11 @@ class PrefillOutcome:
 class DecodeOutcome:
     """What the decode side knows of a request instance.
 
-    ``ready``: the KV is complete on every rank (a KVReady came). ``reasons``:
-    per decode rank, how the request failed. ``reported``: the decode ranks
+    ``ready``: the KV is complete on every rank: every decode rank reported
+    KVReady (each names the cache registration its bytes went into, and its
+    daemon turns one that names an earlier registration into a failure, so
+    one rank's KVReady does not vouch for another's). ``reasons``: per decode
+    rank, how the request failed. ``reported``: the decode ranks
     that told. ``reusable``: every decode rank reported, so no prefill rank
     writes into the request's blocks any more and the engine may reuse them.
     A second notice from the same decode rank goes to ``duplicates``.
@@ -451,11 +454,11 @@ class DecodeEngine(_Group):
                     continue
                 out.reported.add(rank)
                 if isinstance(msg, KVReady):
-                    out.ready = True
                     out.statuses[rank] = Status.OK
                 else:
                     out.statuses[rank] = msg.status
                     out.reasons[rank] = f"{msg.status.value}: {msg.reason}"
+                out.ready = out.reusable and all(st is Status.OK for st in out.statuses.values())
                 if out.reusable:
                     self.ledger.settle(msg.key)
                 changed[msg.key] = out

@@ -34,11 +34,15 @@ heartbeat; ranks heard from within ``alive_s`` are the group's live ones. The
 start-up key (:data:`STARTUP_KEY`) is for a cold start: a rank arriving at it
 while other ranks of its group are live joins at once (``Release`` if their
 configs agree, ``Diverged`` naming them if not) instead of waiting for ranks
-that are not starting. Every ``Ack`` of a Hello names the service's ``epoch``;
-a rank that sees a new one knows the service restarted and announces its open
-words again: its ``Admit``, ``Arrive`` or ``Withdraw``. A key reopened that way
-cannot tell which round it lost; since a rank arrives only once admitted, an
-``Arrive`` makes it a completion round, and an ``Admit`` into that is a repeat.
+that are not starting; a joiner is also sent every verdict still remembered,
+since it may replace a rank that died before it could report them. Every
+``Ack`` of a Hello names the service's ``epoch``; a rank that sees a new one
+knows the service restarted and announces its open words again: its
+``Admit``, ``Arrive`` or ``Withdraw``. A key reopened that way cannot tell
+which round it lost; a word only an admitted rank says (an ``Arrive``, or a
+``Withdraw`` with ``admitted``) makes it the completion round, an ``Admit``
+into that is a repeat (answered with ``Admitted``: its first answer may have
+been lost with the old service).
 """
 
 from __future__ import annotations
@@ -133,7 +137,7 @@ class BarrierState:
             return self._word((msg.group, msg.key, msg.instance), view, now, wait)
         if isinstance(msg, Withdraw):
             view = RankView(msg.rank, msg.status, reason=msg.reason)
-            return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s)
+            return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s, msg.admitted)
         return [Problem(ErrorCode.WRONG_ROLE, f"the barrier service does not accept {type(msg).__name__}")]
 
     def hello(self, msg: Hello, now: float) -> list[Effect]:
@@ -164,7 +168,13 @@ class BarrierState:
             return None
         mine = msg.digest.fingerprint
         if all(fp == mine for fp in live.values()):
-            return [ToRank(msg.group, msg.rank, Release(msg.group, STARTUP_KEY, msg.instance, msg.digest))]
+            # the joiner replaces a rank that may have died holding requests: every verdict still
+            # remembered, so it can tell its decode rank about the ones its predecessor could not
+            joined: list[Effect] = [
+                ToRank(msg.group, msg.rank, Release(msg.group, STARTUP_KEY, msg.instance, msg.digest))
+            ]
+            remembered = [v for v in self._ended.values() if v.group == msg.group and v.key != STARTUP_KEY]
+            return joined + [ToRank(msg.group, msg.rank, v) for v in remembered]
         others = {r: RankView(r, Status.OK, digest=Digest(0, 0, 0, fp)) for r, fp in live.items()}
         others[msg.rank] = RankView(msg.rank, Status.OK, digest=msg.digest)
         odd = sorted(r for r, fp in live.items() if fp != mine)
@@ -202,7 +212,8 @@ class BarrierState:
 
     # ---------------------------------------------------------------- internals
 
-    def _word(self, k: Key, view: RankView, now: float, timeout_s: float) -> list[Effect]:
+    def _word(self, k: Key, view: RankView, now: float, timeout_s: float, admitted: bool = False) -> list[Effect]:
+        """One rank's word; ``admitted``: a withdrawal of a rank that had been admitted."""
         group, key, instance = k
         size = self._groups.get(group)
         if size is None:
@@ -221,24 +232,26 @@ class BarrierState:
             first = Round.NAMED if view.digest is not None else Round.ADMISSION
             entry = self._open[k] = _Open(group, key, instance, now, timeout_s, first)
             self._deadlines.set(k, now + timeout_s)
-        problem, tell = self._take(entry, view)
+        problem, tell = self._take(entry, view, admitted or view.digest is not None)
         if problem is not None:
             return [Problem(ErrorCode.CONFLICT, f"rank {view.rank} about {key!r} instance {instance}: {problem}", key)]
         if view.terms is not None and not entry.peer:
             entry.peer = view.terms.peer
-        admitted: list[Effect] = [ToRank(group, r, Admitted(group, key, instance)) for r in tell]
+        told: list[Effect] = [ToRank(group, r, Admitted(group, key, instance)) for r in tell]
         if len(entry.words) < size:
-            return admitted
-        return admitted + self._settle(k, entry, size, now)
+            return told
+        return told + self._settle(k, entry, size, now)
 
-    def _take(self, entry: _Open, view: RankView) -> tuple[str | None, list[int]]:
+    def _take(self, entry: _Open, view: RankView, admitted: bool) -> tuple[str | None, list[int]]:
         """Record one rank's word in the open round: a sentence if the word is not acceptable, and
-        the ranks that must hear ``Admitted`` now.
+        the ranks that must hear ``Admitted`` now. ``admitted``: the word is one only an admitted
+        rank says (an arrival, or a withdrawal that says so).
 
-        A rank arrives only once admitted, so an ``Arrive`` into an admission round (or an ``Admit``
-        into a round some rank arrived in) means the service lost the admission in a restart and
-        ranks announced their words again: the round is the completion round, with those terms, and
-        a rank whose ``Admitted`` was lost with the old service (it admits again) hears it now."""
+        Such a word in an admission round (or an ``Admit`` into a round where some rank said one)
+        means the service lost the admission in a restart and ranks announced their words again
+        (or an Admit sent before the restart reached the new service): the round is the completion
+        round, with those terms, and a rank whose ``Admitted`` was lost with the old service (it
+        admits again) hears it now."""
         if view.terms is not None and entry.round is not Round.ADMISSION:
             if entry.round is Round.NAMED and entry.key != STARTUP_KEY:
                 entry.round, entry.terms = Round.COMPLETION, view.terms
@@ -246,12 +259,12 @@ class BarrierState:
                 entry.terms = view.terms
                 return None, [view.rank]  # a repeated admission: harmless, and answered
             return f"admits in the {entry.round.value} round", []
-        if view.digest is not None and entry.round is Round.ADMISSION:
-            admitted = [w.terms for w in entry.words.values() if w.terms is not None]
-            entry.round, entry.terms = Round.COMPLETION, (admitted[0] if admitted else None)
+        if admitted and entry.round is Round.ADMISSION:
+            terms = [w.terms for w in entry.words.values() if w.terms is not None]
+            entry.round, entry.terms = Round.COMPLETION, (terms[0] if terms else None)
             waiting = sorted(r for r, w in entry.words.items() if w.terms is not None)
             entry.words = {r: w for r, w in entry.words.items() if w.terms is None}  # withdrawals still count
-            problem, _ = self._take(entry, view)
+            problem, _ = self._take(entry, view, admitted)
             return problem, ([] if problem else waiting)
         said = entry.words.get(view.rank)
         if said is None or said == view:
@@ -281,7 +294,7 @@ class BarrierState:
         if ending is None:
             digest = views[0].digest
             assert digest is not None
-            verdict = Release(group, key, instance, digest)
+            verdict = Release(group, key, instance, digest, entry.peer)
         else:
             verdict = Diverged(group, key, instance, ending[0], ending[1], views, entry.peer)
         self._ended.put(k, verdict, now)

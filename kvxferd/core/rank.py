@@ -384,7 +384,15 @@ class RankCore:
             info = req.info
             withdraw = None
             if req.state not in (State.ARRIVED, State.WITHDRAWN):
-                withdraw = Withdraw(s.group, info.request_id, info.instance, s.rank, Status.FAILED, clip(reason))
+                withdraw = Withdraw(
+                    s.group,
+                    info.request_id,
+                    info.instance,
+                    s.rank,
+                    Status.FAILED,
+                    clip(reason),
+                    req.admitted is not None,
+                )
                 effects.append(ToBarrier(withdraw))
             req.inflight = 0
             effects += self._end(req, Status.FAILED, reason, now, word=withdraw)
@@ -405,8 +413,9 @@ class RankCore:
                 effects.append(ToBarrier(self._arrival(req)))
             elif req.state is State.WITHDRAWN and req.stop is not None:
                 status, reason = req.stop
+                admitted = req.admitted is not None
                 effects.append(
-                    ToBarrier(Withdraw(s.group, info.request_id, info.instance, s.rank, status, clip(reason)))
+                    ToBarrier(Withdraw(s.group, info.request_id, info.instance, s.rank, status, clip(reason), admitted))
                 )
         effects += [ToBarrier(ended.word) for ended in self._ended.values() if ended.word is not None]
         return effects
@@ -535,14 +544,23 @@ class RankCore:
             return []  # it ended here already: a repeated or late verdict
         self._aborts.pop(key)
         if isinstance(verdict, Release):
-            detail = f"release of request {key[0]} instance {key[1]}, which this rank never held"
-            return [Problem(ErrorCode.INTERNAL, detail, key[0], reply=False)]
-        reason = clip(verdict.reason)
+            # every rank arrived, this one included: it is a new process of this rank, started after
+            # its predecessor wrote the request and before it could say so. The bytes may be in
+            # place, but only the writer could vouch for the registration they went into.
+            status, reason = (
+                Status.FAILED,
+                (
+                    f"prefill rank {self.s.rank} restarted after the request was released; "
+                    "its notice was lost with the process that wrote it"
+                ),
+            )
+        else:
+            status, reason = verdict.status, clip(verdict.reason)
         told_peer = bool(verdict.peer)
-        self._ended.put(key, Ending(verdict.status, reason, False, told_peer), now)
+        self._ended.put(key, Ending(status, reason, False, told_peer), now)
         if not told_peer:
             return []
-        notice = TransferResult(key[0], verdict.status, reason, self.s.rank, instance=key[1])
+        notice = TransferResult(key[0], status, reason, self.s.rank, instance=key[1])
         return [ToPeer(verdict.peer, notice)]
 
     def _discard_parked(self, info: CacheInfo) -> None:
@@ -711,7 +729,8 @@ class RankCore:
         req.stop = (status, reason)
         self._arm(req, now)
         s, info = self.s, req.info
-        return [ToBarrier(Withdraw(s.group, info.request_id, info.instance, s.rank, status, clip(reason)))]
+        admitted = req.admitted is not None
+        return [ToBarrier(Withdraw(s.group, info.request_id, info.instance, s.rank, status, clip(reason), admitted))]
 
     def _drained(self, req: Request, now: float) -> list[Effect]:
         if req.outcome is not None:

@@ -55,6 +55,7 @@ class DemoRequest:
     dst: list[int] = field(default_factory=list)
     done_tokens: int = 0
     chunks: int = 0
+    started_at: float | None = None  # its first forward step
     last_signal_at: float | None = None
     ready_at: float | None = None
     verified: bool = False
@@ -62,6 +63,7 @@ class DemoRequest:
     decode_done: bool = False
     failure: str | None = None
     transports: set[str] = field(default_factory=set)
+    lost: str = ""  # given up on (see DemoEngine.lost_s): the sides that never decided
     nbytes: int = 0
     expect: np.ndarray[Any, Any] | None = None  # [rank, layer, kv, block] -> value of every row
 
@@ -140,6 +142,9 @@ class DemoEngine:
         self.by_id: dict[str, DemoRequest] = {}
         self.step = 0
         self.errors: Counter[str] = Counter()
+        #: a started request no notice decided within this long is given up ("lost") and its blocks
+        #: are reused (None: wait for every notice, as the demo does)
+        self.lost_s: float | None = None
 
     def close(self) -> None:
         for w in self.workers:
@@ -185,6 +190,7 @@ class DemoEngine:
             if now - last_check > 0.5:
                 check()
                 last_check = now
+                done += self._give_up(now, on_progress)
             self._admit(waiting, active, slots)
             table = self._schedule(active)
             if table:
@@ -229,6 +235,7 @@ class DemoEngine:
         started = [req for req, off, _ in table if off == 0]
         for req in started:
             req.first_step = self.step
+            req.started_at = time.monotonic()
         infos = {req.rid: self._cache_info(req) for req in started}
         # where each rank gets each new cache_info: -1 before layer 0, l after layer l, L after the step
         when = {(r, rid): self.rng.randint(-1, self.layers) for r in range(self.world) for rid in infos}
@@ -288,7 +295,9 @@ class DemoEngine:
     def _collect(self, timeout_s: float, on_progress: Any) -> int:
         finished = 0
         for out in self.sched.collect(timeout_s):
-            req = self.by_id[out.request_id]
+            req = self.by_id.get(out.request_id)
+            if req is None or req.prefill_ok is not None:
+                continue  # forgotten, or given up on: a late decision changes nothing
             results = out.results
             req.prefill_ok = out.ok
             req.transports = {r.transport for r in results.values()}
@@ -298,7 +307,9 @@ class DemoEngine:
             self.src_pool.give(req.src)
             finished += self._maybe_finished(req, on_progress)
         for outcome in self.decode.collect(0.0):
-            req = self.by_id[outcome.request_id]
+            req = self.by_id.get(outcome.request_id)
+            if req is None or req.decode_done:
+                continue
             if outcome.ready and req.ready_at is None:
                 req.ready_at = time.monotonic()
                 req.verified = self._verify(req)
@@ -312,6 +323,29 @@ class DemoEngine:
             self.errors[f"{err.code.value}: {err.detail}"] += 1
         self.sched.errors.clear()
         self.decode.errors.clear()
+        return finished
+
+    def _give_up(self, now: float, on_progress: Any) -> int:
+        """End the started requests still undecided ``lost_s`` after they started (see ``lost_s``)."""
+        if self.lost_s is None:
+            return 0
+        finished = 0
+        for req in self.requests:
+            if req.started_at is None or req.finished or now - req.started_at < self.lost_s:
+                continue
+            missing = []
+            if req.prefill_ok is None:
+                missing.append("prefill")
+                req.prefill_ok = False
+                self.src_pool.give(req.src)
+            if not req.decode_done:
+                missing.append("decode")
+                req.decode_done = True
+                self.dst_pool.give(req.dst)
+            req.lost = " and ".join(missing)
+            lost = f"lost: no decision from {req.lost} within {self.lost_s:g}s"
+            req.failure = f"{req.failure}; {lost}" if req.failure else lost
+            finished += self._maybe_finished(req, on_progress)
         return finished
 
     def _maybe_finished(self, req: DemoRequest, on_progress: Any) -> int:

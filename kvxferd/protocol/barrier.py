@@ -276,8 +276,10 @@ class Withdraw(Message):
     It is the rank's word in whichever round is open, and replaces an Admit of
     the same round. Sent only once the rank has no write for the key in
     flight, so a verdict that follows means no rank is still writing.
-    ``status`` is ``failed`` or ``aborted``. Wire: ``[3, "withdraw", "prefill",
-    "req-7", 0, 1, "aborted", "client cancelled"]``.
+    ``status`` is ``failed`` or ``aborted``. ``admitted``: the rank had heard
+    ``Admitted``, so this is a word of the completion round (a service that
+    restarted learns from it which round it lost). Wire: ``[3, "withdraw",
+    "prefill", "req-7", 0, 1, "aborted", "client cancelled", true]``.
     """
 
     TAG: ClassVar[str] = "withdraw"
@@ -288,6 +290,7 @@ class Withdraw(Message):
     rank: int
     status: Status
     reason: str
+    admitted: bool = False
 
     def __post_init__(self) -> None:
         _key("Withdraw", self.group, self.key, self.instance)
@@ -295,13 +298,17 @@ class Withdraw(Message):
         f.choice("Withdraw", "status", self.status, WITHDRAW_STATUSES)
         store(self, "status", Status(self.status))
         store(self, "reason", f.reason("Withdraw", "reason", self.reason, empty=False))
+        f.flag("Withdraw", "admitted", self.admitted)
 
 
 @dataclass(frozen=True, slots=True)
 class Release(Message):
     """Service→ranks: every rank arrived at ``key`` with the same digest: the request is ok.
 
-    Wire: ``[3, "release", "prefill", "req-7", 0, [32, 13, 27262976, "9f2c..."]]``.
+    ``peer``: the decode endpoint template named at admission (as in :class:`Diverged`), so
+    a rank that restarted after the release, and never held the request, can tell its decode
+    rank that its predecessor's notice may be lost. Wire: ``[3, "release", "prefill", "req-7",
+    0, [32, 13, 27262976, "9f2c..."], "ipc:///run/kvx/decode-{rank}-peer.sock"]``.
     """
 
     TAG: ClassVar[str] = "release"
@@ -311,11 +318,13 @@ class Release(Message):
     key: str
     instance: int
     digest: Digest
+    peer: str = ""
 
     def __post_init__(self) -> None:
         _key("Release", self.group, self.key, self.instance)
         if not isinstance(self.digest, Digest):
             raise f.fail("Release", "digest", "expected a Digest")
+        f.text("Release", "peer", self.peer, limit=f.MAX_NAME)
 
     @property
     def status(self) -> Status:

@@ -66,6 +66,12 @@ def uint(owner: str, field: str, value: Any, *, low: int = 0, high: int = MAX_ID
     return value
 
 
+def flag(owner: str, field: str, value: Any) -> bool:
+    if type(value) is not bool:
+        raise fail(owner, field, f"expected true or false, got {type(value).__name__}")
+    return value
+
+
 def number(owner: str, field: str, value: Any, *, low: float = 0.0, high: float = MAX_NUMBER) -> float:
     if type(value) not in (int, float):
         raise fail(owner, field, f"expected a number, got {type(value).__name__}")

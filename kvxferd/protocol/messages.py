@@ -219,8 +219,9 @@ class KVReady(Message):
     """P→Q→D: every prefill rank's KV for ``request_id`` is in the decode cache.
 
     Sent only after the prefill group's barrier released the request. Wire:
-    ``[3, "kv_ready", "req-7", 0, 1048576, 0]`` (instance 0, reported by
-    prefill rank 0, which wrote 1 MiB).
+    ``[3, "kv_ready", "req-7", 0, 1048576, 0, "5d0c9e2a71b4"]`` (instance 0,
+    reported by prefill rank 0, which wrote 1 MiB into the decode cache
+    registration named by ``generation``; see :class:`PeerInfo`).
     """
 
     TAG: ClassVar[str] = "kv_ready"
@@ -229,6 +230,7 @@ class KVReady(Message):
     rank: int = 0
     bytes: int = 0
     instance: int = 0
+    generation: str = ""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -239,6 +241,7 @@ class KVReady(Message):
         f.uint("KVReady", "instance", self.instance)
         f.uint("KVReady", "rank", self.rank)
         f.uint("KVReady", "bytes", self.bytes)
+        f.text("KVReady", "generation", self.generation, limit=f.MAX_NAME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,8 +361,12 @@ class PeerInfo(Message):
 
     ``host_id`` identifies the machine (same host enables shm and cuda_ipc).
     ``transports`` carries opaque per-transport metadata (e.g. an RDMA agent's
-    connection blob). Wire: ``[3, "peer_info", "decode", 0, "host-a1b2", "host",
-    [2, 64, 4096], [[0, 0, "kvx-d0", 0, 0], ...], {"rdma": b"..."}]``.
+    connection blob). ``generation`` names the engine's registration: a new one
+    each time an engine registers a cache with the daemon, even the same cache
+    after a restart, so bytes written into one registration are never reported
+    as ready for another (:class:`KVReady` names the generation it wrote into).
+    Wire: ``[3, "peer_info", "decode", 0, "host-a1b2", "host", [2, 64, 4096],
+    [[0, 0, "kvx-d0", 0, 0], ...], {"rdma": b"..."}, "5d0c9e2a71b4"]``.
     """
 
     TAG: ClassVar[str] = "peer_info"
@@ -372,6 +379,7 @@ class PeerInfo(Message):
     layout: CacheLayout
     regions: tuple[Region, ...]
     transports: dict[str, bytes]
+    generation: str = ""
 
     def __post_init__(self) -> None:
         f.name("PeerInfo", "group", self.group)
@@ -382,6 +390,7 @@ class PeerInfo(Message):
             raise f.fail("PeerInfo", "layout", "expected a CacheLayout")
         store(self, "regions", _check_regions("PeerInfo", self.layout, self.regions))
         store(self, "transports", f.blob_map("PeerInfo", "transports", self.transports))
+        f.text("PeerInfo", "generation", self.generation, limit=f.MAX_NAME)
 
 
 @dataclass(frozen=True, slots=True)

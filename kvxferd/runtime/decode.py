@@ -5,6 +5,12 @@ engine registered. It answers :class:`PeerQuery` with the cache's layout,
 regions and transport metadata, and forwards what prefill daemons report
 (:class:`KVReady`, or the failed :class:`TransferResult`) to its engine.
 
+Each registration is a new *generation* (a random name, so a restarted daemon
+never repeats one), published in the PeerInfo. A KVReady names the generation
+its bytes went into; one that names another than the current registration is
+told to the engine as a failure (the bytes are in a cache it no longer has),
+and the prefill daemon that sent it is given the current PeerInfo.
+
 A prefill rank notifies the decode rank it writes into only after its own
 writes stopped. So once *every* decode rank reported a failed request, no
 prefill rank writes into its blocks any more and the engine may reuse them.
@@ -12,8 +18,10 @@ prefill rank writes into its blocks any more and the engine may reuse them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import secrets
 
 import zmq
 
@@ -28,11 +36,13 @@ from kvxferd.protocol import (
     PeerInfo,
     PeerQuery,
     RegisterCache,
+    Status,
     StatusQuery,
     StatusReply,
     TransferResult,
 )
 from kvxferd.protocol.fields import show
+from kvxferd.runtime import sockets
 from kvxferd.runtime.daemon import GroupDaemon
 from kvxferd.runtime.peers import host_id
 from kvxferd.transports import Transport, load
@@ -54,6 +64,7 @@ class DecodeDaemon(GroupDaemon):
     def __init__(self, config: Config, group: GroupConfig, rank: int) -> None:
         super().__init__(config, group, rank)
         self.cache: RegisterCache | None = None
+        self.generation = ""  # names the current registration (see the module's docstring)
         self.published: dict[str, bytes] = {}
         self.exposers: list[Transport] = []
         self.engine: bytes | None = None  # the connection that registered the cache: the one engine told
@@ -144,6 +155,17 @@ class DecodeDaemon(GroupDaemon):
                 self.counters["refused_peer"] += 1
                 log.warning("refused a notice from %s naming rank %d", show(identity), msg.rank)
                 return
+            if isinstance(msg, KVReady) and msg.generation != self.generation:
+                self.counters["stale_generation"] += 1
+                reason = (
+                    f"prefill {source} rank {msg.rank} wrote it into registration {show(msg.generation)} of "
+                    f"decode rank {self.rank}; the engine's cache is registration {show(self.generation)} now"
+                )
+                log.warning("request %s: %s", msg.request_id, reason)
+                info = self._peer_info()
+                if info is not None:
+                    self.answer(self.peer_router, identity, info)  # so its next writes go to this one
+                msg = TransferResult(msg.request_id, Status.FAILED, reason, msg.rank, msg.bytes, instance=msg.instance)
             self._forward(msg)
         else:
             self.answer(
@@ -169,6 +191,7 @@ class DecodeDaemon(GroupDaemon):
             if blob is not None:
                 self.published[name] = blob
         self.cache = msg
+        self.generation = secrets.token_hex(6)
         if self.engine is not None and self.engine != identity:
             # one engine per decode rank: the newest registration is the engine; the other one
             # is told it will hear nothing more from this rank
@@ -185,12 +208,19 @@ class DecodeDaemon(GroupDaemon):
         assert self.peer_router is not None and info is not None
         for prefill in self.queried:  # they hold our old PeerInfo: give them the new one
             self.answer(self.peer_router, prefill, info)
+        for prefill in set(self.prefills) - self.queried:
+            # a prefill rank connected to an earlier run of this daemon holds that run's PeerInfo;
+            # one not connected (yet) asks when it first writes
+            with contextlib.suppress(zmq.ZMQError):
+                sockets.send(self.peer_router, info, prefill)
 
     def _peer_info(self) -> PeerInfo | None:
         if self.cache is None:
             return None
         c = self.cache
-        return PeerInfo(self.group.name, self.rank, host_id(), c.memory, c.layout, c.regions, self.published)
+        return PeerInfo(
+            self.group.name, self.rank, host_id(), c.memory, c.layout, c.regions, self.published, self.generation
+        )
 
     def _forward(self, msg: KVReady | TransferResult) -> None:
         if self.engine is None:

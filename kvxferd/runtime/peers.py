@@ -33,7 +33,17 @@ from kvxferd.config import Config, GroupConfig
 from kvxferd.core import PostWrite
 from kvxferd.core.peer import Ask, Close, Drop, Fail, LinkEffect, LinkSettings, Note, PeerLink, Post, Warm
 from kvxferd.errors import TransportError, TransportUnavailable
-from kvxferd.protocol import CacheLayout, Error, ErrorCode, Message, PeerInfo, PeerQuery, RegisterCache
+from kvxferd.protocol import (
+    CacheLayout,
+    Error,
+    ErrorCode,
+    KVReady,
+    Message,
+    PeerInfo,
+    PeerQuery,
+    RegisterCache,
+    TransferResult,
+)
 from kvxferd.protocol.fields import show
 from kvxferd.runtime import sockets
 from kvxferd.runtime.service import Service
@@ -43,6 +53,8 @@ log = logging.getLogger(__name__)
 
 POLL_MIN_S = 50e-6
 POLL_MAX_S = 2e-3
+#: the generation a notice names when its request's writes went into more than one registration
+MIXED = "several registrations"
 RETRY_S = 0.02  # a peer that is up but has no cache registered yet is asked again after this
 
 
@@ -79,6 +91,9 @@ class Peers:
         self.transports: dict[str, Transport] = {}
         self.local: RegisterCache | None = None
         self.answers: list[tuple[Link, Message]] = []  # collected by the socket handlers
+        #: request -> the decode registration (PeerInfo.generation) its writes went into, until its
+        #: notice names it; MIXED if they went into more than one. Bounded by the core's requests.
+        self.generations: dict[tuple[str, int], str] = {}
         self._poll_delay = POLL_MIN_S
         self._next_poll: float | None = None
 
@@ -109,6 +124,7 @@ class Peers:
         for link in self.links.values():
             link.machine.writes_lost()
         self.writes.clear()
+        self.generations.clear()  # (called only when the core ends every request, or has none)
         for link in self.links.values():
             link.opened.clear()
 
@@ -191,6 +207,9 @@ class Peers:
         except (TransportError, TransportUnavailable) as exc:
             return [Completion(w.write_id, f"transport {name} to {link.endpoint}: {exc}", transport=name)]
         self.writes[w.write_id] = (link, name)
+        for key in w.requests:
+            if self.generations.setdefault(key, info.generation) != info.generation:
+                self.generations[key] = MIXED
         link.machine.posted(w.write_id, now)
         done = transport.post(w.write_id, link.endpoint, w.layer, w.runs)
         if done is not None:
@@ -265,9 +284,15 @@ class Peers:
 
     # -- notices to decode daemons ----------------------------------------------------
 
-    def notify(self, peer: str, msg: Message, now: float) -> None:
+    def notify(self, peer: str, msg: KVReady | TransferResult, now: float) -> None:
+        """Send a request's notice to its decode rank; a KVReady names the registration its bytes
+        went into (the current one if it wrote none), so the decode daemon can refuse a stale one."""
+        written = self.generations.pop(msg.key, None)
         try:
             link = self._link(peer, now)
+            if isinstance(msg, KVReady):
+                held = link.machine.info
+                msg = dataclasses.replace(msg, generation=written or (held.generation if held is not None else ""))
             link.machine.last_used = now
             sockets.send(link.sock, msg)
         except TransportError as exc:

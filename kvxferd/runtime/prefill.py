@@ -194,11 +194,20 @@ class PrefillDaemon(GroupDaemon):
 
     def _register(self, identity: bytes, msg: RegisterCache) -> None:
         problem = self.registration_problem(msg)
-        if problem is None and self.core.sizes()["requests"]:
-            problem = "requests are in flight; register again once they ended"
         if problem is not None:
             self.reply(identity, Error(ErrorCode.BAD_LAYOUT, problem, "register"))
             return
+        live = self.core.sizes()["requests"]
+        if live:
+            # the worker restarted: the cache those requests read from is not the one registered now
+            reason = (
+                f"the model worker registered a new cache with {self.group.name} rank {self.rank}; "
+                "requests in flight on the old one failed"
+            )
+            log.warning("%s (%d)", reason, live)
+            now = time.monotonic()
+            self.peers.close_transports()  # no write from the old cache may land after this
+            self._apply(self.core.close(reason, now), now)
         self.peers.set_local(msg)
         self.core.new_worker()
         if self.worker is not None and self.worker != identity:

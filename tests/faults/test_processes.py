@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from kvxferd.client import PrefillOutcome
-from kvxferd.protocol import CacheInfo, SlotChunk, Status
+from kvxferd.kvcache import HostKVCache
+from kvxferd.protocol import Ack, CacheInfo, SlotChunk, Status
 from tests.integration.conftest import SMALL, Deployment, deploy, fill
 
 BARRIER_S = 4.0  # the barrier's round timeout in these deployments
@@ -205,4 +206,142 @@ def test_a_restarted_barrier_service_loses_no_request_in_flight() -> None:
         assert out.ok, out.results
         assert dep.dec.wait(info.request_id, 10.0).ready
         traffic.verify(src, dst)
+        traffic.ok(2)
+
+
+@pytest.mark.slow
+def test_a_new_worker_cache_is_accepted_while_requests_are_in_flight_and_those_fail() -> None:
+    """The prefill worker of rank 1 dies and its successor registers a new cache while a request
+    is in flight: the registration is accepted, that request fails on both ranks saying why, and
+    the next requests read the new cache."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep)
+        assert dep.sched is not None
+        traffic.ok(2)
+        info, _, _ = traffic.info()
+        dep.sched.submit(info)
+        traffic.signal(info, [0])
+        _wait_state(dep, 0, info.request_id, "arrived")
+        fresh = HostKVCache.create(dep.shape)
+        old = dep.pcaches[1]
+        try:
+            dep.workers[1].register(fresh)
+            dep.pcaches[1] = fresh
+            out = dep.sched.wait(info.request_id, BARRIER_S + SLACK_S + 10)
+            assert {r.status for r in out.results.values()} == {Status.FAILED}, out.results
+            assert all("registered a new cache with prefill rank 1" in r.reason for r in out.results.values())
+            traffic.ok(3)  # fills and checks rank 1's blocks in the new cache
+        finally:
+            old.close()
+            old.unlink()
+
+
+@pytest.mark.slow
+def test_a_killed_decode_daemon_restarts_and_its_engine_is_written_again() -> None:
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep)
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(2)
+        _kill(dep, _name(dep, "decode", 1))
+        dep.cluster.restart(_name(dep, "decode", 1))
+        dep.dec.channels[1].send(dep.dcaches[1].registration())  # the engine registers with the new daemon
+        deadline = time.monotonic() + 10
+        while not any(isinstance(m, Ack) for _, m in dep.dec.poll(0.2)):
+            assert time.monotonic() < deadline, "decode rank 1 did not acknowledge the registration"
+        traffic.ok(3)
+
+
+def _register_decode(dep: Deployment, rank: int, cache: HostKVCache) -> None:
+    assert dep.dec is not None
+    dep.dec.channels[rank].send(cache.registration())
+    deadline = time.monotonic() + 10
+    while not any(r == rank and isinstance(m, Ack) for r, m in dep.dec.poll(0.2)):
+        assert time.monotonic() < deadline, f"decode rank {rank} did not acknowledge the registration"
+
+
+@pytest.mark.slow
+def test_bytes_written_into_an_old_decode_cache_are_never_reported_ready_for_a_new_one() -> None:
+    """Prefill rank 1 writes a request into decode rank 1's cache; then the decode engine registers
+    a new cache there; then the request is released. Decode rank 1 must not call it ready: its
+    bytes are in the old cache. Later requests are written into the new cache and verified."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep)
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(2)
+        info, _, _ = traffic.info()
+        dep.sched.submit(info)
+        traffic.signal(info, [1])
+        _wait_state(dep, 1, info.request_id, "arrived")  # written into the old cache
+        fresh = HostKVCache.create(dep.shape)
+        old = dep.dcaches[1]
+        try:
+            _register_decode(dep, 1, fresh)
+            dep.dcaches[1] = fresh
+            traffic.signal(info, [0])
+            notice = dep.dec.wait(info.request_id, BARRIER_S + SLACK_S + 10)
+            while 1 not in notice.reported:
+                assert dep.dec.collect(10.0), "decode rank 1 never reported"
+            assert notice.statuses[1] is Status.FAILED, notice
+            assert "registration" in notice.reasons[1], notice.reasons
+            traffic.ok(3)
+        finally:
+            old.close()
+            old.unlink()
+
+
+@pytest.mark.slow
+def test_a_stopped_prefill_rank_fails_its_requests_everywhere_and_serves_again_when_continued() -> None:
+    """SIGSTOP of prefill rank 1 past the barrier timeout: a request in flight fails on rank 0 in
+    time, naming rank 1; after SIGCONT rank 1 reports the same verdict, and later requests move."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep)
+        assert dep.sched is not None
+        traffic.ok(2)
+        info, _, _ = traffic.info()
+        dep.sched.submit(info)
+        traffic.signal(info, [0])
+        _wait_state(dep, 0, info.request_id, "arrived")
+        stopped = dep.cluster.daemon(_name(dep, "prefill", 1))
+        stopped.popen.send_signal(signal.SIGSTOP)
+        fault = time.monotonic()
+        try:
+            out = _outcome_on(dep, info.request_id, 0, BARRIER_S + SLACK_S + 5)
+            took = time.monotonic() - fault
+            assert out.results[0].status is Status.FAILED and "rank 1 of group prefill" in out.results[0].reason
+            assert took <= BARRIER_S + SLACK_S, f"the failure came {took:.1f}s after the fault"
+        finally:
+            stopped.popen.send_signal(signal.SIGCONT)
+        out = dep.sched.wait(info.request_id, 20.0)
+        assert {r.status for r in out.results.values()} == {Status.FAILED}
+        assert out.results[1].reason == out.results[0].reason  # the same verdict on both ranks
+        traffic.ok(3)
+        assert dep.status(1)["tables"]["requests"] == 0
+
+
+@pytest.mark.slow
+def test_a_stopped_decode_daemon_delays_notices_but_loses_none() -> None:
+    """SIGSTOP of decode rank 1: prefill keeps writing (shm goes into the engine's memory), the
+    notices for decode rank 1 wait in its socket; after SIGCONT every request is ready, verified."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep)
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(1)
+        stopped = dep.cluster.daemon(_name(dep, "decode", 1))
+        stopped.popen.send_signal(signal.SIGSTOP)
+        try:
+            held = []
+            for _ in range(3):
+                info, src, dst = traffic.info()
+                dep.sched.submit(info)
+                traffic.signal(info, range(dep.prefill.world_size))
+                assert dep.sched.wait(info.request_id, 20.0).ok
+                held.append((info.request_id, src, dst))
+            dep.dec.collect(0.5)
+            outcomes = [dep.dec.outcome(rid) for rid, _, _ in held]
+            assert all(o is None or not o.ready for o in outcomes), "ready without decode rank 1's notice"
+        finally:
+            stopped.popen.send_signal(signal.SIGCONT)
+        for rid, src, dst in held:
+            assert dep.dec.wait(rid, 20.0).ready
+            traffic.verify(src, dst)
         traffic.ok(2)

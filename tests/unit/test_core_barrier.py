@@ -61,7 +61,7 @@ def test_release_only_when_every_admitted_rank_arrived_with_the_same_digest() ->
     assert b.handle(Arrive("g", "k", 0, 2, D), 1.0) == []
     assert b.handle(Arrive("g", "k", 0, 0, D), 1.1) == []
     out = b.handle(Arrive("g", "k", 0, 1, D), 1.2)
-    assert out == [ToRank("g", r, Release("g", "k", 0, D)) for r in range(3)]
+    assert out == [ToRank("g", r, Release("g", "k", 0, D, T.peer)) for r in range(3)]
     assert b.sizes()["open"] == 0
     # the verdict is remembered a while: a word that crossed it gets it again, no key opens
     assert b.handle(Withdraw("g", "k", 0, 1, Status.ABORTED, "late"), 2.0) == [ToRank("g", 1, out[1].message)]
@@ -141,7 +141,7 @@ def test_an_arrival_into_an_admission_round_means_a_lost_admission_and_completes
     assert b.handle(Admit("g", "k", 0, 2, T), 0.2) == [ToRank("g", 2, Admitted("g", "k", 0))]
     assert b.handle(Arrive("g", "k", 0, 2, D), 0.3) == []
     out = b.handle(Arrive("g", "k", 0, 0, D), 0.4)
-    assert out == [ToRank("g", r, Release("g", "k", 0, D)) for r in range(3)]
+    assert out == [ToRank("g", r, Release("g", "k", 0, D, T.peer)) for r in range(3)]
 
 
 def test_a_reopened_round_keeps_withdrawals_and_refuses_changed_words() -> None:
@@ -157,6 +157,21 @@ def test_a_reopened_round_keeps_withdrawals_and_refuses_changed_words() -> None:
     assert b2.handle(Admit("g", "k", 0, 1, T), 0.1) == [ToRank("g", 1, Admitted("g", "k", 0))]
     (p,) = b2.handle(Admit("g", "k", 0, 1, other), 0.2)  # admitting other terms is not a repeat
     assert isinstance(p, Problem) and p.code is ErrorCode.CONFLICT and "admits in the completion round" in p.detail
+
+
+def test_a_withdrawal_of_an_admitted_rank_reopens_the_completion_round_not_the_admission() -> None:
+    # after a restart, Admits sent before the old service answered reach the new one; ranks 0 and 1
+    # had been admitted and are writing. Rank 2 was admitted too and aborts: its word must not end
+    # the instance while the others write, it waits for their words of the completion round.
+    b = barrier(3)
+    assert b.handle(Admit("g", "k", 0, 0, T), 0.0) == []
+    assert b.handle(Admit("g", "k", 0, 1, T), 0.0) == []
+    out = b.handle(Withdraw("g", "k", 0, 2, Status.ABORTED, "client cancelled", admitted=True), 0.1)
+    assert out == [ToRank("g", 0, Admitted("g", "k", 0)), ToRank("g", 1, Admitted("g", "k", 0))]
+    assert b.handle(Arrive("g", "k", 0, 0, D), 0.2) == []
+    out = b.handle(Withdraw("g", "k", 0, 1, Status.ABORTED, "client cancelled", admitted=True), 0.3)
+    (v,) = {e.message for e in out}
+    assert isinstance(v, Diverged) and v.status is Status.ABORTED and [e.rank for e in out] == [0, 1, 2]
 
 
 def test_every_ack_of_a_hello_names_the_services_epoch() -> None:
@@ -179,6 +194,24 @@ def test_a_rank_starting_while_its_group_serves_joins_at_once() -> None:
     out = b.handle(Arrive("g", STARTUP_KEY, 0, 1, mine), 1.0)
     assert out == [ToRank("g", 1, Release("g", STARTUP_KEY, 0, mine))]
     assert b.sizes()["open"] == 0  # no round was opened for the others to join
+
+
+def test_a_joiner_hears_every_verdict_still_remembered_for_its_group() -> None:
+    b = _serving()
+    for r in (0, 1):
+        b.handle(Admit("g", "k", 0, r, T), 0.5)
+    for r in (0, 1):
+        b.handle(Arrive("g", "k", 0, r, D), 0.6)
+    b.handle(Admit("g", "gone", 0, 0, T), 0.5)
+    expired = b.on_timer(10.6)  # rank 1 died before it admitted "gone"
+    assert {type(e.message) for e in expired} == {Expired}
+    b.hello(Hello("g", 0, 2, "prefill", serving="fp-a"), 10.7)
+    mine = Digest(0, 0, 0, "fp-a")
+    out = b.handle(Arrive("g", STARTUP_KEY, 0, 1, mine), 10.8)  # rank 1's successor starts
+    assert out[0] == ToRank("g", 1, Release("g", STARTUP_KEY, 0, mine))
+    told = {(type(e.message).__name__, e.message.key) for e in out[1:]}
+    assert told == {("Release", "k"), ("Expired", "gone")} and {e.rank for e in out[1:]} == {1}
+    assert all(e.message.peer == T.peer for e in out[1:])
 
 
 def test_a_rank_joining_with_another_config_is_told_which_ranks_differ() -> None:
@@ -223,7 +256,7 @@ def test_a_new_instance_of_an_expired_id_starts_clean() -> None:
     admit_all(b, 2, instance=1, now=10.5)
     b.handle(Arrive("g", "k", 1, 0, D), 11.0)
     out = b.handle(Arrive("g", "k", 1, 1, D), 11.0)
-    assert {e.message for e in out} == {Release("g", "k", 1, D)}
+    assert {e.message for e in out} == {Release("g", "k", 1, D, T.peer)}
 
 
 def test_a_named_barrier_is_one_round_of_arrivals_with_its_own_timeout() -> None:

@@ -15,6 +15,7 @@ from kvxferd.protocol import (
     Admitted,
     Arrive,
     CacheInfo,
+    Digest,
     Diverged,
     ErrorCode,
     Expired,
@@ -440,7 +441,7 @@ def test_abort_waits_for_inflight_writes_before_withdrawing() -> None:
     (w,) = of(out, PostWrite)
     assert c.handle(Abort("x", "user gone"), 1.0) == []  # draining: the write is still in flight
     out = c.write_done(w.write_id, 2.0)
-    assert messages(out, Withdraw) == [Withdraw("prefill", "x", 0, 0, Status.ABORTED, "user gone")]
+    assert messages(out, Withdraw) == [Withdraw("prefill", "x", 0, 0, Status.ABORTED, "user gone", admitted=True)]
     out = c.handle(Diverged("prefill", "x", 0, Status.ABORTED, "aborted: user gone"), 3.0)
     (res,) = of(out, ToEngine)
     assert (res.result.status, res.result.reason) == (Status.ABORTED, "aborted: user gone")  # the verdict's words
@@ -788,3 +789,14 @@ def test_after_a_barrier_restart_each_rank_says_its_open_words_again_and_request
     assert new.sizes()["open"] == 0
     quiet(r0, r1)
     assert set(r0.sizes().values()) == set(r1.sizes().values()) == {0}
+
+
+def test_a_release_of_a_request_a_restarted_rank_never_held_tells_its_decode_rank() -> None:
+    """The rank's predecessor wrote and arrived, then died before its notice went out: its decode
+    rank hears a failure (nobody alive can vouch for where the bytes went) instead of nothing."""
+    c = core(1)
+    out = c.handle(Release("prefill", "r", 0, Digest(3, 1, 3072, "ff"), "ipc:///d-{rank}"), 1.0)
+    (notice,) = of(out, ToPeer)
+    assert notice.peer == "ipc:///d-{rank}" and notice.message.status is Status.FAILED
+    assert "restarted after the request was released" in notice.message.reason
+    assert c.handle(Release("prefill", "r", 0, Digest(3, 1, 3072, "ff"), "ipc:///d-{rank}"), 1.1) == []  # once

@@ -1,0 +1,357 @@
+#!/usr/bin/env python3
+"""Minutes of mixed traffic through a whole deployment with faults on a schedule: `make soak`.
+
+The demo's engines (continuous batching, chunked prompts, cache_infos at random points, every
+decode block checked byte for byte at KVReady) drive a barrier service, 2 prefill and 2 decode
+ranks on host memory, with requests spread over the transports given (shm and rdma by default)
+and some aborted by the scheduler after their first step. Every ``--fault-every`` seconds one
+fault of the cycle below is injected while requests are in flight:
+
+  kill-prefill   SIGKILL prefill rank 1, start it again, its worker registers again
+  kill-barrier   SIGKILL the barrier service, start it again
+  kill-decode    SIGKILL decode rank 0, start it again, the decode engine registers again
+  stop-prefill   SIGSTOP prefill rank 0 past the barrier timeout, then SIGCONT
+  new-decode     the decode engine "restarts": it registers a new cache on every rank
+
+Prefill rank 0 and decode rank 1 are never restarted, so their RSS from the first sample to the
+last is the soak's leak measure (target: < 5 % growth). Printed at the end: requests by outcome
+(ok and verified, aborted, failed, failed with a dead prefill rank's result missing, lost: no decision
+within --lost-s, wrong bytes), per fault
+the requests that ended in the window after it, every prefill rank's tables once idle, and RSS
+per daemon. Exit status 1 if any KVReady came with wrong bytes, a daemon died on its own, the
+tables did not empty, or an unrestarted daemon grew more than 5 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from kvxferd.client import credentials, status
+from kvxferd.config import dump, loads
+from kvxferd.demo.engine import DemoEngine, DemoRequest, u64_view
+from kvxferd.demo.launch import Cluster
+from kvxferd.kvcache import HostKVCache
+from kvxferd.protocol import CacheInfo, Status
+
+CONFIG = """
+groups:
+  - {name: prefill, role: prefill, world_size: 2, endpoint: "ipc://{run_dir}/p-{rank}.sock", memory: host}
+  - {name: decode, role: decode, world_size: 2, endpoint: "ipc://{run_dir}/d-{rank}.sock", memory: host}
+kv: {num_layers: 8, kv_heads: 8, head_dim: 64, block_tokens: 16, num_blocks: 512, dtype: bfloat16}
+barrier: {timeout_s: 4}
+timeouts: {pending_s: 8, progress_s: 8, verdict_s: 12, peer_s: 5, startup_s: 30, shutdown_s: 5, heartbeat_s: 0.5}
+"""
+FAULTS = ("kill-prefill", "kill-barrier", "kill-decode", "stop-prefill", "new-decode")
+STEADY = ("prefill-0", "decode-1")  # never restarted: their RSS is the leak measure
+ROUND = 100  # requests planned at a time
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class SoakEngine(DemoEngine):
+    """The demo's engine with unique ids across rounds, a transport per request, and aborts."""
+
+    def __init__(self, *args: Any, transports: list[str], abort_rate: float, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.transports = transports
+        self.abort_rate = abort_rate
+        self.planned = 0
+        self.aborted: set[str] = set()
+        self.old_caches: list[HostKVCache] = []
+        self.views = [self.dviews]  # the decode engine's caches, one entry per registration of all
+        self.epoch_of: dict[str, int] = {}  # request -> the registration its blocks were given in
+
+    def plan(self, count: int) -> None:
+        cap = self.shape.num_blocks * self.bt // 4
+        self.requests = []
+        for i in range(self.planned, self.planned + count):
+            n = self.rng.randint(1, min(512, cap)) if self.rng.random() < 0.7 else self.rng.randint(513, 2048)
+            req = DemoRequest(i, f"soak-{i}", n)
+            self.requests.append(req)
+            self.by_id[req.rid] = req
+        self.planned += count
+
+    def forget(self) -> None:
+        """Drop the finished round's requests (late notices for them are ignored)."""
+        for req in self.requests:
+            self.by_id.pop(req.rid, None)
+            self.epoch_of.pop(req.rid, None)
+        self.requests = []
+
+    def _cache_info(self, req: DemoRequest) -> CacheInfo:
+        self.epoch_of[req.rid] = len(self.views) - 1
+        transport = self.transports[req.index % len(self.transports)]
+        info = super()._cache_info(req)
+        return dataclasses.replace(info, transport=transport)
+
+    def _run_step(self, table: list[tuple[DemoRequest, int, int]], on_progress: Any) -> int:
+        finished = super()._run_step(table, on_progress)
+        for req, off, _ in table:
+            if off == 0 and self.rng.random() < self.abort_rate:
+                self.aborted.add(req.rid)
+                self.sched.abort(req.rid, "the soak's scheduler aborts it")
+        return finished
+
+    def _verify(self, req: DemoRequest) -> bool:
+        """Check the request's blocks in the cache they were given in (a KVReady its decode daemon
+        sent before it took the new registration is about the old cache, and right)."""
+        current, self.dviews = self.dviews, self.views[self.epoch_of.pop(req.rid, len(self.views) - 1)]
+        try:
+            return super()._verify(req)
+        finally:
+            self.dviews = current
+
+    def new_decode_caches(self, timeout_s: float = 10.0) -> None:
+        """The decode engine restarts: a new cache on every rank (the old ones kept until the end,
+        as a dead engine's segments would be, so late writes into them land somewhere harmless)."""
+        self.old_caches += self.dcaches
+        self.dcaches = [HostKVCache.create(self.shape) for _ in range(self.world)]
+        self.dviews = [u64_view(c) for c in self.dcaches]
+        self.views.append(self.dviews)
+        self.decode.register(self.dcaches, timeout_s)
+
+    def close(self) -> None:
+        super().close()
+        for c in self.old_caches:
+            c.close()
+            c.unlink()
+
+
+class Faults:
+    def __init__(self, cluster: Cluster, engine: SoakEngine, every_s: float, stop_s: float) -> None:
+        self.cluster, self.engine = cluster, engine
+        self.every_s, self.stop_s = every_s, stop_s
+        self.next_at = time.monotonic() + every_s
+        self.count = 0
+        self.stopped: tuple[str, float] | None = None  # (daemon, SIGCONT due)
+        self.log: list[dict[str, Any]] = []
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if self.stopped is not None and now >= self.stopped[1]:
+            os.kill(self.cluster.daemon(self.stopped[0]).popen.pid, signal.SIGCONT)
+            self.stopped = None
+        if now >= self.next_at and self.stopped is None:
+            self.inject(FAULTS[self.count % len(FAULTS)], now)
+            self.count += 1
+            self.next_at = time.monotonic() + self.every_s
+        self.cluster.check()
+
+    def _kill_and_restart(self, name: str) -> float:
+        d = self.cluster.daemon(name)
+        d.popen.send_signal(signal.SIGKILL)
+        d.popen.wait(timeout=10)
+        started = time.monotonic()
+        self.cluster.restart(name)
+        return time.monotonic() - started
+
+    def inject(self, fault: str, now: float) -> None:
+        e = self.engine
+        record: dict[str, Any] = {"fault": fault, "at_s": round(now - START, 1)}
+        if fault == "kill-prefill":
+            record["restart_s"] = round(self._kill_and_restart("prefill-1"), 2)
+            e.workers[1].register(e.pcaches[1])
+        elif fault == "kill-barrier":
+            record["restart_s"] = round(self._kill_and_restart("barrier"), 2)
+        elif fault == "kill-decode":
+            record["restart_s"] = round(self._kill_and_restart("decode-0"), 2)
+            e.decode.register(e.dcaches)  # the engine registers again with every rank
+        elif fault == "stop-prefill":
+            os.kill(self.cluster.daemon("prefill-0").popen.pid, signal.SIGSTOP)
+            self.stopped = ("prefill-0", now + self.stop_s)
+            record["stopped_s"] = self.stop_s
+        elif fault == "new-decode":
+            e.new_decode_caches()
+        self.log.append(record)
+
+
+START = time.monotonic()
+
+
+def outcome_of(req: DemoRequest, engine: SoakEngine) -> str:
+    if req.ready_at is not None and not req.verified:
+        return "wrong bytes"
+    if req.lost == "prefill":
+        # decode was told; some prefill ranks reported a failure and the others never did: a rank
+        # that died with the request (its successor does not know the scheduler it came from)
+        partial = engine.sched.outcome(req.rid)
+        if partial is not None and partial.results and all(r.status is not Status.OK for r in partial.results.values()):
+            return "failed, a dead rank's result missing"
+    if req.lost:
+        return "lost"
+    if req.prefill_ok and req.verified:
+        return "ok"
+    return "aborted" if req.rid in engine.aborted else "failed"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--fault-every", type=float, default=30.0, help="seconds between faults (0: none)")
+    ap.add_argument("--transports", default="shm,rdma", help="comma-separated; requests take them in turn")
+    ap.add_argument("--abort-rate", type=float, default=0.05)
+    ap.add_argument("--lost-s", type=float, default=40.0, help="give up on a request undecided this long")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layer-ms", type=float, default=0.5)
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
+    args = ap.parse_args()
+
+    run_dir = Path(tempfile.mkdtemp(prefix="kvx-soak-", dir="/tmp"))
+    config = dataclasses.replace(loads(CONFIG), run_dir=str(run_dir))
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(dump(config))
+    cluster = Cluster(config, config_path, run_dir, "WARNING")
+    prefill, decode = config.group(role="prefill"), config.group(role="decode")
+    transports = [t for t in args.transports.split(",") if t]
+    outcomes: Counter[str] = Counter()
+    by_fault: list[Counter[str]] = []
+    examples: dict[str, list[str]] = {}
+    rss: dict[str, dict[str, int | None]] = {}
+    tables: dict[str, Any] = {}
+    problem = None
+    codes: dict[str, int] = {}
+    engine: SoakEngine | None = None
+    stop_s = config.barrier.timeout_s + 1.0
+    try:
+        cluster.start(60.0)
+        engine = SoakEngine(
+            config,
+            prefill,
+            decode,
+            seed=args.seed,
+            transport="auto",
+            layer_s=args.layer_ms / 1e3,
+            transports=transports,
+            abort_rate=args.abort_rate,
+        )
+        engine.lost_s = args.lost_s
+        engine.register()
+        faults = Faults(cluster, engine, args.fault_every or float("inf"), stop_s)
+        end = time.monotonic() + args.minutes * 60
+        pids = {d.name: d.popen.pid for d in cluster.daemons}
+
+        def sample(when: str) -> None:
+            for d in cluster.daemons:
+                entry = rss.setdefault(d.name, {})
+                if d.popen.pid != pids.get(d.name):  # restarted: measure its new life from now
+                    pids[d.name] = d.popen.pid
+                    entry.clear()
+                entry.setdefault("first_kib", rss_kib(d.popen.pid))
+                entry["pid"] = d.popen.pid
+                entry[when] = rss_kib(d.popen.pid)
+
+        def ended(req: DemoRequest) -> None:
+            what = outcome_of(req, engine)  # type: ignore[arg-type]
+            outcomes[what] += 1
+            while len(by_fault) <= len(faults.log):  # by_fault[k]: ended after k faults
+                by_fault.append(Counter())
+            by_fault[len(faults.log)][what] += 1
+            if what != "ok" and req.failure and len(examples.setdefault(what, [])) < 3:
+                examples[what].append(f"{req.rid}: {req.failure}")
+
+        warm = False
+        while time.monotonic() < end:
+            engine.plan(ROUND)
+            engine.run(end + 4 * args.lost_s, ended, faults.check)
+            engine.forget()
+            if not warm:  # after the first round: caches mapped, imports done
+                sample("first_kib")
+                warm = True
+        if faults.stopped is not None:
+            os.kill(cluster.daemon(faults.stopped[0]).popen.pid, signal.SIGCONT)
+        sample("last_kib")
+        # every table empties once the remembered endings expire
+        keys = credentials(config)
+        idle_by = time.monotonic() + config.timeouts.pending_s + config.timeouts.verdict_s + 10
+        for r in range(prefill.world_size):
+            while True:
+                reply = status(config.endpoint(prefill, r), 10.0, credentials=keys)
+                tables[f"prefill-{r}"] = json.loads(reply.report)["tables"]
+                if not any(tables[f"prefill-{r}"].values()) or time.monotonic() > idle_by:
+                    break
+                engine.decode.collect(0.5)
+    except Exception as exc:  # the report says what went wrong; exit 1
+        problem = f"{type(exc).__name__}: {exc}"
+    finally:
+        if engine is not None:
+            engine.close()
+        codes = cluster.stop()
+        if args.keep or problem:
+            print(f"run dir: {run_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    growth = {}
+    for name, entry in rss.items():
+        first, last = entry.get("first_kib"), entry.get("last_kib")
+        if first and last:
+            growth[name] = round(100.0 * (last - first) / first, 2)
+    full = {n: growth.get(n) for n in STEADY}
+    failed_checks = []
+    if outcomes["wrong bytes"]:
+        failed_checks.append(f"{outcomes['wrong bytes']} KVReady with wrong bytes")
+    if problem:
+        failed_checks.append(problem)
+    if any(c != 0 for c in codes.values()):
+        failed_checks.append(f"daemons did not exit cleanly: {codes}")
+    if any(any(t.values()) for t in tables.values()) or not tables:
+        failed_checks.append(f"tables not empty at the end: {tables}")
+    if any(g is None or g >= 5.0 for g in full.values()):
+        failed_checks.append(f"RSS growth of the unrestarted daemons: {full}")
+    report = {
+        "minutes": args.minutes,
+        "transports": transports,
+        "requests": sum(outcomes.values()),
+        "outcomes": dict(outcomes),
+        "faults": faults.log if engine is not None else [],
+        "after_each_fault": [dict(c) for c in by_fault],
+        "examples": examples,
+        "tables": tables,
+        "rss": rss,
+        "rss_growth_pct": growth,
+        "exit_codes": codes,
+        "passed": not failed_checks,
+        "problems": failed_checks,
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"soak          {args.minutes:g} min, transports {', '.join(transports)}")
+        print(f"requests      {report['requests']}  " + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items())))
+        for i, rec in enumerate(report["faults"]):
+            after = by_fault[i + 1] if i + 1 < len(by_fault) else Counter()
+            print(f"fault {i:<3}     {json.dumps(rec)} -> until the next: {dict(after)}")
+        for what, lines in examples.items():
+            for line in lines:
+                print(f"{what:<13} {line[:300]}")
+        for name, t in tables.items():
+            print(f"tables        {name}: {t}")
+        for name, entry in sorted(rss.items()):
+            print(f"rss           {name}: {entry} growth {growth.get(name)} %")
+        print(f"exit codes    {codes}")
+        print("PASSED" if not failed_checks else "FAILED: " + "; ".join(failed_checks))
+    return 0 if not failed_checks else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
