@@ -16,6 +16,11 @@ With the peer's cache known, each write picks its transport
 Completions come back at once (``shm``) or from polling (``rdma``,
 ``cuda_ipc``), each stamped with the transport it went over; polling backs
 off from 50 µs to 2 ms while writes are pending and stops when none are.
+
+A link watches its socket's connection (a ZMQ socket monitor): once the decode
+daemon's connection closes (the process died or stopped serving), writes for it
+fail at once, "decode rank N at ENDPOINT is gone", instead of going into memory
+nobody will report on; when it connects again they go as before.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from functools import cache
 from pathlib import Path
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from kvxferd.config import Config, GroupConfig
 from kvxferd.core import PostWrite
@@ -77,7 +83,13 @@ class Link:
     group: GroupConfig
     layout: CacheLayout  # what the group's PeerInfo must describe
     machine: PeerLink
+    monitor: zmq.Socket[bytes] | None = None  # connection events of ``sock``
+    gone: bool = False  # the peer's connection closed and has not come back
     opened: set[str] = field(default_factory=set)  # transports this peer is open on
+
+    @property
+    def gone_text(self) -> str:
+        return f"{self.machine.s.name} is gone (its connection closed)"
 
 
 class Peers:
@@ -153,6 +165,8 @@ class Peers:
             link = self._link(w.peer, now)
         except TransportError as exc:
             return [Completion(w.write_id, str(exc))]
+        if link.gone:
+            return [Completion(w.write_id, link.gone_text)]
         return self._carry(link, link.machine.want(w, now), now)
 
     def warm(self, peer: str, now: float) -> None:
@@ -276,6 +290,11 @@ class Peers:
 
     def _close_link(self, link: Link, now: float) -> None:
         self._drop(link, now)
+        if link.monitor is not None:
+            self.service.unwatch(link.monitor)
+            link.sock.disable_monitor()
+            link.monitor.close()
+            link.monitor = None
         self.service.unwatch(link.sock)
         link.sock.close()
         if self.links.get(link.group.name) is link:
@@ -334,7 +353,21 @@ class Peers:
             )
             link = self.links[group.name] = Link(endpoint, sock, group, layout, PeerLink(settings, now))
             self.service.watch(sock, lambda: self._on_link(link))
+            link.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            self.service.watch(link.monitor, lambda: self._on_monitor(link))
         return link
+
+    def _on_monitor(self, link: Link) -> None:
+        """The link's connection opened or closed."""
+        assert link.monitor is not None
+        while link.monitor.poll(0):
+            event = recv_monitor_message(link.monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED and not link.gone:
+                link.gone = True
+                log.warning("%s: writes for it fail until it connects again", link.gone_text)
+            elif event == zmq.EVENT_CONNECTED and link.gone:
+                link.gone = False
+                log.info("%s connected again", link.machine.s.name)
 
     def _on_link(self, link: Link) -> None:
         for inbound in sockets.receive(link.sock, max_frame=self.max_frame, router=False):

@@ -237,12 +237,22 @@ def test_a_new_worker_cache_is_accepted_while_requests_are_in_flight_and_those_f
 
 
 @pytest.mark.slow
-def test_a_killed_decode_daemon_restarts_and_its_engine_is_written_again() -> None:
+def test_a_killed_decode_daemon_fails_its_requests_at_once_and_is_written_again_once_back() -> None:
     with deploy(faults()) as dep:
         traffic = Traffic(dep)
         assert dep.sched is not None and dep.dec is not None
         traffic.ok(2)
         _kill(dep, _name(dep, "decode", 1))
+        # while it is gone, a request for it fails on every prefill rank, promptly, saying so
+        info, _, _ = traffic.info()
+        asked = time.monotonic()
+        dep.sched.submit(info)
+        traffic.signal(info, range(dep.prefill.world_size))
+        out = dep.sched.wait(info.request_id, 20.0)
+        took = time.monotonic() - asked
+        assert {r.status for r in out.results.values()} == {Status.FAILED}, out.results
+        assert all("rank 1 at" in r.reason and "is gone" in r.reason for r in out.results.values()), out.results
+        assert took < dep.config.timeouts.peer_s, f"the failure took {took:.1f}s"
         dep.cluster.restart(_name(dep, "decode", 1))
         dep.dec.channels[1].send(dep.dcaches[1].registration())  # the engine registers with the new daemon
         deadline = time.monotonic() + 10
