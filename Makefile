@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 EXTRAS := test,dev,torch,rdma
 
-.PHONY: all demo test test-fast bench soak lint fmt clean venv
+.PHONY: all demo test test-fast bench soak faults lint fmt clean venv
 
 all: test
 
@@ -37,6 +37,10 @@ bench: $(STAMP)
 # Ten minutes of mixed traffic with a fault every 30 s (SOAK_ARGS="--minutes 2" for a short one).
 soak: $(STAMP)
 	$(PY) scripts/soak.py $(SOAK_ARGS)
+
+# The fault cases of tests/faults, with a table of what each measured.
+faults: $(STAMP)
+	$(PY) scripts/fault_table.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvxferd tests scripts

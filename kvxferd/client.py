@@ -440,6 +440,12 @@ class DecodeEngine(_Group):
         for rank in range(len(caches)):
             self._expect(rank, Ack, timeout_s, "cache registration")
 
+    def register_rank(self, rank: int, cache: HostKVCache | RegisterCache, timeout_s: float = 10.0) -> None:
+        """Register one rank's cache again (its daemon restarted, or its cache is new); notices
+        that come meanwhile are kept for ``collect``."""
+        self.channels[rank].send(_registration(cache))
+        self._expect(rank, Ack, timeout_s, "cache registration")
+
     def collect(self, timeout_s: float = 0.0) -> list[DecodeOutcome]:
         """Take in notices; return each outcome that heard something new, once per call."""
         changed: dict[Key, DecodeOutcome] = {}

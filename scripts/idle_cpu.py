@@ -10,16 +10,14 @@ that wakes it. Prints one line per daemon with its CPU share of one core over th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from kvxferd.config import dump, load
+from kvxferd.config import load
 from kvxferd.demo.engine import DemoEngine
-from kvxferd.demo.launch import Cluster
+from kvxferd.demo.launch import Cluster, prepare
 
 
 def cpu_seconds(pid: int) -> float:
@@ -32,10 +30,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the idle window")
     parser.add_argument("--requests", type=int, default=20, help="requests to run before going idle")
     args = parser.parse_args()
-    run_dir = Path(tempfile.mkdtemp(prefix="kvx-", dir="/tmp"))
-    config = dataclasses.replace(load(None), run_dir=str(run_dir))
-    path = run_dir / "config.yaml"
-    path.write_text(dump(config))
+    config, path, run_dir = prepare(load(None))
     cluster = Cluster(config, path, run_dir, "WARNING")
     engine = None
     try:

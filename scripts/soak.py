@@ -15,8 +15,8 @@ fault of the cycle below is injected while requests are in flight:
 
 Prefill rank 0 and decode rank 1 are never restarted, so their RSS from the first sample to the
 last is the soak's leak measure (target: < 5 % growth). Printed at the end: requests by outcome
-(ok and verified, aborted, failed, failed with a dead prefill rank's result missing, lost: no decision
-within --lost-s, wrong bytes), per fault
+(ok and verified, aborted, failed, decode told but a dead prefill rank's result missing, lost: no
+decision within --lost-s, wrong bytes), per fault
 the requests that ended in the window after it, every prefill rank's tables once idle, and RSS
 per daemon. Exit status 1 if any KVReady came with wrong bytes, a daemon died on its own, the
 tables did not empty, or an unrestarted daemon grew more than 5 %.
@@ -31,18 +31,17 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from kvxferd.client import credentials, status
-from kvxferd.config import dump, loads
+from kvxferd.config import loads
 from kvxferd.demo.engine import DemoEngine, DemoRequest, u64_view
-from kvxferd.demo.launch import Cluster
+from kvxferd.demo.launch import Cluster, prepare
 from kvxferd.kvcache import HostKVCache
-from kvxferd.protocol import CacheInfo, Status
+from kvxferd.protocol import CacheInfo
 
 CONFIG = """
 groups:
@@ -174,7 +173,7 @@ class Faults:
             record["restart_s"] = round(self._kill_and_restart("barrier"), 2)
         elif fault == "kill-decode":
             record["restart_s"] = round(self._kill_and_restart("decode-0"), 2)
-            e.decode.register(e.dcaches)  # the engine registers again with every rank
+            e.decode.register_rank(0, e.dcaches[0])  # the engine registers with the new daemon
         elif fault == "stop-prefill":
             os.kill(self.cluster.daemon("prefill-0").popen.pid, signal.SIGSTOP)
             self.stopped = ("prefill-0", now + self.stop_s)
@@ -191,11 +190,11 @@ def outcome_of(req: DemoRequest, engine: SoakEngine) -> str:
     if req.ready_at is not None and not req.verified:
         return "wrong bytes"
     if req.lost == "prefill":
-        # decode was told; some prefill ranks reported a failure and the others never did: a rank
-        # that died with the request (its successor does not know the scheduler it came from)
+        # decode was told by every rank; some prefill ranks reported and the others never will: a
+        # rank that died holding the request (its successor does not know the scheduler it came from)
         partial = engine.sched.outcome(req.rid)
-        if partial is not None and partial.results and all(r.status is not Status.OK for r in partial.results.values()):
-            return "failed, a dead rank's result missing"
+        if partial is not None and partial.results:
+            return "decode told, a dead prefill rank's result missing"
     if req.lost:
         return "lost"
     if req.prefill_ok and req.verified:
@@ -216,10 +215,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
     args = ap.parse_args()
 
-    run_dir = Path(tempfile.mkdtemp(prefix="kvx-soak-", dir="/tmp"))
-    config = dataclasses.replace(loads(CONFIG), run_dir=str(run_dir))
-    config_path = run_dir / "config.yaml"
-    config_path.write_text(dump(config))
+    config, config_path, run_dir = prepare(loads(CONFIG), "kvx-soak-")
     cluster = Cluster(config, config_path, run_dir, "WARNING")
     prefill, decode = config.group(role="prefill"), config.group(role="decode")
     transports = [t for t in args.transports.split(",") if t]
@@ -248,17 +244,18 @@ def main() -> int:
         engine.register()
         faults = Faults(cluster, engine, args.fault_every or float("inf"), stop_s)
         end = time.monotonic() + args.minutes * 60
-        pids = {d.name: d.popen.pid for d in cluster.daemons}
 
         def sample(when: str) -> None:
             for d in cluster.daemons:
-                entry = rss.setdefault(d.name, {})
-                if d.popen.pid != pids.get(d.name):  # restarted: measure its new life from now
-                    pids[d.name] = d.popen.pid
-                    entry.clear()
-                entry.setdefault("first_kib", rss_kib(d.popen.pid))
+                entry = rss.setdefault(d.name, {"series_kib": []})
+                kib = rss_kib(d.popen.pid)
                 entry["pid"] = d.popen.pid
-                entry[when] = rss_kib(d.popen.pid)
+                if when == "first":
+                    entry["first_pid"], entry["first_kib"] = d.popen.pid, kib
+                elif when == "last":
+                    entry["last_kib"] = kib
+                if entry.get("first_pid") == d.popen.pid and kib is not None:
+                    entry["series_kib"].append(kib)  # one sample per round, same process only
 
         def ended(req: DemoRequest) -> None:
             what = outcome_of(req, engine)  # type: ignore[arg-type]
@@ -274,12 +271,11 @@ def main() -> int:
             engine.plan(ROUND)
             engine.run(end + 4 * args.lost_s, ended, faults.check)
             engine.forget()
-            if not warm:  # after the first round: caches mapped, imports done
-                sample("first_kib")
-                warm = True
+            sample("round" if warm else "first")  # the first after one round: caches mapped, imports done
+            warm = True
         if faults.stopped is not None:
             os.kill(cluster.daemon(faults.stopped[0]).popen.pid, signal.SIGCONT)
-        sample("last_kib")
+        sample("last")
         # every table empties once the remembered endings expire
         keys = credentials(config)
         idle_by = time.monotonic() + config.timeouts.pending_s + config.timeouts.verdict_s + 10
@@ -301,11 +297,15 @@ def main() -> int:
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
 
-    growth = {}
+    growth: dict[str, float] = {}  # first -> last sample of the same process, in percent
+    second_half: dict[str, float] = {}  # the middle sample -> the last: warm-up excluded
     for name, entry in rss.items():
-        first, last = entry.get("first_kib"), entry.get("last_kib")
-        if first and last:
-            growth[name] = round(100.0 * (last - first) / first, 2)
+        series = entry["series_kib"]
+        if entry.get("first_pid") != entry.get("pid") or len(series) < 2:
+            continue  # restarted during the soak: its first sample is gone with it
+        growth[name] = round(100.0 * (series[-1] - series[0]) / series[0], 2)
+        mid = series[len(series) // 2]
+        second_half[name] = round(100.0 * (series[-1] - mid) / mid, 2)
     full = {n: growth.get(n) for n in STEADY}
     failed_checks = []
     if outcomes["wrong bytes"]:
@@ -329,6 +329,7 @@ def main() -> int:
         "tables": tables,
         "rss": rss,
         "rss_growth_pct": growth,
+        "rss_growth_second_half_pct": second_half,
         "exit_codes": codes,
         "passed": not failed_checks,
         "problems": failed_checks,
@@ -347,7 +348,14 @@ def main() -> int:
         for name, t in tables.items():
             print(f"tables        {name}: {t}")
         for name, entry in sorted(rss.items()):
-            print(f"rss           {name}: {entry} growth {growth.get(name)} %")
+            series = entry["series_kib"]
+            if name in growth:
+                print(
+                    f"rss           {name}: {series[0]} -> {series[-1]} KiB over {len(series)} samples: "
+                    f"{growth[name]:+.2f} % (second half {second_half[name]:+.2f} %)"
+                )
+            else:
+                print(f"rss           {name}: restarted during the soak; {entry.get('last_kib')} KiB at the end")
         print(f"exit codes    {codes}")
         print("PASSED" if not failed_checks else "FAILED: " + "; ".join(failed_checks))
     return 0 if not failed_checks else 1

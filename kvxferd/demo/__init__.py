@@ -12,16 +12,14 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from kvxferd.config import Config, dump
+from kvxferd.config import Config
 from kvxferd.demo.engine import DemoEngine, DemoRequest
-from kvxferd.demo.launch import Cluster
+from kvxferd.demo.launch import Cluster, prepare
 from kvxferd.errors import KvxferdError
 
 
@@ -124,10 +122,7 @@ def run(
     progress: bool = True,
     layer_ms: float = 0.5,
 ) -> Summary:
-    run_dir = Path(tempfile.mkdtemp(prefix="kvx-", dir="/tmp"))
-    config = dataclasses.replace(config, run_dir=str(run_dir))
-    config_path = run_dir / "config.yaml"
-    config_path.write_text(dump(config))
+    config, config_path, run_dir = prepare(config)
     prefill, decode = config.group(role="prefill"), config.group(role="decode")
     summary = Summary(requests)
     deadline = time.monotonic() + timeout_s

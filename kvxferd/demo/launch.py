@@ -7,18 +7,20 @@ fails.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvxferd.config import Config
+from kvxferd.config import Config, dump
 from kvxferd.errors import DaemonError
 
 
@@ -36,6 +38,16 @@ class Daemon:
         except OSError:
             return "(no log)"
         return "\n".join(f"    {line}" for line in text[-lines:]) or "    (empty log)"
+
+
+def prepare(config: Config, prefix: str = "kvx-") -> tuple[Config, Path, Path]:
+    """A fresh run directory under /tmp (unix socket paths must stay short) with ``config``
+    written into it, pointing there: (the config, its path, the directory)."""
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    config = dataclasses.replace(config, run_dir=str(run_dir))
+    path = run_dir / "config.yaml"
+    path.write_text(dump(config))
+    return config, path, run_dir
 
 
 class Cluster:

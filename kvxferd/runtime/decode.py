@@ -22,6 +22,8 @@ import contextlib
 import json
 import logging
 import secrets
+import time
+from collections import deque
 
 import zmq
 
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: transports that need metadata published for a decode cache (shm and cuda_ipc use the regions)
 PUBLISHERS = ("rdma",)
+#: notices kept while no engine is registered (oldest dropped first, counted)
+MAX_HELD = 4096
 
 
 class DecodeDaemon(GroupDaemon):
@@ -71,6 +75,10 @@ class DecodeDaemon(GroupDaemon):
         self.peer_router: zmq.Socket[bytes] | None = None
         self.peer_endpoint = ""
         self.queried: set[bytes] = set()  # prefill daemons that asked for our PeerInfo
+        #: notices that came before any engine registered (identity, prefill group, notice)
+        self.held: deque[tuple[bytes, str, KVReady | TransferResult]] = deque(maxlen=MAX_HELD)
+        #: prefill daemon -> when it was last given our PeerInfo unasked (bounded by the config's ranks)
+        self.pushed: dict[bytes, float] = {}
         #: the identities prefill daemons of this deployment connect with, for our rank
         self.prefills = {
             f"{g.name}:{rank}".encode(): g.name for g in config.groups if g.role == "prefill" and rank < g.world_size
@@ -155,18 +163,15 @@ class DecodeDaemon(GroupDaemon):
                 self.counters["refused_peer"] += 1
                 log.warning("refused a notice from %s naming rank %d", show(identity), msg.rank)
                 return
-            if isinstance(msg, KVReady) and msg.generation != self.generation:
-                self.counters["stale_generation"] += 1
-                reason = (
-                    f"prefill {source} rank {msg.rank} wrote it into registration {show(msg.generation)} of "
-                    f"decode rank {self.rank}; the engine's cache is registration {show(self.generation)} now"
-                )
-                log.warning("request %s: %s", msg.request_id, reason)
-                info = self._peer_info()
-                if info is not None:
-                    self.answer(self.peer_router, identity, info)  # so its next writes go to this one
-                msg = TransferResult(msg.request_id, Status.FAILED, reason, msg.rank, msg.bytes, instance=msg.instance)
-            self._forward(msg)
+            if self.engine is None:
+                # notices that waited in a prefill daemon's socket while this daemon restarted:
+                # kept for the engine that registers next (they name an earlier registration,
+                # so it hears them as failures, and the blocks are free again)
+                if len(self.held) == self.held.maxlen:
+                    self.counters["notices_dropped"] += 1
+                self.held.append((identity, source, msg))
+                return
+            self._forward(self._checked(identity, source, msg))
         else:
             self.answer(
                 self.peer_router, identity, Error(ErrorCode.WRONG_ROLE, f"{type(msg).__name__} is not a peer message")
@@ -206,13 +211,19 @@ class DecodeDaemon(GroupDaemon):
         self.reply(identity, Ack("register"))
         info = self._peer_info()
         assert self.peer_router is not None and info is not None
+        now = time.monotonic()
         for prefill in self.queried:  # they hold our old PeerInfo: give them the new one
-            self.answer(self.peer_router, prefill, info)
+            if self.answer(self.peer_router, prefill, info):
+                self.pushed[prefill] = now
         for prefill in set(self.prefills) - self.queried:
             # a prefill rank connected to an earlier run of this daemon holds that run's PeerInfo;
             # one not connected (yet) asks when it first writes
             with contextlib.suppress(zmq.ZMQError):
                 sockets.send(self.peer_router, info, prefill)
+                self.pushed[prefill] = now
+        held, self.held = list(self.held), deque(maxlen=MAX_HELD)
+        for who, source, notice in held:
+            self._forward(self._checked(who, source, notice))
 
     def _peer_info(self) -> PeerInfo | None:
         if self.cache is None:
@@ -222,9 +233,24 @@ class DecodeDaemon(GroupDaemon):
             self.group.name, self.rank, host_id(), c.memory, c.layout, c.regions, self.published, self.generation
         )
 
+    def _checked(self, identity: bytes, source: str, msg: KVReady | TransferResult) -> KVReady | TransferResult:
+        """A KVReady that names another registration than the current one, as the failure it is
+        (and that prefill rank is given the current PeerInfo); anything else unchanged."""
+        if not isinstance(msg, KVReady) or msg.generation == self.generation:
+            return msg
+        self.counters["stale_generation"] += 1
+        reason = (
+            f"prefill {source} rank {msg.rank} wrote it into registration {show(msg.generation)} of "
+            f"decode rank {self.rank}; the engine's cache is registration {show(self.generation)} now"
+        )
+        log.warning("request %s: %s", msg.request_id, reason)
+        info, now = self._peer_info(), time.monotonic()
+        if info is not None and self.peer_router is not None and now - self.pushed.get(identity, -1e9) >= 1.0:
+            self.pushed[identity] = now  # at most once a second: a flood of stale notices needs one answer
+            self.answer(self.peer_router, identity, info)  # so its next writes go to this one
+        return TransferResult(msg.request_id, Status.FAILED, reason, msg.rank, msg.bytes, instance=msg.instance)
+
     def _forward(self, msg: KVReady | TransferResult) -> None:
-        if self.engine is None:
-            log.warning("no engine registered to tell about request %s", msg.request_id)
-            return
+        assert self.engine is not None
         if not self.reply(self.engine, msg):
             self.counters["notices_dropped"] += 1

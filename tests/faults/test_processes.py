@@ -14,13 +14,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from kvxferd.client import PrefillOutcome
 from kvxferd.kvcache import HostKVCache
-from kvxferd.protocol import Ack, CacheInfo, SlotChunk, Status
+from kvxferd.protocol import CacheInfo, SlotChunk, Status
 from tests.integration.conftest import SMALL, Deployment, deploy, fill
 
 BARRIER_S = 4.0  # the barrier's round timeout in these deployments
@@ -39,8 +40,9 @@ def faults(**timeouts: float) -> str:
 class Traffic:
     """One-block requests on every rank, each with fresh bytes, checked at decode byte for byte."""
 
-    def __init__(self, dep: Deployment) -> None:
+    def __init__(self, dep: Deployment, record: dict[str, Any]) -> None:
         self.dep = dep
+        self.record = record  # the case's figures: requests verified here are counted in it
         self.step = 0
         self.n = 0
 
@@ -60,6 +62,15 @@ class Traffic:
             for layer in range(self.dep.config.kv.num_layers):
                 self.dep.workers[r].layer_ready(info.step, layer, chunk if layer == 0 else ())
 
+    def half_done(self, rank: int) -> tuple[CacheInfo, int, int]:
+        """A request both ranks hold, written and arrived on ``rank`` only: in flight."""
+        info, src, dst = self.info()
+        assert self.dep.sched is not None
+        self.dep.sched.submit(info)
+        self.signal(info, [rank])
+        _wait_state(self.dep, rank, info.request_id, "arrived")
+        return info, src, dst
+
     def ok(self, count: int = 3) -> None:
         """``count`` requests, each reported ok on every rank, ready at decode, bytes in place."""
         dep = self.dep
@@ -72,6 +83,7 @@ class Traffic:
             assert out.ok, out.results
             assert dep.dec.wait(info.request_id, 20.0).ready
             self.verify(src, dst)
+            self.record["verified"] += 1
 
     def verify(self, src: int, dst: int) -> None:
         for r in range(self.dep.prefill.world_size):
@@ -95,6 +107,13 @@ def _kill(dep: Deployment, name: str) -> float:
     return time.monotonic()
 
 
+def _restart(dep: Deployment, name: str, record: dict[str, Any]) -> None:
+    """Start ``name`` again, alone; the seconds until it serves go into the case's figures."""
+    started = time.monotonic()
+    dep.cluster.restart(name)
+    record["rejoin_s"] = round(time.monotonic() - started, 2)
+
+
 def _wait_state(dep: Deployment, rank: int, rid: str, state: str) -> None:
     def there() -> bool:
         return any(r["request_id"] == rid and r["state"] == state for r in dep.status(rank)["requests"])
@@ -116,14 +135,17 @@ def _outcome_on(dep: Deployment, rid: str, rank: int, timeout_s: float) -> Prefi
 
 
 @pytest.mark.slow
-def test_a_second_daemon_for_a_live_endpoint_refuses_and_names_the_running_one() -> None:
+def test_a_second_daemon_for_a_live_endpoint_refuses_and_names_the_running_one(record: dict[str, Any]) -> None:
     with deploy(faults()) as dep:
-        traffic = Traffic(dep)
+        traffic = Traffic(dep, record)
         traffic.ok(1)
         first = dep.cluster.daemon(_name(dep, "prefill", 0))
         cmd = [sys.executable, "-m", "kvxferd", "serve", "--group", dep.prefill.name, "--rank", "0"]
         cmd += ["--config", str(dep.cluster.config_path)]
+        asked = time.monotonic()
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        record.update(fault="a second serve for prefill rank 0", report_s=round(time.monotonic() - asked, 2))
+        record["affected"] = "none: the newcomer exits 1 naming the pid"
         assert second.returncode != 0
         assert f"is served by a running process (pid {first.popen.pid})" in second.stderr, second.stderr
         # the running daemon kept its socket and serves on
@@ -133,36 +155,37 @@ def test_a_second_daemon_for_a_live_endpoint_refuses_and_names_the_running_one()
 
 
 @pytest.mark.slow
-def test_a_killed_prefill_rank_rejoins_its_running_group_and_its_requests_fail_on_the_others() -> None:
+def test_a_killed_prefill_rank_rejoins_its_running_group_and_its_requests_fail_on_the_others(
+    record: dict[str, Any],
+) -> None:
     with deploy(faults()) as dep:
-        traffic = Traffic(dep)
+        traffic = Traffic(dep, record)
         assert dep.sched is not None
         traffic.ok(3)
         # a request in flight: both ranks hold it, only rank 0 has its layers (it arrives), then rank 1 dies
-        info, _, _ = traffic.info()
-        dep.sched.submit(info)
-        traffic.signal(info, [0])
-        _wait_state(dep, 0, info.request_id, "arrived")
+        info, _, _ = traffic.half_done(0)
         fault = _kill(dep, _name(dep, "prefill", 1))
         out = _outcome_on(dep, info.request_id, 0, BARRIER_S + SLACK_S + 5)
         took = time.monotonic() - fault
         report = out.results[0]
         assert report.status is Status.FAILED, report
         assert "rank 1 of group prefill did not report" in report.reason, report.reason
+        record.update(fault="SIGKILL prefill rank 1", report_s=round(took, 2))
+        record["affected"] = "1 in flight: failed on rank 0 naming rank 1"
         assert took <= BARRIER_S + SLACK_S, f"the failure came {took:.1f}s after the fault"
         assert _socket(dep, 1).exists()  # the dead rank's socket file stays until its next start
 
         # only rank 1 starts again; it joins the serving group at once (no cold-start barrier)
-        dep.cluster.restart(_name(dep, "prefill", 1))
+        _restart(dep, _name(dep, "prefill", 1), record)
         dep.workers[1].register(dep.pcaches[1])  # the restarted daemon learns the worker's cache anew
         traffic.ok(3)
         assert dep.status(0)["tables"]["requests"] == 0 and dep.status(1)["tables"]["requests"] == 0
 
 
 @pytest.mark.slow
-def test_a_second_signal_ends_the_drain_at_once_and_fails_what_is_left() -> None:
+def test_a_second_signal_ends_the_drain_at_once_and_fails_what_is_left(record: dict[str, Any]) -> None:
     with deploy(faults(shutdown_s=120)) as dep:
-        traffic = Traffic(dep)
+        traffic = Traffic(dep, record)
         assert dep.sched is not None
         traffic.ok(1)
         info, _, _ = traffic.info()
@@ -176,33 +199,34 @@ def test_a_second_signal_ends_the_drain_at_once_and_fails_what_is_left() -> None
         asked = time.monotonic()
         daemon.popen.send_signal(signal.SIGTERM)
         assert daemon.popen.wait(timeout=30) == 0
+        record.update(fault="SIGTERM twice, prefill rank 0, drain blocked", report_s=round(time.monotonic() - asked, 2))
+        record["affected"] = "1 held: failed on both ranks ('a second signal')"
         assert time.monotonic() - asked < 10, "the second signal did not stop the daemon at once"
         out = dep.sched.wait(info.request_id, BARRIER_S + SLACK_S + 10)
         assert {r.status for r in out.results.values()} == {Status.FAILED}, out.results
         assert all("a second signal" in r.reason for r in out.results.values()), out.results
         assert not _socket(dep, 0).exists() and not _socket(dep, 0).with_suffix(".sock.lock").exists()
 
-        dep.cluster.restart(name)
+        _restart(dep, name, record)
         dep.workers[0].register(dep.pcaches[0])
         traffic.ok(2)
 
 
 @pytest.mark.slow
-def test_a_restarted_barrier_service_loses_no_request_in_flight() -> None:
+def test_a_restarted_barrier_service_loses_no_request_in_flight(record: dict[str, Any]) -> None:
     # verdict_s far beyond the test: a request the new service did not recover would hang, not fail
     with deploy(faults(verdict_s=60)) as dep:
-        traffic = Traffic(dep)
+        traffic = Traffic(dep, record)
         assert dep.sched is not None and dep.dec is not None
         traffic.ok(2)
         # rank 0 wrote and arrived (the old service heard it), rank 1 has not written yet
-        info, src, dst = traffic.info()
-        dep.sched.submit(info)
-        traffic.signal(info, [0])
-        _wait_state(dep, 0, info.request_id, "arrived")
-        _kill(dep, "barrier")
-        dep.cluster.restart("barrier")
+        info, src, dst = traffic.half_done(0)
+        fault = _kill(dep, "barrier")
+        _restart(dep, "barrier", record)
         traffic.signal(info, [1])
         out = dep.sched.wait(info.request_id, BARRIER_S + SLACK_S + 10)
+        record.update(fault="SIGKILL barrier service", report_s=round(time.monotonic() - fault, 2))
+        record["affected"] = "1 half arrived: completed ok after the restart"
         assert out.ok, out.results
         assert dep.dec.wait(info.request_id, 10.0).ready
         traffic.verify(src, dst)
@@ -210,24 +234,24 @@ def test_a_restarted_barrier_service_loses_no_request_in_flight() -> None:
 
 
 @pytest.mark.slow
-def test_a_new_worker_cache_is_accepted_while_requests_are_in_flight_and_those_fail() -> None:
+def test_a_new_worker_cache_is_accepted_while_requests_are_in_flight_and_those_fail(record: dict[str, Any]) -> None:
     """The prefill worker of rank 1 dies and its successor registers a new cache while a request
     is in flight: the registration is accepted, that request fails on both ranks saying why, and
     the next requests read the new cache."""
     with deploy(faults()) as dep:
-        traffic = Traffic(dep)
+        traffic = Traffic(dep, record)
         assert dep.sched is not None
         traffic.ok(2)
-        info, _, _ = traffic.info()
-        dep.sched.submit(info)
-        traffic.signal(info, [0])
-        _wait_state(dep, 0, info.request_id, "arrived")
+        info, _, _ = traffic.half_done(0)
         fresh = HostKVCache.create(dep.shape)
         old = dep.pcaches[1]
         try:
+            fault = time.monotonic()
             dep.workers[1].register(fresh)
             dep.pcaches[1] = fresh
             out = dep.sched.wait(info.request_id, BARRIER_S + SLACK_S + 10)
+            record.update(fault="prefill worker 1 registers a new cache", report_s=round(time.monotonic() - fault, 2))
+            record["affected"] = "1 in flight: failed on both ranks, reason names the registration"
             assert {r.status for r in out.results.values()} == {Status.FAILED}, out.results
             assert all("registered a new cache with prefill rank 1" in r.reason for r in out.results.values())
             traffic.ok(3)  # fills and checks rank 1's blocks in the new cache
@@ -237,9 +261,11 @@ def test_a_new_worker_cache_is_accepted_while_requests_are_in_flight_and_those_f
 
 
 @pytest.mark.slow
-def test_a_killed_decode_daemon_fails_its_requests_at_once_and_is_written_again_once_back() -> None:
+def test_a_killed_decode_daemon_fails_its_requests_at_once_and_is_written_again_once_back(
+    record: dict[str, Any],
+) -> None:
     with deploy(faults()) as dep:
-        traffic = Traffic(dep)
+        traffic = Traffic(dep, record)
         assert dep.sched is not None and dep.dec is not None
         traffic.ok(2)
         _kill(dep, _name(dep, "decode", 1))
@@ -252,45 +278,49 @@ def test_a_killed_decode_daemon_fails_its_requests_at_once_and_is_written_again_
         took = time.monotonic() - asked
         assert {r.status for r in out.results.values()} == {Status.FAILED}, out.results
         assert all("rank 1 at" in r.reason and "is gone" in r.reason for r in out.results.values()), out.results
+        record.update(fault="SIGKILL decode rank 1", report_s=round(took, 2))
+        record["affected"] = "1 sent while gone: failed on both ranks ('is gone')"
         assert took < dep.config.timeouts.peer_s, f"the failure took {took:.1f}s"
-        dep.cluster.restart(_name(dep, "decode", 1))
-        dep.dec.channels[1].send(dep.dcaches[1].registration())  # the engine registers with the new daemon
-        deadline = time.monotonic() + 10
-        while not any(isinstance(m, Ack) for _, m in dep.dec.poll(0.2)):
-            assert time.monotonic() < deadline, "decode rank 1 did not acknowledge the registration"
+        _restart(dep, _name(dep, "decode", 1), record)
+        # prefill rank 1's notice of that failure waited in its socket for the new daemon, which
+        # keeps it until an engine registers: the engine then hears from both decode ranks
+        dep.wait_until(
+            "the new decode rank 1 to take the waiting notice",
+            lambda: dep.status(1, "decode")["counters"].get("peer_TransferResult", 0) >= 1,
+        )
+        _register_decode(dep, 1, dep.dcaches[1])  # the engine registers with the new daemon
+        told = dep.dec.wait(info.request_id, 10.0)
+        assert told.reusable and not told.ready, told
         traffic.ok(3)
 
 
 def _register_decode(dep: Deployment, rank: int, cache: HostKVCache) -> None:
     assert dep.dec is not None
-    dep.dec.channels[rank].send(cache.registration())
-    deadline = time.monotonic() + 10
-    while not any(r == rank and isinstance(m, Ack) for r, m in dep.dec.poll(0.2)):
-        assert time.monotonic() < deadline, f"decode rank {rank} did not acknowledge the registration"
+    dep.dec.register_rank(rank, cache)
 
 
 @pytest.mark.slow
-def test_bytes_written_into_an_old_decode_cache_are_never_reported_ready_for_a_new_one() -> None:
+def test_bytes_written_into_an_old_decode_cache_are_never_reported_ready_for_a_new_one(record: dict[str, Any]) -> None:
     """Prefill rank 1 writes a request into decode rank 1's cache; then the decode engine registers
     a new cache there; then the request is released. Decode rank 1 must not call it ready: its
     bytes are in the old cache. Later requests are written into the new cache and verified."""
     with deploy(faults()) as dep:
-        traffic = Traffic(dep)
+        traffic = Traffic(dep, record)
         assert dep.sched is not None and dep.dec is not None
         traffic.ok(2)
-        info, _, _ = traffic.info()
-        dep.sched.submit(info)
-        traffic.signal(info, [1])
-        _wait_state(dep, 1, info.request_id, "arrived")  # written into the old cache
+        info, _, _ = traffic.half_done(1)  # written into the old cache
         fresh = HostKVCache.create(dep.shape)
         old = dep.dcaches[1]
         try:
             _register_decode(dep, 1, fresh)
             dep.dcaches[1] = fresh
+            fault = time.monotonic()
             traffic.signal(info, [0])
             notice = dep.dec.wait(info.request_id, BARRIER_S + SLACK_S + 10)
             while 1 not in notice.reported:
                 assert dep.dec.collect(10.0), "decode rank 1 never reported"
+            record.update(fault="decode engine 1 registers a new cache", report_s=round(time.monotonic() - fault, 2))
+            record["affected"] = "1 written into the old cache: failed at decode rank 1, not ready"
             assert notice.statuses[1] is Status.FAILED, notice
             assert "registration" in notice.reasons[1], notice.reasons
             traffic.ok(3)
@@ -300,17 +330,16 @@ def test_bytes_written_into_an_old_decode_cache_are_never_reported_ready_for_a_n
 
 
 @pytest.mark.slow
-def test_a_stopped_prefill_rank_fails_its_requests_everywhere_and_serves_again_when_continued() -> None:
+def test_a_stopped_prefill_rank_fails_its_requests_everywhere_and_serves_again_when_continued(
+    record: dict[str, Any],
+) -> None:
     """SIGSTOP of prefill rank 1 past the barrier timeout: a request in flight fails on rank 0 in
     time, naming rank 1; after SIGCONT rank 1 reports the same verdict, and later requests move."""
     with deploy(faults()) as dep:
-        traffic = Traffic(dep)
+        traffic = Traffic(dep, record)
         assert dep.sched is not None
         traffic.ok(2)
-        info, _, _ = traffic.info()
-        dep.sched.submit(info)
-        traffic.signal(info, [0])
-        _wait_state(dep, 0, info.request_id, "arrived")
+        info, _, _ = traffic.half_done(0)
         stopped = dep.cluster.daemon(_name(dep, "prefill", 1))
         stopped.popen.send_signal(signal.SIGSTOP)
         fault = time.monotonic()
@@ -318,6 +347,8 @@ def test_a_stopped_prefill_rank_fails_its_requests_everywhere_and_serves_again_w
             out = _outcome_on(dep, info.request_id, 0, BARRIER_S + SLACK_S + 5)
             took = time.monotonic() - fault
             assert out.results[0].status is Status.FAILED and "rank 1 of group prefill" in out.results[0].reason
+            record.update(fault=f"SIGSTOP prefill rank 1 (> {BARRIER_S:g}s)", report_s=round(took, 2))
+            record["affected"] = "1 in flight: failed on both ranks, same reason"
             assert took <= BARRIER_S + SLACK_S, f"the failure came {took:.1f}s after the fault"
         finally:
             stopped.popen.send_signal(signal.SIGCONT)
@@ -329,15 +360,16 @@ def test_a_stopped_prefill_rank_fails_its_requests_everywhere_and_serves_again_w
 
 
 @pytest.mark.slow
-def test_a_stopped_decode_daemon_delays_notices_but_loses_none() -> None:
+def test_a_stopped_decode_daemon_delays_notices_but_loses_none(record: dict[str, Any]) -> None:
     """SIGSTOP of decode rank 1: prefill keeps writing (shm goes into the engine's memory), the
     notices for decode rank 1 wait in its socket; after SIGCONT every request is ready, verified."""
     with deploy(faults()) as dep:
-        traffic = Traffic(dep)
+        traffic = Traffic(dep, record)
         assert dep.sched is not None and dep.dec is not None
         traffic.ok(1)
         stopped = dep.cluster.daemon(_name(dep, "decode", 1))
         stopped.popen.send_signal(signal.SIGSTOP)
+        fault = time.monotonic()
         try:
             held = []
             for _ in range(3):
@@ -354,4 +386,6 @@ def test_a_stopped_decode_daemon_delays_notices_but_loses_none() -> None:
         for rid, src, dst in held:
             assert dep.dec.wait(rid, 20.0).ready
             traffic.verify(src, dst)
+        record.update(fault="SIGSTOP decode rank 1", report_s=round(time.monotonic() - fault, 2))
+        record["affected"] = "3 written meanwhile: ready once continued, verified"
         traffic.ok(2)
