@@ -26,10 +26,11 @@ def main() -> int:
         code = subprocess.run(cmd, env=env, check=False).returncode
         rows = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
     print()
-    print("| fault | to report (s) | requests it touched | unaffected, verified | rejoin (s) |")
-    print("|---|---|---|---|---|")
+    print("| fault | transport | to report (s) | requests it touched | unaffected, verified | rejoin (s) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        cells = [r.get("fault", r["case"]), r.get("report_s", "-"), r.get("affected", "-"), r["verified"]]
+        cells = [r.get("fault", r["case"]), r.get("transport", "shm"), r.get("report_s", "-"), r.get("affected", "-")]
+        cells.append(r["verified"])
         print("| " + " | ".join(str(c) for c in [*cells, r.get("rejoin_s", "-")]) + " |")
     return code
 

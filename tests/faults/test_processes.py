@@ -19,13 +19,25 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvxferd.client import PrefillOutcome
+from kvxferd.client import PrefillOutcome, PrefillScheduler, PrefillWorker
+from kvxferd.errors import TransportUnavailable
 from kvxferd.kvcache import HostKVCache
 from kvxferd.protocol import CacheInfo, SlotChunk, Status
+from kvxferd.transports import load
 from tests.integration.conftest import SMALL, Deployment, deploy, fill
 
 BARRIER_S = 4.0  # the barrier's round timeout in these deployments
 SLACK_S = 3.0  # what a failure report may take beyond its timeout on a busy 2-core machine
+
+
+@pytest.fixture(params=["shm", "rdma"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """The transport a case's requests ask for (rdma: NIXL over loopback; skipped where absent)."""
+    try:
+        load(request.param)
+    except TransportUnavailable as exc:
+        pytest.skip(str(exc))
+    return str(request.param)
 
 
 def faults(**timeouts: float) -> str:
@@ -40,9 +52,10 @@ def faults(**timeouts: float) -> str:
 class Traffic:
     """One-block requests on every rank, each with fresh bytes, checked at decode byte for byte."""
 
-    def __init__(self, dep: Deployment, record: dict[str, Any]) -> None:
+    def __init__(self, dep: Deployment, record: dict[str, Any], transport: str = "auto") -> None:
         self.dep = dep
         self.record = record  # the case's figures: requests verified here are counted in it
+        self.transport = transport
         self.step = 0
         self.n = 0
 
@@ -54,7 +67,7 @@ class Traffic:
         for r in range(self.dep.prefill.world_size):
             fill(self.dep.pcaches[r], [src], seed=1000 * self.n + r)
         slot = self.n % 8 if slot is None else slot
-        return CacheInfo(rid, slot, self.step, 4, (src,), (dst,), self.dep.peer), src, dst
+        return CacheInfo(rid, slot, self.step, 4, (src,), (dst,), self.dep.peer, self.transport), src, dst
 
     def signal(self, info: CacheInfo, ranks: range | list[int]) -> None:
         chunk = (SlotChunk(info.slot, 0, info.num_tokens, info.step),)
@@ -81,6 +94,7 @@ class Traffic:
             self.signal(info, range(dep.prefill.world_size))
             out = dep.sched.wait(info.request_id, 20.0)
             assert out.ok, out.results
+            assert self.transport == "auto" or {r.transport for r in out.results.values()} == {self.transport}
             assert dep.dec.wait(info.request_id, 20.0).ready
             self.verify(src, dst)
             self.record["verified"] += 1
@@ -156,10 +170,10 @@ def test_a_second_daemon_for_a_live_endpoint_refuses_and_names_the_running_one(r
 
 @pytest.mark.slow
 def test_a_killed_prefill_rank_rejoins_its_running_group_and_its_requests_fail_on_the_others(
-    record: dict[str, Any],
+    record: dict[str, Any], transport: str
 ) -> None:
     with deploy(faults()) as dep:
-        traffic = Traffic(dep, record)
+        traffic = Traffic(dep, record, transport)
         assert dep.sched is not None
         traffic.ok(3)
         # a request in flight: both ranks hold it, only rank 0 has its layers (it arrives), then rank 1 dies
@@ -170,6 +184,7 @@ def test_a_killed_prefill_rank_rejoins_its_running_group_and_its_requests_fail_o
         report = out.results[0]
         assert report.status is Status.FAILED, report
         assert "rank 1 of group prefill did not report" in report.reason, report.reason
+        record["transport"] = transport
         record.update(fault="SIGKILL prefill rank 1", report_s=round(took, 2))
         record["affected"] = "1 in flight: failed on rank 0 naming rank 1"
         assert took <= BARRIER_S + SLACK_S, f"the failure came {took:.1f}s after the fault"
@@ -213,10 +228,10 @@ def test_a_second_signal_ends_the_drain_at_once_and_fails_what_is_left(record: d
 
 
 @pytest.mark.slow
-def test_a_restarted_barrier_service_loses_no_request_in_flight(record: dict[str, Any]) -> None:
+def test_a_restarted_barrier_service_loses_no_request_in_flight(record: dict[str, Any], transport: str) -> None:
     # verdict_s far beyond the test: a request the new service did not recover would hang, not fail
     with deploy(faults(verdict_s=60)) as dep:
-        traffic = Traffic(dep, record)
+        traffic = Traffic(dep, record, transport)
         assert dep.sched is not None and dep.dec is not None
         traffic.ok(2)
         # rank 0 wrote and arrived (the old service heard it), rank 1 has not written yet
@@ -225,6 +240,7 @@ def test_a_restarted_barrier_service_loses_no_request_in_flight(record: dict[str
         _restart(dep, "barrier", record)
         traffic.signal(info, [1])
         out = dep.sched.wait(info.request_id, BARRIER_S + SLACK_S + 10)
+        record["transport"] = transport
         record.update(fault="SIGKILL barrier service", report_s=round(time.monotonic() - fault, 2))
         record["affected"] = "1 half arrived: completed ok after the restart"
         assert out.ok, out.results
@@ -262,10 +278,10 @@ def test_a_new_worker_cache_is_accepted_while_requests_are_in_flight_and_those_f
 
 @pytest.mark.slow
 def test_a_killed_decode_daemon_fails_its_requests_at_once_and_is_written_again_once_back(
-    record: dict[str, Any],
+    record: dict[str, Any], transport: str
 ) -> None:
     with deploy(faults()) as dep:
-        traffic = Traffic(dep, record)
+        traffic = Traffic(dep, record, transport)
         assert dep.sched is not None and dep.dec is not None
         traffic.ok(2)
         _kill(dep, _name(dep, "decode", 1))
@@ -278,6 +294,7 @@ def test_a_killed_decode_daemon_fails_its_requests_at_once_and_is_written_again_
         took = time.monotonic() - asked
         assert {r.status for r in out.results.values()} == {Status.FAILED}, out.results
         assert all("rank 1 at" in r.reason and "is gone" in r.reason for r in out.results.values()), out.results
+        record["transport"] = transport
         record.update(fault="SIGKILL decode rank 1", report_s=round(took, 2))
         record["affected"] = "1 sent while gone: failed on both ranks ('is gone')"
         assert took < dep.config.timeouts.peer_s, f"the failure took {took:.1f}s"
@@ -300,12 +317,14 @@ def _register_decode(dep: Deployment, rank: int, cache: HostKVCache) -> None:
 
 
 @pytest.mark.slow
-def test_bytes_written_into_an_old_decode_cache_are_never_reported_ready_for_a_new_one(record: dict[str, Any]) -> None:
+def test_bytes_written_into_an_old_decode_cache_are_never_reported_ready_for_a_new_one(
+    record: dict[str, Any], transport: str
+) -> None:
     """Prefill rank 1 writes a request into decode rank 1's cache; then the decode engine registers
     a new cache there; then the request is released. Decode rank 1 must not call it ready: its
     bytes are in the old cache. Later requests are written into the new cache and verified."""
     with deploy(faults()) as dep:
-        traffic = Traffic(dep, record)
+        traffic = Traffic(dep, record, transport)
         assert dep.sched is not None and dep.dec is not None
         traffic.ok(2)
         info, _, _ = traffic.half_done(1)  # written into the old cache
@@ -319,6 +338,7 @@ def test_bytes_written_into_an_old_decode_cache_are_never_reported_ready_for_a_n
             notice = dep.dec.wait(info.request_id, BARRIER_S + SLACK_S + 10)
             while 1 not in notice.reported:
                 assert dep.dec.collect(10.0), "decode rank 1 never reported"
+            record["transport"] = transport
             record.update(fault="decode engine 1 registers a new cache", report_s=round(time.monotonic() - fault, 2))
             record["affected"] = "1 written into the old cache: failed at decode rank 1, not ready"
             assert notice.statuses[1] is Status.FAILED, notice
@@ -383,9 +403,66 @@ def test_a_stopped_decode_daemon_delays_notices_but_loses_none(record: dict[str,
             assert all(o is None or not o.ready for o in outcomes), "ready without decode rank 1's notice"
         finally:
             stopped.popen.send_signal(signal.SIGCONT)
+            continued = time.monotonic()
         for rid, src, dst in held:
             assert dep.dec.wait(rid, 20.0).ready
             traffic.verify(src, dst)
-        record.update(fault="SIGSTOP decode rank 1", report_s=round(time.monotonic() - fault, 2))
-        record["affected"] = "3 written meanwhile: ready once continued, verified"
+        record.update(fault="SIGSTOP decode rank 1", report_s=round(time.monotonic() - continued, 2))
+        record["affected"] = f"3 written while stopped ({continued - fault:.2f}s): ready after SIGCONT, verified"
         traffic.ok(2)
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_mid_step_fails_its_request_on_every_rank_after_progress_s(
+    record: dict[str, Any],
+) -> None:
+    """Prefill rank 1's model worker signals layer 0 of a step, then dies: the request fails on
+    both ranks once ``progress_s`` passed, naming the layer it waited for; a new worker registers
+    the same cache and requests move again."""
+    progress_s = 2.0
+    with deploy(faults(progress_s=progress_s)) as dep:
+        traffic = Traffic(dep, record)
+        assert dep.sched is not None
+        traffic.ok(2)
+        info, _, _ = traffic.info()
+        dep.sched.submit(info)
+        traffic.signal(info, [0])
+        dep.workers[1].layer_ready(info.step, 0, (SlotChunk(info.slot, 0, info.num_tokens, info.step),))
+        _wait_state(dep, 1, info.request_id, "active")
+        dep.workers[1].close()  # the worker process is gone
+        fault = time.monotonic()
+        out = dep.sched.wait(info.request_id, progress_s + SLACK_S + 10)
+        took = time.monotonic() - fault
+        assert {r.status for r in out.results.values()} == {Status.FAILED}, out.results
+        assert all(f"waiting for layer 1 of step {info.step}" in r.reason for r in out.results.values()), out.results
+        record.update(fault=f"prefill worker 1 dies mid-step (progress_s {progress_s:g})", report_s=round(took, 2))
+        record["affected"] = "1 in flight: failed on both ranks naming the layer"
+        assert took <= progress_s + SLACK_S, f"the failure came {took:.1f}s after the worker died"
+        dep.workers[1] = PrefillWorker(dep.config.endpoint(dep.prefill, 1), credentials=dep.creds)
+        dep.workers[1].register(dep.pcaches[1])
+        traffic.ok(3)
+
+
+@pytest.mark.slow
+def test_a_scheduler_that_dies_leaves_its_requests_to_end_and_a_new_one_is_served(record: dict[str, Any]) -> None:
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep, record)
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(2)
+        info, src, dst = traffic.info()
+        dep.sched.submit(info)
+        _wait_state(dep, 1, info.request_id, "wait_signal")
+        dep.sched.close()  # the scheduler process is gone; its request's layers still come
+        fault = time.monotonic()
+        traffic.signal(info, range(dep.prefill.world_size))
+        assert dep.dec.wait(info.request_id, 20.0).ready  # decode is told as ever
+        record.update(fault="the scheduler dies", report_s=round(time.monotonic() - fault, 2))
+        record["affected"] = "1 submitted: completes, ready at decode (its results go nowhere)"
+        traffic.verify(src, dst)
+        endpoints = [dep.config.endpoint(dep.prefill, r) for r in range(dep.prefill.world_size)]
+        dep.sched = PrefillScheduler(endpoints, credentials=dep.creds)
+        traffic.ok(3)
+        dep.wait_until(
+            "both ranks to empty their tables",
+            lambda: all(dep.status(r)["tables"]["requests"] == 0 for r in range(dep.prefill.world_size)),
+        )
