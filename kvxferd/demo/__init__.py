@@ -2,9 +2,9 @@
 
 Latency is measured per request from the moment the prefill engine sent the
 last layer signal of the request's last chunk to the moment the decode engine
-received KVReady: the time the transfer adds after prefill. Throughput is the
-bytes the prefill ranks wrote for requests that ended ok, over the wall time
-of the run (GB/s, 1e9 bytes per second).
+had every decode rank's KVReady: the time the transfer adds after prefill.
+Throughput is the bytes the prefill ranks wrote for requests that ended ok,
+over the wall time of the run (GB/s, 1e9 bytes per second).
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ class Summary:
             f"requests      {self.requests}  ({self.chunked} chunked, {self.steps} forward steps)",
             f"ok            {self.ok}",
             f"failed        {self.failed}",
-            f"verified      {self.verified}  (decode blocks checked byte for byte at KVReady)",
+            f"verified      {self.verified}  (decode blocks checked byte for byte once ready)",
             f"moved         {self.bytes / 2**20:.1f} MiB in {self.seconds:.2f} s = {self.gbps:.2f} GB/s",
-            f"latency       p50 {self.p50_ms:.2f} ms, p99 {self.p99_ms:.2f} ms (last layer signal -> KVReady)",
+            f"latency       p50 {self.p50_ms:.2f} ms, p99 {self.p99_ms:.2f} ms "
+            "(last layer signal -> every decode rank's KVReady)",
             f"transports    {', '.join(f'{k}: {v}' for k, v in sorted(self.transports.items())) or '-'}",
             f"daemons       {', '.join(f'{k}={v}' for k, v in self.daemons.items())}",
         ]
