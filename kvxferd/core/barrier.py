@@ -35,7 +35,10 @@ start-up key (:data:`STARTUP_KEY`) is for a cold start: a rank arriving at it
 while other ranks of its group are live joins at once (``Release`` if their
 configs agree, ``Diverged`` naming them if not) instead of waiting for ranks
 that are not starting; a joiner is also sent every verdict still remembered,
-since it may replace a rank that died before it could report them. Every
+since it may replace a rank that died before it could report them. A serving
+rank not heard from within ``alive_s`` has *stopped*: the rounds waiting for
+it end at once as ``Expired`` (naming it), and so do rounds that open while it
+is stopped, instead of waiting out ``timeout_s``; its next heartbeat ends that. Every
 ``Ack`` of a Hello names the service's ``epoch``; a rank that sees a new one
 knows the service restarted and announces its open words again: its
 ``Admit``, ``Arrive`` or ``Withdraw``. A key reopened that way cannot tell
@@ -120,10 +123,19 @@ class BarrierState:
         self._deadlines: Deadlines[Key] = Deadlines()  # one per open key
         #: (group, rank) -> (its last serving Hello, its config fingerprint); bounded by groups x ranks
         self._serving: dict[tuple[str, int], tuple[float, str]] = {}
+        #: serving ranks whose heartbeats stopped: rounds waiting for them end at once
+        self._stopped: set[tuple[str, int]] = set()
 
     def handle(self, msg: Message, now: float) -> list[Effect]:
         if isinstance(msg, Hello):
             return self.hello(msg, now)
+        if isinstance(msg, (Admit, Arrive, Withdraw)) and msg.key != STARTUP_KEY:
+            # any word of a serving rank says it runs (after a stall of this service, its words
+            # and heartbeats of that time are read in arrival order: the first of them counts)
+            known = self._serving.get((msg.group, msg.rank))
+            if known is not None:
+                self._serving[(msg.group, msg.rank)] = (now, known[1])
+                self._stopped.discard((msg.group, msg.rank))
         if isinstance(msg, Admit):
             view = RankView(msg.rank, Status.OK, terms=msg.terms)
             return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s)
@@ -151,6 +163,7 @@ class BarrierState:
             return [Problem(ErrorCode.CONFLICT, detail, msg.group)]
         if msg.serving:
             self._serving[(msg.group, msg.rank)] = (now, msg.serving)
+            self._stopped.discard((msg.group, msg.rank))
         return [ToRank(msg.group, msg.rank, Ack(f"hello {self.epoch}"))]
 
     def live(self, group: str, now: float) -> dict[int, str]:
@@ -191,21 +204,41 @@ class BarrierState:
         self._ended.expire(now)
         effects: list[Effect] = []
         for k in self._deadlines.pop_due(now):
-            entry = self._open.pop(k)
-            self._open_in[entry.group] -= 1
-            size = self._groups[entry.group]
-            missing = tuple(r for r in range(size) if r not in entry.words)
-            waited = round(now - entry.opened, 3)
-            present = [entry.words[r] for r in sorted(entry.words)]
-            status, reason = verdicts.expiry(present, missing, entry.group, entry.round.value, waited)
-            verdict = Expired(entry.group, entry.key, entry.instance, missing, waited, status, reason, entry.peer)
-            self._ended.put(k, verdict, now)
-            effects += [ToRank(entry.group, r, verdict) for r in range(size)]
+            effects += self._expire(k, now)
+        gone = {gr for gr, (seen, _) in self._serving.items() if now - seen > self.alive_s} - self._stopped
+        if gone:
+            self._stopped |= gone
+            waiting = [k for k, e in self._open.items() if any((e.group, r) in gone for r in self._missing(e))]
+            for k in waiting:
+                self._deadlines.cancel(k)
+                effects += self._expire(k, now)
         return effects
 
     def next_deadline(self) -> float | None:
         times = [t for t in (self._deadlines.earliest(), self._ended.next_deadline()) if t is not None]
+        if self._open:  # a serving rank whose heartbeat is overdue stops the rounds waiting for it
+            beats = [seen + self.alive_s for gr, (seen, _) in self._serving.items() if gr not in self._stopped]
+            if beats:
+                times.append(min(beats) + 1e-3)
         return min(times, default=None)
+
+    def _missing(self, entry: _Open) -> list[int]:
+        return [r for r in range(self._groups[entry.group]) if r not in entry.words]
+
+    def _expire(self, k: Key, now: float) -> list[Effect]:
+        """End the open round of ``k`` as expired: its deadline passed, or a rank it waits for
+        stopped serving."""
+        entry = self._open.pop(k)
+        self._open_in[entry.group] -= 1
+        size = self._groups[entry.group]
+        missing = tuple(self._missing(entry))
+        stopped = [r for r in missing if (entry.group, r) in self._stopped]
+        waited = round(now - entry.opened, 3)
+        present = [entry.words[r] for r in sorted(entry.words)]
+        status, reason = verdicts.expiry(present, missing, entry.group, entry.round.value, waited, stopped)
+        verdict = Expired(entry.group, entry.key, entry.instance, missing, waited, status, reason, entry.peer)
+        self._ended.put(k, verdict, now)
+        return [ToRank(entry.group, r, verdict) for r in range(size)]
 
     def sizes(self) -> dict[str, int]:
         return {"groups": len(self._groups), "open": len(self._open), "ended": len(self._ended)}
@@ -239,6 +272,9 @@ class BarrierState:
             entry.peer = view.terms.peer
         told: list[Effect] = [ToRank(group, r, Admitted(group, key, instance)) for r in tell]
         if len(entry.words) < size:
+            if key != STARTUP_KEY and any((group, r) in self._stopped for r in self._missing(entry)):
+                self._deadlines.cancel(k)
+                return told + self._expire(k, now)  # a rank it waits for stopped serving: no use waiting
             return told
         return told + self._settle(k, entry, size, now)
 

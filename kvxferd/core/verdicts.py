@@ -81,9 +81,20 @@ def completion(views: Sequence[RankView]) -> Ending | None:
     return Status.FAILED, clip(f"ranks did not agree on what they wrote: {detail}")
 
 
-def expiry(views: Sequence[RankView], missing: Sequence[int], group: str, round_name: str, waited_s: float) -> Ending:
-    """The round's deadline passed with ``missing`` ranks silent."""
-    silent = f"{_ranks(missing)} of group {group} did not report within {waited_s:.3g}s ({round_name})"
+def expiry(
+    views: Sequence[RankView],
+    missing: Sequence[int],
+    group: str,
+    round_name: str,
+    waited_s: float,
+    stopped: Sequence[int] = (),
+) -> Ending:
+    """The round's deadline passed with ``missing`` ranks silent; or, with ``stopped``, those of
+    them stopped serving (their heartbeats ended), so the round ends without waiting longer."""
+    if stopped:
+        silent = f"{_ranks(stopped)} of group {group} stopped serving (no heartbeat) before reporting ({round_name})"
+    else:
+        silent = f"{_ranks(missing)} of group {group} did not report within {waited_s:.3g}s ({round_name})"
     ending = withdrawn(views)
     if ending is None:
         return Status.FAILED, clip(silent)

@@ -214,6 +214,35 @@ def test_a_joiner_hears_every_verdict_still_remembered_for_its_group() -> None:
     assert all(e.message.peer == T.peer for e in out[1:])
 
 
+def test_rounds_waiting_for_a_rank_whose_heartbeats_stopped_end_at_once() -> None:
+    b = _serving(alive_s=3.0)  # both ranks serving since t=0
+    assert b.handle(Admit("g", "k", 0, 0, T), 1.0) == []
+    b.hello(Hello("g", 0, 2, "prefill", serving="fp-a"), 2.5)  # rank 0 beats on; rank 1 falls silent
+    assert b.next_deadline() == pytest.approx(3.001)
+    out = b.on_timer(3.001)
+    (v,) = {e.message for e in out}
+    assert isinstance(v, Expired) and v.missing == (1,) and [e.rank for e in out] == [0, 1]
+    assert "rank 1 of group g stopped serving (no heartbeat)" in v.reason
+    # while it is stopped, a new round waiting for it ends at the first word
+    out = b.handle(Admit("g", "k2", 0, 0, T), 3.5)
+    assert [e.rank for e in out] == [0, 1] and all(isinstance(e.message, Expired) for e in out)
+    assert "stopped serving" in out[0].message.reason
+    # its next heartbeat ends that: rounds wait for it again
+    b.hello(Hello("g", 1, 2, "prefill", serving="fp-a"), 4.0)
+    assert b.handle(Admit("g", "k3", 0, 0, T), 4.1) == []
+    out = b.handle(Admit("g", "k3", 0, 1, T), 4.2)
+    assert {type(e.message) for e in out} == {Admitted}
+
+
+def test_after_a_stall_of_the_service_the_first_words_of_each_rank_count_as_heartbeats() -> None:
+    # the service was stopped for 20 s; what the ranks sent meanwhile is read before any timer
+    b = _serving(alive_s=3.0)
+    assert b.handle(Admit("g", "k", 0, 0, T), 20.0) == []
+    assert b.handle(Admit("g", "j", 0, 1, T), 20.0) == []
+    assert b.on_timer(20.0) == []  # nobody stopped: both were just heard
+    assert b.sizes()["open"] == 2
+
+
 def test_a_rank_joining_with_another_config_is_told_which_ranks_differ() -> None:
     b = _serving()
     (e,) = b.handle(Arrive("g", STARTUP_KEY, 0, 1, Digest(0, 0, 0, "fp-b")), 1.0)
