@@ -208,7 +208,11 @@ class BarrierState:
         gone = {gr for gr, (seen, _) in self._serving.items() if now - seen > self.alive_s} - self._stopped
         if gone:
             self._stopped |= gone
-            waiting = [k for k, e in self._open.items() if any((e.group, r) in gone for r in self._missing(e))]
+            waiting = [
+                k
+                for k, e in self._open.items()
+                if e.key != STARTUP_KEY and any((e.group, r) in gone for r in self._missing(e))
+            ]  # (a start-up round waits for ranks that are starting, not serving)
             for k in waiting:
                 self._deadlines.cancel(k)
                 effects += self._expire(k, now)

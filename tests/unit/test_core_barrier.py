@@ -243,6 +243,16 @@ def test_after_a_stall_of_the_service_the_first_words_of_each_rank_count_as_hear
     assert b.sizes()["open"] == 2
 
 
+def test_a_group_restarting_within_alive_s_is_not_failed_by_its_old_heartbeats() -> None:
+    b = _serving(alive_s=3.0)  # both ranks served until t=0, then the whole group restarts
+    mine = Digest(0, 0, 0, "fp-a")
+    b.hello(Hello("g", 0, 2, "prefill"), 3.5)
+    assert b.handle(Arrive("g", STARTUP_KEY, 0, 0, mine), 3.5) == []  # rank 1 is still starting
+    assert b.on_timer(3.6) == []  # the old records are stale now: the start-up round still waits
+    out = b.handle(Arrive("g", STARTUP_KEY, 0, 1, mine), 4.0)
+    assert out == [ToRank("g", r, Release("g", STARTUP_KEY, 0, mine)) for r in range(2)]
+
+
 def test_a_rank_joining_with_another_config_is_told_which_ranks_differ() -> None:
     b = _serving()
     (e,) = b.handle(Arrive("g", STARTUP_KEY, 0, 1, Digest(0, 0, 0, "fp-b")), 1.0)
