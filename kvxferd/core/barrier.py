@@ -35,7 +35,8 @@ start-up key (:data:`STARTUP_KEY`) is for a cold start: a rank arriving at it
 while other ranks of its group are live joins at once (``Release`` if their
 configs agree, ``Diverged`` naming them if not) instead of waiting for ranks
 that are not starting; a joiner is also sent every verdict still remembered,
-since it may replace a rank that died before it could report them. A serving
+since it may replace a rank that died before it could report them, and the
+group's open rounds end at once (its predecessor held them). A serving
 rank not heard from within ``alive_s`` has *stopped*: the rounds waiting for
 it end at once as ``Expired`` (naming it), and so do rounds that open while it
 is stopped, instead of waiting out ``timeout_s``; its next heartbeat ends that. Every
@@ -187,7 +188,13 @@ class BarrierState:
                 ToRank(msg.group, msg.rank, Release(msg.group, STARTUP_KEY, msg.instance, msg.digest))
             ]
             remembered = [v for v in self._ended.values() if v.group == msg.group and v.key != STARTUP_KEY]
-            return joined + [ToRank(msg.group, msg.rank, v) for v in remembered]
+            joined += [ToRank(msg.group, msg.rank, v) for v in remembered]
+            # and the instances open now were held by its predecessor, whose words end with it
+            waiting = [k for k, e in self._open.items() if e.group == msg.group and e.key != STARTUP_KEY]
+            for k in waiting:
+                self._deadlines.cancel(k)
+                joined += self._expire(k, now, gone=[msg.rank], how="restarted")
+            return joined
         others = {r: RankView(r, Status.OK, digest=Digest(0, 0, 0, fp)) for r, fp in live.items()}
         others[msg.rank] = RankView(msg.rank, Status.OK, digest=msg.digest)
         odd = sorted(r for r, fp in live.items() if fp != mine)
@@ -229,17 +236,20 @@ class BarrierState:
     def _missing(self, entry: _Open) -> list[int]:
         return [r for r in range(self._groups[entry.group]) if r not in entry.words]
 
-    def _expire(self, k: Key, now: float) -> list[Effect]:
-        """End the open round of ``k`` as expired: its deadline passed, or a rank it waits for
-        stopped serving."""
+    def _expire(
+        self, k: Key, now: float, *, gone: list[int] | None = None, how: str = "stopped serving (no heartbeat)"
+    ) -> list[Effect]:
+        """End the open round of ``k`` as expired: its deadline passed, or ranks it waits for are
+        ``gone`` (default: those stopped serving), ``how``."""
         entry = self._open.pop(k)
         self._open_in[entry.group] -= 1
         size = self._groups[entry.group]
         missing = tuple(self._missing(entry))
-        stopped = [r for r in missing if (entry.group, r) in self._stopped]
+        if gone is None:
+            gone = [r for r in missing if (entry.group, r) in self._stopped]
         waited = round(now - entry.opened, 3)
         present = [entry.words[r] for r in sorted(entry.words)]
-        status, reason = verdicts.expiry(present, missing, entry.group, entry.round.value, waited, stopped)
+        status, reason = verdicts.expiry(present, missing, entry.group, entry.round.value, waited, gone, how)
         verdict = Expired(entry.group, entry.key, entry.instance, missing, waited, status, reason, entry.peer)
         self._ended.put(k, verdict, now)
         return [ToRank(entry.group, r, verdict) for r in range(size)]

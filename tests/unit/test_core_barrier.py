@@ -214,6 +214,18 @@ def test_a_joiner_hears_every_verdict_still_remembered_for_its_group() -> None:
     assert all(e.message.peer == T.peer for e in out[1:])
 
 
+def test_a_joiner_ends_the_rounds_its_predecessor_held() -> None:
+    b = _serving()
+    b.handle(Admit("g", "a", 0, 0, T), 0.5)  # waits for rank 1's word
+    b.handle(Admit("g", "b", 0, 1, T), 0.5)  # rank 1 (the old process) spoke; waits for rank 0
+    b.hello(Hello("g", 0, 2, "prefill", serving="fp-a"), 1.0)
+    out = b.handle(Arrive("g", STARTUP_KEY, 0, 1, Digest(0, 0, 0, "fp-a")), 1.0)
+    ended = {e.message.key: e.message for e in out[1:] if isinstance(e.message, Expired)}
+    assert set(ended) == {"a", "b"} and {e.rank for e in out[1:]} == {0, 1}
+    assert all("rank 1 of group g restarted before reporting" in v.reason for v in ended.values())
+    assert b.sizes()["open"] == 0
+
+
 def test_rounds_waiting_for_a_rank_whose_heartbeats_stopped_end_at_once() -> None:
     b = _serving(alive_s=3.0)  # both ranks serving since t=0
     assert b.handle(Admit("g", "k", 0, 0, T), 1.0) == []
