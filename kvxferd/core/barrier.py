@@ -35,8 +35,9 @@ start-up key (:data:`STARTUP_KEY`) is for a cold start: a rank arriving at it
 while other ranks of its group are live joins at once (``Release`` if their
 configs agree, ``Diverged`` naming them if not) instead of waiting for ranks
 that are not starting; a joiner is also sent every verdict still remembered,
-since it may replace a rank that died before it could report them, and the
-group's open rounds end at once (its predecessor held them). A serving
+since it may replace a rank that died before it could report them. A rank
+that served and says Hello as starting again is a new process: the group's
+open rounds end at once (its predecessor held them). A serving
 rank not heard from within ``alive_s`` has *stopped*: the rounds waiting for
 it end at once as ``Expired`` (naming it), and so do rounds that open while it
 is stopped, instead of waiting out ``timeout_s``; its next heartbeat ends that. Every
@@ -162,10 +163,18 @@ class BarrierState:
         elif size != msg.world_size:
             detail = f"group {msg.group!r} has world size {size}; rank {msg.rank} announced {msg.world_size}"
             return [Problem(ErrorCode.CONFLICT, detail, msg.group)]
+        effects: list[Effect] = []
         if msg.serving:
             self._serving[(msg.group, msg.rank)] = (now, msg.serving)
-            self._stopped.discard((msg.group, msg.rank))
-        return [ToRank(msg.group, msg.rank, Ack(f"hello {self.epoch}"))]
+        elif self._serving.pop((msg.group, msg.rank), None) is not None:
+            # a rank that served says it is starting: a new process, which holds none of what
+            # its predecessor did, so the group's open rounds cannot complete
+            waiting = [k for k, e in self._open.items() if e.group == msg.group and e.key != STARTUP_KEY]
+            for k in waiting:
+                self._deadlines.cancel(k)
+                effects += self._expire(k, now, gone=[msg.rank], how="restarted")
+        self._stopped.discard((msg.group, msg.rank))
+        return [*effects, ToRank(msg.group, msg.rank, Ack(f"hello {self.epoch}"))]
 
     def live(self, group: str, now: float) -> dict[int, str]:
         """Ranks of ``group`` that said they serve within ``alive_s``, with their fingerprints."""
@@ -188,13 +197,7 @@ class BarrierState:
                 ToRank(msg.group, msg.rank, Release(msg.group, STARTUP_KEY, msg.instance, msg.digest))
             ]
             remembered = [v for v in self._ended.values() if v.group == msg.group and v.key != STARTUP_KEY]
-            joined += [ToRank(msg.group, msg.rank, v) for v in remembered]
-            # and the instances open now were held by its predecessor, whose words end with it
-            waiting = [k for k, e in self._open.items() if e.group == msg.group and e.key != STARTUP_KEY]
-            for k in waiting:
-                self._deadlines.cancel(k)
-                joined += self._expire(k, now, gone=[msg.rank], how="restarted")
-            return joined
+            return joined + [ToRank(msg.group, msg.rank, v) for v in remembered]
         others = {r: RankView(r, Status.OK, digest=Digest(0, 0, 0, fp)) for r, fp in live.items()}
         others[msg.rank] = RankView(msg.rank, Status.OK, digest=msg.digest)
         odd = sorted(r for r, fp in live.items() if fp != mine)
@@ -286,7 +289,7 @@ class BarrierState:
             entry.peer = view.terms.peer
         told: list[Effect] = [ToRank(group, r, Admitted(group, key, instance)) for r in tell]
         if len(entry.words) < size:
-            if key != STARTUP_KEY and any((group, r) in self._stopped for r in self._missing(entry)):
+            if self._stopped and key != STARTUP_KEY and any((group, r) in self._stopped for r in self._missing(entry)):
                 self._deadlines.cancel(k)
                 return told + self._expire(k, now)  # a rank it waits for stopped serving: no use waiting
             return told

@@ -6,8 +6,10 @@ group passes before serving: each rank arrives at key ``ready`` with the
 fingerprint of its config as digest, so a group whose ranks run different
 configs refuses to start and says which rank differs. A rank that starts while
 its group serves passes it at once (the service knows the live ranks by their
-heartbeats, :meth:`beat`). ``epoch`` is the service run the last Ack named:
-a new one means the service restarted and lost its tables.
+heartbeats: the daemon sends :meth:`hello` every ``heartbeat_s`` once serving).
+``epoch`` is the service run the last Ack named: a new one means the service
+restarted and lost its tables. What the service sends behind the answer a wait
+is for (a joiner's remembered verdicts) is kept for the next :meth:`recv_ready`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class BarrierLink:
         self.max_frame = max_frame
         self.sock = sock
         self.epoch: str | None = None  # the service run that answered our last Hello
+        self.backlog: list[Message] = []  # read by a wait, behind the message it waited for
         self.serving = ""  # our config's fingerprint once we serve (sent with every heartbeat)
 
     @staticmethod
@@ -70,8 +73,8 @@ class BarrierLink:
         return new
 
     def recv_ready(self) -> list[Message]:
-        """Every message waiting on the socket (bad frames are logged and skipped)."""
-        out: list[Message] = []
+        """The backlog, then every message waiting on the socket (bad frames are logged and skipped)."""
+        out, self.backlog = self.backlog, []
         for inbound in sockets.receive(self.sock, max_frame=self.max_frame, router=False):
             if inbound.msg is None:
                 log.error("bad frame from the barrier service: %s", inbound.error)
@@ -115,10 +118,12 @@ class BarrierLink:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DaemonError(f"timed out waiting for {what} at {self.endpoint}")
-            if self.sock.poll(int(min(left, 0.2) * 1000), zmq.POLLIN):
-                for msg in self.recv_ready():
+            if self.backlog or self.sock.poll(int(min(left, 0.2) * 1000), zmq.POLLIN):
+                batch = self.recv_ready()
+                for i, msg in enumerate(batch):
                     if isinstance(msg, Error):
                         raise DaemonError(f"the barrier service refused rank {self.rank}: {msg.detail}")
                     if want(msg):
+                        self.backlog = batch[i + 1 :]
                         return msg
                     log.debug("ignoring %s while waiting for %s", type(msg).__name__, what)

@@ -214,16 +214,31 @@ def test_a_joiner_hears_every_verdict_still_remembered_for_its_group() -> None:
     assert all(e.message.peer == T.peer for e in out[1:])
 
 
-def test_a_joiner_ends_the_rounds_its_predecessor_held() -> None:
+def test_a_restarted_rank_ends_the_rounds_its_predecessor_held() -> None:
     b = _serving()
     b.handle(Admit("g", "a", 0, 0, T), 0.5)  # waits for rank 1's word
     b.handle(Admit("g", "b", 0, 1, T), 0.5)  # rank 1 (the old process) spoke; waits for rank 0
     b.hello(Hello("g", 0, 2, "prefill", serving="fp-a"), 1.0)
-    out = b.handle(Arrive("g", STARTUP_KEY, 0, 1, Digest(0, 0, 0, "fp-a")), 1.0)
-    ended = {e.message.key: e.message for e in out[1:] if isinstance(e.message, Expired)}
-    assert set(ended) == {"a", "b"} and {e.rank for e in out[1:]} == {0, 1}
+    # rank 1's new process says Hello as starting: what its predecessor held ends at once
+    out = b.hello(Hello("g", 1, 2, "prefill"), 1.0)
+    assert out[-1] == ToRank("g", 1, Ack("hello 0"))
+    ended = {e.message.key: e.message for e in out[:-1] if isinstance(e.message, Expired)}
+    assert set(ended) == {"a", "b"} and {e.rank for e in out[:-1]} == {0, 1}
     assert all("rank 1 of group g restarted before reporting" in v.reason for v in ended.values())
     assert b.sizes()["open"] == 0
+    # and its join repeats them to it, among the verdicts remembered
+    out = b.handle(Arrive("g", STARTUP_KEY, 0, 1, Digest(0, 0, 0, "fp-a")), 1.1)
+    assert {e.message.key for e in out[1:]} == {"a", "b"} and {e.rank for e in out} == {1}
+
+
+def test_a_whole_group_restarting_within_alive_s_cold_starts_even_with_a_new_config() -> None:
+    b = _serving()  # both served with fp-a until t=0; both restart with fp-b
+    b.hello(Hello("g", 0, 2, "prefill"), 1.0)
+    b.hello(Hello("g", 1, 2, "prefill"), 1.0)
+    new = Digest(0, 0, 0, "fp-b")
+    assert b.handle(Arrive("g", STARTUP_KEY, 0, 0, new), 1.1) == []  # no live rank: a cold start
+    out = b.handle(Arrive("g", STARTUP_KEY, 0, 1, new), 1.2)
+    assert out == [ToRank("g", r, Release("g", STARTUP_KEY, 0, new)) for r in range(2)]
 
 
 def test_rounds_waiting_for_a_rank_whose_heartbeats_stopped_end_at_once() -> None:

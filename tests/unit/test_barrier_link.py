@@ -1,0 +1,44 @@
+"""A rank's barrier link over real (inproc) sockets: nothing the service sends is dropped by a wait."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from kvxferd.protocol import STARTUP_KEY, Ack, Digest, Expired, Release, Status, decode, encode
+from kvxferd.runtime.barrier_link import BarrierLink
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[zmq.Socket[bytes], BarrierLink]]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    service = ctx.socket(zmq.ROUTER)
+    service.bind("inproc://barrier")
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt_string(zmq.IDENTITY, BarrierLink.identity("g", 1))
+    sock.connect("inproc://barrier")
+    link = BarrierLink(sock, "inproc://barrier", group="g", rank=1, world_size=2, role="prefill", max_frame=1 << 20)
+    yield service, link
+    for s in (sock, service):
+        s.close(linger=0)
+    ctx.term()
+
+
+def test_verdicts_sent_behind_a_joiners_release_reach_it_after_start_up(
+    pair: tuple[zmq.Socket[bytes], BarrierLink],
+) -> None:
+    service, link = pair
+    mine = Digest(0, 0, 0, "fp")
+    late = Expired("g", "r7", 0, (1,), 4.0, Status.FAILED, "rank 1 of group g restarted before reporting", "d")
+    # all queued before the link reads anything: its first read gets them in one batch
+    for msg in (Ack("hello run2"), Release("g", STARTUP_KEY, 0, mine), late):
+        service.send_multipart([BarrierLink.identity("g", 1).encode(), encode(msg)])
+    link.startup("fp", 0.5, lambda: False)  # raises if the Release was dropped with the Ack's batch
+    assert link.epoch == "run2" and link.serving == "fp"
+    assert link.recv_ready() == [late]
+    assert link.recv_ready() == []
+    # what the link sent: its Hello and its arrival at the start-up key
+    sent = [decode(service.recv_multipart()[1]) for _ in range(2)]
+    assert [type(m).__name__ for m in sent] == ["Hello", "Arrive"]
