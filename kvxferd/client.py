@@ -29,6 +29,11 @@ Example, for a 2-rank prefill group and a 2-rank decode group::
     sched.wait("req-1", timeout_s=30)        # PrefillOutcome: results {rank: TransferResult}
     decode.wait("req-1", timeout_s=30)       # DecodeOutcome(ready=True, ...)
 
+Each client watches its connections: a daemon whose connection closes is *gone*
+(``gone`` holds its ranks until it connects again). The scheduler ends the
+instances a gone prefill rank held without reporting (``PrefillOutcome.gone``
+says so), so no request waits on a dead process.
+
 Outcomes are kept per request instance ``(request_id, instance)``: undecided
 ones until decided (at most :data:`MAX_OPEN`), decided ones for the
 :data:`KEEP_DONE` most recent instances, so nothing needs forgetting by hand.
@@ -44,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from kvxferd.errors import DaemonError
 from kvxferd.protocol import (
@@ -82,7 +88,14 @@ def credentials(config: Config) -> Credentials:
     return security.credentials(config, "engine")
 
 
-Event = tuple[int, Message]  # (rank, message)
+@dataclass(frozen=True)
+class Gone:
+    """Not a message: the connection to a daemon closed (its process ended, or the link broke)."""
+
+    endpoint: str
+
+
+Event = tuple[int, "Message | Gone"]  # (rank, message)
 
 
 class Channel:
@@ -146,20 +159,46 @@ class _Group:
         ]
         self.poller = zmq.Poller()
         self.backlog: list[Event] = []  # messages taken while waiting for something else
-        self._rank_of = {}
+        #: ranks whose daemon's connection closed and has not come back
+        self.gone: set[int] = set()
+        self._rank_of: dict[zmq.Socket[bytes], int] = {}
+        self._monitors: dict[zmq.Socket[bytes], int] = {}
         for rank, ch in enumerate(self.channels):
             self.poller.register(ch.sock, zmq.POLLIN)
             self._rank_of[ch.sock] = rank
+            monitor = ch.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            self.poller.register(monitor, zmq.POLLIN)
+            self._monitors[monitor] = rank
 
     def poll(self, timeout_s: float = 0.0) -> list[Event]:
-        """Messages from any rank: wait up to ``timeout_s`` for the first, then take what is there."""
+        """Messages from any rank: wait up to ``timeout_s`` for the first, then take what is there.
+
+        A rank whose connection closed comes as ``(rank, Gone)``, after every message it sent
+        before closing (its socket is read again once the event is seen)."""
         events: list[Event] = []
-        for sock, _ in self.poller.poll(max(0, int(timeout_s * 1000))):
-            rank = self._rank_of[sock]
-            ch = self.channels[rank]
-            while (msg := ch.recv_now()) is not None:
-                events.append((rank, msg))
+        ready = [sock for sock, _ in self.poller.poll(max(0, int(timeout_s * 1000)))]
+        for sock in ready:
+            if sock in self._rank_of:
+                self._drain(self._rank_of[sock], events)
+        for sock in ready:
+            if sock in self._monitors:
+                self._watch(sock, self._monitors[sock], events)
         return events
+
+    def _drain(self, rank: int, events: list[Event]) -> None:
+        ch = self.channels[rank]
+        while (msg := ch.recv_now()) is not None:
+            events.append((rank, msg))
+
+    def _watch(self, monitor: zmq.Socket[bytes], rank: int, events: list[Event]) -> None:
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED and rank not in self.gone:
+                self.gone.add(rank)
+                self._drain(rank, events)  # what it sent before the connection closed comes first
+                events.append((rank, Gone(self.channels[rank].endpoint)))
+            elif event == zmq.EVENT_CONNECTED:
+                self.gone.discard(rank)
 
     def _expect(self, rank: int, want: type[Message], timeout_s: float, what: str) -> Message:
         """Wait for a ``want`` reply from ``rank``; other messages are kept for :meth:`poll` callers."""
@@ -177,6 +216,12 @@ class _Group:
         raise DaemonError(f"no answer to {what} from {ch.endpoint} within {timeout_s:g}s (is the daemon running?)")
 
     def close(self) -> None:
+        if self.ctx.closed:
+            return  # closed already
+        for ch in self.channels:
+            ch.sock.disable_monitor()
+        for monitor in self._monitors:
+            monitor.close()
         for ch in self.channels:
             ch.close()
         self.ctx.term()
@@ -232,6 +277,12 @@ class PrefillOutcome:
     every rank reported or any rank refused. Results that come after that are
     still added here. A second result from the same rank is never taken in:
     it goes to ``duplicates``.
+
+    ``gone``: ranks whose daemon's connection closed while they held the
+    instance without reporting, with why. Such a rank will never report (a
+    restarted daemon does not know the instances its predecessor held), so the
+    outcome is decided, and not ok, once every other rank reported. ``sent``:
+    the ranks the cache_info went to through :meth:`PrefillScheduler.submit`.
     """
 
     request_id: str
@@ -239,6 +290,8 @@ class PrefillOutcome:
     world_size: int
     results: dict[int, TransferResult] = field(default_factory=dict)
     duplicates: list[TransferResult] = field(default_factory=list)
+    gone: dict[int, str] = field(default_factory=dict)
+    sent: set[int] = field(default_factory=set)
 
     @property
     def complete(self) -> bool:
@@ -251,11 +304,11 @@ class PrefillOutcome:
 
     @property
     def decided(self) -> bool:
-        return self.complete or bool(self.refused)
+        return self.complete or bool(self.refused) or len(self.results.keys() | self.gone.keys()) == self.world_size
 
     @property
     def ok(self) -> bool:
-        return self.complete and all(r.status is Status.OK for r in self.results.values())
+        return self.complete and not self.gone and all(r.status is Status.OK for r in self.results.values())
 
     @property
     def status(self) -> Status | None:
@@ -363,6 +416,7 @@ class PrefillScheduler(_Group):
         """Send ``info`` to ``ranks`` (default: every rank; each rank must get it once)."""
         for rank in range(self.world_size) if ranks is None else ranks:
             self.channels[rank].send(info)
+            self.ledger.entry(info.key).sent.add(rank)
 
     def abort(
         self,
@@ -391,7 +445,21 @@ class PrefillScheduler(_Group):
                     decided.append(out)
             elif isinstance(msg, Error):
                 self.errors.append((rank, msg))
+            elif isinstance(msg, Gone):
+                decided += self._gone(rank, msg.endpoint)
         self.backlog = []
+        return decided
+
+    def _gone(self, rank: int, endpoint: str) -> list[PrefillOutcome]:
+        """Rank ``rank``'s connection closed: the open instances sent to it that it never reported
+        on will not be (its process ended, or a new one does not know them); end them here."""
+        why = f"prefill rank {rank} at {endpoint} is gone (its connection closed) before reporting"
+        decided = []
+        for key, out in list(self.ledger.open.items()):
+            if rank in out.sent and rank not in out.results and rank not in out.gone:
+                out.gone[rank] = why
+                if out.decided and self.ledger.settle(key):
+                    decided.append(out)
         return decided
 
     def outcome(self, request_id: str, instance: int = 0) -> PrefillOutcome | None:

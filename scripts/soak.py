@@ -190,8 +190,8 @@ def outcome_of(req: DemoRequest, engine: SoakEngine) -> str:
     if req.ready_at is not None and not req.verified:
         return "wrong bytes"
     if req.lost == "prefill":
-        # decode was told by every rank; some prefill ranks reported and the others never will: a
-        # rank that died holding the request (its successor does not know the scheduler it came from)
+        # decode was told by every rank; some prefill ranks reported and the others never did: a
+        # rank that died holding the request, and the scheduler did not end it when its connection closed
         partial = engine.sched.outcome(req.rid)
         if partial is not None and partial.results:
             return "decode told, a dead prefill rank's result missing"

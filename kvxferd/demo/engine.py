@@ -303,7 +303,8 @@ class DemoEngine:
             req.transports = {r.transport for r in results.values()}
             req.nbytes = sum(r.bytes for r in results.values())
             if not req.prefill_ok:
-                req.failure = "; ".join(f"rank {k}: {r.status.value}: {r.reason}" for k, r in sorted(results.items()))
+                said = [f"rank {k}: {r.status.value}: {r.reason}" for k, r in sorted(results.items())]
+                req.failure = "; ".join(said + [f"rank {k}: {why}" for k, why in sorted(out.gone.items())])
             self.src_pool.give(req.src)
             finished += self._maybe_finished(req, on_progress)
         for outcome in self.decode.collect(0.0):

@@ -31,6 +31,7 @@ _MESSAGE_TYPES: tuple[type[Message], ...] = (
     messages.Abort,
     messages.TransferResult,
     messages.KVReady,
+    messages.Received,
     messages.RegisterCache,
     messages.PeerQuery,
     messages.PeerInfo,

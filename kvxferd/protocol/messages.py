@@ -245,6 +245,30 @@ class KVReady(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Received(Message):
+    """Q→P: the notice (KVReady or failed TransferResult) rank ``rank`` sent for this instance
+    reached the decode engine, or its repeat was recognised. A prefill daemon keeps each notice
+    until this comes and sends it again when the decode daemon's connection comes back (a daemon
+    that died with notices unread loses none). Wire: ``[3, "received", "req-7", 0, 4]``.
+    """
+
+    TAG: ClassVar[str] = "received"
+
+    request_id: str
+    rank: int = 0
+    instance: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.request_id, self.instance)
+
+    def __post_init__(self) -> None:
+        f.name("Received", "request_id", self.request_id)
+        f.uint("Received", "rank", self.rank)
+        f.uint("Received", "instance", self.instance)
+
+
+@dataclass(frozen=True, slots=True)
 class CacheLayout(Struct):
     """Shape of one rank's KV cache, as the transports see it.
 

@@ -11,6 +11,13 @@ its bytes went into; one that names another than the current registration is
 told to the engine as a failure (the bytes are in a cache it no longer has),
 and the prefill daemon that sent it is given the current PeerInfo.
 
+Every notice handed to the engine is confirmed to the prefill daemon that
+sent it (:class:`Received`); that daemon sends unconfirmed ones again when
+this daemon's connection (re)opens, so a daemon killed with notices unread
+loses none. A repeat of a notice already handed on is confirmed again and not
+told twice (the last :data:`MAX_SEEN` are remembered); one held for an engine
+not registered yet is kept once.
+
 A prefill rank notifies the decode rank it writes into only after its own
 writes stopped. So once *every* decode rank reported a failed request, no
 prefill rank writes into its blocks any more and the engine may reuse them.
@@ -23,7 +30,7 @@ import json
 import logging
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import zmq
 
@@ -37,6 +44,7 @@ from kvxferd.protocol import (
     Message,
     PeerInfo,
     PeerQuery,
+    Received,
     RegisterCache,
     Status,
     StatusQuery,
@@ -55,6 +63,8 @@ log = logging.getLogger(__name__)
 PUBLISHERS = ("rdma",)
 #: notices kept while no engine is registered (oldest dropped first, counted)
 MAX_HELD = 4096
+#: notices remembered as handed to the engine, so a repeat is not told twice (oldest forgotten)
+MAX_SEEN = 16384
 
 
 class DecodeDaemon(GroupDaemon):
@@ -77,6 +87,8 @@ class DecodeDaemon(GroupDaemon):
         self.queried: set[bytes] = set()  # prefill daemons that asked for our PeerInfo
         #: notices that came before any engine registered (identity, prefill group, notice)
         self.held: deque[tuple[bytes, str, KVReady | TransferResult]] = deque(maxlen=MAX_HELD)
+        #: (prefill daemon, request instance) of the notices handed on (True) or held (False)
+        self.seen: OrderedDict[tuple[bytes, tuple[str, int]], bool] = OrderedDict()
         #: prefill daemon -> when it was last given our PeerInfo unasked (bounded by the config's ranks)
         self.pushed: dict[bytes, float] = {}
         #: the identities prefill daemons of this deployment connect with, for our rank
@@ -163,15 +175,24 @@ class DecodeDaemon(GroupDaemon):
                 self.counters["refused_peer"] += 1
                 log.warning("refused a notice from %s naming rank %d", show(identity), msg.rank)
                 return
+            handed = self.seen.get((identity, msg.key))
+            if handed is not None:
+                self.counters["notice_repeated"] += 1
+                if handed:
+                    self._confirm(identity, msg)
+                return
             if self.engine is None:
-                # notices that waited in a prefill daemon's socket while this daemon restarted:
-                # kept for the engine that registers next (they name an earlier registration,
-                # so it hears them as failures, and the blocks are free again)
+                # notices sent again (or queued) while this daemon restarted: kept for the engine
+                # that registers next (they name an earlier registration, so it hears them as
+                # failures, and the blocks are free again)
                 if len(self.held) == self.held.maxlen:
                     self.counters["notices_dropped"] += 1
+                    who, _, dropped = self.held[0]
+                    self.seen.pop((who, dropped.key), None)
                 self.held.append((identity, source, msg))
+                self._remember(identity, msg, False)
                 return
-            self._forward(self._checked(identity, source, msg))
+            self._forward(identity, self._checked(identity, source, msg))
         else:
             self.answer(
                 self.peer_router, identity, Error(ErrorCode.WRONG_ROLE, f"{type(msg).__name__} is not a peer message")
@@ -223,7 +244,7 @@ class DecodeDaemon(GroupDaemon):
                 self.pushed[prefill] = now
         held, self.held = list(self.held), deque(maxlen=MAX_HELD)
         for who, source, notice in held:
-            self._forward(self._checked(who, source, notice))
+            self._forward(who, self._checked(who, source, notice))
 
     def _peer_info(self) -> PeerInfo | None:
         if self.cache is None:
@@ -250,7 +271,21 @@ class DecodeDaemon(GroupDaemon):
             self.answer(self.peer_router, identity, info)  # so its next writes go to this one
         return TransferResult(msg.request_id, Status.FAILED, reason, msg.rank, msg.bytes, instance=msg.instance)
 
-    def _forward(self, msg: KVReady | TransferResult) -> None:
+    def _forward(self, sender: bytes, msg: KVReady | TransferResult) -> None:
+        """Hand a notice to the engine and confirm it to the prefill daemon that sent it."""
         assert self.engine is not None
         if not self.reply(self.engine, msg):
             self.counters["notices_dropped"] += 1
+            return
+        self._remember(sender, msg, True)
+        self._confirm(sender, msg)
+
+    def _remember(self, sender: bytes, msg: KVReady | TransferResult, handed: bool) -> None:
+        self.seen[(sender, msg.key)] = handed
+        self.seen.move_to_end((sender, msg.key))
+        while len(self.seen) > MAX_SEEN:
+            self.seen.popitem(last=False)
+
+    def _confirm(self, sender: bytes, msg: KVReady | TransferResult) -> None:
+        assert self.peer_router is not None
+        self.answer(self.peer_router, sender, Received(msg.request_id, msg.rank, msg.instance))

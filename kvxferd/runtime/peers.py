@@ -21,6 +21,13 @@ A link watches its socket's connection (a ZMQ socket monitor): once the decode
 daemon's connection closes (the process died or stopped serving), writes for it
 fail at once, "decode rank N at ENDPOINT is gone", instead of going into memory
 nobody will report on; when it connects again they go as before.
+
+Notices are kept until the decode daemon confirms them (:class:`Received`: it
+handed them to its engine): a daemon killed with notices unread in its socket
+loses none, since every unconfirmed notice for it is sent again when its
+connection comes back (to its successor, which tells the engine that registers
+with it). The decode daemon recognises a repeat and confirms it again without
+telling its engine twice.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket as pysocket
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -47,6 +55,7 @@ from kvxferd.protocol import (
     Message,
     PeerInfo,
     PeerQuery,
+    Received,
     RegisterCache,
     TransferResult,
 )
@@ -62,6 +71,10 @@ POLL_MAX_S = 2e-3
 #: the generation a notice names when its request's writes went into more than one registration
 MIXED = "several registrations"
 RETRY_S = 0.02  # a peer that is up but has no cache registered yet is asked again after this
+#: notices kept until their decode daemon confirms them (the oldest is given up past this)
+MAX_UNCONFIRMED = 8192
+
+Notice = KVReady | TransferResult
 
 
 @cache
@@ -106,6 +119,9 @@ class Peers:
         #: request -> the decode registration (PeerInfo.generation) its writes went into, until its
         #: notice names it; MIXED if they went into more than one. Bounded by the core's requests.
         self.generations: dict[tuple[str, int], str] = {}
+        #: notices not yet confirmed by their decode daemon, by (decode group, request instance):
+        #: sent again whenever that daemon's connection (re)opens; at most MAX_UNCONFIRMED
+        self.unconfirmed: OrderedDict[tuple[str, tuple[str, int]], Notice] = OrderedDict()
         self._poll_delay = POLL_MIN_S
         self._next_poll: float | None = None
 
@@ -309,15 +325,42 @@ class Peers:
         written = self.generations.pop(msg.key, None)
         try:
             link = self._link(peer, now)
-            if isinstance(msg, KVReady):
-                held = link.machine.info
-                msg = dataclasses.replace(msg, generation=written or (held.generation if held is not None else ""))
-            link.machine.last_used = now
-            sockets.send(link.sock, msg)
         except TransportError as exc:
             log.error("%s; dropped %s", exc, msg)
+            return
+        if isinstance(msg, KVReady):
+            held = link.machine.info
+            msg = dataclasses.replace(msg, generation=written or (held.generation if held is not None else ""))
+        link.machine.last_used = now
+        self._keep(link.group.name, msg)
+        self._send_notice(link, msg)
+
+    def _keep(self, group: str, msg: Notice) -> None:
+        self.unconfirmed[(group, msg.key)] = msg
+        self.unconfirmed.move_to_end((group, msg.key))
+        while len(self.unconfirmed) > MAX_UNCONFIRMED:
+            (lost_group, _), lost = self.unconfirmed.popitem(last=False)
+            log.error(
+                "%d notices unconfirmed: no longer keeping %s for decode %r (it is not sent again)",
+                MAX_UNCONFIRMED,
+                lost,
+                lost_group,
+            )
+
+    def _send_notice(self, link: Link, msg: Notice) -> None:
+        try:
+            sockets.send(link.sock, msg)
         except zmq.Again:
-            log.error("decode daemon %s is not reachable; dropped %s", link.endpoint, msg)
+            log.error("decode daemon %s is not taking messages; %s goes again when it connects", link.endpoint, msg)
+
+    def _resend(self, link: Link) -> None:
+        """Every notice for ``link``'s decode group it has not confirmed, again (its daemon
+        connected anew: the one that was sent them may have died before reading them)."""
+        again = [m for (group, _), m in self.unconfirmed.items() if group == link.group.name]
+        if again:
+            log.info("sending %d unconfirmed notices to %s again", len(again), link.machine.s.name)
+        for msg in again:
+            self._send_notice(link, msg)
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -329,6 +372,7 @@ class Peers:
                 "open_on": sorted(link.opened),
                 "waiting": len(link.machine.waiting),
                 "inflight": len(link.machine.inflight),
+                "unconfirmed": sum(1 for group, _ in self.unconfirmed if group == name),
             }
             for name, link in self.links.items()
         }
@@ -355,6 +399,7 @@ class Peers:
             self.service.watch(sock, lambda: self._on_link(link))
             link.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             self.service.watch(link.monitor, lambda: self._on_monitor(link))
+            self._resend(link)  # notices kept from an earlier link to this group (it closed idle)
         return link
 
     def _on_monitor(self, link: Link) -> None:
@@ -368,6 +413,7 @@ class Peers:
             elif event == zmq.EVENT_CONNECTED and link.gone:
                 link.gone = False
                 log.info("%s connected again", link.machine.s.name)
+                self._resend(link)
 
     def _on_link(self, link: Link) -> None:
         for inbound in sockets.receive(link.sock, max_frame=self.max_frame, router=False):
@@ -382,6 +428,9 @@ class Peers:
         answers, self.answers = self.answers, []
         for link, msg in answers:
             machine = link.machine
+            if isinstance(msg, Received):
+                self.unconfirmed.pop((link.group.name, msg.key), None)
+                continue
             if isinstance(msg, PeerInfo):
                 effects = machine.answered(msg, self._mismatch(link, msg), now)
             elif isinstance(msg, Error) and msg.code is ErrorCode.NOT_REGISTERED:

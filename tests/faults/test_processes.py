@@ -191,10 +191,19 @@ def test_a_killed_prefill_rank_rejoins_its_running_group_and_its_requests_fail_o
         # the barrier ends it once rank 1's heartbeats stop, long before its round would time out
         assert took <= 3 * HEARTBEAT_S + SLACK_S, f"the failure came {took:.1f}s after the fault"
         assert _socket(dep, 1).exists()  # the dead rank's socket file stays until its next start
+        # the scheduler saw rank 1's connection close: the instance is decided without its result
+        out = dep.sched.wait(info.request_id, SLACK_S + 5)
+        assert not out.ok and set(out.results) == {0}, out
+        assert "prefill rank 1 at ipc://" in out.gone[1] and "is gone" in out.gone[1], out.gone
 
         # only rank 1 starts again; it joins the serving group at once (no cold-start barrier)
         _restart(dep, _name(dep, "prefill", 1), record)
         dep.workers[1].register(dep.pcaches[1])  # the restarted daemon learns the worker's cache anew
+        # decode rank 1 hears of the request from rank 1's successor: every decode rank told, once
+        assert dep.dec is not None
+        told = dep.dec.wait(info.request_id, BARRIER_S + SLACK_S + 5)
+        assert told.reusable and not told.ready and not told.duplicates, told
+        assert set(told.statuses.values()) == {Status.FAILED}, told
         traffic.ok(3)
         assert dep.status(0)["tables"]["requests"] == 0 and dep.status(1)["tables"]["requests"] == 0
 
@@ -310,6 +319,48 @@ def test_a_killed_decode_daemon_fails_its_requests_at_once_and_is_written_again_
         _register_decode(dep, 1, dep.dcaches[1])  # the engine registers with the new daemon
         told = dep.dec.wait(info.request_id, 10.0)
         assert told.reusable and not told.ready, told
+        traffic.ok(3)
+
+
+@pytest.mark.slow
+def test_notices_unread_by_a_killed_decode_daemon_reach_the_engine_through_its_successor(
+    record: dict[str, Any],
+) -> None:
+    """Decode rank 1 is stopped, two requests complete (their notices for it wait unread in its
+    socket), then it is killed: the notices die with it. Prefill rank 1 kept them unconfirmed and
+    sends them again once the restarted daemon connects; the engine hears each once, as a failure
+    (they name the dead daemon's registration), so every decode rank told and the blocks are free.
+    On shm only: an rdma write needs its target to run, so a stopped decode daemon fails it."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep, record, "shm")
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(2)
+
+        def unconfirmed() -> int:
+            return int(dep.status(1)["peers"][dep.decode.name]["unconfirmed"])
+
+        dep.wait_until("decode rank 1 to confirm every notice so far", lambda: unconfirmed() == 0)
+        victim = dep.cluster.daemon(_name(dep, "decode", 1))
+        victim.popen.send_signal(signal.SIGSTOP)
+        unread = []
+        for _ in range(2):
+            info, _, _ = traffic.info()
+            dep.sched.submit(info)
+            traffic.signal(info, range(dep.prefill.world_size))
+            assert dep.sched.wait(info.request_id, 20.0).ok
+            unread.append(info.request_id)
+        dep.wait_until("prefill rank 1 to hold both notices unconfirmed", lambda: unconfirmed() == 2)
+        fault = _kill(dep, _name(dep, "decode", 1))  # SIGKILL works on a stopped process
+        _restart(dep, _name(dep, "decode", 1), record)
+        _register_decode(dep, 1, dep.dcaches[1])
+        for rid in unread:
+            told = dep.dec.wait(rid, 10.0)
+            assert told.reusable and not told.ready and not told.duplicates, told
+            assert told.statuses == {0: Status.OK, 1: Status.FAILED}, told
+            assert "registration" in told.reasons[1], told.reasons
+        record.update(fault="SIGKILL decode rank 1 with notices unread", report_s=round(time.monotonic() - fault, 2))
+        record["affected"] = "2 notices unread: sent again, each told once (failed: old registration)"
+        dep.wait_until("prefill rank 1 to hold no notice unconfirmed", lambda: unconfirmed() == 0)
         traffic.ok(3)
 
 
