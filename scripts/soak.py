@@ -136,8 +136,9 @@ class SoakEngine(DemoEngine):
 
 
 class Faults:
-    def __init__(self, cluster: Cluster, engine: SoakEngine, every_s: float, stop_s: float) -> None:
+    def __init__(self, cluster: Cluster, engine: SoakEngine, every_s: float, stop_s: float, cycle: list[str]) -> None:
         self.cluster, self.engine = cluster, engine
+        self.cycle = cycle
         self.every_s, self.stop_s = every_s, stop_s
         self.next_at = time.monotonic() + every_s
         self.count = 0
@@ -150,7 +151,7 @@ class Faults:
             os.kill(self.cluster.daemon(self.stopped[0]).popen.pid, signal.SIGCONT)
             self.stopped = None
         if now >= self.next_at and self.stopped is None:
-            self.inject(FAULTS[self.count % len(FAULTS)], now)
+            self.inject(self.cycle[self.count % len(self.cycle)], now)
             self.count += 1
             self.next_at = time.monotonic() + self.every_s
         self.cluster.check()
@@ -206,6 +207,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--fault-every", type=float, default=30.0, help="seconds between faults (0: none)")
+    ap.add_argument(
+        "--faults", default=",".join(FAULTS), help=f"comma-separated, injected in turn (of: {', '.join(FAULTS)})"
+    )
     ap.add_argument("--transports", default="shm,rdma", help="comma-separated; requests take them in turn")
     ap.add_argument("--abort-rate", type=float, default=0.05)
     ap.add_argument("--lost-s", type=float, default=40.0, help="give up on a request undecided this long")
@@ -219,6 +223,10 @@ def main() -> int:
     cluster = Cluster(config, config_path, run_dir, "WARNING")
     prefill, decode = config.group(role="prefill"), config.group(role="decode")
     transports = [t for t in args.transports.split(",") if t]
+    cycle = [f for f in args.faults.split(",") if f]
+    unknown = sorted(set(cycle) - set(FAULTS))
+    if unknown or not cycle:
+        ap.error(f"--faults: unknown {unknown}; choose from {', '.join(FAULTS)}")
     outcomes: Counter[str] = Counter()
     by_fault: list[Counter[str]] = []
     examples: dict[str, list[str]] = {}
@@ -242,7 +250,7 @@ def main() -> int:
         )
         engine.lost_s = args.lost_s
         engine.register()
-        faults = Faults(cluster, engine, args.fault_every or float("inf"), stop_s)
+        faults = Faults(cluster, engine, args.fault_every or float("inf"), stop_s, cycle)
         end = time.monotonic() + args.minutes * 60
 
         def sample(when: str) -> None:

@@ -18,6 +18,10 @@ registered in it. ``run`` goes through start → ready → serve → drain → s
   see :mod:`kvxferd.runtime.guard`) means its tables cannot be trusted: the
   service calls ``on_broken`` (fail every request in flight, with the reason)
   and ``run`` returns :data:`BROKEN_EXIT`.
+* A loop that wakes more than :data:`STALL_S` after its next deadline (the
+  process was stopped, or starved of CPU) first reads what waited on its
+  sockets (:meth:`Service._catch_up`) and only then runs its timers: a word
+  that came in time is not judged late because this process was not running.
 * SIGTERM / SIGINT only set a flag; a byte on the signal wake-up socket makes
   ``poll`` return. The service then drains (``begin_drain``) until it is idle
   or ``shutdown_s`` has passed, then stops (``force_stop``) and closes every
@@ -56,6 +60,11 @@ Handler = Callable[[], None]
 BROKEN_EXIT = 70
 #: timer runs in a row that may raise before the daemon counts itself broken
 TICK_FAILURES = 3
+#: a wake-up this late after its deadline means the process did not run: catch up before timers
+STALL_S = 0.5
+#: how long a catch-up waits for more of what queued meanwhile, per read and at most
+CATCH_UP_POLL_S = 0.02
+CATCH_UP_MAX_S = 1.0
 
 
 class Service:
@@ -268,14 +277,30 @@ class Service:
             if drain_deadline is not None:
                 wake = drain_deadline if wake is None else min(wake, drain_deadline)
             timeout = None if wake is None else max(0, math.ceil((wake - now) * 1000.0))
-            for sock, _ in self.poller.poll(timeout):
-                if sock == wake_fd:
-                    self._drain_wake()
-                elif sock in self._handlers:  # a handler earlier in this round may have closed it
-                    self._guard(self._handlers[sock], "reading a socket")
+            self._read(self.poller.poll(timeout), wake_fd)
+            if wake is not None and time.monotonic() - wake > STALL_S:
+                self._catch_up(wake_fd, time.monotonic() - wake)
             failures = 0 if self._guard(lambda: self.tick(time.monotonic()), "running timers") else failures + 1
             if failures >= TICK_FAILURES:
                 raise CoreBroken(f"timers failed {failures} times in a row")
+
+    def _read(self, ready: list[tuple[Any, int]], wake_fd: int) -> None:
+        for sock, _ in ready:
+            if sock == wake_fd:
+                self._drain_wake()
+            elif sock in self._handlers:  # a handler earlier in this round may have closed it
+                self._guard(self._handlers[sock], "reading a socket")
+
+    def _catch_up(self, wake_fd: int, late_s: float) -> None:
+        """Read what queued while this process did not run (ZMQ's I/O thread hands it over from
+        the kernel's buffers a little at a time) until a short wait brings nothing more."""
+        log.warning("woke %.1fs after a deadline (stopped or starved?): reading what waited before timers", late_s)
+        until = time.monotonic() + CATCH_UP_MAX_S
+        while time.monotonic() < until:
+            ready = self.poller.poll(int(CATCH_UP_POLL_S * 1000))
+            if not ready:
+                return
+            self._read(ready, wake_fd)
 
     def _guard(self, step: Handler, what: str) -> bool:
         """Run one step of the loop; an exception other than CoreBroken is logged, not fatal."""

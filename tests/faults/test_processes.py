@@ -209,9 +209,10 @@ def test_a_killed_prefill_rank_rejoins_its_running_group_and_its_requests_fail_o
 
 
 @pytest.mark.slow
-def test_a_second_signal_ends_the_drain_at_once_and_fails_what_is_left(record: dict[str, Any]) -> None:
+def test_a_second_signal_ends_the_drain_at_once_and_fails_what_is_left(record: dict[str, Any], transport: str) -> None:
     with deploy(faults(shutdown_s=120)) as dep:
-        traffic = Traffic(dep, record)
+        traffic = Traffic(dep, record, transport)
+        record["transport"] = transport
         assert dep.sched is not None
         traffic.ok(1)
         info, _, _ = traffic.info()
@@ -261,12 +262,58 @@ def test_a_restarted_barrier_service_loses_no_request_in_flight(record: dict[str
 
 
 @pytest.mark.slow
-def test_a_new_worker_cache_is_accepted_while_requests_are_in_flight_and_those_fail(record: dict[str, Any]) -> None:
+def test_a_stopped_barrier_service_ends_every_request_alike_once_continued(
+    record: dict[str, Any], transport: str
+) -> None:
+    """SIGSTOP of the barrier service past its round timeout and past every rank's heartbeat
+    deadline, with a request half arrived and its second rank arriving while the service is
+    stopped: once continued, the service reads what waited before it runs its timers (and words
+    count as heartbeats, so no rank is taken for stopped), so the request completes, ok on both
+    ranks, ready at decode with its bytes; later ones move."""
+    with deploy(faults(verdict_s=60)) as dep:
+        traffic = Traffic(dep, record, transport)
+        record["transport"] = transport
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(2)
+        info, src, dst = traffic.half_done(0)
+        barrier = dep.cluster.daemon("barrier")
+        barrier.popen.send_signal(signal.SIGSTOP)
+        fault = time.monotonic()
+        try:
+            traffic.signal(info, [1])
+            _wait_state(dep, 1, info.request_id, "arrived")
+            # stopped for longer than the round timeout: the round's deadline passes meanwhile
+            stopped_until = fault + BARRIER_S + 1.0
+            while (left := stopped_until - time.monotonic()) > 0:
+                dep.sched.collect(left)  # waits without sleeping (nothing can end while it is stopped)
+            assert dep.sched.outcome(info.request_id) is not None
+            assert not dep.sched.outcome(info.request_id).results, "a rank ended it while the barrier was stopped"
+        finally:
+            barrier.popen.send_signal(signal.SIGCONT)
+        continued = time.monotonic()
+        out = dep.sched.wait(info.request_id, BARRIER_S + SLACK_S + 10)
+        record.update(fault="SIGSTOP barrier service past its timeout", report_s=round(time.monotonic() - continued, 2))
+        assert (
+            len({r.status for r in out.results.values()}) == 1 and len({r.reason for r in out.results.values()}) == 1
+        ), out.results
+        assert out.ok, out.results  # rank 1's Arrive came in time: it is not judged late
+        told = dep.dec.wait(info.request_id, 10.0)
+        assert told.reusable and told.ready, (out, told)
+        traffic.verify(src, dst)
+        record["affected"] = "1 arrived while stopped: completed ok on both ranks, ready, verified"
+        traffic.ok(3)
+
+
+@pytest.mark.slow
+def test_a_new_worker_cache_is_accepted_while_requests_are_in_flight_and_those_fail(
+    record: dict[str, Any], transport: str
+) -> None:
     """The prefill worker of rank 1 dies and its successor registers a new cache while a request
     is in flight: the registration is accepted, that request fails on both ranks saying why, and
     the next requests read the new cache."""
     with deploy(faults()) as dep:
-        traffic = Traffic(dep, record)
+        traffic = Traffic(dep, record, transport)
+        record["transport"] = transport
         assert dep.sched is not None
         traffic.ok(2)
         info, _, _ = traffic.half_done(0)
@@ -405,11 +452,13 @@ def test_bytes_written_into_an_old_decode_cache_are_never_reported_ready_for_a_n
 @pytest.mark.slow
 def test_a_stopped_prefill_rank_fails_its_requests_everywhere_and_serves_again_when_continued(
     record: dict[str, Any],
+    transport: str,
 ) -> None:
     """SIGSTOP of prefill rank 1: once its heartbeats stop, a request in flight fails on rank 0,
     naming rank 1; after SIGCONT rank 1 reports the same verdict, and later requests move."""
     with deploy(faults()) as dep:
-        traffic = Traffic(dep, record)
+        traffic = Traffic(dep, record, transport)
+        record["transport"] = transport
         assert dep.sched is not None
         traffic.ok(2)
         info, _, _ = traffic.half_done(0)
@@ -468,14 +517,15 @@ def test_a_stopped_decode_daemon_delays_notices_but_loses_none(record: dict[str,
 
 @pytest.mark.slow
 def test_a_worker_that_dies_mid_step_fails_its_request_on_every_rank_after_progress_s(
-    record: dict[str, Any],
+    record: dict[str, Any], transport: str
 ) -> None:
     """Prefill rank 1's model worker signals layer 0 of a step, then dies: the request fails on
     both ranks once ``progress_s`` passed, naming the layer it waited for; a new worker registers
     the same cache and requests move again."""
     progress_s = 2.0
     with deploy(faults(progress_s=progress_s)) as dep:
-        traffic = Traffic(dep, record)
+        traffic = Traffic(dep, record, transport)
+        record["transport"] = transport
         assert dep.sched is not None
         traffic.ok(2)
         info, _, _ = traffic.info()
@@ -498,9 +548,12 @@ def test_a_worker_that_dies_mid_step_fails_its_request_on_every_rank_after_progr
 
 
 @pytest.mark.slow
-def test_a_scheduler_that_dies_leaves_its_requests_to_end_and_a_new_one_is_served(record: dict[str, Any]) -> None:
+def test_a_scheduler_that_dies_leaves_its_requests_to_end_and_a_new_one_is_served(
+    record: dict[str, Any], transport: str
+) -> None:
     with deploy(faults()) as dep:
-        traffic = Traffic(dep, record)
+        traffic = Traffic(dep, record, transport)
+        record["transport"] = transport
         assert dep.sched is not None and dep.dec is not None
         traffic.ok(2)
         info, src, dst = traffic.info()
