@@ -121,6 +121,7 @@ def deploy(text: str = SMALL, *, kind: type[Deployment] = Deployment) -> Iterato
     run_dir = Path(tempfile.mkdtemp(prefix="kvx-", dir="/tmp"))
     config = dataclasses.replace(loads(text), run_dir=str(run_dir))
     dep = kind(config, run_dir)
+    segments = _segments()
     try:
         dep.start()
         dep.engines()
@@ -131,6 +132,14 @@ def deploy(text: str = SMALL, *, kind: type[Deployment] = Deployment) -> Iterato
         shutil.rmtree(run_dir, ignore_errors=True)
     assert all(code == 0 for code in codes.values()), f"daemons did not exit cleanly: {codes}"
     assert not left, f"socket files left behind by daemons that exited cleanly: {left}"
+    # daemons create no segment; the engines' caches are gone with the engines (killed daemons too)
+    assert not (_segments() - segments), f"/dev/shm segments left behind: {sorted(_segments() - segments)}"
+
+
+def _segments() -> set[str]:
+    """kvxferd's shared-memory segments on this machine (the engines' caches are named kvx-...)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir() if p.name.startswith("kvx")} if shm.is_dir() else set()
 
 
 @pytest.fixture
