@@ -281,8 +281,13 @@ class PrefillOutcome:
     ``gone``: ranks whose daemon's connection closed while they held the
     instance without reporting, with why. Such a rank will never report (a
     restarted daemon does not know the instances its predecessor held), so the
-    outcome is decided, and not ok, once every other rank reported. ``sent``:
-    the ranks the cache_info went to through :meth:`PrefillScheduler.submit`.
+    outcome is decided, and not ok, once every other rank reported. A
+    cache_info still queued in the scheduler's socket when the connection
+    closed goes to the daemon that starts there next, which may serve it: its
+    result is added here after the decision, and said in ``anomalies``; until
+    that daemon reported, it may still read the instance's source blocks.
+    ``sent``: the ranks the cache_info went to through
+    :meth:`PrefillScheduler.submit`.
     """
 
     request_id: str
@@ -441,6 +446,13 @@ class PrefillScheduler(_Group):
                     self.ledger.anomalies.append(f"rank {rank} reported {msg.request_id} instance {msg.instance} twice")
                     continue
                 out.results[rank] = msg
+                if rank in out.gone:
+                    # a cache_info still queued when the connection closed reached the restarted
+                    # daemon, which served it: the outcome was decided without it, and stays so
+                    self.ledger.anomalies.append(
+                        f"rank {rank} reported {msg.request_id} instance {msg.instance} ({msg.status.value}) "
+                        "after its connection closed: a new daemon there served it"
+                    )
                 if out.decided and self.ledger.settle(msg.key):
                     decided.append(out)
             elif isinstance(msg, Error):

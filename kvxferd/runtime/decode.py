@@ -64,7 +64,7 @@ PUBLISHERS = ("rdma",)
 #: notices kept while no engine is registered (oldest dropped first, counted)
 MAX_HELD = 4096
 #: notices remembered as handed to the engine, so a repeat is not told twice (oldest forgotten)
-MAX_SEEN = 16384
+MAX_SEEN = 4096
 
 
 class DecodeDaemon(GroupDaemon):
