@@ -83,6 +83,13 @@ class GroupDaemon(Service):
             self.barrier.hello()
             self._next_beat = now + self.heartbeat_s
 
+    def on_stall(self) -> None:
+        """Back from a stop: the heartbeat goes now, before the backlog is read (the barrier takes
+        a rank it has not heard from for 3 heartbeats as stopped, and ends its rounds at once)."""
+        if self._next_beat is not None:
+            self.barrier.hello()
+            self._next_beat = time.monotonic() + self.heartbeat_s
+
     def on_barrier(self) -> None:
         """Messages from the barrier service after start-up."""
         now = time.monotonic()

@@ -22,6 +22,8 @@ registered in it. ``run`` goes through start → ready → serve → drain → s
   process was stopped, or starved of CPU) first reads what waited on its
   sockets (:meth:`Service._catch_up`) and only then runs its timers: a word
   that came in time is not judged late because this process was not running.
+  ``on_stall`` runs first, for what peers must hear at once (a group daemon
+  sends its heartbeat, so the barrier stops counting it as stopped).
 * SIGTERM / SIGINT only set a flag; a byte on the signal wake-up socket makes
   ``poll`` return. The service then drains (``begin_drain``) until it is idle
   or ``shutdown_s`` has passed, then stops (``force_stop``) and closes every
@@ -185,6 +187,10 @@ class Service:
 
     # -- hooks for subclasses ---------------------------------------------------------
 
+    def on_stall(self) -> None:
+        """The loop woke long after a deadline (this process did not run): before it reads what
+        waited, say what peers must hear at once (a daemon says it is alive)."""
+
     def handle_on(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, now: float) -> None:
         """One message from the server socket ``sock`` (a service with more than one overrides this)."""
         self.handle(identity, msg, now)
@@ -279,6 +285,7 @@ class Service:
             timeout = None if wake is None else max(0, math.ceil((wake - now) * 1000.0))
             self._read(self.poller.poll(timeout), wake_fd)
             if wake is not None and time.monotonic() - wake > STALL_S:
+                self._guard(self.on_stall, "telling peers it runs again")
                 self._catch_up(wake_fd, time.monotonic() - wake)
             failures = 0 if self._guard(lambda: self.tick(time.monotonic()), "running timers") else failures + 1
             if failures >= TICK_FAILURES:
