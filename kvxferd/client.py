@@ -407,6 +407,7 @@ class PrefillScheduler(_Group):
         self.ledger: _Ledger[PrefillOutcome] = _Ledger(lambda k: PrefillOutcome(k[0], k[1], world))
         #: Error replies (bad messages, refusals, duplicates), oldest dropped first.
         self.errors: deque[tuple[int, Error]] = deque(maxlen=MAX_EVENTS)
+        self._early: list[PrefillOutcome] = []  # decided while submitting, for the next collect
 
     @property
     def world_size(self) -> int:
@@ -419,6 +420,8 @@ class PrefillScheduler(_Group):
 
     def submit(self, info: CacheInfo, ranks: Iterable[int] | None = None) -> None:
         """Send ``info`` to ``ranks`` (default: every rank; each rank must get it once)."""
+        # connections that closed (and opened again) meanwhile end what was sent before, not this
+        self._early += self.collect(0.0)
         for rank in range(self.world_size) if ranks is None else ranks:
             self.channels[rank].send(info)
             self.ledger.entry(info.key).sent.add(rank)
@@ -437,7 +440,7 @@ class PrefillScheduler(_Group):
 
     def collect(self, timeout_s: float = 0.0) -> list[PrefillOutcome]:
         """Take in results; return the outcomes that became decided (every rank reported, or one refused)."""
-        decided = []
+        decided, self._early = self._early, []
         for rank, msg in self.backlog + self.poll(timeout_s):
             if isinstance(msg, TransferResult):
                 out = self.ledger.entry(msg.key)

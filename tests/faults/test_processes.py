@@ -210,6 +210,41 @@ def test_a_killed_prefill_rank_rejoins_its_running_group_and_its_requests_fail_o
 
 
 @pytest.mark.slow
+def test_a_drain_finishes_the_requests_in_flight_then_the_daemon_exits(record: dict[str, Any], transport: str) -> None:
+    """SIGTERM of prefill rank 0 while a request is held on both ranks: the daemon drains (new
+    cache_infos refused), the request's layers come, it completes ok on both ranks with its bytes
+    in place, and the daemon exits 0 as soon as it is idle, long before ``shutdown_s``."""
+    with deploy(faults(shutdown_s=60)) as dep:
+        traffic = Traffic(dep, record, transport)
+        record["transport"] = transport
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(1)
+        info, src, dst = traffic.info()
+        dep.sched.submit(info)
+        _wait_state(dep, 0, info.request_id, "wait_signal")
+        name = _name(dep, "prefill", 0)
+        daemon = dep.cluster.daemon(name)
+        daemon.popen.send_signal(signal.SIGTERM)
+        fault = time.monotonic()
+        dep.wait_until("rank 0 to drain", lambda: dep.status(0)["state"] == "draining")
+        assert daemon.popen.poll() is None  # it holds a request: it waits for it
+        traffic.signal(info, range(dep.prefill.world_size))
+        out = dep.sched.wait(info.request_id, BARRIER_S + SLACK_S + 10)
+        assert out.ok, out.results
+        assert dep.dec.wait(info.request_id, 10.0).ready
+        traffic.verify(src, dst)
+        assert daemon.popen.wait(timeout=30) == 0
+        took = time.monotonic() - fault
+        record.update(fault="SIGTERM prefill rank 0, a request in flight", report_s=round(took, 2))
+        record["affected"] = "1 held: completed ok during the drain, then the daemon exited 0"
+        assert took < 30, f"the drain took {took:.1f}s"
+        assert not _socket(dep, 0).exists()
+        _restart(dep, name, record)
+        dep.workers[0].register(dep.pcaches[0])
+        traffic.ok(2)
+
+
+@pytest.mark.slow
 def test_a_second_signal_ends_the_drain_at_once_and_fails_what_is_left(record: dict[str, Any], transport: str) -> None:
     with deploy(faults(shutdown_s=120)) as dep:
         traffic = Traffic(dep, record, transport)
