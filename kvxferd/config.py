@@ -28,6 +28,7 @@ from kvxferd.errors import ConfigError
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1}
 TRANSPORT_CHOICES = ("auto", "shm", "cuda_ipc", "rdma")
+KV_LAYOUTS = ("split", "packed")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -104,10 +105,19 @@ class KVConfig:
     block_tokens: int = 16
     num_blocks: int = 512  # blocks per rank's cache
     dtype: str = "bfloat16"
+    # split: each layer keeps K and V in two regions of blocks; packed: one region per layer whose
+    # blocks hold K and V together (vLLM's CPU backend)
+    layout: str = "split"
 
     def __post_init__(self) -> None:
         _positive(self, "num_layers", "kv_heads", "head_dim", "block_tokens", "num_blocks")
         _need(self.dtype in DTYPE_BYTES, "dtype", f"{self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+        _need(self.layout in KV_LAYOUTS, "layout", f"{self.layout!r} is not one of {', '.join(KV_LAYOUTS)}")
+
+    @property
+    def planes(self) -> int:
+        """Regions per layer: 2 (K, V) when split, 1 when packed."""
+        return 2 if self.layout == "split" else 1
 
     def heads_per_rank(self, world_size: int) -> int:
         if self.kv_heads % world_size:
@@ -115,8 +125,10 @@ class KVConfig:
         return self.kv_heads // world_size
 
     def block_bytes(self, world_size: int) -> int:
-        """Bytes of one block of K (or V) of one layer on one rank."""
-        return self.heads_per_rank(world_size) * self.block_tokens * self.head_dim * DTYPE_BYTES[self.dtype]
+        """Bytes of one block of one region of one layer on one rank: K (or V) when split,
+        K and V together when packed."""
+        per_plane = self.heads_per_rank(world_size) * self.block_tokens * self.head_dim * DTYPE_BYTES[self.dtype]
+        return per_plane * (3 - self.planes)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@ tensor shaped ``[num_blocks, kv_heads, block_tokens, head_dim]``:
 
     segment = layer 0 K | layer 0 V | layer 1 K | layer 1 V | ...
 
+or, with the ``packed`` layout, one tensor per layer shaped ``[num_blocks,
+kv_heads, block_tokens, 2 * head_dim]`` holding K and V together (vLLM's CPU
+backend keeps its cache so).
+
 Block ``b`` of one of them is ``kv_heads * block_tokens * head_dim`` elements,
 contiguous, so a run of consecutive blocks is one contiguous byte range:
 exactly what the transports copy. The engine creates the cache and owns it;
@@ -40,19 +44,37 @@ class KVShape:
     block_tokens: int
     head_dim: int
     dtype: str = "bfloat16"
+    kv_layout: str = "split"  # or "packed": K and V of a block in one region (see the module's doc)
 
     @classmethod
     def from_config(cls, config: Config, world_size: int) -> KVShape:
         kv = config.kv
-        return cls(kv.num_layers, kv.num_blocks, kv.heads_per_rank(world_size), kv.block_tokens, kv.head_dim, kv.dtype)
+        return cls(
+            kv.num_layers,
+            kv.num_blocks,
+            kv.heads_per_rank(world_size),
+            kv.block_tokens,
+            kv.head_dim,
+            kv.dtype,
+            kv.layout,
+        )
 
     @property
     def itemsize(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def planes(self) -> int:
+        return 2 if self.kv_layout == "split" else 1
+
+    @property
+    def row_dim(self) -> int:
+        """Elements of one token of one head in one region: ``head_dim``, twice that when packed."""
+        return self.head_dim * (3 - self.planes)
+
+    @property
     def block_bytes(self) -> int:
-        return self.kv_heads * self.block_tokens * self.head_dim * self.itemsize
+        return self.kv_heads * self.block_tokens * self.row_dim * self.itemsize
 
     @property
     def region_bytes(self) -> int:
@@ -60,16 +82,17 @@ class KVShape:
 
     @property
     def nbytes(self) -> int:
-        return self.num_layers * 2 * self.region_bytes
+        return self.num_layers * self.planes * self.region_bytes
 
     @property
     def layout(self) -> CacheLayout:
-        return CacheLayout(self.num_layers, self.num_blocks, self.block_bytes)
+        return CacheLayout(self.num_layers, self.num_blocks, self.block_bytes, self.planes)
 
     @property
     def tensor_shape(self) -> tuple[int, int, int, int, int, int]:
-        """``[layer, K|V, num_blocks, kv_heads, block_tokens, head_dim]``."""
-        return (self.num_layers, 2, self.num_blocks, self.kv_heads, self.block_tokens, self.head_dim)
+        """``[layer, K|V, num_blocks, kv_heads, block_tokens, head_dim]``; packed:
+        ``[layer, 1, num_blocks, kv_heads, block_tokens, 2 * head_dim]``."""
+        return (self.num_layers, self.planes, self.num_blocks, self.kv_heads, self.block_tokens, self.row_dim)
 
 
 class HostKVCache:
@@ -95,17 +118,17 @@ class HostKVCache:
         """The message that hands this cache to the rank's daemon."""
         s = self.shape
         regions = tuple(
-            Region(layer, kv, self.name, (2 * layer + kv) * s.region_bytes)
+            Region(layer, kv, self.name, (s.planes * layer + kv) * s.region_bytes)
             for layer in range(s.num_layers)
-            for kv in (0, 1)
+            for kv in range(s.planes)
         )
         return RegisterCache("host", s.layout, regions)
 
     def raw(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
-        """Bytes as ``[layer, K|V, num_blocks, block_bytes]``."""
+        """Bytes as ``[layer, K|V, num_blocks, block_bytes]`` (``K|V`` has length 1 when packed)."""
         s = self.shape
         flat = np.frombuffer(self.segment.buffer, dtype=np.uint8, count=s.nbytes)
-        return flat.reshape(s.num_layers, 2, s.num_blocks, s.block_bytes)
+        return flat.reshape(s.num_layers, s.planes, s.num_blocks, s.block_bytes)
 
     def numpy(self) -> np.ndarray[Any, Any]:
         """Elements as ``[layer, K|V, num_blocks, kv_heads, block_tokens, head_dim]``.
@@ -116,7 +139,7 @@ class HostKVCache:
         dtype = _NUMPY_DTYPES.get(s.dtype, np.uint8)
         flat = np.frombuffer(self.segment.buffer, dtype=dtype, count=s.nbytes // np.dtype(dtype).itemsize)
         if dtype is np.uint8 and s.itemsize != 1:
-            return flat.reshape(*s.tensor_shape[:5], s.head_dim * s.itemsize)
+            return flat.reshape(*s.tensor_shape[:5], s.row_dim * s.itemsize)
         return flat.reshape(s.tensor_shape)
 
     def torch(self) -> torch.Tensor:

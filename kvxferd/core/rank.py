@@ -90,7 +90,7 @@ class RankSettings:
     num_layers: int
     num_blocks: int  # blocks in this rank's (source) cache
     block_tokens: int  # tokens per block
-    block_bytes: int  # bytes of one block of one of K or V, one layer, this rank
+    block_bytes: int  # bytes of one block of one region (K or V; both when packed), one layer, this rank
     max_requests: int = 4096
     max_pending_signals: int = 4096
     max_steps: int = 1024
@@ -98,6 +98,7 @@ class RankSettings:
     pending_timeout_s: float = 30.0  # a half job waiting for its other half; an abort waiting for its request
     progress_timeout_s: float = 30.0  # a job, or its drain, without progress
     verdict_timeout_s: float = 60.0  # an admission, arrival or withdrawal without a verdict
+    planes: int = 2  # regions per layer: K and V (2), or one holding both (1)
 
     @property
     def ended_memory_s(self) -> float:
@@ -669,7 +670,7 @@ class RankCore:
                 chunk.confirmed.add(layer)
                 finished[key] = req
                 continue
-            nbytes = sum(r.length for r in chunk.runs) * s.block_bytes * 2
+            nbytes = sum(r.length for r in chunk.runs) * s.block_bytes * s.planes
             runs, parts = groups.setdefault((req.info.peer, req.info.transport, layer), ([], []))
             runs.extend(chunk.runs)
             parts.append(Part(key, index, layer, nbytes))

@@ -104,6 +104,8 @@ def expected_values(index: int, world: int, layers: int, nblocks: int) -> np.nda
 def u64_view(cache: HostKVCache) -> np.ndarray[Any, Any]:
     """``[layer, kv, block, head, token, words]`` as 64-bit words."""
     s = cache.shape
+    if s.planes != 2:
+        raise DaemonError("the demo engine writes split caches (kv.layout: split), not packed ones")
     row = s.head_dim * s.itemsize
     if row % 8:
         raise DaemonError(f"the demo needs head_dim * itemsize to be a multiple of 8 bytes, got {row}")

@@ -272,19 +272,26 @@ class Received(Message):
 class CacheLayout(Struct):
     """Shape of one rank's KV cache, as the transports see it.
 
-    Every layer has a K and a V region of ``num_blocks`` blocks of
-    ``block_bytes`` bytes each (one block of one of K or V, this rank's heads).
-    Wire: ``[32, 1024, 65536]``.
+    With ``planes`` = 2 (split, the default) every layer has a K and a V
+    region of ``num_blocks`` blocks of ``block_bytes`` bytes each (one block of
+    one of K or V, this rank's heads). With ``planes`` = 1 (packed) every layer
+    has one region (``kv`` = 0) whose blocks hold K and V together, in whatever
+    order the engine's kernels keep them (vLLM's CPU backend does so): a block
+    is then ``block_bytes`` of K and V. Either way whole blocks move, so the
+    order inside a block never matters. Wire: ``[32, 1024, 65536]`` (split),
+    ``[32, 1024, 131072, 1]`` (packed).
     """
 
     num_layers: int
     num_blocks: int
     block_bytes: int
+    planes: int = 2
 
     def __post_init__(self) -> None:
         f.uint("CacheLayout", "num_layers", self.num_layers, low=1, high=1 << 16)
         f.uint("CacheLayout", "num_blocks", self.num_blocks, low=1, high=1 << 31)
         f.uint("CacheLayout", "block_bytes", self.block_bytes, low=1, high=1 << 40)
+        f.uint("CacheLayout", "planes", self.planes, low=1, high=2)
 
     @property
     def region_bytes(self) -> int:
@@ -320,10 +327,11 @@ class Region(Struct):
 
 def _check_regions(owner: str, layout: CacheLayout, regions: object) -> tuple[Region, ...]:
     items = f.items_of(owner, "regions", regions, Region)
-    want = {(layer, kv) for layer in range(layout.num_layers) for kv in (0, 1)}
+    want = {(layer, kv) for layer in range(layout.num_layers) for kv in range(layout.planes)}
     have = [(r.layer, r.kv) for r in items]
     if len(set(have)) != len(have) or set(have) != want:
-        raise f.fail(owner, "regions", f"need exactly one K and one V region for each of {layout.num_layers} layers")
+        need = "one K and one V region" if layout.planes == 2 else "one region (kv 0: K and V packed)"
+        raise f.fail(owner, "regions", f"need exactly {need} for each of {layout.num_layers} layers")
     # Regions that share a handle must not overlap: a write into one would land in another
     # (and some transports refuse to register overlapping memory at all).
     by_handle: dict[tuple[str | bytes, int], list[Region]] = {}

@@ -391,7 +391,7 @@ class Peers:
                     f"cannot connect to decode {group.name!r} rank {self.rank} at {endpoint}: {exc}"
                 ) from None
             kv, t = self.config.kv, self.config.timeouts
-            layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size))
+            layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size), kv.planes)
             settings = LinkSettings(
                 f"decode {group.name!r} rank {self.rank} at {endpoint}", t.peer_s, RETRY_S, t.peer_idle_s
             )

@@ -69,6 +69,7 @@ def rank_settings(config: Config, group: GroupConfig, rank: int) -> RankSettings
         pending_timeout_s=t.pending_s,
         progress_timeout_s=t.progress_s,
         verdict_timeout_s=t.verdict_s,
+        planes=kv.planes,
     )
 
 

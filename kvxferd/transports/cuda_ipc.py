@@ -122,7 +122,7 @@ class CudaIpcTransport(Transport):
         dst = self._dst[key]
         try:
             with cuda.Device(self._device):
-                for kv in (0, 1):
+                for kv in range(self.local.layout.planes):
                     s, d = self._src[(layer, kv)], dst[(layer, kv)]
                     for a, b, n in runs.tolist():
                         cuda.runtime.memcpyAsync(

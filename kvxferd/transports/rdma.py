@@ -165,23 +165,24 @@ def _span(region: object) -> tuple[int, int, int, int]:
 def _rows(layout: CacheLayout, address: dict[tuple[int, int], int], device: int) -> np.ndarray[Any, Any]:
     """A strided descriptor list: one row per (layer, kv) region, one descriptor per block.
 
-    Block ``b`` of layer ``l``, K or V (``kv``), is descriptor ``(2 * l + kv) * num_blocks + b``.
+    Block ``b`` of layer ``l``, region ``kv``, is descriptor ``(planes * l + kv) * num_blocks + b``.
     """
     rows = [
         (address[(layer, kv)], layout.block_bytes, device, layout.block_bytes, layout.num_blocks)
         for layer in range(layout.num_layers)
-        for kv in (0, 1)
+        for kv in range(layout.planes)
     ]
     return np.array(rows, dtype=np.uint64)
 
 
 def _indices(layout: CacheLayout, layer: int, runs: RunTable, side: int) -> np.ndarray[Any, Any]:
-    """Descriptor indices of every block of ``runs`` (``side`` 0: sources, 1: destinations), K then V."""
+    """Descriptor indices of every block of ``runs`` (``side`` 0: sources, 1: destinations), K then V
+    (one region only when packed)."""
     starts, lengths = runs[:, side], runs[:, 2]
     before = np.cumsum(lengths) - lengths  # blocks of the runs ahead of each run
     blocks = np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()))
-    base = 2 * layer * layout.num_blocks
-    out: np.ndarray[Any, Any] = np.concatenate([base + blocks, base + layout.num_blocks + blocks])
+    base = layout.planes * layer * layout.num_blocks
+    out: np.ndarray[Any, Any] = np.concatenate([base + kv * layout.num_blocks + blocks for kv in range(layout.planes)])
     return out
 
 
@@ -249,8 +250,9 @@ class RdmaTransport(Transport):
             raise TransportError(f"peer {key} keeps its cache in {info.mem}; rdma here writes host memory only")
         self.prepare()
         address = {(layer, kv): addr for layer, kv, addr, _ in info.regions}
-        if set(address) != {(layer, kv) for layer in range(peer.layout.num_layers) for kv in (0, 1)}:
-            raise TransportError(f"peer {key}'s rdma metadata does not cover every layer's K and V")
+        want = {(layer, kv) for layer in range(peer.layout.num_layers) for kv in range(peer.layout.planes)}
+        if set(address) != want:
+            raise TransportError(f"peer {key}'s rdma metadata does not cover every region of every layer")
         try:
             try:
                 name = self._agent.add_remote_agent(info.metadata)

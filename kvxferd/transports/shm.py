@@ -113,7 +113,7 @@ class ShmTransport(Transport):
             return Completion(write_id, f"peer {key} is gone: its segment {gone!r} was removed")
         src = self._source()
         rows = runs.tolist()
-        for kv in (0, 1):
+        for kv in range(self.local.layout.planes):
             s, d = src.views[(layer, kv)], dst.views[(layer, kv)]
             for a, b, n in rows:
                 np.copyto(d[b : b + n], s[a : a + n])

@@ -273,3 +273,31 @@ def test_rdma_listens_only_on_the_configured_interface(caches: tuple[HostKVCache
         assert all(addr.startswith(loopback) for addr in listening), listening
     finally:
         target.close()
+
+
+def test_a_packed_layout_moves_whole_blocks_of_k_and_v_together(name: str) -> None:
+    """vLLM's CPU backend keeps K and V inside each block: one region per layer (``planes`` 1)."""
+    shape = replace(SHAPE, kv_layout="packed")
+    src, dst = HostKVCache.create(shape), HostKVCache.create(shape)
+    cls = load(name)
+    target = init = None
+    try:
+        assert src.registration().layout.planes == 1 and len(src.registration().regions) == shape.num_layers
+        src.raw()[:] = np.random.default_rng(3).integers(0, 256, size=src.raw().shape, dtype=np.uint8)
+        dst.raw()[:] = 0
+        target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
+        init.open_peer("peer", _peer_info(name, dst, target))
+        runs = [Run(2, 7, 3), Run(20, 0, 1)]
+        assert _wait(init, init.post(1, "peer", 2, runs)) == Completion(1)
+        s, d = src.raw(), dst.raw()
+        expect = np.zeros_like(d)
+        for r in runs:
+            expect[2, :, r.dst : r.dst + r.length] = s[2, :, r.src : r.src + r.length]
+        assert np.array_equal(d, expect), "a packed block must land whole, and nothing else"
+    finally:
+        for t in (init, target):
+            if t is not None:
+                t.close()
+        for c in (src, dst):
+            c.close()
+            c.unlink()
