@@ -18,6 +18,8 @@ socket        who serves it              whose key it accepts
 engine        each daemon (``endpoint``)  engine
 peer          each decode daemon          daemon (prefill ranks)
 barrier       the barrier service         daemon
+rendezvous    a prefill engine (vLLM      engine
+              connector), engine keys
 ============  =========================  =========================
 
 A process without the secret cannot complete the handshake: its messages
@@ -46,7 +48,9 @@ if TYPE_CHECKING:
 #: The CURVE pairs a deployment derives; each names who holds it.
 KEY_ROLES = ("daemon", "engine")
 #: ZAP domains of the server sockets, and the key role each accepts.
-DOMAINS = {"engine": "engine", "peer": "daemon", "barrier": "daemon"}
+DOMAINS = {"engine": "engine", "peer": "daemon", "barrier": "daemon", "rendezvous": "engine"}
+#: The key pair each domain's server holds (the rendezvous is served between engines).
+SERVED_BY = {"engine": "daemon", "peer": "daemon", "barrier": "daemon", "rendezvous": "engine"}
 SECRET_BYTES = 32
 
 
@@ -67,11 +71,12 @@ class Credentials:
     daemon_public: bytes  # every server socket's public key (servers hold the daemon pair)
     allowed: dict[str, bytes]  # key role -> its public key, for a server's ZAP checks
 
-    def client(self, sock: zmq.Socket[bytes]) -> None:
-        """Make ``sock`` a CURVE client of a deployment server (call before ``connect``)."""
+    def client(self, sock: zmq.Socket[bytes], domain: str = "engine") -> None:
+        """Make ``sock`` a CURVE client of a deployment server of ``domain`` (call before ``connect``)."""
         import zmq
 
-        sock.setsockopt(zmq.CURVE_SERVERKEY, self.daemon_public)
+        server = self.daemon_public if SERVED_BY.get(domain, "daemon") == "daemon" else self.allowed["engine"]
+        sock.setsockopt(zmq.CURVE_SERVERKEY, server)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.mine.public)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.mine.secret)
 
@@ -81,8 +86,8 @@ class Credentials:
 
         if domain not in DOMAINS:
             raise ValueError(f"unknown domain {domain!r}")
-        if self.mine.public != self.daemon_public:
-            raise ValueError("only a holder of the daemon keys can serve a deployment socket")
+        if self.mine.public != self.allowed[SERVED_BY[domain]]:
+            raise ValueError(f"only a holder of the {SERVED_BY[domain]} keys can serve a {domain} socket")
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.mine.secret)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.mine.public)

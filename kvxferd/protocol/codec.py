@@ -40,6 +40,8 @@ _MESSAGE_TYPES: tuple[type[Message], ...] = (
     messages.Attach,
     messages.StatusQuery,
     messages.StatusReply,
+    messages.BlockOffer,
+    messages.OfferDeclined,
     barrier.Hello,
     barrier.Admit,
     barrier.Admitted,

@@ -506,3 +506,50 @@ class StatusReply(Message):
         f.uint("StatusReply", "rank", self.rank)
         f.text("StatusReply", "state", self.state, limit=32)
         f.text("StatusReply", "report", self.report, limit=f.MAX_BLOB)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockOffer(Message):
+    """D→S, engine to engine (the vLLM connector's rendezvous): decode rank ``rank`` of group
+    ``group`` reserved ``dst_blocks`` for transfer ``request_id``, a prompt of ``num_tokens``
+    tokens, and those blocks may be written from now on. The prefill scheduler puts the blocks
+    into the transfer's CacheInfo once every decode rank offered the same ones.
+    Wire: ``[3, "block_offer", "xfer-7", "decode", 0, 200, [40, 41]]``.
+    """
+
+    TAG: ClassVar[str] = "block_offer"
+
+    request_id: str
+    group: str
+    rank: int
+    num_tokens: int
+    dst_blocks: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        f.name("BlockOffer", "request_id", self.request_id)
+        f.text("BlockOffer", "group", self.group, limit=f.MAX_NAME, empty=False)
+        f.uint("BlockOffer", "rank", self.rank, high=1 << 16)
+        f.uint("BlockOffer", "num_tokens", self.num_tokens, low=1)
+        dst = f.uints("BlockOffer", "dst_blocks", self.dst_blocks, high=f.MAX_BLOCK_ID)
+        if not dst:
+            raise f.fail("BlockOffer", "dst_blocks", "must name at least one block")
+        if len(set(dst)) != len(dst):
+            raise f.fail("BlockOffer", "dst_blocks", "a block appears twice")
+        store(self, "dst_blocks", dst)
+
+
+@dataclass(frozen=True, slots=True)
+class OfferDeclined(Message):
+    """S→D, engine to engine: the prefill side will not write transfer ``request_id`` (it gave
+    up waiting, failed the prompt, or found the offer wrong); the decode engine may reuse the
+    blocks it offered at once. Wire: ``[3, "offer_declined", "xfer-7", "the prompt was aborted"]``.
+    """
+
+    TAG: ClassVar[str] = "offer_declined"
+
+    request_id: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        f.name("OfferDeclined", "request_id", self.request_id)
+        store(self, "reason", f.reason("OfferDeclined", "reason", self.reason))

@@ -17,6 +17,7 @@ from kvxferd.protocol import (
     Admitted,
     Arrive,
     Attach,
+    BlockOffer,
     CacheInfo,
     CacheLayout,
     Digest,
@@ -28,6 +29,7 @@ from kvxferd.protocol import (
     KVReady,
     LayerSignal,
     Message,
+    OfferDeclined,
     PeerInfo,
     PeerQuery,
     RankView,
@@ -102,6 +104,8 @@ EXAMPLES: dict[str, Message] = {
     "status": StatusQuery(),
     "attach": Attach("scheduler"),
     "status_reply": StatusReply("prefill", "prefill", 0, "serving", '{"requests": []}'),
+    "block_offer": BlockOffer("xfer-7", "decode", 0, 200, (40, 41)),
+    "offer_declined": OfferDeclined("xfer-7", "the prompt was aborted"),
 }
 
 
