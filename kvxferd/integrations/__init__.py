@@ -1,0 +1,1 @@
+"""Engine integrations (each needs its engine; none is imported by ``import kvxferd``)."""
