@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -40,7 +41,6 @@ from kvxferd.protocol import (
     OfferDeclined,
     Region,
     RegisterCache,
-    Status,
 )
 from kvxferd.protocol.fields import clip
 from kvxferd.runtime import sockets
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 #: Rendezvous messages read per poll, at most (the rest wait for the next one).
 MAX_OFFERS_PER_POLL = 4096
-#: Decode workers remembered per transfer, to decline to (bounded with the plan's tables).
+#: Transfers whose offering decode workers are remembered, to decline to (oldest forgotten first).
 MAX_ASKERS = 65536
 
 
@@ -100,8 +100,8 @@ class PrefillSide:
         except DaemonError:
             self.close()
             raise
-        self._askers: dict[tuple[str, int], bytes] = {}  # (xfer, decode rank) -> its connection
-        self.results: dict[str, Status] = {}  # last decided status by transfer id (bounded), for tests
+        #: xfer -> {decode rank: its connection}, for declines
+        self._askers: OrderedDict[str, dict[int, bytes]] = OrderedDict()
 
     # -- vLLM's events, carried out --------------------------------------------------------
 
@@ -127,10 +127,7 @@ class PrefillSide:
                 self._offer(got.identity, got.msg)
         for out in self.sched.collect(0.0):
             self.plan.decided(out.request_id, out.instance)
-            self._forget(out.request_id)
-            self.results[out.request_id] = Status.OK if out.ok else (out.status or Status.FAILED)
-            while len(self.results) > MAX_ASKERS:
-                self.results.pop(next(iter(self.results)))
+            self._askers.pop(out.request_id, None)
             if not out.ok:
                 log.warning("transfer %s did not complete: %s", out.request_id, _why(out.results, out.gone))
         self._apply(self.plan.tick(time.monotonic()))
@@ -157,8 +154,9 @@ class PrefillSide:
             reason = f"block {max(msg.dst_blocks)} is outside the {self.num_blocks} blocks of the config"
             self._send(identity, OfferDeclined(msg.request_id, reason))
             return
-        if len(self._askers) < MAX_ASKERS:
-            self._askers[(msg.request_id, msg.rank)] = identity
+        self._askers.setdefault(msg.request_id, {}).setdefault(msg.rank, identity)
+        while len(self._askers) > MAX_ASKERS:
+            self._askers.popitem(last=False)
         self._apply(self.plan.offer(msg, time.monotonic()), identity)
 
     def _apply(self, effects: list[Effect], asker: bytes | None = None) -> None:
@@ -168,8 +166,9 @@ class PrefillSide:
             elif isinstance(eff, SendAbort):
                 self.sched.abort(eff.xfer, clip(eff.reason), instance=eff.instance)
             elif isinstance(eff, Decline):
+                askers = self._askers.pop(eff.xfer, {})
                 for rank in eff.ranks:
-                    who = self._askers.pop((eff.xfer, rank), None) or asker
+                    who = askers.get(rank) or asker
                     if who is not None:
                         self._send(who, OfferDeclined(eff.xfer, eff.reason))
 
@@ -178,10 +177,6 @@ class PrefillSide:
             sockets.send(self.rdv, msg, identity)
         except zmq.ZMQError as exc:  # its connection is gone: it learns from its own deadline
             log.warning("rendezvous: cannot decline %s: %s", msg.request_id, exc)
-
-    def _forget(self, xfer: str) -> None:
-        for key in [k for k in self._askers if k[0] == xfer]:
-            del self._askers[key]
 
 
 def _why(results: dict[int, Any], gone: dict[int, str]) -> str:
