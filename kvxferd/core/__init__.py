@@ -1,4 +1,4 @@
-"""The pure core: pending table, single-request jobs, layer progress, completion, barrier.
+"""The pure cores: a prefill rank's requests, the barrier service's rounds, a decode rank's notices.
 
 Nothing in this package imports zmq, threads, torch or a clock. Every method
 takes messages and ``now`` and returns effects; ``next_deadline()`` tells the
@@ -6,23 +6,30 @@ shell when to call ``on_timer(now)``.
 """
 
 from kvxferd.core.barrier import BarrierState
-from kvxferd.core.effects import Effect, PostWrite, Problem, Run, ToBarrier, ToEngine, ToPeer, ToRank
-from kvxferd.core.lifecycle import TRANSITIONS, Action, State
-from kvxferd.core.rank import RankCore, RankSettings
+from kvxferd.core.effects import BarrierEffect, Problem, RankEffect, Run, ToBarrier, ToEngine, ToPeer, ToRank, Write
+from kvxferd.core.rank import RankCore
+from kvxferd.core.settings import RankSettings
+from kvxferd.core.states import AGREEMENT, DATA, WAITS, Agreement, AgreementEvent, Data, DataEvent, Timer
 
 __all__ = [
-    "TRANSITIONS",
-    "Action",
+    "AGREEMENT",
+    "DATA",
+    "WAITS",
+    "Agreement",
+    "AgreementEvent",
+    "BarrierEffect",
     "BarrierState",
-    "Effect",
-    "PostWrite",
+    "Data",
+    "DataEvent",
     "Problem",
     "RankCore",
+    "RankEffect",
     "RankSettings",
     "Run",
-    "State",
+    "Timer",
     "ToBarrier",
     "ToEngine",
     "ToPeer",
     "ToRank",
+    "Write",
 ]

@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 
 from kvxferd.core import verdicts
 from kvxferd.core.deadlines import Deadlines
-from kvxferd.core.effects import Effect, Problem, ToRank
-from kvxferd.core.recall import Recall
+from kvxferd.core.effects import BarrierEffect, Problem, ToRank
+from kvxferd.core.memory import Memory
 from kvxferd.protocol import (
     STARTUP_KEY,
     Ack,
@@ -79,7 +79,7 @@ from kvxferd.protocol import (
     Withdraw,
 )
 
-Key = tuple[str, str, int]  # group, key, instance
+RoundKey = tuple[str, str, int]  # (group, barrier key, instance): one round's name
 
 
 class Round(enum.Enum):
@@ -119,16 +119,16 @@ class BarrierState:
         self.max_wait_s = max(max_wait_s, timeout_s)  # the longest a rank may ask a key to stay open
         self.max_groups = max_groups
         self._groups: dict[str, int] = {}  # group -> world size
-        self._open: dict[Key, _Open] = {}
+        self._open: dict[RoundKey, _Open] = {}
         self._open_in: Counter[str] = Counter()  # group -> its open keys
-        self._ended: Recall[Key, Release | Diverged | Expired] = Recall(ttl_s=timeout_s, limit=max_keys)
-        self._deadlines: Deadlines[Key] = Deadlines()  # one per open key
+        self._ended: Memory[RoundKey, Release | Diverged | Expired] = Memory(limit=max_keys, ttl_s=timeout_s)
+        self._deadlines: Deadlines[RoundKey] = Deadlines()  # one per open key
         #: (group, rank) -> (its last serving Hello, its config fingerprint); bounded by groups x ranks
         self._serving: dict[tuple[str, int], tuple[float, str]] = {}
         #: serving ranks whose heartbeats stopped: rounds waiting for them end at once
         self._stopped: set[tuple[str, int]] = set()
 
-    def handle(self, msg: Message, now: float) -> list[Effect]:
+    def handle(self, msg: Message, now: float) -> list[BarrierEffect]:
         if isinstance(msg, Hello):
             return self.hello(msg, now)
         if isinstance(msg, (Admit, Arrive, Withdraw)) and msg.key != STARTUP_KEY:
@@ -154,7 +154,7 @@ class BarrierState:
             return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s, msg.admitted)
         return [Problem(ErrorCode.WRONG_ROLE, f"the barrier service does not accept {type(msg).__name__}")]
 
-    def hello(self, msg: Hello, now: float) -> list[Effect]:
+    def hello(self, msg: Hello, now: float) -> list[BarrierEffect]:
         size = self._groups.get(msg.group)
         if size is None:
             if len(self._groups) >= self.max_groups:
@@ -163,7 +163,7 @@ class BarrierState:
         elif size != msg.world_size:
             detail = f"group {msg.group!r} has world size {size}; rank {msg.rank} announced {msg.world_size}"
             return [Problem(ErrorCode.CONFLICT, detail, msg.group)]
-        effects: list[Effect] = []
+        effects: list[BarrierEffect] = []
         if msg.serving:
             self._serving[(msg.group, msg.rank)] = (now, msg.serving)
         elif self._serving.pop((msg.group, msg.rank), None) is not None:
@@ -180,7 +180,7 @@ class BarrierState:
         """Ranks of ``group`` that said they serve within ``alive_s``, with their fingerprints."""
         return {r: fp for (g, r), (seen, fp) in self._serving.items() if g == group and now - seen <= self.alive_s}
 
-    def _join(self, msg: Arrive, now: float) -> list[Effect] | None:
+    def _join(self, msg: Arrive, now: float) -> list[BarrierEffect] | None:
         """A rank arriving at the start-up key while others of its group serve: its verdict now
         (None: no other rank is live, a cold start, the named round as usual)."""
         size = self._groups.get(msg.group)
@@ -193,7 +193,7 @@ class BarrierState:
         if all(fp == mine for fp in live.values()):
             # the joiner replaces a rank that may have died holding requests: every verdict still
             # remembered, so it can tell its decode rank about the ones its predecessor could not
-            joined: list[Effect] = [
+            joined: list[BarrierEffect] = [
                 ToRank(msg.group, msg.rank, Release(msg.group, STARTUP_KEY, msg.instance, msg.digest))
             ]
             remembered = [v for v in self._ended.values() if v.group == msg.group and v.key != STARTUP_KEY]
@@ -210,9 +210,9 @@ class BarrierState:
         )
         return [ToRank(msg.group, msg.rank, verdict)]
 
-    def on_timer(self, now: float) -> list[Effect]:
+    def on_timer(self, now: float) -> list[BarrierEffect]:
         self._ended.expire(now)
-        effects: list[Effect] = []
+        effects: list[BarrierEffect] = []
         for k in self._deadlines.pop_due(now):
             effects += self._expire(k, now)
         gone = {gr for gr, (seen, _) in self._serving.items() if now - seen > self.alive_s} - self._stopped
@@ -240,8 +240,8 @@ class BarrierState:
         return [r for r in range(self._groups[entry.group]) if r not in entry.words]
 
     def _expire(
-        self, k: Key, now: float, *, gone: list[int] | None = None, how: str = "stopped serving (no heartbeat)"
-    ) -> list[Effect]:
+        self, k: RoundKey, now: float, *, gone: list[int] | None = None, how: str = "stopped serving (no heartbeat)"
+    ) -> list[BarrierEffect]:
         """End the open round of ``k`` as expired: its deadline passed, or ranks it waits for are
         ``gone`` (default: those stopped serving), ``how``."""
         entry = self._open.pop(k)
@@ -262,7 +262,9 @@ class BarrierState:
 
     # ---------------------------------------------------------------- internals
 
-    def _word(self, k: Key, view: RankView, now: float, timeout_s: float, admitted: bool = False) -> list[Effect]:
+    def _word(
+        self, k: RoundKey, view: RankView, now: float, timeout_s: float, admitted: bool = False
+    ) -> list[BarrierEffect]:
         """One rank's word; ``admitted``: a withdrawal of a rank that had been admitted."""
         group, key, instance = k
         size = self._groups.get(group)
@@ -287,7 +289,7 @@ class BarrierState:
             return [Problem(ErrorCode.CONFLICT, f"rank {view.rank} about {key!r} instance {instance}: {problem}", key)]
         if view.terms is not None and not entry.peer:
             entry.peer = view.terms.peer
-        told: list[Effect] = [ToRank(group, r, Admitted(group, key, instance)) for r in tell]
+        told: list[BarrierEffect] = [ToRank(group, r, Admitted(group, key, instance)) for r in tell]
         if len(entry.words) < size:
             if self._stopped and key != STARTUP_KEY and any((group, r) in self._stopped for r in self._missing(entry)):
                 self._deadlines.cancel(k)
@@ -328,7 +330,7 @@ class BarrierState:
             return None, []
         return f"already said {said.describe()}; now {view.describe()}", []
 
-    def _settle(self, k: Key, entry: _Open, size: int, now: float) -> list[Effect]:
+    def _settle(self, k: RoundKey, entry: _Open, size: int, now: float) -> list[BarrierEffect]:
         """Every rank has spoken in the open round."""
         group, key, instance = k
         views = tuple(entry.words[r] for r in range(size))

@@ -1,8 +1,11 @@
-"""What the pure core asks its shell to do.
+"""What the pure cores ask their shells to do.
 
 Core methods take a message and ``now`` and return a list of effects; the
 shell (``kvxferd.runtime``) carries them out in order. Effects are plain
-frozen values, so tests can compare them.
+frozen values, so tests can compare them. Each machine has one effect type:
+:data:`RankEffect` (a prefill rank), :data:`BarrierEffect` (the barrier
+service); the decode core, the notice ledger and the peer link declare theirs
+beside them.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kvxferd.protocol import Admit, Arrive, ErrorCode, KVReady, Message, TransferResult, Withdraw
+from kvxferd.protocol import Admit, Arrive, ErrorCode, Key, KVReady, Message, TransferResult, Withdraw
 
 
 class Run(NamedTuple):
@@ -22,12 +25,12 @@ class Run(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class PostWrite:
+class Write:
     """Copy ``runs`` of one layer (K and V) to ``peer`` over ``transport``.
 
-    The shell reports the outcome with ``core.write_done(write_id, now, error, transport)``.
-    ``requests`` names every request instance ``(request_id, instance)`` the
-    write serves; ``nbytes`` counts K and V.
+    The shell reports the outcome with ``core.write_done(write_id, now, error, transport,
+    generation)``. ``requests`` names every request instance the write serves; ``nbytes``
+    counts K and V.
     """
 
     write_id: int
@@ -35,7 +38,7 @@ class PostWrite:
     transport: str
     layer: int
     runs: tuple[Run, ...]
-    requests: tuple[tuple[str, int], ...]
+    requests: tuple[Key, ...]
     nbytes: int
 
 
@@ -83,4 +86,5 @@ class Problem:
     reply: bool = True
 
 
-Effect = PostWrite | ToBarrier | ToEngine | ToPeer | ToRank | Problem
+RankEffect = Write | ToBarrier | ToEngine | ToPeer | Problem
+BarrierEffect = ToRank | Problem

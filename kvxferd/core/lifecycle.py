@@ -1,67 +1,119 @@
-"""The life of one request on one prefill rank, as a transition table.
+"""The table of a prefill rank's live requests: their two states and their one deadline each.
 
-::
-
-    WAIT_SIGNAL --recover--> ACTIVE --arrive--> ARRIVED --end--> ENDED
-         |                     |  \\                          ^
-         |                     |   drain (writes in flight)   |
-         |                     |      v                       |
-         +------withdraw-------+-- DRAINING --withdraw--> WITHDRAWN --end--+
-
-WAIT_SIGNAL: the cache_info is known, the layer-0 signal of its step is not.
-ACTIVE: a single-request job: chunks attached, layers being written.
-Admission is not a state of its own: it runs beside WAIT_SIGNAL and ACTIVE
-(the rank admitted the cache_info at once and collects ready layers), and a
-request writes nothing until the barrier admitted it (``Request.admitted``).
-DRAINING: the rank decided to stop (abort, failure, or the barrier already
-gave a verdict) and waits for the writes it has in flight to finish, because
-the decode side must not be told before nothing writes into its blocks.
-ARRIVED / WITHDRAWN: the rank told the barrier service and waits for its verdict.
-ENDED: reported to the engine and removed from every table.
-
-Any state but ENDED may end directly: a verdict (or its deadline) settles a
-request whatever this rank was doing, once nothing is in flight.
+Theory of operation: every request instance the rank holds lives here from its
+cache_info to its ending. :meth:`Lifecycle.move` is the only way its states
+change: it applies a data event and/or an agreement event along the tables of
+:mod:`kvxferd.core.states` (an event a state does not take raises
+:class:`~kvxferd.errors.StateError` naming the request and both states, and
+changes nothing), then arms the deadline the new pair waits on
+(:data:`~kvxferd.core.states.WAITS`). No other code sets or clears a
+request's deadline. :meth:`Lifecycle.end` lets a request go, which it may only
+from ``(QUIET, DECIDED)``. Nothing here reads a clock.
 """
 
 from __future__ import annotations
 
-import enum
+from collections.abc import Iterator
 
+from kvxferd.core.deadlines import Deadlines
+from kvxferd.core.request import Request
+from kvxferd.core.settings import RankSettings
+from kvxferd.core.states import AGREEMENT, DATA, END, RESTARTS, WAITS, Agreement, AgreementEvent, Data, DataEvent, Timer
 from kvxferd.errors import StateError
+from kvxferd.protocol import CacheInfo, Key
 
 
-class State(enum.Enum):
-    WAIT_SIGNAL = "wait_signal"
-    ACTIVE = "active"
-    DRAINING = "draining"
-    ARRIVED = "arrived"
-    WITHDRAWN = "withdrawn"
-    ENDED = "ended"
+class Lifecycle:
+    """The table of live requests: moves each along the two tables and keeps its one deadline."""
 
+    def __init__(self, settings: RankSettings) -> None:
+        self.s = settings
+        self.requests: dict[Key, Request] = {}
+        self._deadlines: Deadlines[Key] = Deadlines()
 
-class Action(enum.Enum):
-    RECOVER = "recover"
-    ARRIVE = "arrive"
-    DRAIN = "drain"
-    WITHDRAW = "withdraw"
-    END = "end"
+    def enter(self, info: CacheInfo, now: float, origin: bytes | None) -> Request:
+        """A new live request, waiting for its signal and its admission."""
+        req = self.requests[info.key] = Request(info, now, origin=origin)
+        self._arm(req, now, restart=False)
+        return req
 
+    def move(
+        self,
+        req: Request,
+        now: float,
+        data: DataEvent | None = None,
+        agreement: AgreementEvent | None = None,
+    ) -> None:
+        """Apply ``data`` then ``agreement`` (either may be None), then arm the pair's deadline.
+        An event the state does not take raises StateError and changes nothing."""
+        new_data, new_agreement = req.data, req.agreement
+        if data is not None:
+            target = DATA[req.data].get(data)
+            if target is None:
+                raise self._illegal(req, data.value, req.data.value)
+            new_data = target
+        if agreement is not None:
+            target_agreement = AGREEMENT[req.agreement].get(agreement)
+            if target_agreement is None:
+                raise self._illegal(req, agreement.value, req.agreement.value)
+            new_agreement = target_agreement
+        req.data, req.agreement = new_data, new_agreement
+        self._arm(req, now, restart=data in RESTARTS or agreement in RESTARTS)
 
-S, A = State, Action
+    def abandon(self, req: Request, now: float) -> None:
+        """A forced stop: the request's data machine halts (or gives up its drain) and it is
+        decided, along the tables, whatever it waited for; it may then end."""
+        data = {Data.WAIT_SIGNAL: DataEvent.HALT, Data.ACTIVE: DataEvent.HALT, Data.DRAINING: DataEvent.DRAINED}
+        decide = AgreementEvent.DECIDE if req.agreement is not Agreement.DECIDED else None
+        self.move(req, now, data.get(req.data), decide)
 
-TRANSITIONS: dict[State, dict[Action, State]] = {
-    S.WAIT_SIGNAL: {A.RECOVER: S.ACTIVE, A.WITHDRAW: S.WITHDRAWN, A.END: S.ENDED},
-    S.ACTIVE: {A.ARRIVE: S.ARRIVED, A.DRAIN: S.DRAINING, A.WITHDRAW: S.WITHDRAWN, A.END: S.ENDED},
-    S.DRAINING: {A.WITHDRAW: S.WITHDRAWN, A.END: S.ENDED},
-    S.ARRIVED: {A.END: S.ENDED},
-    S.WITHDRAWN: {A.END: S.ENDED},
-    S.ENDED: {},
-}
+    def end(self, req: Request) -> None:
+        """The request ends now, which it may only in :data:`END`: it leaves the table."""
+        if (req.data, req.agreement) != END:
+            raise self._illegal(req, "end", f"{req.data.value}")
+        req.timer = None
+        self._deadlines.cancel(req.key)
+        del self.requests[req.key]
 
+    def due(self, now: float) -> Iterator[Key]:
+        """Requests whose deadline is at or before ``now``, earliest first (each popped)."""
+        return self._deadlines.pop_due(now)
 
-def next_state(state: State, action: Action, who: str) -> State:
-    """The state after ``action``; raises StateError (naming ``who``) if illegal."""
-    try:
-        return TRANSITIONS[state][action]
-    except KeyError:
-        raise StateError(f"{who}: cannot {action.value} in state {state.value}") from None
+    def next_deadline(self) -> float | None:
+        return self._deadlines.earliest()
+
+    def holds(self, key: Key) -> bool:
+        """Whether ``key`` has a deadline armed."""
+        return key in self._deadlines
+
+    @property
+    def armed(self) -> int:
+        """Deadlines armed (one per live request in a waiting pair)."""
+        return len(self._deadlines)
+
+    def _illegal(self, req: Request, what: str, state: str) -> StateError:
+        info = req.info
+        return StateError(
+            f"request {info.request_id} instance {info.instance} on {self.s.who}: cannot {what} while {state} "
+            f"(data {req.data.value}, agreement {req.agreement.value})"
+        )
+
+    def _arm(self, req: Request, now: float, *, restart: bool) -> None:
+        wait = WAITS.get((req.data, req.agreement))
+        timer = wait.timer if wait is not None else None
+        if timer is None:
+            req.timer = None
+            self._deadlines.cancel(req.key)
+            return
+        if timer is req.timer and not restart:
+            return
+        s = self.s
+        when = {
+            Timer.SIGNAL: req.created + s.pending_timeout_s,
+            Timer.ADMISSION: req.created + s.verdict_timeout_s,
+            Timer.PROGRESS: now + s.progress_timeout_s,
+            Timer.DRAIN: now + s.progress_timeout_s,
+            Timer.VERDICT: now + s.verdict_timeout_s,
+        }[timer]
+        req.timer = timer
+        self._deadlines.set(req.key, when)

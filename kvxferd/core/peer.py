@@ -42,7 +42,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from kvxferd.core.effects import PostWrite
+from kvxferd.core.effects import Write
 from kvxferd.protocol import PeerInfo
 
 
@@ -109,7 +109,7 @@ class Ask:
 class Post:
     """Post ``writes`` to the peer whose cache ``info`` describes."""
 
-    writes: tuple[PostWrite, ...]
+    writes: tuple[Write, ...]
     info: PeerInfo
 
 
@@ -117,7 +117,7 @@ class Post:
 class Fail:
     """``writes`` never started: complete each as failed with ``reason``."""
 
-    writes: tuple[PostWrite, ...]
+    writes: tuple[Write, ...]
     reason: str
 
 
@@ -168,7 +168,7 @@ class PeerLink:
     last_used: float
     state: LinkState = LinkState.IDLE
     info: PeerInfo | None = None
-    waiting: list[PostWrite] = field(default_factory=list)
+    waiting: list[Write] = field(default_factory=list)
     inflight: set[int] = field(default_factory=set)  # write ids posted and not yet completed
     deadline: float | None = None  # for the answer to the question out
     retry_at: float | None = None
@@ -176,7 +176,7 @@ class PeerLink:
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def want(self, write: PostWrite | None, now: float) -> list[LinkEffect]:
+    def want(self, write: Write | None, now: float) -> list[LinkEffect]:
         """A write needs the peer (``None``: warm it up, open it before any write does)."""
         self.last_used = now
         if write is None:

@@ -1,23 +1,33 @@
-"""What a prefill rank keeps per request instance, and what it admits at the barrier.
+"""What a prefill rank keeps per request instance, and how an instance ended.
 
 A :class:`Request` lives in the rank's table from its cache_info until its
-ending; its :class:`Chunk` list grows as the steps that compute it are
-signalled, and each write in flight names the (request, chunk, layer) parts it
-carries (:class:`Part`). Once a request ended, only its :class:`Ending` is
-remembered, for a while, so a late message of the instance is recognised.
-:func:`terms_of` is what ranks compare at admission: every cache_info field
-they must agree on before a byte is written.
+ending. Where it stands is two states (:mod:`kvxferd.core.states`): its
+data (``data``: signal, writes, drain) and its agreement with the other ranks
+(``agreement``: admission, arrival or withdrawal, verdict). Its
+:class:`Chunk` list grows as the steps that compute it are signalled; each
+write in flight names the (request, chunk, layer) parts it carries
+(:class:`Part`). An :class:`Ending` is a status and a reason, the same on
+every rank; once a request ended, only an :class:`Ended` record is kept for a
+while, so a late message of the instance is recognised. :func:`terms_of` is
+what ranks compare at admission: every cache_info field they must agree on
+before a byte is written.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kvxferd.core.effects import Run
-from kvxferd.core.lifecycle import State
-from kvxferd.protocol import CacheInfo, Status, Terms, Withdraw, block_summary
+from kvxferd.core.states import Agreement, Data, Timer
+from kvxferd.protocol import CacheInfo, Key, Status, Terms, Withdraw, block_summary
 
-Key = tuple[str, int]  # (request id, instance)
+
+class Ending(NamedTuple):
+    """How an instance ends: one status and one reason, reported alike by every rank."""
+
+    status: Status
+    reason: str
 
 
 @dataclass(slots=True)
@@ -35,11 +45,14 @@ class Chunk:
 @dataclass(slots=True)
 class Request:
     info: CacheInfo
-    state: State
     created: float
+    data: Data = Data.WAIT_SIGNAL
+    agreement: Agreement = Agreement.UNADMITTED
+    timer: Timer | None = None  # the deadline armed for the pair of states (lifecycle.WAITS)
     origin: bytes | None = None  # the engine connection its cache_info came from: its result goes there
     transport: str | None = None  # the transport its first completed write went over
-    admitted: float | None = None  # when the barrier admitted it; nothing is written before
+    generation: str | None = None  # the decode registration its writes went into (MIXED: several)
+    admitted: float | None = None  # when the barrier admitted it (for the result's timings)
     recovered: float | None = None
     sent: float | None = None
     chunks: list[Chunk] = field(default_factory=list)
@@ -47,16 +60,19 @@ class Request:
     blocks_assigned: int = 0
     inflight: int = 0  # write parts posted and not yet reported
     bytes_done: int = 0
-    stop: tuple[Status, str] | None = None  # this rank's own decision to stop
-    outcome: tuple[Status, str] | None = None  # the group's verdict, if it came while draining
+    stop: Ending | None = None  # this rank's own decision to stop, said once it drained
+    outcome: Ending | None = None  # the group's verdict (or this rank's final word), once decided
+
+    @property
+    def key(self) -> Key:
+        return self.info.key
 
 
 @dataclass(slots=True)
-class Ending:
+class Ended:
     """How an instance ended here (or was learned to have ended), and who has been told."""
 
-    status: Status
-    reason: str
+    ending: Ending
     told_engine: bool
     told_peer: bool
     #: a withdrawal this rank ended on before any verdict came (a refusal, a deadline, a forced

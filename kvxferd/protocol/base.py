@@ -28,6 +28,10 @@ MEMORY_KINDS = ("host", "gpu")
 #: Roles a daemon can play.
 ROLES = ("prefill", "decode")
 
+#: One attempt at a request, ``(request id, instance)``: what every table of a daemon, the
+#: clients and the connector are keyed by. A request id reused with a new instance is a new key.
+Key = tuple[str, int]
+
 
 class Status(enum.StrEnum):
     """How a request ended."""

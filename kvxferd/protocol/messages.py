@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvxferd.protocol import fields as f
-from kvxferd.protocol.base import MEMORY_KINDS, TRANSPORTS, ErrorCode, Message, Status, Struct, store
+from kvxferd.protocol.base import MEMORY_KINDS, TRANSPORTS, ErrorCode, Key, Message, Status, Struct, store
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +111,7 @@ class CacheInfo(Message):
     instance: int = 0
 
     @property
-    def key(self) -> tuple[str, int]:
+    def key(self) -> Key:
         return (self.request_id, self.instance)
 
     def __post_init__(self) -> None:
@@ -150,7 +150,7 @@ class Abort(Message):
     instance: int = 0
 
     @property
-    def key(self) -> tuple[str, int]:
+    def key(self) -> Key:
         return (self.request_id, self.instance)
 
     def __post_init__(self) -> None:
@@ -192,7 +192,7 @@ class TransferResult(Message):
     admit_ms: float = 0.0
 
     @property
-    def key(self) -> tuple[str, int]:
+    def key(self) -> Key:
         return (self.request_id, self.instance)
 
     def __post_init__(self) -> None:
@@ -233,7 +233,7 @@ class KVReady(Message):
     generation: str = ""
 
     @property
-    def key(self) -> tuple[str, int]:
+    def key(self) -> Key:
         return (self.request_id, self.instance)
 
     def __post_init__(self) -> None:
@@ -259,7 +259,7 @@ class Received(Message):
     instance: int = 0
 
     @property
-    def key(self) -> tuple[str, int]:
+    def key(self) -> Key:
         return (self.request_id, self.instance)
 
     def __post_init__(self) -> None:

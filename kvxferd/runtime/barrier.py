@@ -12,7 +12,7 @@ import secrets
 from typing import Any
 
 from kvxferd.config import Config
-from kvxferd.core import BarrierState, Effect, Problem, ToRank
+from kvxferd.core import BarrierEffect, BarrierState, Problem, ToRank
 from kvxferd.protocol import (
     Admit,
     Admitted,
@@ -88,7 +88,7 @@ class BarrierService(Service):
                 log.info("group %r rank %d of %d is up", msg.group, msg.rank, msg.world_size)
         self._apply(self.barrier.handle(msg, now), identity)
 
-    def _apply(self, effects: list[Effect], sender: bytes | None) -> None:
+    def _apply(self, effects: list[BarrierEffect], sender: bytes | None) -> None:
         for eff in effects:
             if isinstance(eff, ToRank):
                 if isinstance(eff.message, (Release, Diverged, Expired)):

@@ -44,7 +44,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from kvxferd.config import Config, GroupConfig
-from kvxferd.core import PostWrite
+from kvxferd.core import Write
 from kvxferd.core.peer import Ask, Close, Drop, Fail, LinkEffect, LinkSettings, Note, PeerLink, Post, Warm
 from kvxferd.errors import TransportError, TransportUnavailable
 from kvxferd.protocol import (
@@ -176,7 +176,7 @@ class Peers:
             raise TransportError(f"decode group {group.name!r} has no rank {self.rank}")
         return group
 
-    def write(self, w: PostWrite, now: float) -> list[Completion]:
+    def write(self, w: Write, now: float) -> list[Completion]:
         try:
             link = self._link(w.peer, now)
         except TransportError as exc:
@@ -230,7 +230,7 @@ class Peers:
             same_host=info.host_id == host_id(),
         )
 
-    def _post(self, link: Link, w: PostWrite, info: PeerInfo, now: float) -> list[Completion]:
+    def _post(self, link: Link, w: Write, info: PeerInfo, now: float) -> list[Completion]:
         name = self._choose(w.transport, info)
         try:
             transport = self._open(link, name, info)

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 
 from kvxferd.config import Config, GroupConfig
-from kvxferd.core import Effect, PostWrite, Problem, RankCore, RankSettings, ToBarrier, ToEngine, ToPeer
+from kvxferd.core import Problem, RankCore, RankEffect, RankSettings, ToBarrier, ToEngine, ToPeer, Write
 from kvxferd.errors import TransportError
 from kvxferd.protocol import (
     STARTUP_KEY,
@@ -119,7 +119,7 @@ class PrefillDaemon(GroupDaemon):
         except Exception:
             log.exception("the core cannot close; telling each engine directly")
         else:
-            self._apply([e for e in effects if not isinstance(e, PostWrite)], now)
+            self._apply([e for e in effects if not isinstance(e, Write)], now)
             return
         try:
             origins = unguarded(self.core).origins()
@@ -238,17 +238,17 @@ class PrefillDaemon(GroupDaemon):
             super().from_barrier(msg, now)
 
     def on_barrier_restart(self, now: float) -> None:
-        effects = self.core.reannounce()
+        effects = self.core.reannounce(now)
         log.warning("announcing %d open words about requests again", len(effects))
         self._apply(effects, now)
 
     # -- effects -----------------------------------------------------------------------
 
-    def _apply(self, effects: list[Effect], now: float) -> None:
+    def _apply(self, effects: list[RankEffect], now: float) -> None:
         queue = list(effects)
         while queue:
             eff = queue.pop(0)
-            if isinstance(eff, PostWrite):
+            if isinstance(eff, Write):
                 self.counters["writes"] += 1
                 self.counters["bytes_posted"] += eff.nbytes
                 completions = self.peers.write(eff, now)

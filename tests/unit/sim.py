@@ -25,7 +25,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
-from kvxferd.core import BarrierState, PostWrite, Problem, RankCore, RankSettings, ToBarrier, ToEngine, ToPeer, ToRank
+from kvxferd.core import BarrierState, Problem, RankCore, RankSettings, ToBarrier, ToEngine, ToPeer, ToRank, Write
 from kvxferd.core.blocks import blocks_needed
 from kvxferd.protocol import (
     Abort,
@@ -252,7 +252,7 @@ class RankSim:
     core: RankCore
     worker: list[LayerSignal]
     scheduler: list[Message]
-    writes: dict[int, PostWrite] = field(default_factory=dict)
+    writes: dict[int, Write] = field(default_factory=dict)
     verdicts: list[Message] = field(default_factory=list)
     to_barrier: list[Message] = field(default_factory=list)
     ready_layers: set[tuple[int, int]] = field(default_factory=set)  # (step, layer) delivered
@@ -393,7 +393,7 @@ class GroupSim:
             self.apply(r, sim.core.handle(verdict, self.now))
         elif what == "reannounce":
             sim.reannounce = False
-            for eff in sim.core.reannounce():
+            for eff in sim.core.reannounce(self.now):
                 assert isinstance(eff, ToBarrier), eff
                 sim.to_barrier.append(eff.message)
         else:
@@ -421,7 +421,7 @@ class GroupSim:
     def apply(self, r: int, effects: list) -> None:
         sim = self.ranks[r]
         for eff in effects:
-            if isinstance(eff, PostWrite):
+            if isinstance(eff, Write):
                 self.check_write(r, eff)
                 sim.writes[eff.write_id] = eff
                 self.written.update(eff.requests)
@@ -466,7 +466,7 @@ class GroupSim:
 
     # -- checks -----------------------------------------------------------------
 
-    def check_write(self, r: int, write: PostWrite) -> None:
+    def check_write(self, r: int, write: Write) -> None:
         sim = self.ranks[r]
         for key in write.requests:
             assert key in sim.admitted, f"rank {r} wrote for {key} before the barrier admitted it"

@@ -7,7 +7,7 @@ from itertools import count
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvxferd.core import PostWrite, Run
+from kvxferd.core import Run, Write
 from kvxferd.core.peer import (
     TRANSITIONS,
     Ask,
@@ -35,9 +35,9 @@ def info(tag: str = "seg") -> PeerInfo:
     return PeerInfo("d", 0, "host", "host", LAYOUT, regions, {})
 
 
-def write() -> PostWrite:
+def write() -> Write:
     wid = next(_ids)
-    return PostWrite(wid, "d", "auto", 0, (Run(0, 0, 1),), ((f"r{wid}", 0),), 128)
+    return Write(wid, "d", "auto", 0, (Run(0, 0, 1),), ((f"r{wid}", 0),), 128)
 
 
 def kinds(effects: list[LinkEffect]) -> list[type]:

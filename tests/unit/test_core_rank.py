@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from kvxferd.core import BarrierState, PostWrite, Problem, RankCore, RankSettings, Run, ToBarrier, ToEngine, ToPeer
+from kvxferd.core import BarrierState, Problem, RankCore, RankSettings, Run, ToBarrier, ToEngine, ToPeer, Write
 from kvxferd.core.request import terms_of
 from kvxferd.protocol import (
     Abort,
@@ -81,7 +81,7 @@ def feed(c: RankCore, msgs: list, now: float = 0.0, complete: bool = True, admit
             if admit and isinstance(eff, ToBarrier) and isinstance(eff.message, Admit):
                 a = eff.message
                 queue += c.handle(Admitted(a.group, a.key, a.instance), now)
-            elif complete and isinstance(eff, PostWrite):
+            elif complete and isinstance(eff, Write):
                 queue += c.write_done(eff.write_id, now)
     return out
 
@@ -115,7 +115,7 @@ def relay(b: BarrierState, ranks: list[RankCore], effects: dict[int, list], now:
         if isinstance(eff, ToBarrier):
             for v in b.handle(eff.message, now):
                 new += [(v.rank, x) for x in ranks[v.rank].handle(v.message, now)]
-        elif isinstance(eff, PostWrite):
+        elif isinstance(eff, Write):
             new += [(r, x) for x in ranks[r].write_done(eff.write_id, now)]
         for q, x in new:
             out.setdefault(q, []).append(x)
@@ -140,8 +140,8 @@ def test_published_deadlock_ranks_see_cache_info_before_and_after_layer0_yet_agr
     out1 = feed(r1, [*step, a, b])
 
     # rank 0 wrote each layer of A and B together; rank 1 wrote them request by request
-    assert [w.requests for w in of(out0, PostWrite)] == [(("A", 0), ("B", 0))] * LAYERS
-    assert [w.requests for w in of(out1, PostWrite)] == [(("A", 0),)] * LAYERS + [(("B", 0),)] * LAYERS
+    assert [w.requests for w in of(out0, Write)] == [(("A", 0), ("B", 0))] * LAYERS
+    assert [w.requests for w in of(out1, Write)] == [(("A", 0),)] * LAYERS + [(("B", 0),)] * LAYERS
     # ... yet both produced the same single-request arrivals
     arrivals0 = {m.key: m.digest for m in messages(out0, Arrive)}
     arrivals1 = {m.key: m.digest for m in messages(out1, Arrive)}
@@ -169,7 +169,7 @@ def test_pipelining_a_step_of_eight_requests_posts_one_write_per_layer() -> None
     c = core()
     infos = [info(f"r{i}", i, 1, 32, [2 * i, 2 * i + 1], [40 - 2 * i, 41 - 2 * i]) for i in range(8)]
     out = feed(c, [*infos, *layers(1, *(SlotChunk(i, 0, 32, 1) for i in range(8)))], complete=False)
-    writes = of(out, PostWrite)
+    writes = of(out, Write)
     assert [w.layer for w in writes] == list(range(LAYERS))
     for w in writes:
         assert w.requests == tuple((f"r{i}", 0) for i in range(8))
@@ -184,7 +184,7 @@ def test_runs_coalesce_within_and_across_requests() -> None:
         info("b", 1, 1, 32, [8, 9], [31, 32]),
         *layers(1, SlotChunk(0, 0, 48, 1), SlotChunk(1, 0, 32, 1)),
     ]
-    w = of(feed(c, msgs, complete=False), PostWrite)[0]
+    w = of(feed(c, msgs, complete=False), Write)[0]
     assert w.runs == (Run(5, 20, 2), Run(7, 30, 3))
 
 
@@ -196,10 +196,10 @@ def test_nothing_is_written_before_admission_and_everything_ready_is_posted_at_i
     x = info("x", 2, 1, 16, [1], [9])
     out = feed(c, [x, *layers(1, SlotChunk(2, 0, 16, 1))], admit=False, complete=False)
     assert messages(out, Admit) == [Admit("prefill", "x", 0, 0, terms_of(x))]
-    assert not of(out, PostWrite), "a byte left before every rank held the same cache_info"
+    assert not of(out, Write), "a byte left before every rank held the same cache_info"
     assert c.snapshot(0.0)[0]["waiting_for"].startswith("admission")
     out = c.handle(Admitted("prefill", "x", 0), 0.5)
-    assert [w.layer for w in of(out, PostWrite)] == list(range(LAYERS))
+    assert [w.layer for w in of(out, Write)] == list(range(LAYERS))
     assert c.handle(Admitted("prefill", "x", 0), 0.6) == []  # a repeat posts nothing twice
 
 
@@ -207,7 +207,7 @@ def test_admission_before_the_signal_lets_layers_go_as_they_come() -> None:
     c = core()
     feed(c, [info("x", 2, 1, 16, [1], [9])], admit=True)
     out = feed(c, [LayerSignal(1, 0, (SlotChunk(2, 0, 16, 1),))], complete=False)
-    assert [w.layer for w in of(out, PostWrite)] == [0]
+    assert [w.layer for w in of(out, Write)] == [0]
 
 
 def test_terms_cover_every_field_ranks_must_agree_on() -> None:
@@ -236,7 +236,7 @@ def test_ranks_given_different_cache_infos_write_nothing_and_fail_alike(field: s
     effects = {0: feed(ranks[0], [x, *step], admit=False), 1: feed(ranks[1], [*step, odd], admit=False)}
     out = relay(barrier(), ranks, effects)
     for r in (0, 1):
-        assert not of(out[r], PostWrite)
+        assert not of(out[r], Write)
         (res,) = of(out[r], ToEngine)
         assert res.result.status is Status.FAILED
         assert f"disagree on the cache_info: {field} (rank 0: " in res.result.reason
@@ -252,22 +252,22 @@ def test_ranks_given_different_cache_infos_write_nothing_and_fail_alike(field: s
 def test_later_layers_that_arrive_before_recovery_are_posted_at_recovery() -> None:
     c = core()
     out = feed(c, layers(1, SlotChunk(2, 0, 16, 1)), complete=False)
-    assert not of(out, PostWrite)
+    assert not of(out, Write)
     assert c.sizes()["parked_signals"] == 1
     out = feed(c, [info("x", 2, 1, 16, [1], [9])], complete=False)
-    assert [w.layer for w in of(out, PostWrite)] == list(range(LAYERS))
+    assert [w.layer for w in of(out, Write)] == list(range(LAYERS))
 
 
 def test_chunked_prefill_sends_each_chunks_completed_blocks_and_finishes_after_the_last() -> None:
     c = core()
     x = info("x", 4, 10, 40, [1, 2, 3], [7, 8, 9])  # 40 tokens: blocks of 16, 16, 8
     out = feed(c, [x, *layers(10, SlotChunk(4, 0, 20, 10))])  # tokens 0..19: block 0 complete
-    assert {r for w in of(out, PostWrite) for r in w.runs} == {Run(1, 7, 1)}
+    assert {r for w in of(out, Write) for r in w.runs} == {Run(1, 7, 1)}
     assert not messages(out, Arrive)
     out = feed(c, layers(11, SlotChunk(4, 20, 10, 10)))  # tokens 20..29: no new block complete
-    assert not of(out, PostWrite) and not messages(out, Arrive)
+    assert not of(out, Write) and not messages(out, Arrive)
     out = feed(c, layers(12, SlotChunk(4, 30, 10, 10)))  # final chunk: blocks 1 and 2
-    assert {r for w in of(out, PostWrite) for r in w.runs} == {Run(2, 8, 2)}
+    assert {r for w in of(out, Write) for r in w.runs} == {Run(2, 8, 2)}
     (arrive,) = messages(out, Arrive)
     assert arrive.digest.blocks == 3
     assert arrive.digest.bytes == 3 * LAYERS * 1024 * 2
@@ -279,7 +279,7 @@ def test_chunks_parked_before_the_cache_info_are_all_claimed_at_recovery() -> No
     assert c.sizes()["parked_signals"] == 2
     out = feed(c, [info("x", 4, 10, 32, [1, 2], [7, 8])])
     # both chunks' blocks of a layer leave in one write, merged into one run
-    assert [(w.layer, w.runs) for w in of(out, PostWrite)] == [(layer, (Run(1, 7, 2),)) for layer in range(LAYERS)]
+    assert [(w.layer, w.runs) for w in of(out, Write)] == [(layer, (Run(1, 7, 2),)) for layer in range(LAYERS)]
     assert len(messages(out, Arrive)) == 1
     assert c.sizes()["parked_signals"] == 0
 
@@ -291,10 +291,10 @@ def test_slot_reuse_never_hands_a_new_requests_chunk_to_the_old_one() -> None:
     c = core()
     feed(c, [info("o", 2, 1, 64, [0, 1, 2, 3], [10, 11, 12, 13]), *layers(1, SlotChunk(2, 0, 16, 1))])
     out = feed(c, [*layers(3, SlotChunk(2, 0, 16, 3)), *layers(4, SlotChunk(2, 16, 16, 3))])
-    assert not of(out, PostWrite), "chunks of the slot's new occupant must wait for its own cache_info"
+    assert not of(out, Write), "chunks of the slot's new occupant must wait for its own cache_info"
     assert c.sizes()["parked_signals"] == 2
     out = feed(c, [Abort("o", "preempted"), info("n", 2, 3, 32, [5, 6], [20, 21])])
-    assert {r for w in of(out, PostWrite) for r in w.runs} == {Run(5, 20, 2)}
+    assert {r for w in of(out, Write) for r in w.runs} == {Run(5, 20, 2)}
     assert [(type(m), m.key) for m in messages(out, Withdraw) + messages(out, Arrive)] == [
         (Withdraw, "o"),
         (Arrive, "n"),
@@ -315,7 +315,7 @@ def test_a_repeated_layer_signal_posts_nothing_twice() -> None:
     c = core()
     out = feed(c, [info("x", 0, 1, 16, [1], [2]), LayerSignal(1, 0, (SlotChunk(0, 0, 16, 1),))], complete=False)
     out += c.handle(LayerSignal(1, 1), 0.0) + c.handle(LayerSignal(1, 1), 0.0)
-    assert [w.layer for w in of(out, PostWrite)] == [0, 1]
+    assert [w.layer for w in of(out, Write)] == [0, 1]
 
 
 def test_step_ids_must_increase_and_unknown_later_layers_are_refused() -> None:
@@ -438,7 +438,7 @@ def test_step_bound_drops_loudly() -> None:
 def test_abort_waits_for_inflight_writes_before_withdrawing() -> None:
     c = core()
     out = feed(c, [info("x", 0, 1, 16, [1], [2]), LayerSignal(1, 0, (SlotChunk(0, 0, 16, 1),))], complete=False)
-    (w,) = of(out, PostWrite)
+    (w,) = of(out, Write)
     assert c.handle(Abort("x", "user gone"), 1.0) == []  # draining: the write is still in flight
     out = c.write_done(w.write_id, 2.0)
     assert messages(out, Withdraw) == [Withdraw("prefill", "x", 0, 0, Status.ABORTED, "user gone", admitted=True)]
@@ -456,7 +456,7 @@ def test_an_abort_before_the_cache_info_is_remembered_and_ends_it_at_once() -> N
     assert c.sizes()["aborts"] == 1
     out = c.handle(info("x", 0, 1, 16, [1], [2]), 0.1)
     assert messages(out, Withdraw) == [Withdraw("prefill", "x", 0, 0, Status.ABORTED, "client cancelled")]
-    assert not messages(out, Admit) and not of(out, PostWrite)
+    assert not messages(out, Admit) and not of(out, Write)
     assert c.sizes()["parked_signals"] == 0 and c.sizes()["aborts"] == 0
     out = c.handle(Diverged("prefill", "x", 0, Status.ABORTED, "aborted: client cancelled"), 0.2)
     (res,) = of(out, ToEngine)
@@ -555,11 +555,11 @@ def test_write_failure_fails_the_request_on_every_rank_through_the_barrier() -> 
     words = []
     for r, c in enumerate(ranks):
         out = feed(c, [x, sig], complete=False)
-        (w,) = of(out, PostWrite)
+        (w,) = of(out, Write)
         out = c.write_done(w.write_id, 0.1, error="peer gone" if r == 1 else None)
         words += messages(out, Withdraw)
         for layer in range(1, LAYERS):
-            for w in of(c.handle(LayerSignal(1, layer), 0.2), PostWrite):
+            for w in of(c.handle(LayerSignal(1, layer), 0.2), Write):
                 words += messages(c.write_done(w.write_id, 0.3), Arrive)
     for r in (0, 1):
         bar.handle(Admit("prefill", "x", 0, r, terms_of(x)), 0.0)
@@ -574,10 +574,10 @@ def test_write_failure_fails_the_request_on_every_rank_through_the_barrier() -> 
 def test_a_verdict_while_active_stops_new_writes_and_waits_for_inflight_ones() -> None:
     c = core()
     out = feed(c, [info("x", 0, 1, 16, [1], [2]), LayerSignal(1, 0, (SlotChunk(0, 0, 16, 1),))], complete=False)
-    (w,) = of(out, PostWrite)
+    (w,) = of(out, Write)
     expired = Expired("prefill", "x", 0, (1,), 30.0, Status.FAILED, "rank 1 of group prefill did not report")
     assert c.handle(expired, 1.0) == []
-    assert not of(c.handle(LayerSignal(1, 1), 1.1), PostWrite)
+    assert not of(c.handle(LayerSignal(1, 1), 1.1), Write)
     out = c.write_done(w.write_id, 1.2)
     (res,) = of(out, ToEngine)
     assert res.result.status is Status.FAILED and res.result.reason == expired.reason
@@ -641,7 +641,7 @@ def test_next_deadline_and_timeouts_name_what_was_missing() -> None:
 def test_an_admission_the_barrier_never_answers_ends_with_a_withdrawal() -> None:
     c = core()
     out = feed(c, [info("x", 0, 1, 16, [1], [2]), *layers(1, SlotChunk(0, 0, 16, 1))], admit=False)
-    assert not of(out, PostWrite)
+    assert not of(out, Write)
     assert c.next_deadline() == 11.0  # verdict_timeout_s from the cache_info
     out = c.on_timer(11.0)
     assert [type(e) for e in out] == [ToBarrier, ToEngine, ToPeer]
@@ -706,7 +706,7 @@ def test_a_step_far_ahead_is_refused_not_adopted_so_real_signals_keep_working() 
     # the next real step is not stale: the far-ahead ones were never adopted
     effects = feed(c, [info("y", 1, 6, 16, [2], [3]), *layers(6, SlotChunk(1, 0, 16, 6))])
     assert not [e for e in of(effects, Problem)]
-    assert of(effects, PostWrite)
+    assert of(effects, Write)
 
 
 def test_a_new_worker_starts_a_new_step_window_only_when_no_step_is_open() -> None:
@@ -734,7 +734,7 @@ def test_a_result_goes_to_the_connection_its_cache_info_came_from_with_the_trans
     while queue:
         eff = queue.pop(0)
         out.append(eff)
-        if isinstance(eff, PostWrite):
+        if isinstance(eff, Write):
             queue += c.write_done(eff.write_id, 0.2, transport="shm")
         elif isinstance(eff, ToBarrier) and isinstance(eff.message, Arrive):
             queue += c.handle(Release("prefill", "R", 0, eff.message.digest), 0.3)
@@ -772,17 +772,17 @@ def test_after_a_barrier_restart_each_rank_says_its_open_words_again_and_request
     assert [m.key for m in messages(out0, Arrive)] == ["A", "B"]
     assert [m.key for m in messages(out1, Arrive)] == ["A"]
     assert [m.key for m in messages(out1, Withdraw)] == ["C"]
-    assert [w.requests for w in of(out1, PostWrite)] == [(("A", 0),)] * LAYERS  # nothing of B yet
+    assert [w.requests for w in of(out1, Write)] == [(("A", 0),)] * LAYERS  # nothing of B yet
 
     # the old service is gone with everything it was told; a new one hears the ranks again
     new = barrier()
-    said0, said1 = r0.reannounce(), r1.reannounce()
+    said0, said1 = r0.reannounce(1.0), r1.reannounce(1.0)
     words = [(type(e.message).__name__, e.message.key) for e in said0 + said1]
     assert sorted(words[:3]) == [("Admit", "C"), ("Arrive", "A"), ("Arrive", "B")]
     assert sorted(words[3:]) == [("Admit", "B"), ("Arrive", "A"), ("Withdraw", "C")]
     out = relay(new, [r0, r1], {0: said0, 1: said1})
     # rank 1 hears B was admitted (rank 0 arrived for it), writes it, arrives: B is released
-    assert [w.requests for w in of(out[1], PostWrite)] == [(("B", 0),)] * LAYERS
+    assert [w.requests for w in of(out[1], Write)] == [(("B", 0),)] * LAYERS
     results = {(e.result.request_id, q): e.result.status for q in (0, 1) for e in of(out[q], ToEngine)}
     expected = {"A": Status.OK, "B": Status.OK, "C": Status.ABORTED}
     assert results == {(k, q): v for k, v in expected.items() for q in (0, 1)}

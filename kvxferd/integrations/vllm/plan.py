@@ -75,7 +75,7 @@ class Decline:
     reason: str
 
 
-Effect = Submit | SendAbort | Decline
+PlanEffect = Submit | SendAbort | Decline
 
 
 @dataclass
@@ -161,12 +161,12 @@ class PrefillPlan:
         self._step = step
         return StepPlan(step, tuple(chunks))
 
-    def preempted(self, req_id: str) -> list[Effect]:
+    def preempted(self, req_id: str) -> list[PlanEffect]:
         """vLLM preempted the prompt: its blocks are gone; the next chunks start a new instance."""
         p = self._prompts.get(req_id)
         if p is None or p.src is not None:
             return []
-        effects: list[Effect] = []
+        effects: list[PlanEffect] = []
         if p.signalled:
             effects.append(SendAbort(p.xfer, p.instance, "vLLM preempted the prompt; it is computed again"))
         p.instance += 1
@@ -174,7 +174,7 @@ class PrefillPlan:
         p.signalled = False
         return effects
 
-    def finished(self, req_id: str, ok: bool, block_ids: list[int], now: float) -> tuple[bool, list[Effect]]:
+    def finished(self, req_id: str, ok: bool, block_ids: list[int], now: float) -> tuple[bool, list[PlanEffect]]:
         """vLLM finished the request (``ok``: its prompt ran to the end). Returns whether vLLM
         must keep its blocks until :meth:`take_freed` names it, and what to send."""
         p = self._prompts.get(req_id)
@@ -192,7 +192,7 @@ class PrefillPlan:
         p.deadline = now + self.offer_s
         return True, self._try_submit(p)
 
-    def offer(self, offer: BlockOffer, now: float) -> list[Effect]:
+    def offer(self, offer: BlockOffer, now: float) -> list[PlanEffect]:
         """A decode rank's blocks for ``offer.request_id``."""
         xfer = offer.request_id
         if offer.group != self.decode_group or offer.rank >= self.decode_world:
@@ -213,7 +213,7 @@ class PrefillPlan:
         req_id = self._by_xfer.get(xfer)
         if req_id is None:
             self._early.setdefault(xfer, now + self.offer_s)
-            effects: list[Effect] = []
+            effects: list[PlanEffect] = []
             while len(self._early) > MAX_EARLY_OFFERS:
                 old, _ = self._early.popitem(last=False)
                 effects += self._decline_offers(old, "too many offers wait for prompts this instance has not seen")
@@ -231,9 +231,9 @@ class PrefillPlan:
         self._release(p)
         self._freed.append(req_id)
 
-    def tick(self, now: float) -> list[Effect]:
+    def tick(self, now: float) -> list[PlanEffect]:
         """End what waited for offers past ``offer_s``."""
-        effects: list[Effect] = []
+        effects: list[PlanEffect] = []
         for p in list(self._prompts.values()):
             if p.deadline is not None and not p.submitted and now >= p.deadline:
                 effects += self._end(p, f"no decode offer for every rank came within {self.offer_s:g}s")
@@ -271,7 +271,7 @@ class PrefillPlan:
 
     # -- inside ---------------------------------------------------------------------------
 
-    def _try_submit(self, p: _Prompt) -> list[Effect]:
+    def _try_submit(self, p: _Prompt) -> list[PlanEffect]:
         offers = self._offers.get(p.xfer, {})
         if p.src is None or p.submitted or len(offers) < self.decode_world:
             return []
@@ -302,9 +302,9 @@ class PrefillPlan:
         self._sent[(p.xfer, p.instance)] = p.req_id
         return [Submit(info)]
 
-    def _end(self, p: _Prompt, why: str) -> list[Effect]:
+    def _end(self, p: _Prompt, why: str) -> list[PlanEffect]:
         """The prompt will not be sent: abort what kvxferd holds of it, decline the offers."""
-        effects: list[Effect] = []
+        effects: list[PlanEffect] = []
         if p.signalled:
             effects.append(SendAbort(p.xfer, p.instance, why))
         self._prompts.pop(p.req_id, None)
@@ -317,7 +317,7 @@ class PrefillPlan:
         self._release(p)
         return effects
 
-    def _decline_offers(self, xfer: str, why: str) -> list[Effect]:
+    def _decline_offers(self, xfer: str, why: str) -> list[PlanEffect]:
         offers = self._offers.pop(xfer, {})
         return [Decline(xfer, tuple(sorted(offers)), why)] if offers else []
 

@@ -32,7 +32,7 @@ import zmq
 from kvxferd import security
 from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, credentials
 from kvxferd.errors import ConfigError, DaemonError, LocalProtocolError
-from kvxferd.integrations.vllm.plan import Decline, Effect, PrefillPlan, Receiver, SendAbort, StepPlan, Submit
+from kvxferd.integrations.vllm.plan import Decline, PlanEffect, PrefillPlan, Receiver, SendAbort, StepPlan, Submit
 from kvxferd.protocol import (
     DEFAULT_MAX_FRAME,
     BlockOffer,
@@ -159,7 +159,7 @@ class PrefillSide:
             self._askers.popitem(last=False)
         self._apply(self.plan.offer(msg, time.monotonic()), identity)
 
-    def _apply(self, effects: list[Effect], asker: bytes | None = None) -> None:
+    def _apply(self, effects: list[PlanEffect], asker: bytes | None = None) -> None:
         for eff in effects:
             if isinstance(eff, Submit):
                 self.sched.submit(eff.info)

@@ -1,0 +1,132 @@
+"""Writes: what a prefill rank posts, and the one table of writes in flight.
+
+Theory of operation
+-------------------
+Agreement is per request; the data plane is not. When layer L of a step is
+ready, every admitted job with a chunk in that step can write layer L: the
+caller hands :meth:`Writes.plan` those (request, chunk, layer) items and gets
+back one :class:`~kvxferd.core.effects.Write` per (peer, transport, layer),
+runs merged across requests, so a step of eight requests is eight requests'
+blocks in one write per layer, not eight writes. Each write names its parts
+(:class:`~kvxferd.core.request.Part`); this table keeps them until the
+transport reports the write (:meth:`Writes.done`), and it is the only record
+of writes in flight a rank keeps: a link or a transport may know a write is
+out, but only this table knows what it carries. A chunk that completed no
+block has nothing to send: its layers count as written at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from itertools import count
+
+from kvxferd.core.blocks import merge_runs
+from kvxferd.core.effects import Run, Write
+from kvxferd.core.intake import Item
+from kvxferd.core.progress import StepTable
+from kvxferd.core.request import Part, Request
+from kvxferd.core.settings import RankSettings
+from kvxferd.core.states import writing
+from kvxferd.protocol import Key
+
+#: the generation a KVReady names when its request's writes went into more than one registration
+MIXED = "several registrations"
+
+
+class Writes:
+    def __init__(self, settings: RankSettings) -> None:
+        self.num_layers = settings.num_layers
+        self.unit = settings.block_bytes * settings.planes  # bytes of one block of one layer, K and V
+        self._parts: dict[int, tuple[Part, ...]] = {}  # write id -> what it carries
+        self._ids = count(1)
+
+    def plan(
+        self, items: list[Item], requests: Mapping[Key, Request], steps: StepTable
+    ) -> tuple[list[Write], list[Request]]:
+        """The writes for ``items`` (those of requests that may write, each layer once), and the
+        requests some of whose layers counted as written at once (a chunk with no blocks)."""
+        groups: dict[tuple[str, str, int], tuple[list[Run], list[Part]]] = {}
+        finished: dict[Key, Request] = {}
+        unit = self.unit
+        for key, index, layer in items:
+            req = requests[key]
+            chunk = req.chunks[index]
+            if layer in chunk.posted or not writing(req):
+                continue
+            chunk.posted.add(layer)
+            if len(chunk.posted) == self.num_layers:
+                steps.leave(chunk.step, key)
+            if not chunk.runs:
+                chunk.confirmed.add(layer)
+                finished[key] = req
+                continue
+            nbytes = sum(r.length for r in chunk.runs) * unit
+            runs, parts = groups.setdefault((req.info.peer, req.info.transport, layer), ([], []))
+            runs.extend(chunk.runs)
+            parts.append(Part(key, index, layer, nbytes))
+            req.inflight += 1
+        writes = []
+        for (peer, transport, layer), (runs, parts) in groups.items():
+            write_id = next(self._ids)
+            self._parts[write_id] = tuple(parts)
+            keys = tuple(dict.fromkeys(p.key for p in parts))
+            nbytes = sum(p.nbytes for p in parts)
+            writes.append(Write(write_id, peer, transport, layer, merge_runs(runs), keys, nbytes))
+        return writes, list(finished.values())
+
+    def complete(
+        self,
+        write_id: int,
+        requests: Mapping[Key, Request],
+        error: str | None,
+        transport: str | None,
+        generation: str | None,
+    ) -> tuple[list[Request], list[tuple[Request, int]]] | None:
+        """The transport finished write ``write_id`` (None: not a write in flight here). Credits
+        its parts to the live requests it served, which it returns, with the (request, layer)
+        parts that failed."""
+        parts = self._parts.pop(write_id, None)
+        if parts is None:
+            return None
+        touched: dict[Key, Request] = {}
+        failed: list[tuple[Request, int]] = []
+        for part in parts:
+            req = requests.get(part.key)
+            if req is None:
+                continue  # it ended (a verdict, a forced stop) while the write was out
+            touched[part.key] = req
+            req.inflight -= 1
+            req.transport = req.transport or transport
+            if generation is not None and req.generation != generation:
+                req.generation = generation if req.generation is None else MIXED
+            if error is None:
+                req.chunks[part.chunk].confirmed.add(part.layer)
+                req.bytes_done += part.nbytes
+            else:
+                failed.append((req, part.layer))
+        return list(touched.values()), failed
+
+    def written(self, req: Request) -> bool:
+        """Every layer of every chunk of ``req`` is confirmed written, and its last chunk came."""
+        if req.inflight or req.next_token < req.info.num_tokens:
+            return False
+        return all(len(c.confirmed) == self.num_layers for c in req.chunks)
+
+    def give_up(self, req: Request) -> int:
+        """Give up the parts of ``req``'s writes in flight (their transport never reported);
+        returns how many there were."""
+        key = req.key
+        self._parts = {
+            wid: kept for wid, parts in self._parts.items() if (kept := tuple(p for p in parts if p.key != key))
+        }
+        lost, req.inflight = req.inflight, 0
+        return lost
+
+    def clear(self) -> None:
+        self._parts.clear()
+
+    def holds(self, key: Key) -> bool:
+        return any(p.key == key for parts in self._parts.values() for p in parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
