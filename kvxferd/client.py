@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from kvxferd.core.memory import Memory
 from kvxferd.errors import DaemonError
 from kvxferd.protocol import (
     DEFAULT_MAX_FRAME,
@@ -60,6 +61,7 @@ from kvxferd.protocol import (
     CacheInfo,
     Error,
     ErrorCode,
+    Key,
     KVReady,
     LayerSignal,
     Message,
@@ -257,8 +259,6 @@ class PrefillWorker(_Group):
         return found
 
 
-Key = tuple[str, int]  # (request id, instance)
-
 #: Decided outcomes kept for late lookups and late messages, per client (oldest forgotten first).
 KEEP_DONE = 4096
 #: Undecided outcomes kept at most (a request whose notices never all come is dropped, and reported).
@@ -368,8 +368,8 @@ class _Ledger(Generic[Outcome]):
 
     def __init__(self, make: Callable[[Key], Outcome]) -> None:
         self.make: Callable[[Key], Outcome] = make
-        self.open: dict[Key, Outcome] = {}
-        self.done: OrderedDict[Key, Outcome] = OrderedDict()
+        self.open: Memory[Key, Outcome] = Memory(limit=MAX_OPEN)
+        self.done: Memory[Key, Outcome] = Memory(limit=KEEP_DONE)
         self.anomalies: deque[str] = deque(maxlen=MAX_EVENTS)
 
     def get(self, key: Key) -> Outcome | None:
@@ -378,21 +378,19 @@ class _Ledger(Generic[Outcome]):
     def entry(self, key: Key) -> Outcome:
         out = self.get(key)
         if out is None:
-            out = self.open[key] = self.make(key)
-            if len(self.open) > MAX_OPEN:
-                old = next(iter(self.open))
-                del self.open[old]
+            out = self.make(key)
+            dropped = self.open.put(key, out)
+            if dropped is not None:
+                old = dropped[0]
                 self.anomalies.append(f"{old[0]} instance {old[1]}: dropped undecided, {MAX_OPEN} others open")
         return out
 
     def settle(self, key: Key) -> bool:
         """Move a decided outcome to the memory of decided ones; True the first time."""
-        out = self.open.pop(key, None)
+        out = self.open.pop(key)
         if out is None:
             return False
-        self.done[key] = out
-        while len(self.done) > KEEP_DONE:
-            self.done.popitem(last=False)
+        self.done.put(key, out)
         return True
 
 

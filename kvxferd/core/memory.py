@@ -73,18 +73,18 @@ class Memory(Generic[K, V]):
             return key, value
         return None
 
-    def expire(self, now: float) -> int:
-        """Forget every entry whose time has come; returns how many."""
-        n = 0
+    def expire(self, now: float) -> list[tuple[K, V]]:
+        """Forget every entry whose time has come; returns them, oldest first."""
+        gone = []
         items = self._items
         while items:
-            key, (until, _) = next(iter(items.items()))
+            key, (until, value) = next(iter(items.items()))
             if until > now:
                 break
             del items[key]
-            n += 1
-        self.expired += n
-        return n
+            gone.append((key, value))
+        self.expired += len(gone)
+        return gone
 
     def next_deadline(self) -> float | None:
         """When :meth:`expire` next has something to forget (None: never, as things stand)."""

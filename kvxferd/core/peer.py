@@ -2,8 +2,10 @@
 
 A *link* is what a prefill rank knows of its rank of one decode group: whether
 it has that peer's :class:`PeerInfo` (the cache it writes into), whether a
-question is out, which writes wait for the answer, which are in flight, and
-when the link was last used. The shell (:mod:`kvxferd.runtime.peers`) owns the
+question is out, which writes wait for the answer, how many of its writes are
+in flight (a count, so it is not closed under them: what each write carries is
+the rank core's table alone, :mod:`kvxferd.core.writes`), and when the link
+was last used. The shell (:mod:`kvxferd.runtime.peers`) owns the
 socket and the transports; it feeds this machine events with ``now`` and
 carries out the effects it returns, in order. Nothing here reads a clock.
 
@@ -106,8 +108,8 @@ class Ask:
 
 
 @dataclass(frozen=True, slots=True)
-class Post:
-    """Post ``writes`` to the peer whose cache ``info`` describes."""
+class Start:
+    """Start ``writes`` on the peer whose cache ``info`` describes."""
 
     writes: tuple[Write, ...]
     info: PeerInfo
@@ -149,7 +151,7 @@ class Note:
     text: str
 
 
-LinkEffect = Ask | Post | Fail | Drop | Warm | Close | Note
+LinkEffect = Ask | Start | Fail | Drop | Warm | Close | Note
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +171,7 @@ class PeerLink:
     state: LinkState = LinkState.IDLE
     info: PeerInfo | None = None
     waiting: list[Write] = field(default_factory=list)
-    inflight: set[int] = field(default_factory=set)  # write ids posted and not yet completed
+    inflight: int = 0  # writes posted and not yet completed
     deadline: float | None = None  # for the answer to the question out
     retry_at: float | None = None
     warm: bool = False  # open the preferred transport as soon as the peer's cache is known
@@ -186,7 +188,7 @@ class PeerLink:
             return self._ignored(E.WANT)
         if self.state is L.READY:
             assert self.info is not None
-            return [Post((write,), self.info)] if write is not None else [Warm(self.info)]
+            return [Start((write,), self.info)] if write is not None else [Warm(self.info)]
         if write is not None:
             self.waiting.append(write)
         if prior is L.STALE:
@@ -213,7 +215,7 @@ class PeerLink:
             effects.append(Warm(info))
         waiting, self.waiting = self.waiting, []
         if waiting:
-            effects.append(Post(tuple(waiting), info))
+            effects.append(Start(tuple(waiting), info))
         return effects
 
     def not_registered(self, now: float) -> list[LinkEffect]:
@@ -236,19 +238,19 @@ class PeerLink:
         self.retry_at = now + self.s.retry_s
         return []
 
-    def posted(self, write_id: int, now: float) -> None:
-        """A write the link released (in a :class:`Post`) went to the transport."""
-        self.inflight.add(write_id)
+    def posted(self, now: float) -> None:
+        """A write the link released (in a :class:`Start`) went to the transport."""
+        self.inflight += 1
         self.last_used = now
 
     def writes_lost(self) -> None:
         """Every transport was closed: no posted write will complete (the core ends their requests)."""
-        self.inflight.clear()
+        self.inflight = 0
 
-    def completed(self, write_id: int, failed: bool, now: float) -> list[LinkEffect]:
+    def completed(self, failed: bool, now: float) -> list[LinkEffect]:
         """A posted write finished. ``failed``: for a reason that may be the peer's (not one of
         our own checks refusing it before it started)."""
-        self.inflight.discard(write_id)
+        self.inflight = max(0, self.inflight - 1)
         self.last_used = now
         if not failed or not self._step(E.WRITE_FAILED):
             return []  # one failure is enough: it is stale already, or a question is out

@@ -1,26 +1,12 @@
-"""``kvxferd serve`` for a decode rank: registers the decode cache, answers peers, tells the engine.
+"""``kvxferd serve`` for a decode rank: the shell around :class:`kvxferd.core.decode.DecodeCore`.
 
 The decode daemon moves no data: prefill daemons write into the cache its
 engine registered. It answers :class:`PeerQuery` with the cache's layout,
-regions and transport metadata, and forwards what prefill daemons report
-(:class:`KVReady`, or the failed :class:`TransferResult`) to its engine.
-
-Each registration is a new *generation* (a random name, so a restarted daemon
-never repeats one), published in the PeerInfo. A KVReady names the generation
-its bytes went into; one that names another than the current registration is
-told to the engine as a failure (the bytes are in a cache it no longer has),
-and the prefill daemon that sent it is given the current PeerInfo.
-
-Every notice handed to the engine is confirmed to the prefill daemon that
-sent it (:class:`Received`); that daemon sends unconfirmed ones again when
-this daemon's connection (re)opens, so a daemon killed with notices unread
-loses none. A repeat of a notice already handed on is confirmed again and not
-told twice (the last :data:`MAX_SEEN` are remembered); one held for an engine
-not registered yet is kept once.
-
-A prefill rank notifies the decode rank it writes into only after its own
-writes stopped. So once *every* decode rank reported a failed request, no
-prefill rank writes into its blocks any more and the engine may reuse them.
+regions and transport metadata, and carries notices from prefill daemons
+(:class:`KVReady`, or the failed :class:`TransferResult`) to its engine. What
+becomes of each notice (repeats, held notices, registration generations,
+confirmations) is the pure core's decision; this shell owns the two sockets
+and the transports that publish the cache, and carries out the core's effects.
 """
 
 from __future__ import annotations
@@ -30,11 +16,12 @@ import json
 import logging
 import secrets
 import time
-from collections import OrderedDict, deque
 
 import zmq
 
 from kvxferd.config import Config, GroupConfig
+from kvxferd.core.decode import Confirm, DecodeCore, DecodeEffect, Deliver, Push
+from kvxferd.core.effects import Problem
 from kvxferd.errors import TransportError, TransportUnavailable
 from kvxferd.protocol import (
     Ack,
@@ -44,9 +31,7 @@ from kvxferd.protocol import (
     Message,
     PeerInfo,
     PeerQuery,
-    Received,
     RegisterCache,
-    Status,
     StatusQuery,
     StatusReply,
     TransferResult,
@@ -61,10 +46,6 @@ log = logging.getLogger(__name__)
 
 #: transports that need metadata published for a decode cache (shm and cuda_ipc use the regions)
 PUBLISHERS = ("rdma",)
-#: notices kept while no engine is registered (oldest dropped first, counted)
-MAX_HELD = 4096
-#: notices remembered as handed to the engine, so a repeat is not told twice (oldest forgotten)
-MAX_SEEN = 4096
 
 
 class DecodeDaemon(GroupDaemon):
@@ -78,23 +59,16 @@ class DecodeDaemon(GroupDaemon):
     def __init__(self, config: Config, group: GroupConfig, rank: int) -> None:
         super().__init__(config, group, rank)
         self.cache: RegisterCache | None = None
-        self.generation = ""  # names the current registration (see the module's docstring)
         self.published: dict[str, bytes] = {}
         self.exposers: list[Transport] = []
         self.engine: bytes | None = None  # the connection that registered the cache: the one engine told
         self.peer_router: zmq.Socket[bytes] | None = None
         self.peer_endpoint = ""
-        self.queried: set[bytes] = set()  # prefill daemons that asked for our PeerInfo
-        #: notices that came before any engine registered (identity, prefill group, notice)
-        self.held: deque[tuple[bytes, str, KVReady | TransferResult]] = deque(maxlen=MAX_HELD)
-        #: (prefill daemon, request instance) of the notices handed on (True) or held (False)
-        self.seen: OrderedDict[tuple[bytes, tuple[str, int]], bool] = OrderedDict()
-        #: prefill daemon -> when it was last given our PeerInfo unasked (bounded by the config's ranks)
-        self.pushed: dict[bytes, float] = {}
         #: the identities prefill daemons of this deployment connect with, for our rank
         self.prefills = {
             f"{g.name}:{rank}".encode(): g.name for g in config.groups if g.role == "prefill" and rank < g.world_size
         }
+        self.core = DecodeCore(rank, self.prefills)
 
     def start(self) -> None:
         self.peer_router, self.peer_endpoint = self.server_socket(
@@ -123,7 +97,8 @@ class DecodeDaemon(GroupDaemon):
                 "peer_endpoint": self.peer_endpoint,
                 "registered": self.cache is not None,
                 "engine": self.engine is not None,
-                "counters": dict(self.counters),
+                "held": len(self.core.held),
+                "counters": dict(self.counters + self.core.counts),
             }
             self.reply(identity, StatusReply(self.role, self.group.name, self.rank, self.state, json.dumps(report)))
         elif isinstance(msg, (KVReady, TransferResult, PeerQuery)):
@@ -141,15 +116,14 @@ class DecodeDaemon(GroupDaemon):
 
     def handle_on(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, now: float) -> None:
         if sock is self.peer_router:
-            self._from_peer(identity, msg)
+            self._from_peer(identity, msg, now)
         else:
             self.handle(identity, msg, now)
 
-    def _from_peer(self, identity: bytes, msg: Message) -> None:
+    def _from_peer(self, identity: bytes, msg: Message, now: float) -> None:
         assert self.peer_router is not None
         self.counters[f"peer_{type(msg).__name__}"] += 1
-        source = self.prefills.get(identity)
-        if source is None:
+        if identity not in self.prefills:
             self.counters["refused_peer"] += 1
             log.warning(
                 "refused %s from %s: not a prefill rank %d of this deployment",
@@ -164,39 +138,39 @@ class DecodeDaemon(GroupDaemon):
             )
             return
         if isinstance(msg, PeerQuery):
-            self.queried.add(identity)
             info = self._peer_info()
             answer: Message = info or Error(
                 ErrorCode.NOT_REGISTERED, f"decode rank {self.rank} has no KV cache registered yet", "peer_query"
             )
             self.answer(self.peer_router, identity, answer)
         elif isinstance(msg, (KVReady, TransferResult)):
-            if msg.rank != self.rank:
-                self.counters["refused_peer"] += 1
-                log.warning("refused a notice from %s naming rank %d", show(identity), msg.rank)
-                return
-            handed = self.seen.get((identity, msg.key))
-            if handed is not None:
-                self.counters["notice_repeated"] += 1
-                if handed:
-                    self._confirm(identity, msg)
-                return
-            if self.engine is None:
-                # notices sent again (or queued) while this daemon restarted: kept for the engine
-                # that registers next (they name an earlier registration, so it hears them as
-                # failures, and the blocks are free again)
-                if len(self.held) == self.held.maxlen:
-                    self.counters["notices_dropped"] += 1
-                    who, _, dropped = self.held[0]
-                    self.seen.pop((who, dropped.key), None)
-                self.held.append((identity, source, msg))
-                self._remember(identity, msg, False)
-                return
-            self._forward(identity, self._checked(identity, source, msg))
+            self._apply(self.core.notice(identity, msg, now))
         else:
             self.answer(
                 self.peer_router, identity, Error(ErrorCode.WRONG_ROLE, f"{type(msg).__name__} is not a peer message")
             )
+
+    def _apply(self, effects: list[DecodeEffect]) -> None:
+        """Carry out what the core decided, in order."""
+        assert self.peer_router is not None
+        queue = list(effects)
+        while queue:
+            eff = queue.pop(0)
+            if isinstance(eff, Deliver):
+                assert self.engine is not None, "the core delivers only once an engine registered"
+                if self.reply(self.engine, eff.notice):
+                    queue[:0] = self.core.delivered(eff.sender, eff.notice)
+                else:
+                    self.core.undelivered(eff.sender, eff.notice)
+            elif isinstance(eff, Confirm):
+                self.answer(self.peer_router, eff.sender, eff.message)
+            elif isinstance(eff, Push):
+                info = self._peer_info()
+                if info is not None:
+                    with contextlib.suppress(zmq.ZMQError):  # not connected (yet): it asks when it writes
+                        sockets.send(self.peer_router, info, eff.sender)
+            elif isinstance(eff, Problem):
+                log.warning("%s", eff.detail)
 
     def _register(self, identity: bytes, msg: RegisterCache) -> None:
         problem = self.registration_problem(msg)
@@ -217,7 +191,7 @@ class DecodeDaemon(GroupDaemon):
             if blob is not None:
                 self.published[name] = blob
         self.cache = msg
-        self.generation = secrets.token_hex(6)
+        generation = secrets.token_hex(6)
         if self.engine is not None and self.engine != identity:
             # one engine per decode rank: the newest registration is the engine; the other one
             # is told it will hear nothing more from this rank
@@ -230,62 +204,13 @@ class DecodeDaemon(GroupDaemon):
             "".join(f", {n}" for n in self.published),
         )
         self.reply(identity, Ack("register"))
-        info = self._peer_info()
-        assert self.peer_router is not None and info is not None
-        now = time.monotonic()
-        for prefill in self.queried:  # they hold our old PeerInfo: give them the new one
-            if self.answer(self.peer_router, prefill, info):
-                self.pushed[prefill] = now
-        for prefill in set(self.prefills) - self.queried:
-            # a prefill rank connected to an earlier run of this daemon holds that run's PeerInfo;
-            # one not connected (yet) asks when it first writes
-            with contextlib.suppress(zmq.ZMQError):
-                sockets.send(self.peer_router, info, prefill)
-                self.pushed[prefill] = now
-        held, self.held = list(self.held), deque(maxlen=MAX_HELD)
-        for who, source, notice in held:
-            self._forward(who, self._checked(who, source, notice))
+        # every prefill rank hears the new PeerInfo; notices held for an engine go to this one
+        self._apply(self.core.registered(generation, time.monotonic()))
 
     def _peer_info(self) -> PeerInfo | None:
         if self.cache is None:
             return None
         c = self.cache
         return PeerInfo(
-            self.group.name, self.rank, host_id(), c.memory, c.layout, c.regions, self.published, self.generation
+            self.group.name, self.rank, host_id(), c.memory, c.layout, c.regions, self.published, self.core.generation
         )
-
-    def _checked(self, identity: bytes, source: str, msg: KVReady | TransferResult) -> KVReady | TransferResult:
-        """A KVReady that names another registration than the current one, as the failure it is
-        (and that prefill rank is given the current PeerInfo); anything else unchanged."""
-        if not isinstance(msg, KVReady) or msg.generation == self.generation:
-            return msg
-        self.counters["stale_generation"] += 1
-        reason = (
-            f"prefill {source} rank {msg.rank} wrote it into registration {show(msg.generation)} of "
-            f"decode rank {self.rank}; the engine's cache is registration {show(self.generation)} now"
-        )
-        log.warning("request %s: %s", msg.request_id, reason)
-        info, now = self._peer_info(), time.monotonic()
-        if info is not None and self.peer_router is not None and now - self.pushed.get(identity, -1e9) >= 1.0:
-            self.pushed[identity] = now  # at most once a second: a flood of stale notices needs one answer
-            self.answer(self.peer_router, identity, info)  # so its next writes go to this one
-        return TransferResult(msg.request_id, Status.FAILED, reason, msg.rank, msg.bytes, instance=msg.instance)
-
-    def _forward(self, sender: bytes, msg: KVReady | TransferResult) -> None:
-        """Hand a notice to the engine and confirm it to the prefill daemon that sent it."""
-        assert self.engine is not None
-        if not self.reply(self.engine, msg):
-            self.counters["notices_dropped"] += 1
-            return
-        self._remember(sender, msg, True)
-        self._confirm(sender, msg)
-
-    def _remember(self, sender: bytes, msg: KVReady | TransferResult, handed: bool) -> None:
-        self.seen[(sender, msg.key)] = handed
-        self.seen.move_to_end((sender, msg.key))
-        while len(self.seen) > MAX_SEEN:
-            self.seen.popitem(last=False)
-
-    def _confirm(self, sender: bytes, msg: KVReady | TransferResult) -> None:
-        assert self.peer_router is not None
-        self.answer(self.peer_router, sender, Received(msg.request_id, msg.rank, msg.instance))

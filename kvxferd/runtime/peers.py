@@ -4,38 +4,34 @@ Theory of operation: a peer is a decode rank's daemon: the rank of ours in a
 decode group of the config, which a request's ``peer`` names (by the group's
 name or its endpoint template; anything else is refused, so a cache_info can
 never send writes or notices anywhere the config does not list). There is at
-most one link per decode group. What a link knows and when it asks (the
-PeerInfo, the question out, queued and in-flight writes, idleness) is the pure
-state machine in :mod:`kvxferd.core.peer`; this module owns its DEALER socket
-and the transports, feeds the machine events with ``now`` and carries out what
-it returns. The PeerInfo is checked here against the group's layout and
-memory, since only the shell knows the config.
+most one link per decode group, and a ``peer`` string is resolved to its link
+once. What a link knows and when it asks (the PeerInfo, the question out, the
+writes waiting for the answer, idleness) is the pure state machine in
+:mod:`kvxferd.core.peer`; this module owns its DEALER socket and the
+transports, feeds the machine events with ``now`` and carries out what it
+returns. The PeerInfo is checked here against the group's layout and memory,
+since only the shell knows the config.
 
-With the peer's cache known, each write picks its transport
-(:func:`kvxferd.transports.choose`), opens the peer on it once, and is posted.
-Completions come back at once (``shm``) or from polling (``rdma``,
-``cuda_ipc``), each stamped with the transport it went over; polling backs
-off from 50 µs to 2 ms while writes are pending and stops when none are.
+**Routes.** Once a link knows its peer's cache, the transport each requested
+name maps to (:func:`kvxferd.transports.choose`) is decided and opened once for
+that PeerInfo, under a key that names its registration (``endpoint#generation``),
+and every write goes straight to it. A transport's completion names that key,
+so it says which link and which decode registration the write went into
+without this shell remembering any write: the core's table of writes in
+flight is the only one. A new PeerInfo (the decode engine registered again)
+drops the routes of the old one.
 
 A link watches its socket's connection (a ZMQ socket monitor): once the decode
-daemon's connection closes (the process died or stopped serving), writes for it
-fail at once, "decode rank N at ENDPOINT is gone", instead of going into memory
-nobody will report on; when it connects again they go as before.
-
-Notices are kept until the decode daemon confirms them (:class:`Received`: it
-handed them to its engine): a daemon killed with notices unread in its socket
-loses none, since every unconfirmed notice for it is sent again when its
-connection comes back (to its successor, which tells the engine that registers
-with it). The decode daemon recognises a repeat and confirms it again without
-telling its engine twice.
+daemon's connection closes, writes for it fail at once, "decode rank N at
+ENDPOINT is gone", instead of going into memory nobody will report on; when it
+connects again they go as before, and the notices it never confirmed are sent
+again (:mod:`kvxferd.core.ledger`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import socket as pysocket
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -44,20 +40,20 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from kvxferd.config import Config, GroupConfig
-from kvxferd.core import Write
-from kvxferd.core.peer import Ask, Close, Drop, Fail, LinkEffect, LinkSettings, Note, PeerLink, Post, Warm
+from kvxferd.core import Problem, Write
+from kvxferd.core.ledger import LedgerEffect, Notice, NoticeLedger
+from kvxferd.core.memory import Memory
+from kvxferd.core.peer import Ask, Close, Drop, Fail, LinkEffect, LinkSettings, Note, PeerLink, Start, Warm
 from kvxferd.errors import TransportError, TransportUnavailable
 from kvxferd.protocol import (
     CacheLayout,
     Error,
     ErrorCode,
-    KVReady,
     Message,
     PeerInfo,
     PeerQuery,
     Received,
     RegisterCache,
-    TransferResult,
 )
 from kvxferd.protocol.fields import show
 from kvxferd.runtime import sockets
@@ -68,13 +64,11 @@ log = logging.getLogger(__name__)
 
 POLL_MIN_S = 50e-6
 POLL_MAX_S = 2e-3
-#: the generation a notice names when its request's writes went into more than one registration
-MIXED = "several registrations"
 RETRY_S = 0.02  # a peer that is up but has no cache registered yet is asked again after this
 #: notices kept until their decode daemon confirms them (the oldest is given up past this)
 MAX_UNCONFIRMED = 8192
-
-Notice = KVReady | TransferResult
+#: route keys remembered (a few per decode group: one per registration of its cache lately)
+MAX_ROUTE_KEYS = 64
 
 
 @cache
@@ -85,6 +79,17 @@ def host_id() -> str:
     except OSError:
         boot = "unknown-boot"
     return f"{pysocket.gethostname()}/{boot}"[:256]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a write to a link goes: the transport (opened on the peer under ``key``), and the
+    decode registration (``generation``) that key names."""
+
+    name: str
+    transport: Transport
+    key: str
+    generation: str
 
 
 @dataclass
@@ -98,7 +103,9 @@ class Link:
     machine: PeerLink
     monitor: zmq.Socket[bytes] | None = None  # connection events of ``sock``
     gone: bool = False  # the peer's connection closed and has not come back
-    opened: set[str] = field(default_factory=set)  # transports this peer is open on
+    key: str = ""  # the key its peer is open under on ``open_on`` (endpoint#generation)
+    open_on: set[str] = field(default_factory=set)  # transports its peer is open on, for one PeerInfo
+    routes: dict[str, Route] = field(default_factory=dict)  # requested transport -> route, for that PeerInfo
 
     @property
     def gone_text(self) -> str:
@@ -112,16 +119,14 @@ class Peers:
         self.group, self.rank, self.memory = group, rank, memory
         self.max_frame = config.limits.max_frame_bytes
         self.links: dict[str, Link] = {}  # decode group name -> its rank of ours
-        self.writes: dict[int, tuple[Link, str]] = {}  # write id -> (link, transport), until it completes
+        self.names: dict[str, str] = {}  # a request's peer -> the decode group it names (valid ones only)
+        #: route key (endpoint#generation) -> (link, generation): where a completion's write went (the
+        #: keys of earlier registrations stay a while, for writes that complete after a new one)
+        self.opened: Memory[str, tuple[Link, str]] = Memory(limit=MAX_ROUTE_KEYS)
         self.transports: dict[str, Transport] = {}
         self.local: RegisterCache | None = None
         self.answers: list[tuple[Link, Message]] = []  # collected by the socket handlers
-        #: request -> the decode registration (PeerInfo.generation) its writes went into, until its
-        #: notice names it; MIXED if they went into more than one. Bounded by the core's requests.
-        self.generations: dict[tuple[str, int], str] = {}
-        #: notices not yet confirmed by their decode daemon, by (decode group, request instance):
-        #: sent again whenever that daemon's connection (re)opens; at most MAX_UNCONFIRMED
-        self.unconfirmed: OrderedDict[tuple[str, tuple[str, int]], Notice] = OrderedDict()
+        self.ledger = NoticeLedger(MAX_UNCONFIRMED)
         self._poll_delay = POLL_MIN_S
         self._next_poll: float | None = None
 
@@ -150,11 +155,10 @@ class Peers:
             transport.close()
         self.transports.clear()
         for link in self.links.values():
+            link.routes.clear()
+            link.open_on.clear()
             link.machine.writes_lost()
-        self.writes.clear()
-        self.generations.clear()  # (called only when the core ends every request, or has none)
-        for link in self.links.values():
-            link.opened.clear()
+        self.opened.clear()
 
     def transport(self, name: str) -> Transport:
         found = self.transports.get(name)
@@ -200,8 +204,8 @@ class Peers:
             return []
         done: list[Completion] = []
         pending = 0
-        for name, transport in self.transports.items():
-            done += [dataclasses.replace(c, transport=name) for c in transport.poll()]
+        for transport in self.transports.values():
+            done += transport.poll()
             pending += transport.pending()
         if pending:
             self._poll_delay = POLL_MIN_S if done else min(self._poll_delay * 2, POLL_MAX_S)
@@ -210,66 +214,72 @@ class Peers:
             self._next_poll = None
         return self._settled(done, now)
 
+    def generation_of(self, done: Completion) -> str | None:
+        """The decode registration a completed write went into (None: it never reached a route)."""
+        found = self.opened.get(done.peer) if done.peer is not None else None
+        return found[1] if found is not None else None
+
     def _settled(self, done: list[Completion], now: float) -> list[Completion]:
         """Tell each write's link it completed; a failed one makes the peer be asked again."""
         out = list(done)
         for c in done:
-            found = self.writes.pop(c.write_id, None)
+            found = self.opened.get(c.peer) if c.peer is not None else None
             if found is not None:
                 link = found[0]
                 failed = c.error is not None and not c.refused
-                out += self._carry(link, link.machine.completed(c.write_id, failed, now), now)
+                out += self._carry(link, link.machine.completed(failed, now), now)
         return out
 
-    def _choose(self, requested: str, info: PeerInfo) -> str:
-        return choose(
-            requested,
-            self.config.transport.prefer,
-            local_memory=self.memory,
-            peer_memory=info.memory,
-            same_host=info.host_id == host_id(),
-        )
+    def _route(self, link: Link, requested: str, info: PeerInfo) -> Route:
+        """The route of writes that asked for ``requested`` to the peer ``info`` describes: chosen and
+        opened once per PeerInfo. Raises TransportError/TransportUnavailable."""
+        route = link.routes.get(requested)
+        if route is None:
+            name = choose(
+                requested,
+                self.config.transport.prefer,
+                local_memory=self.memory,
+                peer_memory=info.memory,
+                same_host=info.host_id == host_id(),
+            )
+            transport = self.transport(name)
+            key = f"{link.endpoint}#{info.generation}"
+            if name not in link.open_on:
+                transport.open_peer(key, info)
+                link.key = key
+                link.open_on.add(name)
+                self.opened.put(key, (link, info.generation))
+                log.info("peer %s (%s rank %d) open on %s", link.endpoint, info.group, info.rank, name)
+            route = link.routes[requested] = Route(name, transport, key, info.generation)
+        return route
 
-    def _post(self, link: Link, w: Write, info: PeerInfo, now: float) -> list[Completion]:
-        name = self._choose(w.transport, info)
+    def _start(self, link: Link, w: Write, info: PeerInfo, now: float) -> list[Completion]:
         try:
-            transport = self._open(link, name, info)
+            route = self._route(link, w.transport, info)
         except (TransportError, TransportUnavailable) as exc:
-            return [Completion(w.write_id, f"transport {name} to {link.endpoint}: {exc}", transport=name)]
-        self.writes[w.write_id] = (link, name)
-        for key in w.requests:
-            if self.generations.setdefault(key, info.generation) != info.generation:
-                self.generations[key] = MIXED
-        link.machine.posted(w.write_id, now)
-        done = transport.post(w.write_id, link.endpoint, w.layer, w.runs)
+            return [Completion(w.write_id, f"transport {w.transport} to {link.endpoint}: {exc}")]
+        link.machine.posted(now)
+        done = route.transport.post(w.write_id, route.key, w.layer, w.runs)
         if done is not None:
-            return self._settled([dataclasses.replace(done, transport=name)], now)
+            return self._settled([done], now)
         self._poll_delay = POLL_MIN_S
         self._next_poll = now + POLL_MIN_S
         return []
 
-    def _open(self, link: Link, name: str, info: PeerInfo) -> Transport:
-        """The transport ``name``, open on ``link``'s peer; raises TransportError/TransportUnavailable."""
-        transport = self.transport(name)
-        if name not in link.opened:
-            transport.open_peer(link.endpoint, info)
-            link.opened.add(name)
-            log.info("peer %s (%s rank %d) open on %s", link.endpoint, info.group, info.rank, name)
-        return transport
-
     def _drop(self, link: Link, now: float) -> None:
-        """Close every transport opened on the link's peer. Writes in flight on them complete
-        as failed from the transport's next poll."""
-        for name in link.opened:
+        """Close the link's peer on every transport it is open on (its cache is no longer the one
+        the routes point at). Writes in flight on them complete as failed from the next poll."""
+        for name in link.open_on:
             transport = self.transports.get(name)
             if transport is not None:
                 try:
-                    transport.close_peer(link.endpoint)
+                    transport.close_peer(link.key)
                 except (TransportError, TransportUnavailable) as exc:
-                    log.warning("closing peer %s on %s: %s", link.endpoint, name, exc)
+                    log.warning("closing peer %s on %s: %s", link.key, name, exc)
                 if transport.pending():  # what was in flight on it completes at the next poll
                     self._next_poll = now
-        link.opened.clear()
+        link.open_on.clear()
+        link.routes.clear()
 
     # -- the machine's effects ----------------------------------------------------------
 
@@ -283,20 +293,19 @@ class Peers:
                     sockets.send(link.sock, PeerQuery(self.group, self.rank))
                 except zmq.Again:
                     queue += link.machine.blocked(now)
-            elif isinstance(eff, Post):
+            elif isinstance(eff, Start):
                 for w in eff.writes:
-                    done += self._post(link, w, eff.info, now)
+                    done += self._start(link, w, eff.info, now)
             elif isinstance(eff, Fail):
                 done += [Completion(w.write_id, eff.reason) for w in eff.writes]
             elif isinstance(eff, Drop):
                 self._drop(link, now)
             elif isinstance(eff, Warm):
                 if self.local is not None:
-                    name = self._choose("auto", eff.info)
                     try:
-                        self._open(link, name, eff.info)
+                        self._route(link, "auto", eff.info)
                     except (TransportError, TransportUnavailable) as exc:
-                        log.warning("could not open peer %s on %s ahead of time: %s", link.endpoint, name, exc)
+                        log.warning("could not open peer %s ahead of time: %s", link.endpoint, exc)
             elif isinstance(eff, Close):
                 log.info("%s: closing the link", eff.reason)
                 self._close_link(link, now)
@@ -319,48 +328,30 @@ class Peers:
 
     # -- notices to decode daemons ----------------------------------------------------
 
-    def notify(self, peer: str, msg: KVReady | TransferResult, now: float) -> None:
-        """Send a request's notice to its decode rank; a KVReady names the registration its bytes
-        went into (the current one if it wrote none), so the decode daemon can refuse a stale one."""
-        written = self.generations.pop(msg.key, None)
+    def notify(self, peer: str, msg: Notice, now: float) -> None:
+        """Send a request's notice to its decode rank, kept until that rank confirms it."""
         try:
             link = self._link(peer, now)
         except TransportError as exc:
             log.error("%s; dropped %s", exc, msg)
             return
-        if isinstance(msg, KVReady):
-            held = link.machine.info
-            msg = dataclasses.replace(msg, generation=written or (held.generation if held is not None else ""))
         link.machine.last_used = now
-        self._keep(link.group.name, msg)
-        self._send_notice(link, msg)
+        self._send(self.ledger.tell(link.group.name, msg, now))
 
-    def _keep(self, group: str, msg: Notice) -> None:
-        self.unconfirmed[(group, msg.key)] = msg
-        self.unconfirmed.move_to_end((group, msg.key))
-        while len(self.unconfirmed) > MAX_UNCONFIRMED:
-            (lost_group, _), lost = self.unconfirmed.popitem(last=False)
-            log.error(
-                "%d notices unconfirmed: no longer keeping %s for decode %r (it is not sent again)",
-                MAX_UNCONFIRMED,
-                lost,
-                lost_group,
-            )
-
-    def _send_notice(self, link: Link, msg: Notice) -> None:
-        try:
-            sockets.send(link.sock, msg)
-        except zmq.Again:
-            log.error("decode daemon %s is not taking messages; %s goes again when it connects", link.endpoint, msg)
-
-    def _resend(self, link: Link) -> None:
-        """Every notice for ``link``'s decode group it has not confirmed, again (its daemon
-        connected anew: the one that was sent them may have died before reading them)."""
-        again = [m for (group, _), m in self.unconfirmed.items() if group == link.group.name]
-        if again:
-            log.info("sending %d unconfirmed notices to %s again", len(again), link.machine.s.name)
-        for msg in again:
-            self._send_notice(link, msg)
+    def _send(self, effects: list[LedgerEffect]) -> None:
+        for eff in effects:
+            if isinstance(eff, Problem):
+                log.error("%s", eff.detail)
+                continue
+            link = self.links.get(eff.link)
+            if link is None:
+                continue  # no link now: the notice goes when one opens (see _link)
+            try:
+                sockets.send(link.sock, eff.notice)
+            except zmq.Again:
+                log.error(
+                    "decode daemon %s is not taking messages; %s goes again when it connects", link.endpoint, eff.notice
+                )
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -369,37 +360,43 @@ class Peers:
         return {
             name: {
                 "state": link.machine.state.value,
-                "open_on": sorted(link.opened),
+                "open_on": sorted(link.open_on),
                 "waiting": len(link.machine.waiting),
-                "inflight": len(link.machine.inflight),
-                "unconfirmed": sum(1 for group, _ in self.unconfirmed if group == name),
+                "inflight": link.machine.inflight,
+                "unconfirmed": self.ledger.unconfirmed(name),
             }
             for name, link in self.links.items()
         }
 
     def _link(self, peer: str, now: float) -> Link:
         """The link to our rank of the decode group ``peer`` names (one per group, so at most as
-        many links as the config has decode groups)."""
-        group = self.group_of(peer)
-        link = self.links.get(group.name)
+        many links as the config has decode groups); a peer string is resolved once."""
+        name = self.names.get(peer)
+        if name is None:
+            name = self.names[peer] = self.group_of(peer).name  # only names that resolve are kept
+        link = self.links.get(name)
         if link is None:
-            endpoint = self.config.peer_endpoint(group, self.rank)
-            try:
-                sock = self.service.client_socket(endpoint, f"{self.group}:{self.rank}")
-            except zmq.ZMQError as exc:
-                raise TransportError(
-                    f"cannot connect to decode {group.name!r} rank {self.rank} at {endpoint}: {exc}"
-                ) from None
-            kv, t = self.config.kv, self.config.timeouts
-            layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size), kv.planes)
-            settings = LinkSettings(
-                f"decode {group.name!r} rank {self.rank} at {endpoint}", t.peer_s, RETRY_S, t.peer_idle_s
-            )
-            link = self.links[group.name] = Link(endpoint, sock, group, layout, PeerLink(settings, now))
-            self.service.watch(sock, lambda: self._on_link(link))
-            link.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-            self.service.watch(link.monitor, lambda: self._on_monitor(link))
-            self._resend(link)  # notices kept from an earlier link to this group (it closed idle)
+            link = self._open_link(self.group_of(peer), now)
+        return link
+
+    def _open_link(self, group: GroupConfig, now: float) -> Link:
+        endpoint = self.config.peer_endpoint(group, self.rank)
+        try:
+            sock = self.service.client_socket(endpoint, f"{self.group}:{self.rank}")
+        except zmq.ZMQError as exc:
+            raise TransportError(
+                f"cannot connect to decode {group.name!r} rank {self.rank} at {endpoint}: {exc}"
+            ) from None
+        kv, t = self.config.kv, self.config.timeouts
+        layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size), kv.planes)
+        settings = LinkSettings(
+            f"decode {group.name!r} rank {self.rank} at {endpoint}", t.peer_s, RETRY_S, t.peer_idle_s
+        )
+        link = self.links[group.name] = Link(endpoint, sock, group, layout, PeerLink(settings, now))
+        self.service.watch(sock, lambda: self._on_link(link))
+        link.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.service.watch(link.monitor, lambda: self._on_monitor(link))
+        self._send(self.ledger.reconnected(group.name))  # notices kept from an earlier link (it closed idle)
         return link
 
     def _on_monitor(self, link: Link) -> None:
@@ -413,7 +410,10 @@ class Peers:
             elif event == zmq.EVENT_CONNECTED and link.gone:
                 link.gone = False
                 log.info("%s connected again", link.machine.s.name)
-                self._resend(link)
+                again = self.ledger.reconnected(link.group.name)
+                if again:
+                    log.info("sending %d unconfirmed notices to %s again", len(again), link.machine.s.name)
+                self._send(again)
 
     def _on_link(self, link: Link) -> None:
         for inbound in sockets.receive(link.sock, max_frame=self.max_frame, router=False):
@@ -429,7 +429,7 @@ class Peers:
         for link, msg in answers:
             machine = link.machine
             if isinstance(msg, Received):
-                self.unconfirmed.pop((link.group.name, msg.key), None)
+                self.ledger.confirmed(link.group.name, msg.key)
                 continue
             if isinstance(msg, PeerInfo):
                 effects = machine.answered(msg, self._mismatch(link, msg), now)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import OrderedDict
 
 from kvxferd.config import Config, GroupConfig
 from kvxferd.core import Problem, RankCore, RankEffect, RankSettings, ToBarrier, ToEngine, ToPeer, Write
+from kvxferd.core.memory import Memory
 from kvxferd.errors import TransportError
 from kvxferd.protocol import (
     STARTUP_KEY,
@@ -82,7 +82,7 @@ class PrefillDaemon(GroupDaemon):
         self.peers = Peers(self, config, group=group.name, rank=rank, memory=group.memory)
         self.worker: bytes | None = None  # the connection that registered the cache: the one model worker
         #: connections that sent a cache_info lately (schedulers): who may abort a request not seen yet
-        self.schedulers: OrderedDict[bytes, None] = OrderedDict()
+        self.schedulers: Memory[bytes, bool] = Memory(limit=MAX_SCHEDULERS)
         self._sender: bytes | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -183,10 +183,7 @@ class PrefillDaemon(GroupDaemon):
 
     def _attached(self, identity: bytes) -> None:
         """``identity`` is a scheduler connection (it attached, or sent a cache_info)."""
-        self.schedulers[identity] = None
-        self.schedulers.move_to_end(identity)
-        if len(self.schedulers) > MAX_SCHEDULERS:
-            self.schedulers.popitem(last=False)
+        self.schedulers.put(identity, True)
 
     def _refuse(self, identity: bytes, what: str, who: str) -> None:
         self.counters["refused_sender"] += 1
@@ -254,7 +251,7 @@ class PrefillDaemon(GroupDaemon):
                 completions = self.peers.write(eff, now)
                 now = time.monotonic()  # a synchronous copy took time: stamp what follows with the real time
                 for done in completions:
-                    queue += self.core.write_done(done.write_id, now, done.error, done.transport)
+                    queue += self._done(done, now)
             elif isinstance(eff, ToBarrier):
                 self.barrier.send(eff.message)
             elif isinstance(eff, ToEngine):
@@ -266,7 +263,12 @@ class PrefillDaemon(GroupDaemon):
 
     def _complete(self, completions: list[Completion], now: float) -> None:
         for done in completions:
-            self._apply(self.core.write_done(done.write_id, now, done.error, done.transport), now)
+            self._apply(self._done(done, now), now)
+
+    def _done(self, done: Completion, now: float) -> list[RankEffect]:
+        """A write's completion, to the core: where it went (transport, decode registration) with it."""
+        generation = self.peers.generation_of(done)
+        return self.core.write_done(done.write_id, now, done.error, done.transport, generation)
 
     def _result(self, eff: ToEngine) -> None:
         result = eff.result

@@ -33,14 +33,19 @@ from kvxferd.protocol import CacheLayout, PeerInfo, Region, RegisterCache
 RunTable = np.ndarray[Any, np.dtype[np.int64]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Completion:
-    """A finished write: ``error`` is None on success, else a sentence saying what went wrong."""
+    """A finished write: ``error`` is None on success, else a sentence saying what went wrong.
+
+    Every completion a transport returns names the transport and the peer (the key the peer was
+    opened under) it went to, so its owner can tell where it went without remembering each write.
+    """
 
     write_id: int
     error: str | None = None
     refused: bool = False  # never started (our own checks said no): says nothing about the peer
-    transport: str | None = None  # the transport it went over (stamped by the peers shell)
+    transport: str | None = None
+    peer: str | None = None
 
 
 def run_table(runs: Sequence[Run]) -> RunTable:
@@ -119,15 +124,19 @@ class Transport(ABC):
         """
         remote = self._peers.get(key)
         if remote is None:
-            return Completion(write_id, f"peer {key} is not open")
+            return self.completion(write_id, key, f"peer {key} is not open")
         table = run_table(runs)
         problem = check_runs(table, self.local.layout, remote, layer)
         if problem is not None:
-            return Completion(write_id, f"refused before writing: {problem}", refused=True)
+            return self.completion(write_id, key, f"refused before writing: {problem}", refused=True)
         try:
             return self._post(write_id, key, layer, table)
         except TransportError as exc:
-            return Completion(write_id, str(exc))
+            return self.completion(write_id, key, str(exc))
+
+    def completion(self, write_id: int, key: str, error: str | None = None, *, refused: bool = False) -> Completion:
+        """The completion of write ``write_id`` to peer ``key``, stamped with this transport."""
+        return Completion(write_id, error, refused, self.name, key)
 
     def poll(self) -> list[Completion]:
         """Writes that finished since the last call."""

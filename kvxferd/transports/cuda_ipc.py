@@ -101,7 +101,7 @@ class CudaIpcTransport(Transport):
         self._dst: dict[str, dict[tuple[int, int], int]] = {}
         self._device = local.regions[0].device
         self._stream: Any = None
-        self._events: dict[int, Any] = {}  # write id -> event recorded after its copies
+        self._events: dict[int, tuple[Any, str]] = {}  # write id -> (event recorded after its copies, peer)
 
     def prepare(self) -> None:
         if self._src is None:
@@ -131,22 +131,22 @@ class CudaIpcTransport(Transport):
                 event = cuda.Event(disable_timing=True)
                 event.record(self._stream)
         except RuntimeError as exc:
-            return Completion(write_id, f"CUDA copy of layer {layer} to {key} failed: {exc}")
-        self._events[write_id] = event
+            return self.completion(write_id, key, f"CUDA copy of layer {layer} to {key} failed: {exc}")
+        self._events[write_id] = (event, key)
         return None
 
     def poll(self) -> list[Completion]:
         done = []
-        for write_id, event in list(self._events.items()):
+        for write_id, (event, key) in list(self._events.items()):
             try:
                 finished = event.done
             except RuntimeError as exc:  # an error on the stream surfaces on the events after it
                 del self._events[write_id]
-                done.append(Completion(write_id, f"CUDA copy failed: {exc}"))
+                done.append(self.completion(write_id, key, f"CUDA copy failed: {exc}"))
                 continue
             if finished:
                 del self._events[write_id]
-                done.append(Completion(write_id))
+                done.append(self.completion(write_id, key))
         return done
 
     def pending(self) -> int:

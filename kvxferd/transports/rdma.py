@@ -278,7 +278,7 @@ class RdmaTransport(Transport):
                 b"",
             )
         except self._errors as exc:
-            return Completion(write_id, f"NIXL refused the write to {key}: {type(exc).__name__}: {exc}")
+            return self.completion(write_id, key, f"NIXL refused the write to {key}: {type(exc).__name__}: {exc}")
         deadline = time.monotonic() + self.config.write_timeout_s
         self._inflight[write_id] = (handle, deadline, key)
         return self._check(write_id, starting=True)
@@ -299,12 +299,12 @@ class RdmaTransport(Transport):
         return None
 
     def _finish(self, write_id: int, error: str | None) -> Completion:
-        handle, _, _ = self._inflight.pop(write_id)
+        handle, _, key = self._inflight.pop(write_id)
         try:
             handle.release()
         except self._errors as exc:
             log.warning("releasing a NIXL transfer handle failed: %s", exc)
-        return Completion(write_id, error)
+        return self.completion(write_id, key, error)
 
     def poll(self) -> list[Completion]:
         done, self._done = self._done, []  # writes ended by closing their peer

@@ -110,14 +110,14 @@ class ShmTransport(Transport):
         dst = self._dst[key]
         gone = dst.gone()
         if gone is not None:
-            return Completion(write_id, f"peer {key} is gone: its segment {gone!r} was removed")
+            return self.completion(write_id, key, f"peer {key} is gone: its segment {gone!r} was removed")
         src = self._source()
         rows = runs.tolist()
         for kv in range(self.local.layout.planes):
             s, d = src.views[(layer, kv)], dst.views[(layer, kv)]
             for a, b, n in rows:
                 np.copyto(d[b : b + n], s[a : a + n])
-        return Completion(write_id)
+        return self.completion(write_id, key)
 
     def _close_peer(self, key: str) -> None:
         mapped = self._dst.pop(key, None)

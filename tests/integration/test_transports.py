@@ -86,7 +86,7 @@ def test_runs_land_byte_for_byte_and_nothing_else(name: str, caches: tuple[HostK
         init.open_peer("peer", _peer_info(name, dst, target))
         runs = [Run(0, 5, 3), Run(9, 30, 2), Run(31, 0, 1)]
         done = _wait(init, init.post(1, "peer", 1, runs))
-        assert done == Completion(1)
+        assert done == Completion(1, transport=name, peer="peer")
         s, d = src.raw(), dst.raw()
         expect = np.zeros_like(d)
         for r in runs:
@@ -288,7 +288,7 @@ def test_a_packed_layout_moves_whole_blocks_of_k_and_v_together(name: str) -> No
         target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
         init.open_peer("peer", _peer_info(name, dst, target))
         runs = [Run(2, 7, 3), Run(20, 0, 1)]
-        assert _wait(init, init.post(1, "peer", 2, runs)) == Completion(1)
+        assert _wait(init, init.post(1, "peer", 2, runs)) == Completion(1, transport=name, peer="peer")
         s, d = src.raw(), dst.raw()
         expect = np.zeros_like(d)
         for r in runs:

@@ -20,7 +20,7 @@ from kvxferd.core.peer import (
     LinkState,
     Note,
     PeerLink,
-    Post,
+    Start,
     Warm,
 )
 from kvxferd.protocol import CacheLayout, PeerInfo, Region
@@ -45,7 +45,7 @@ def kinds(effects: list[LinkEffect]) -> list[type]:
 
 
 def posted(effects: list[LinkEffect]) -> list[int]:
-    return [w.write_id for e in effects if isinstance(e, Post) for w in e.writes]
+    return [w.write_id for e in effects if isinstance(e, Start) for w in e.writes]
 
 
 def failed(effects: list[LinkEffect]) -> list[int]:
@@ -160,8 +160,8 @@ def test_a_failed_write_makes_the_next_write_ask_again_and_drop_the_old_transpor
     link, a = new_link(), write()
     link.want(a, 0.0)
     link.answered(info(), None, 0.0)
-    link.posted(a.write_id, 0.0)
-    link.completed(a.write_id, True, 1.0)
+    link.posted(0.0)
+    link.completed(True, 1.0)
     assert link.state is LinkState.STALE
     b = write()
     effects = link.want(b, 2.0)
@@ -174,8 +174,8 @@ def test_a_refused_write_says_nothing_about_the_peer():
     link, a = new_link(), write()
     link.want(a, 0.0)
     link.answered(info(), None, 0.0)
-    link.posted(a.write_id, 0.0)
-    assert link.completed(a.write_id, False, 1.0) == []
+    link.posted(0.0)
+    assert link.completed(False, 1.0) == []
     assert link.state is LinkState.READY
 
 
@@ -210,10 +210,10 @@ def test_an_unused_link_closes_but_not_while_a_write_is_in_flight():
     link, a = new_link(), write()
     link.want(a, 0.0)
     link.answered(info(), None, 1.0)
-    link.posted(a.write_id, 1.0)
+    link.posted(1.0)
     assert link.next_deadline() is None  # in flight: never idle
     assert link.on_timer(1000.0) == []
-    link.completed(a.write_id, False, 50.0)
+    link.completed(False, 50.0)
     assert link.next_deadline() == 150.0
     assert link.on_timer(149.0) == []
     effects = link.on_timer(150.0)
@@ -253,11 +253,11 @@ def test_any_sequence_ends_every_write_once_and_the_link_closes_when_left_alone(
 
     def carry(effects: list[LinkEffect]) -> None:
         for e in effects:
-            if isinstance(e, Post):
+            if isinstance(e, Start):
                 for w in e.writes:
                     ended.append(w.write_id)
                     live.add(w.write_id)
-                    link.posted(w.write_id, now)
+                    link.posted(now)
             elif isinstance(e, Fail):
                 ended.extend(w.write_id for w in e.writes)
         # the invariants of every state
@@ -291,12 +291,12 @@ def test_any_sequence_ends_every_write_once_and_the_link_closes_when_left_alone(
         elif action in ("done", "fail") and live:
             wid = min(live)
             live.discard(wid)
-            carry(link.completed(wid, action == "fail", now))
+            carry(link.completed(action == "fail", now))
 
     # Left alone (every posted write completes, nobody answers): every write has ended exactly
     # once, and the link closes within answer_s + idle_s.
-    for wid in sorted(live):
-        carry(link.completed(wid, False, now))
+    for _ in sorted(live):
+        carry(link.completed(False, now))
     live.clear()
     start = now
     while (due := link.next_deadline()) is not None:

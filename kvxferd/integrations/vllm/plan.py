@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from kvxferd.core.memory import Memory
 from kvxferd.protocol import BlockOffer, CacheInfo, SlotChunk
 
 #: Transfers remembered as ended, so a late offer for one is declined (oldest forgotten first).
@@ -115,8 +115,9 @@ class PrefillPlan:
         self._prompts: dict[str, _Prompt] = {}  # by vLLM request id
         self._by_xfer: dict[str, str] = {}  # xfer -> vLLM request id
         self._offers: dict[str, dict[int, BlockOffer]] = {}
-        self._early: OrderedDict[str, float] = OrderedDict()  # xfer -> deadline, offers with no prompt yet
-        self._ended: OrderedDict[str, str] = OrderedDict()  # xfer -> why, for late offers
+        #: offers with no prompt yet, by xfer: forgotten (and declined) after offer_s
+        self._early: Memory[str, float] = Memory(limit=MAX_EARLY_OFFERS, ttl_s=offer_s, granularity_s=0.01)
+        self._ended: Memory[str, str] = Memory(limit=MAX_ENDED)  # xfer -> why, for late offers
         self._sent: dict[tuple[str, int], str] = {}  # (xfer, instance) submitted -> vLLM request id
         self._slots = list(range(max_slots))
         self._step = 0
@@ -132,7 +133,7 @@ class PrefillPlan:
             return
         self._prompts[req_id] = _Prompt(req_id, xfer, prompt_len)
         self._by_xfer[xfer] = req_id
-        self._early.pop(xfer, None)  # its offers wait for the prompt now, under the prompt's deadline
+        self._early.pop(xfer)  # its offers wait for the prompt now, under the prompt's deadline
 
     def step(self, scheduled: Iterable[tuple[str, int, int]]) -> StepPlan | None:
         """This step's chunks of transferring prompts, from ``(req_id, computed, scheduled)``."""
@@ -204,20 +205,21 @@ class PrefillPlan:
                     f"ranks 0..{self.decode_world - 1}, not {offer.group!r} rank {offer.rank}",
                 )
             ]
-        if xfer in self._ended:
-            return [Decline(xfer, (offer.rank,), self._ended[xfer])]
+        why = self._ended.get(xfer)
+        if why is not None:
+            return [Decline(xfer, (offer.rank,), why)]
         offers = self._offers.setdefault(xfer, {})
         if offer.rank in offers:
             return []  # the same rank again: the first offer stands
         offers[offer.rank] = offer
         req_id = self._by_xfer.get(xfer)
         if req_id is None:
-            self._early.setdefault(xfer, now + self.offer_s)
-            effects: list[PlanEffect] = []
-            while len(self._early) > MAX_EARLY_OFFERS:
-                old, _ = self._early.popitem(last=False)
-                effects += self._decline_offers(old, "too many offers wait for prompts this instance has not seen")
-            return effects
+            if xfer in self._early:
+                return []
+            pushed = self._early.put(xfer, now, now)
+            if pushed is None:
+                return []
+            return self._decline_offers(pushed[0], "too many offers wait for prompts this instance has not seen")
         return self._try_submit(self._prompts[req_id])
 
     def decided(self, xfer: str, instance: int) -> None:
@@ -238,17 +240,15 @@ class PrefillPlan:
             if p.deadline is not None and not p.submitted and now >= p.deadline:
                 effects += self._end(p, f"no decode offer for every rank came within {self.offer_s:g}s")
                 self._freed.append(p.req_id)
-        for xfer, deadline in list(self._early.items()):
-            if now < deadline:
-                break
-            del self._early[xfer]
+        for xfer, _ in self._early.expire(now):
             effects += self._decline_offers(xfer, f"no prompt for this transfer came within {self.offer_s:g}s")
         return effects
 
     def next_deadline(self) -> float | None:
         times = [p.deadline for p in self._prompts.values() if p.deadline is not None and not p.submitted]
-        if self._early:
-            times.append(next(iter(self._early.values())))
+        early = self._early.next_deadline()
+        if early is not None:
+            times.append(early)
         return min(times, default=None)
 
     def take_freed(self) -> list[str]:
@@ -275,7 +275,7 @@ class PrefillPlan:
         offers = self._offers.get(p.xfer, {})
         if p.src is None or p.submitted or len(offers) < self.decode_world:
             return []
-        self._early.pop(p.xfer, None)
+        self._early.pop(p.xfer)
         dsts = {o.dst_blocks for o in offers.values()}
         tokens = {o.num_tokens for o in offers.values()}
         if len(dsts) != 1 or tokens != {p.prompt_len} or len(next(iter(dsts))) != len(p.src):
@@ -310,9 +310,7 @@ class PrefillPlan:
         self._prompts.pop(p.req_id, None)
         if self._by_xfer.get(p.xfer) == p.req_id:
             del self._by_xfer[p.xfer]
-            self._ended[p.xfer] = why
-            while len(self._ended) > MAX_ENDED:
-                self._ended.popitem(last=False)
+            self._ended.put(p.xfer, why)
             effects += self._decline_offers(p.xfer, why)
         self._release(p)
         return effects

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from kvxferd import security
 from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, credentials
+from kvxferd.core.memory import Memory
 from kvxferd.errors import ConfigError, DaemonError, LocalProtocolError
 from kvxferd.integrations.vllm.plan import Decline, PlanEffect, PrefillPlan, Receiver, SendAbort, StepPlan, Submit
 from kvxferd.protocol import (
@@ -101,7 +101,7 @@ class PrefillSide:
             self.close()
             raise
         #: xfer -> {decode rank: its connection}, for declines
-        self._askers: OrderedDict[str, dict[int, bytes]] = OrderedDict()
+        self._askers: Memory[str, dict[int, bytes]] = Memory(limit=MAX_ASKERS)
 
     # -- vLLM's events, carried out --------------------------------------------------------
 
@@ -127,7 +127,7 @@ class PrefillSide:
                 self._offer(got.identity, got.msg)
         for out in self.sched.collect(0.0):
             self.plan.decided(out.request_id, out.instance)
-            self._askers.pop(out.request_id, None)
+            self._askers.pop(out.request_id)
             if not out.ok:
                 log.warning("transfer %s did not complete: %s", out.request_id, _why(out.results, out.gone))
         self._apply(self.plan.tick(time.monotonic()))
@@ -154,9 +154,11 @@ class PrefillSide:
             reason = f"block {max(msg.dst_blocks)} is outside the {self.num_blocks} blocks of the config"
             self._send(identity, OfferDeclined(msg.request_id, reason))
             return
-        self._askers.setdefault(msg.request_id, {}).setdefault(msg.rank, identity)
-        while len(self._askers) > MAX_ASKERS:
-            self._askers.popitem(last=False)
+        askers = self._askers.get(msg.request_id)
+        if askers is None:
+            askers = {}
+            self._askers.put(msg.request_id, askers)
+        askers.setdefault(msg.rank, identity)
         self._apply(self.plan.offer(msg, time.monotonic()), identity)
 
     def _apply(self, effects: list[PlanEffect], asker: bytes | None = None) -> None:
@@ -166,7 +168,7 @@ class PrefillSide:
             elif isinstance(eff, SendAbort):
                 self.sched.abort(eff.xfer, clip(eff.reason), instance=eff.instance)
             elif isinstance(eff, Decline):
-                askers = self._askers.pop(eff.xfer, {})
+                askers = self._askers.pop(eff.xfer) or {}
                 for rank in eff.ranks:
                     who = askers.get(rank) or asker
                     if who is not None:

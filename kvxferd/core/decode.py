@@ -1,0 +1,170 @@
+"""A decode rank's core: notices from its prefill ranks, each handed to its one engine once.
+
+Theory of operation
+-------------------
+A decode daemon moves no data: prefill daemons write into the cache its
+engine registered, then send one *notice* per request instance, a KVReady
+(naming the registration, its *generation*, its bytes went into) or the failed
+result. This core decides what becomes of each notice:
+
+* it must name this decode rank (a notice naming another is dropped);
+* a repeat (a prefill rank sends the notices it has no confirmation for again
+  when its connection comes back) is confirmed again and never handed on
+  twice: the last ``max_seen`` notices are remembered per sender;
+* while no engine is registered, a notice is *held* (at most ``max_held``,
+  oldest dropped first and counted) for the engine that registers next;
+* a KVReady that names another generation than the current registration is
+  handed on as the failure it is (its bytes are in a cache the engine no
+  longer has), and its sender is given the current PeerInfo, at most once per
+  ``push_every_s``, so its next writes go to the new cache;
+* anything else is handed on (:class:`Deliver`); once the shell reports it
+  handed (:meth:`DecodeCore.delivered`), it is confirmed to its sender
+  (:class:`Confirm`), which stops keeping it.
+
+A registration (:meth:`DecodeCore.registered`) starts a new generation,
+pushes the new PeerInfo to every prefill rank of the deployment (they hold
+the old one, if any) and hands on every held notice, checked against it.
+Once every decode rank reported a request, no prefill rank writes into its
+blocks any more: a prefill rank notifies only after its own writes stopped.
+Nothing here reads a clock or touches a socket.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from kvxferd.core.effects import Problem
+from kvxferd.core.memory import Memory
+from kvxferd.protocol import ErrorCode, Key, KVReady, Received, Status, TransferResult
+from kvxferd.protocol.fields import show
+
+Notice = KVReady | TransferResult
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Hand ``notice`` to the engine; report with ``delivered`` or ``undelivered``."""
+
+    sender: bytes
+    notice: Notice
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """Tell the prefill daemon ``sender`` its notice reached the engine."""
+
+    sender: bytes
+    message: Received
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """Give the prefill daemon ``sender`` the current PeerInfo (it holds an older one)."""
+
+    sender: bytes
+
+
+DecodeEffect = Deliver | Confirm | Push | Problem
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    sender: bytes
+    notice: Notice
+
+
+class DecodeCore:
+    def __init__(
+        self,
+        rank: int,
+        prefills: Mapping[bytes, str],
+        *,
+        max_held: int = 4096,
+        max_seen: int = 4096,
+        push_every_s: float = 1.0,
+    ) -> None:
+        self.rank = rank
+        self.prefills = dict(prefills)  # the identities our prefill ranks connect with -> their group
+        self.push_every_s = push_every_s
+        self.generation = ""  # the current registration's name; "" while none
+        #: (sender, request instance) -> handed to the engine (True) or held for one (False)
+        self.seen: Memory[tuple[bytes, Key], bool] = Memory(limit=max_seen)
+        self.held: Memory[tuple[bytes, Key], _Held] = Memory(limit=max_held)
+        self.pushed: dict[bytes, float] = {}  # sender -> when it was last given our PeerInfo unasked
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def registered_engine(self) -> bool:
+        return bool(self.generation)
+
+    def notice(self, sender: bytes, msg: Notice, now: float) -> list[DecodeEffect]:
+        """A notice from the prefill daemon ``sender`` (the shell checked it is one of ours)."""
+        if msg.rank != self.rank:
+            self.counts["refused_peer"] += 1
+            return [
+                Problem(
+                    ErrorCode.WRONG_ROLE, f"refused a notice from {show(sender)} naming rank {msg.rank}", reply=False
+                )
+            ]
+        handed = self.seen.get((sender, msg.key))
+        if handed is not None:
+            self.counts["notice_repeated"] += 1
+            return [self._confirm(sender, msg)] if handed else []
+        if not self.registered_engine:
+            # sent again (or queued) while this daemon restarted: kept for the engine that registers
+            # next (they name an earlier registration, so it hears them as failures: blocks free again)
+            dropped = self.held.put((sender, msg.key), _Held(sender, msg))
+            if dropped is not None:
+                self.counts["notices_dropped"] += 1
+                self.seen.pop(dropped[0])
+            self.seen.put((sender, msg.key), False)
+            return []
+        return self._deliver(sender, msg, now)
+
+    def delivered(self, sender: bytes, msg: Notice) -> list[DecodeEffect]:
+        """The engine was handed ``msg``: remember it, and confirm it to its sender."""
+        self.seen.put((sender, msg.key), True)
+        return [self._confirm(sender, msg)]
+
+    def undelivered(self, sender: bytes, msg: Notice) -> None:
+        """The engine could not be handed ``msg`` (not connected): its sender will send it again."""
+        self.counts["notices_dropped"] += 1
+        self.seen.pop((sender, msg.key))
+
+    def registered(self, generation: str, now: float) -> list[DecodeEffect]:
+        """An engine registered a cache, named ``generation``: every prefill rank hears the new
+        PeerInfo, and every held notice is handed on."""
+        self.generation = generation
+        effects: list[DecodeEffect] = []
+        for sender in self.prefills:
+            self.pushed[sender] = now
+            effects.append(Push(sender))
+        held = self.held.values()
+        self.held.clear()
+        for item in held:
+            effects += self._deliver(item.sender, item.notice, now)
+        return effects
+
+    def _deliver(self, sender: bytes, msg: Notice, now: float) -> list[DecodeEffect]:
+        if not isinstance(msg, KVReady) or msg.generation == self.generation:
+            return [Deliver(sender, msg)]
+        self.counts["stale_generation"] += 1
+        source = self.prefills.get(sender, "?")
+        reason = (
+            f"prefill {source} rank {msg.rank} wrote it into registration {show(msg.generation)} of "
+            f"decode rank {self.rank}; the engine's cache is registration {show(self.generation)} now"
+        )
+        failure = TransferResult(msg.request_id, Status.FAILED, reason, msg.rank, msg.bytes, instance=msg.instance)
+        effects: list[DecodeEffect] = [
+            Problem(ErrorCode.NOT_REGISTERED, f"request {msg.request_id}: {reason}", reply=False)
+        ]
+        if now - self.pushed.get(sender, -1e18) >= self.push_every_s:
+            self.pushed[sender] = now  # a flood of stale notices needs one answer
+            effects.append(Push(sender))  # so its next writes go to the current cache
+        return [*effects, Deliver(sender, failure)]
+
+    @staticmethod
+    def _confirm(sender: bytes, msg: Notice) -> Confirm:
+        return Confirm(sender, Received(msg.request_id, msg.rank, msg.instance))

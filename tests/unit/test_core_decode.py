@@ -1,0 +1,158 @@
+"""A decode rank's pure core (kvxferd.core.decode) and a prefill rank's notice ledger
+(kvxferd.core.ledger), driven with a fake clock: each notice reaches the engine once."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvxferd.core.decode import Confirm, DecodeCore, DecodeEffect, Deliver, Push
+from kvxferd.core.effects import Problem
+from kvxferd.core.ledger import NoticeLedger, Send
+from kvxferd.protocol import ErrorCode, KVReady, Received, Status, TransferResult
+
+P0, P1 = b"prefill:0", b"other:0"
+PREFILLS = {P0: "prefill", P1: "other"}
+
+
+def core(**kw: object) -> DecodeCore:
+    return DecodeCore(0, PREFILLS, **kw)  # type: ignore[arg-type]
+
+
+def ready(rid: str, generation: str = "g1", rank: int = 0) -> KVReady:
+    return KVReady(rid, rank, 4096, 0, generation)
+
+
+def failed(rid: str) -> TransferResult:
+    return TransferResult(rid, Status.FAILED, "rank 1 failed: no", 0)
+
+
+def hand(c: DecodeCore, effects: list[DecodeEffect], engine: list[object]) -> list[DecodeEffect]:
+    """What the shell does with a reachable engine: deliver, then report it delivered."""
+    out: list[DecodeEffect] = []
+    for eff in effects:
+        out.append(eff)
+        if isinstance(eff, Deliver):
+            engine.append(eff.notice)
+            out += c.delivered(eff.sender, eff.notice)
+    return out
+
+
+def test_a_notice_reaches_the_engine_once_and_its_repeats_are_confirmed_again() -> None:
+    c, engine = core(), []
+    c.registered("g1", 0.0)
+    out = hand(c, c.notice(P0, ready("a"), 1.0), engine)
+    assert engine == [ready("a")]
+    assert [e for e in out if isinstance(e, Confirm)] == [Confirm(P0, Received("a", 0, 0))]
+    out = hand(c, c.notice(P0, ready("a"), 2.0), engine)  # its sender had no confirmation yet
+    assert engine == [ready("a")], "a repeat is never handed on twice"
+    assert out == [Confirm(P0, Received("a", 0, 0))]
+    assert c.counts["notice_repeated"] == 1
+    # the same request from another prefill group is another notice
+    hand(c, c.notice(P1, ready("a"), 3.0), engine)
+    assert len(engine) == 2
+
+
+def test_notices_before_any_engine_are_held_and_handed_to_the_one_that_registers() -> None:
+    c, engine = core(max_held=2), []
+    assert c.notice(P0, ready("a", "old"), 0.0) == []
+    assert c.notice(P0, failed("b"), 0.0) == []
+    assert c.notice(P0, failed("b"), 0.5) == [], "a repeat of a held notice is held once"
+    assert c.notice(P0, failed("c"), 1.0) == []  # the held memory is full: "a" goes
+    assert c.counts["notices_dropped"] == 1 and len(c.held) == 2
+    out = hand(c, c.registered("g2", 2.0), engine)
+    assert [e.sender for e in out if isinstance(e, Push)] == [P0, P1], "every prefill rank hears the new cache"
+    assert [n.request_id for n in engine] == ["b", "c"] and not c.held
+    # the dropped one is not remembered: when its sender sends it again it is handed on (as stale)
+    hand(c, c.notice(P0, ready("a", "old"), 3.0), engine)
+    assert engine[-1].request_id == "a" and isinstance(engine[-1], TransferResult)
+
+
+def test_a_kvready_of_another_registration_is_a_failure_and_its_sender_is_told_once_a_second() -> None:
+    c, engine = core(), []
+    c.registered("new", 0.0)  # pushes to everyone at 0.0
+    out = hand(c, c.notice(P0, ready("a", "old"), 0.5), engine)
+    (told,) = engine
+    assert isinstance(told, TransferResult) and told.status is Status.FAILED
+    assert "wrote it into registration 'old' of decode rank 0" in told.reason and "'new' now" in told.reason
+    assert not [e for e in out if isinstance(e, Push)], "pushed at the registration half a second ago"
+    out = hand(c, c.notice(P0, ready("b", "old"), 1.0), engine)
+    assert [e for e in out if isinstance(e, Push)] == [Push(P0)]
+    out = hand(c, c.notice(P0, ready("c", "old"), 1.5), engine)
+    assert not [e for e in out if isinstance(e, Push)], "a flood of stale notices needs one answer a second"
+    assert c.counts["stale_generation"] == 3
+    hand(c, c.notice(P0, ready("d", "new"), 2.0), engine)
+    assert engine[-1] == ready("d", "new")
+
+
+def test_a_notice_naming_another_rank_is_dropped() -> None:
+    c = core()
+    c.registered("g1", 0.0)
+    (p,) = c.notice(P0, ready("a", rank=3), 1.0)
+    assert isinstance(p, Problem) and p.code is ErrorCode.WRONG_ROLE and not p.reply
+    assert c.counts["refused_peer"] == 1
+
+
+def test_an_undelivered_notice_is_not_remembered_so_its_resend_is_handed_on() -> None:
+    c, engine = core(), []
+    c.registered("g1", 0.0)
+    (deliver,) = c.notice(P0, ready("a"), 1.0)
+    assert isinstance(deliver, Deliver)
+    c.undelivered(deliver.sender, deliver.notice)  # the engine's connection was gone
+    hand(c, c.notice(P0, ready("a"), 2.0), engine)
+    assert engine == [ready("a")]
+
+
+def test_the_ledger_keeps_each_notice_until_its_daemon_confirms_it() -> None:
+    ledger = NoticeLedger(limit=3)
+    assert ledger.tell("d", ready("a"), 0.0) == [Send("d", ready("a"))]
+    ledger.tell("d", failed("b"), 1.0)
+    ledger.tell("e", ready("a"), 2.0)
+    assert ledger.unconfirmed("d") == 2 and ledger.oldest_s(10.0) == 10.0
+    assert ledger.reconnected("d") == [Send("d", ready("a")), Send("d", failed("b"))]
+    assert ledger.confirmed("d", ("a", 0)) and not ledger.confirmed("d", ("a", 0))
+    assert ledger.reconnected("d") == [Send("d", failed("b"))]
+    assert ledger.oldest_s(10.0) == 9.0
+    ledger.tell("d", ready("c"), 3.0)
+    effects = ledger.tell("d", ready("x"), 4.0)  # a fourth: the oldest is given up, loudly
+    (problem,) = [e for e in effects if isinstance(e, Problem)]
+    assert "no longer keeping" in problem.detail and ledger.given_up == 1 and len(ledger) == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["send", "resend", "register", "lose"]), st.integers(0, 5)), max_size=50))
+def test_through_any_restarts_and_resends_each_notice_reaches_the_engine_at_most_once(steps: list) -> None:
+    """A prefill rank's ledger and a decode core: notices sent, sent again on reconnects, a decode
+    core that starts with no engine, deliveries that fail. Every notice the ledger no longer keeps
+    (confirmed) reached the engine exactly once; none reached it twice."""
+    ledger, c, engine = NoticeLedger(limit=64), core(), []
+    registered, sent = False, set()
+    for action, n in steps:
+        rid = f"r{n}"
+        if action == "send":
+            effects = ledger.tell("d", ready(rid, "g"), 0.0)
+            sent.add(rid)
+        elif action == "resend":
+            effects = ledger.reconnected("d")
+        elif action == "register" and not registered:
+            registered = True
+            effects = []
+            for eff in hand(c, c.registered("g", 0.0), engine):
+                if isinstance(eff, Confirm):
+                    ledger.confirmed("d", eff.message.key)
+        else:
+            continue
+        for send in effects:
+            if not isinstance(send, Send):
+                continue
+            out = c.notice(P0, send.notice, 0.0)
+            if action == "resend" and n % 2 and out and isinstance(out[0], Deliver):
+                c.undelivered(out[0].sender, out[0].notice)  # the engine was not reachable this time
+                continue
+            for eff in hand(c, out, engine):
+                if isinstance(eff, Confirm):
+                    ledger.confirmed("d", eff.message.key)
+    ids = [m.request_id for m in engine]
+    assert len(ids) == len(set(ids)), f"handed on twice: {ids}"
+    still_kept = {send.notice.request_id for send in ledger.reconnected("d")}
+    assert sent - still_kept <= set(ids), "a notice its daemon confirmed reached the engine"
