@@ -255,6 +255,14 @@ class Config:
                 raise ConfigError(
                     f"{self.kv.kv_heads} KV heads do not split over {group.world_size} ranks", key=f"groups[{i}]"
                 ) from None
+        # a rank gives up waiting for a verdict after verdict_s; the service decides within its round
+        # timeout: a rank must never give up first, or it may end a request the others end otherwise
+        _need(
+            self.timeouts.verdict_s > self.barrier.timeout_s,
+            "timeouts.verdict_s",
+            f"must exceed barrier.timeout_s ({self.timeouts.verdict_s:g}s <= {self.barrier.timeout_s:g}s): "
+            "a rank would give up on a verdict before the barrier service decides",
+        )
 
     # -- lookups ------------------------------------------------------------
 

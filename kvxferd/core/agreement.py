@@ -122,13 +122,25 @@ class Words:
 
     # -- verdicts ----------------------------------------------------------------------
 
-    @staticmethod
-    def outcome(req: Request, verdict: Verdict) -> Ending:
-        """Every rank reports the status and reason the verdict carries."""
+    def outcome(self, req: Request, verdict: Verdict) -> Ending:
+        """Every rank reports the status and reason the verdict carries. A Release to a rank that
+        did not arrive means the instance was released before this process took it (the service
+        answered its admission with the remembered verdict): it wrote nothing and cannot vouch."""
         if isinstance(verdict, Release) and req.agreement is not Agreement.ARRIVED:
+            if req.agreement is Agreement.UNADMITTED:
+                return self._restarted()
             state = f"{req.data.value}, {req.agreement.value}"
             return Ending(Status.FAILED, f"released by the barrier while this rank was {state} (barrier bug?)")
         return Ending(verdict.status, verdict.reason)
+
+    def _restarted(self) -> Ending:
+        """The ending a process reports for an instance released before it held it: its predecessor
+        wrote it, and only the writer could vouch for the registration the bytes went into."""
+        return Ending(
+            Status.FAILED,
+            f"prefill rank {self.sp.rank} restarted after the request was released; "
+            "its notice was lost with the process that wrote it",
+        )
 
     def learn(self, key: Key, verdict: Verdict, now: float) -> list[RankEffect]:
         """A final verdict for an instance this rank does not hold."""
@@ -137,17 +149,8 @@ class Words:
             ended.word = None  # the service has the word: nothing to say again after a restart
             return []  # it ended here already: a repeated or late verdict
         self.aborts.pop(key)
-        if isinstance(verdict, Release):
-            # every rank arrived, this one included: it is a new process of this rank, started after
-            # its predecessor wrote the request and before it could say so. The bytes may be in
-            # place, but only the writer could vouch for the registration they went into.
-            ending = Ending(
-                Status.FAILED,
-                f"prefill rank {self.sp.rank} restarted after the request was released; "
-                "its notice was lost with the process that wrote it",
-            )
-        else:
-            ending = Ending(verdict.status, clip(verdict.reason))
+        # a Release: every rank arrived, this one included: it is a new process of this rank
+        ending = self._restarted() if isinstance(verdict, Release) else Ending(verdict.status, clip(verdict.reason))
         told_peer = bool(verdict.peer)
         self.ended.put(key, Ended(ending, False, told_peer), now)
         if not told_peer:

@@ -139,8 +139,10 @@ WAITS: dict[tuple[Data, Agreement], Wait] = {
 #: the pair in which a request ends (reported, removed from every table)
 END = (D.QUIET, G.DECIDED)
 
-#: events that start the current timer again although the pair keeps it
-RESTARTS: tuple[DataEvent | AgreementEvent, ...] = (DE.PROGRESS,)
+#: events that start the current timer again although the pair keeps it: progress, and a word said
+#: again to a restarted barrier service, whose new round has a fresh timeout of its own (a rank that
+#: kept counting from its first word could give up before the service decides, and then differ)
+RESTARTS: tuple[DataEvent | AgreementEvent, ...] = (DE.PROGRESS, GE.REANNOUNCE)
 
 
 def waits(req: Request) -> Wait | None:

@@ -1,42 +1,61 @@
-"""A deterministic simulation of one prefill group: N pure rank cores and a barrier state.
+"""A deterministic simulation of one prefill group and its decode ranks: pure cores, a clock, faults.
 
-A *scenario* is what the engine does: the model worker's stream of layer
+A *scenario* is what the engines do: the model worker's stream of layer
 signals and the scheduler's stream of cache_infos and aborts. Every rank gets
 the worker stream as it is and its own copy of the scheduler stream, which is
 where a scenario makes ranks disagree: a cache_info with one field changed on
 one rank (a scheduler bug), one a rank must refuse, an abort that overtakes its
 cache_info on some ranks, late repeats of messages of instances that ended.
-Request ids are reused with new instances. The simulation interleaves the
-streams differently on each rank (driven by a ``random.Random``), completes
-each rank's writes in any order, and delivers barrier verdicts whenever it
-likes. It may also restart the barrier service (``restarts`` times): the new
-one knows nothing, each word on its way to the old one is lost or not, and
-each rank announces its open words again at a moment of its own.
+Request ids are reused with new instances.
+
+The simulation is a discrete-event one (:class:`GroupSim`): every message is
+an event at a time, every core's deadline is an event at its time, and they
+run in time order, so a timer fires *between* deliveries whenever it falls
+due. Each rank's worker and scheduler streams come at their own pace (a rank
+may be slow: :class:`Timing`), control messages take a random latency (in
+order per connection), writes complete in any order. :class:`Faults` are
+events too: the barrier service restarts (the new one knows nothing; each word
+on its way to the old one is lost or not; ranks hear of it from the Ack of
+their next heartbeat and announce their open words again), a rank dies
+(its process and whatever it held are gone; it starts again later and joins
+the running group), a rank is drained (SIGTERM: it refuses new work, then
+forces what is left after ``shutdown_s``), a rank stops (SIGSTOP) and, when it
+runs again, reads what waited before it runs its timers, as the daemon does.
 
 It also models memory: a source block of a layer is *written* once the layer
 signal of the step that computed the block's last token has reached the rank,
 and every write is checked against that, against the request's block map, and
-against the admissions the rank has received.
+against the admissions the rank has received. Decode ranks run the pure decode
+core, so what each decode engine is told is checked too.
 """
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 from kvxferd.core import BarrierState, Problem, RankCore, RankSettings, ToBarrier, ToEngine, ToPeer, ToRank, Write
 from kvxferd.core.blocks import blocks_needed
+from kvxferd.core.decode import DecodeCore, Deliver
 from kvxferd.protocol import (
+    STARTUP_KEY,
     Abort,
     Ack,
     Admitted,
     Arrive,
     CacheInfo,
+    Digest,
+    Diverged,
+    ErrorCode,
+    Expired,
     Hello,
+    Key,
     KVReady,
     LayerSignal,
     Message,
+    Release,
     SlotChunk,
     Status,
     TransferResult,
@@ -44,7 +63,8 @@ from kvxferd.protocol import (
 
 GROUP = "prefill"
 BLOCK_BYTES = 64
-Key = tuple[str, int]
+FINGERPRINT = "sim-config"
+GENERATION = "g1"  # every decode rank's one registration
 
 #: cache_info fields a scenario may change on one rank (ranks then disagree at admission)
 DIVERGENT_FIELDS = ("num_tokens", "src_blocks", "dst_blocks", "slot", "step", "peer", "transport")
@@ -247,68 +267,114 @@ def _per_rank(stream: list[Message], msg: CacheInfo) -> CacheInfo:
     return next(m for m in stream if isinstance(m, CacheInfo) and m.key == msg.key)
 
 
-@dataclass
-class RankSim:
+@dataclass(frozen=True)
+class Timing:
+    """How fast things happen, in seconds of the simulation's clock (each a random share of it)."""
+
+    latency_s: float = 0.002  # a control message, at most; in order per connection
+    signal_gap_s: float = 0.004  # between two of a worker's layer signals, at most
+    sched_gap_s: float = 0.008  # between two of a scheduler's messages, at most
+    write_s: float = 0.003  # a write, at most
+    slow: tuple[float, ...] = ()  # per rank: its worker runs this many times slower (missing: 1)
+    heartbeat_s: float = 0.05
+
+    def pace(self, rank: int) -> float:
+        return self.slow[rank] if rank < len(self.slow) else 1.0
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Process faults, each an event at a time of the simulation's clock."""
+
+    restarts: tuple[float, ...] = ()  # the barrier service restarts
+    deaths: tuple[tuple[int, float, float], ...] = ()  # (rank, SIGKILL at, starts again after)
+    drains: tuple[tuple[int, float, float], ...] = ()  # (rank, SIGTERM at, starts again after it exits)
+    stalls: tuple[tuple[int, float, float], ...] = ()  # (rank, SIGSTOP at, SIGCONT after)
+
+    @property
+    def harmless(self) -> bool:
+        """Only faults nothing may fail for (a restarted barrier service loses nothing recoverable)."""
+        return not (self.deaths or self.drains or self.stalls)
+
+
+@dataclass(eq=False)
+class Process:
+    """One run of a rank's daemon: a rank killed or drained starts again as a new process."""
+
+    rank: int
+    n: int
     core: RankCore
-    worker: list[LayerSignal]
-    scheduler: list[Message]
+    state: str = "starting"  # starting -> serving [-> draining] -> gone
+    epoch: str | None = None  # the barrier service run its last Ack named
     writes: dict[int, Write] = field(default_factory=dict)
-    verdicts: list[Message] = field(default_factory=list)
-    to_barrier: list[Message] = field(default_factory=list)
     ready_layers: set[tuple[int, int]] = field(default_factory=set)  # (step, layer) delivered
-    admitted: set[Key] = field(default_factory=set)  # instances this rank received Admitted for
+    admitted: set[Key] = field(default_factory=set)  # instances this process received Admitted for
     results: dict[Key, list[TransferResult]] = field(default_factory=lambda: defaultdict(list))
-    arrivals: dict[Key, object] = field(default_factory=dict)
+    arrivals: dict[Key, Digest] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
-    reannounce: bool = False  # the barrier restarted; this rank has not announced its words again yet
+    forced: set[Key] = field(default_factory=set)  # instances a forced stop ended (it could not wait)
+    stalled_until: float = 0.0
+    stop_at: float | None = None  # draining: when what is left is forced
+    back_after: float = 0.0  # draining: how long after it exits the next process starts
+
+    @property
+    def alive(self) -> bool:
+        return self.state != "gone"
+
+
+def identity(rank: int) -> bytes:
+    """How prefill rank ``rank`` connects to its decode rank (the decode core keys repeats by it)."""
+    return f"{GROUP}:{rank}".encode()
 
 
 class GroupSim:
+    """Every rank's processes, the barrier service and the decode ranks, on one clock."""
+
     def __init__(
         self,
         scenario: Scenario,
         world_size: int,
         rng: random.Random,
         *,
+        timing: Timing | None = None,
+        faults: Faults | None = None,
         quiesce: bool = True,
-        restarts: int = 0,
         **settings: float,
     ) -> None:
         assert len(scenario.schedulers) == world_size
-        self.sc = scenario
-        self.rng = rng
-        self.quiesce = quiesce
-        self.now = 0.0
+        self.sc, self.rng, self.world = scenario, rng, world_size
+        self.timing = timing or Timing()
+        self.faults = faults or Faults()
+        self.quiesce = quiesce  # a verdict never comes while any rank still writes (no deadline cut it short)
         self.barrier_timeout_s = float(settings.pop("barrier_timeout_s", 30.0))
-        self.barrier = BarrierState(timeout_s=self.barrier_timeout_s)
-        self.restarts = restarts  # barrier restarts still to come
+        self.shutdown_s = float(settings.pop("shutdown_s", 5.0))
+        self.settings = settings
+        self.now = 0.0
+        self._queue: list[tuple[float, int, str, tuple[object, ...]]] = []
+        self._seq = 0
+        self._busy = 0  # queued events other than heartbeats
+        self._last: dict[tuple[str, int], float] = {}  # connection -> its last delivery (kept in order)
+        self._waiting: list[list[Message]] = [[] for _ in range(world_size)]  # scheduler messages for a restart
+        self._asleep: list[tuple[int, int]] = []  # heartbeats skipped while nothing happens
+        self._due: dict[int, float] = {}  # id of a process or the barrier -> its next deadline
+        self._dirty: set[object] = set()  # those that acted since: their deadline is recomputed
         self.epochs = 0
-        self.ranks = [
-            RankSim(
-                RankCore(
-                    RankSettings(
-                        GROUP,
-                        r,
-                        world_size,
-                        scenario.num_layers,
-                        scenario.num_blocks,
-                        scenario.block_tokens,
-                        BLOCK_BYTES,
-                        **settings,
-                    )
-                ),  # type: ignore[arg-type]
-                list(scenario.worker),
-                list(scenario.schedulers[r]),
-            )
-            for r in range(world_size)
-        ]
-        for r in range(world_size):
-            self.barrier.hello(Hello(GROUP, r, world_size, "prefill"), 0.0)
-        # decode memory: (rank, layer, dst block) -> src block written there (confirmed writes only)
-        self.decode: dict[tuple[int, int, int], int] = {}
+        self.barrier = self._new_barrier()
+        self.procs = [self._process(r, 0, "serving") for r in range(world_size)]
+        self.history = list(self.procs)  # every process that ever ran, in order of start
+        for p in self.procs:
+            self._route(self.barrier.hello(self._hello(p), 0.0), None)
+        self.decoders = [DecodeCore(d, {identity(d): GROUP}) for d in range(world_size)]
+        for d in self.decoders:
+            d.registered(GENERATION, 0.0)
+        #: per decode rank, what its engine was told, by instance
+        self.told: list[dict[Key, list[KVReady | TransferResult]]] = [defaultdict(list) for _ in range(world_size)]
+        self.decode: dict[tuple[int, int, int], int] = {}  # (rank, layer, dst block) -> src block written there
         self.notices: dict[Key, list[tuple[int, KVReady | TransferResult]]] = defaultdict(list)
+        self.sources: dict[int, Process] = {}  # id of a notice -> the process that sent it
         self.written: set[Key] = set()  # instances any rank posted a write for
         self.barrier_problems: list[Problem] = []
+        self.overdue: list[tuple[int, int, float]] = []  # (rank, process, when) a request's deadline passed
         self.block_step: dict[tuple[Key, int], int] = {}  # (request, block index) -> step completing it
         for plan in scenario.plans.values():
             for step, offset, count in plan.chunks:
@@ -322,154 +388,367 @@ class GroupSim:
                 for b in range(first, last):
                     self.block_step.setdefault((plan.key, b), step)
         self.src_owner = {s: (p.key, i) for p in scenario.plans.values() for i, s in enumerate(p.src)}
+        t = self.timing
+        for r in range(world_size):
+            if scenario.worker:
+                self._at(rng.uniform(0, t.signal_gap_s) * t.pace(r), "worker", r, 0)
+            if scenario.schedulers[r]:
+                self._at(rng.uniform(0, t.sched_gap_s), "scheduler", r, 0)
+            self._at(rng.uniform(0, t.heartbeat_s), "heartbeat", r, 0)
+        f = self.faults
+        for when in f.restarts:
+            self._at(when, "restart")
+        for rank, when, back in f.deaths:
+            self._at(when, "die", rank, back)
+        for rank, when, back in f.drains:
+            self._at(when, "term", rank, back)
+        for rank, when, length in f.stalls:
+            self._at(when, "stall", rank, length)
 
-    # -- driving ----------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"GroupSim(world={self.world}, {self.timing}, {self.faults}, {len(self.sc.plans)} requests)"
 
-    def choices(self, r: int) -> list[str]:
-        sim = self.ranks[r]
-        out = []
-        if sim.worker:
-            out.append("worker")
-        if sim.scheduler:
-            out.append("scheduler")
-        if sim.writes:
-            out.append("write")
-        if sim.verdicts:
-            out.append("verdict")
-        if sim.to_barrier:
-            out.append("barrier")
-        if sim.reannounce:
-            out.append("reannounce")
-        return out
+    # -- the clock ---------------------------------------------------------------
 
-    def step(self) -> bool:
-        live = [(r, c) for r in range(len(self.ranks)) for c in self.choices(r)]
-        if not live:
-            return False
-        if self.restarts and self.rng.random() < 0.02:
-            self.restart_barrier()
-            return True
-        r, what = self.rng.choice(live)
-        self.deliver(r, what)
-        return True
-
-    def restart_barrier(self) -> None:
-        """The barrier service dies and a new one starts: what it held is gone."""
-        self.restarts -= 1
-        self.epochs += 1
-        self.barrier = BarrierState(timeout_s=self.barrier_timeout_s, epoch=str(self.epochs))
-        world = len(self.ranks)
-        for r, sim in enumerate(self.ranks):
-            sim.to_barrier = [m for m in sim.to_barrier if self.rng.random() < 0.5]  # read by the dead one, or not
-            # the heartbeat reaches the new service; its Ack (a new epoch) comes after what the old one sent
-            for eff in self.barrier.hello(Hello(GROUP, r, world, "prefill"), self.now):
-                self.route_barrier(eff)
-
-    def run(self, limit: int = 200_000) -> None:
+    def run(self, limit: int = 2_000_000) -> None:
         for _ in range(limit):
             if not self.step():
                 return
         raise AssertionError("simulation did not settle")
 
-    def deliver(self, r: int, what: str) -> None:
-        sim = self.ranks[r]
-        self.now += 1e-4
-        if what == "worker":
-            msg = sim.worker.pop(0)
-            sim.ready_layers.add((msg.step, msg.layer))
-            self.apply(r, sim.core.handle(msg, self.now))
-        elif what == "scheduler":
-            self.apply(r, sim.core.handle(sim.scheduler.pop(0), self.now))
-        elif what == "write":
-            wid = self.rng.choice(list(sim.writes))
-            self.complete_write(r, wid)
-        elif what == "verdict":
-            verdict = sim.verdicts.pop(0)
-            if isinstance(verdict, Ack):  # the link sees a new epoch: the rank announces its words again
-                sim.reannounce = True  # (only the new service's Acks are routed here)
-                return
-            if isinstance(verdict, Admitted):
-                sim.admitted.add((verdict.key, verdict.instance))
-            self.apply(r, sim.core.handle(verdict, self.now))
-        elif what == "reannounce":
-            sim.reannounce = False
-            for eff in sim.core.reannounce(self.now):
-                assert isinstance(eff, ToBarrier), eff
-                sim.to_barrier.append(eff.message)
-        else:
-            for eff in self.barrier.handle(sim.to_barrier.pop(0), self.now):
-                self.route_barrier(eff)
+    def step(self) -> bool:
+        """Run the next event or timer, whichever is due first; False once nothing is left."""
+        when_timer, owner = self._next_timer()
+        if when_timer == float("inf") and self._busy == 0:
+            return False
+        when_event = self._queue[0][0] if self._queue else float("inf")
+        if when_timer <= when_event:
+            self.now = max(self.now, when_timer)
+            self._fire(owner)
+            return True
+        when, seq, kind, args = heapq.heappop(self._queue)
+        if kind != "heartbeat":
+            self._busy -= 1
+        self.now = max(self.now, when)
+        getattr(self, f"_on_{kind}")(seq, *args)
+        return True
 
-    def complete_write(self, r: int, wid: int, error: str | None = None) -> None:
-        sim = self.ranks[r]
-        write = sim.writes.pop(wid)
-        if error is None:
-            for run in write.runs:
-                for i in range(run.length):
-                    where = (r, write.layer, run.dst + i)
-                    assert where not in self.decode, f"rank {r} wrote layer {write.layer} block {run.dst + i} twice"
-                    self.decode[where] = run.src + i
-        self.apply(r, sim.core.write_done(wid, self.now, error))
+    def _at(self, when: float, kind: str, *args: object, seq: int | None = None) -> None:
+        if seq is None:
+            seq = self._seq = self._seq + 1
+        if kind != "heartbeat":
+            self._busy += 1
+            if self._asleep:  # something happens again: the heartbeats resume, as if they never paused
+                asleep, self._asleep = self._asleep, []
+                for r, n in asleep:
+                    if self.procs[r].n == n and self.procs[r].alive:
+                        self._route(self.barrier.hello(self._hello(self.procs[r]), self.now), r)
+                    self._at(self.now + self.rng.uniform(0, self.timing.heartbeat_s), "heartbeat", r, n)
+        heapq.heappush(self._queue, (when, seq, kind, args))
 
-    def route_barrier(self, eff: object) -> None:
-        if isinstance(eff, Problem):  # the service refused a word (the rank would log its Error)
-            self.barrier_problems.append(eff)
+    def _send(self, connection: tuple[str, int], kind: str, *args: object) -> None:
+        """A message over a connection: a random latency, delivered in the order sent."""
+        when = max(self._last.get(connection, 0.0), self.now + self.rng.uniform(0, self.timing.latency_s))
+        self._last[connection] = when
+        self._at(when, kind, *args)
+
+    def _deferred(self, p: Process, seq: int, kind: str, *args: object) -> bool:
+        """An event for a stopped process waits until it runs again, in the order it came."""
+        if p.stalled_until <= self.now:
+            return False
+        self._at(p.stalled_until, kind, *args, seq=seq)
+        return True
+
+    def _next_timer(self) -> tuple[float, object]:
+        """The earliest deadline of any process or the barrier (each recomputed only after it acted)."""
+        for owner in self._dirty:
+            self._due[id(owner)] = self._deadline_of(owner)
+        self._dirty.clear()
+        best: tuple[float, object] = (float("inf"), None)
+        for owner in (*self.procs, self.barrier):
+            due = self._due.get(id(owner), float("inf"))
+            if due < best[0]:
+                best = (due, owner)
+        return best
+
+    def _deadline_of(self, owner: object) -> float:
+        if owner is self.barrier:
+            due = self.barrier.next_deadline()
+            return float("inf") if due is None else due
+        assert isinstance(owner, Process)
+        if not owner.alive:
+            return float("inf")
+        due = owner.core.next_deadline()
+        if owner.stop_at is not None:
+            due = owner.stop_at if due is None else min(due, owner.stop_at)
+        if due is None:
+            return float("inf")
+        return max(due, owner.stalled_until + 1e-9)  # back from a stop: what waited is read first
+
+    def _fire(self, owner: object) -> None:
+        if owner is self.barrier:
+            self._route(self.barrier.on_timer(self.now), None)
             return
-        assert isinstance(eff, ToRank), eff
-        self.ranks[eff.rank].verdicts.append(eff.message)
+        assert isinstance(owner, Process)
+        if owner.stop_at is not None and self.now >= owner.stop_at:
+            self._force(owner)
+            return
+        due = owner.core.life.next_deadline()
+        if due is not None and due <= self.now:
+            self.overdue.append((owner.rank, owner.n, self.now))
+        self.apply(owner, owner.core.on_timer(self.now))
 
-    def apply(self, r: int, effects: list) -> None:
-        sim = self.ranks[r]
+    # -- events ------------------------------------------------------------------
+
+    def _on_worker(self, seq: int, r: int, i: int) -> None:
+        t = self.timing
+        if i + 1 < len(self.sc.worker):
+            self._at(self.now + self.rng.uniform(0, t.signal_gap_s) * t.pace(r), "worker", r, i + 1)
+        p = self.procs[r]
+        if p.state in ("serving", "draining") and not self._deferred(p, seq, "signal", r, p.n, self.sc.worker[i]):
+            self._signal(p, self.sc.worker[i])
+        # a signal for a process that is starting or gone is lost (its worker registers again)
+
+    def _on_signal(self, seq: int, r: int, n: int, msg: LayerSignal) -> None:
+        p = self.procs[r]
+        if p.n == n and p.alive and not self._deferred(p, seq, "signal", r, n, msg):
+            self._signal(p, msg)
+
+    def _signal(self, p: Process, msg: LayerSignal) -> None:
+        p.ready_layers.add((msg.step, msg.layer))
+        self.apply(p, p.core.handle(msg, self.now))
+
+    def _on_scheduler(self, seq: int, r: int, i: int) -> None:
+        if i + 1 < len(self.sc.schedulers[r]):
+            self._at(self.now + self.rng.uniform(0, self.timing.sched_gap_s), "scheduler", r, i + 1)
+        self._waiting[r].append(self.sc.schedulers[r][i])  # queued in the scheduler's socket until served
+        self._serve_scheduler(r)
+
+    def _serve_scheduler(self, r: int) -> None:
+        p = self.procs[r]
+        while self._waiting[r] and p.state in ("serving", "draining") and p.stalled_until <= self.now:
+            msg = self._waiting[r].pop(0)
+            if isinstance(msg, CacheInfo) and p.state == "draining":
+                refusal = (ErrorCode.UNAVAILABLE, "the prefill daemon is shutting down")
+                self.apply(p, p.core.on_cache_info(msg, self.now, refusal))
+            else:
+                self.apply(p, p.core.handle(msg, self.now))
+        if p.stalled_until > self.now and self._waiting[r]:
+            self._at(p.stalled_until, "serve", r)
+
+    def _on_serve(self, seq: int, r: int) -> None:
+        self._serve_scheduler(r)
+
+    def _on_to_barrier(self, seq: int, r: int, msg: Message, epoch: int) -> None:
+        if epoch != self.epochs and self.rng.random() < 0.5:
+            return  # on its way to a service that died: lost with it
+        self._route(self.barrier.handle(msg, self.now), r)
+
+    def _on_to_rank(self, seq: int, r: int, n: int, msg: Message) -> None:
+        p = self.procs[r]
+        if p.n != n or not p.alive or self._deferred(p, seq, "to_rank", r, n, msg):
+            return
+        if isinstance(msg, Ack):
+            epoch = msg.ref.partition(" ")[2]
+            restarted = p.epoch is not None and epoch != p.epoch
+            p.epoch = epoch
+            if restarted and p.state != "starting":  # the link sees a new run: say every open word again
+                for eff in p.core.reannounce(self.now):
+                    assert isinstance(eff, ToBarrier), eff
+                    self._send(("b", r), "to_barrier", r, eff.message, self.epochs)
+            return
+        if getattr(msg, "key", None) == STARTUP_KEY:
+            if p.state == "starting":
+                self._started(p, msg)
+            return
+        if p.state == "starting":
+            return  # a daemon waiting at the start-up barrier ignores the rest
+        if isinstance(msg, Problem):  # the service did not know the group: say Hello, hear the new run
+            self._send(("b", r), "to_barrier", r, self._hello(p), self.epochs)
+            return
+        if isinstance(msg, Admitted):
+            p.admitted.add((msg.key, msg.instance))
+        self.apply(p, p.core.handle(msg, self.now))
+
+    def _on_done(self, seq: int, r: int, n: int, wid: int) -> None:
+        p = self.procs[r]
+        if p.n == n and p.alive and wid in p.writes and not self._deferred(p, seq, "done", r, n, wid):
+            self.complete_write(p, wid)
+
+    def _on_to_decode(self, seq: int, d: int, sender: bytes, msg: KVReady | TransferResult) -> None:
+        decoder = self.decoders[d]
+        for eff in decoder.notice(sender, msg, self.now):
+            if isinstance(eff, Deliver):
+                self.told[d][eff.notice.key].append(eff.notice)
+                decoder.delivered(eff.sender, eff.notice)
+
+    def _on_heartbeat(self, seq: int, r: int, n: int) -> None:
+        p = self.procs[r]
+        if p.n != n or not p.alive:
+            return
+        if p.stalled_until > self.now:
+            self._at(p.stalled_until, "heartbeat", r, n)  # back from a stop: the heartbeat goes first
+            return
+        if self._busy == 0 and not self.barrier.sizes()["open"] and p.state == "serving":
+            self._asleep.append((r, n))  # nothing happens that a heartbeat could matter to: skip time
+            return
+        if p.state != "starting":
+            self._send(("b", r), "to_barrier", r, self._hello(p), self.epochs)
+        self._at(self.now + self.timing.heartbeat_s, "heartbeat", r, n)
+
+    def _on_restart(self, seq: int) -> None:
+        """The barrier service dies and a new one starts: what it held is gone."""
+        self.epochs += 1
+        self.barrier = self._new_barrier()
+
+    def _on_die(self, seq: int, r: int, back: float) -> None:
+        p = self.procs[r]
+        if p.alive:
+            self._gone(p, back)
+
+    def _on_term(self, seq: int, r: int, back: float) -> None:
+        p = self.procs[r]
+        if p.state == "serving":
+            p.state, p.stop_at, p.back_after = "draining", self.now + self.shutdown_s, back
+            self._dirty.add(p)
+            self._exit_if_idle(p)
+
+    def _on_stall(self, seq: int, r: int, length: float) -> None:
+        p = self.procs[r]
+        if p.alive:
+            p.stalled_until = max(p.stalled_until, self.now + length)
+            self._dirty.add(p)
+
+    def _on_revive(self, seq: int, r: int) -> None:
+        """A new process of rank ``r``: it says Hello as starting and arrives at the start-up key;
+        the running group lets it join (and sends it every verdict the service remembers)."""
+        old = self.procs[r]
+        p = self.procs[r] = self._process(r, old.n + 1, "starting")
+        self.history.append(p)
+        self._send(("b", r), "to_barrier", r, self._hello(p), self.epochs)
+        arrive = Arrive(GROUP, STARTUP_KEY, 0, r, Digest(0, 0, 0, FINGERPRINT), 60.0)
+        self._send(("b", r), "to_barrier", r, arrive, self.epochs)
+        self._at(self.now + self.timing.heartbeat_s, "heartbeat", r, p.n)
+
+    # -- processes ---------------------------------------------------------------
+
+    def _new_barrier(self) -> BarrierState:
+        alive_s = 3 * self.timing.heartbeat_s
+        barrier = BarrierState(timeout_s=self.barrier_timeout_s, epoch=str(self.epochs), alive_s=alive_s)
+        self._dirty.add(barrier)
+        return barrier
+
+    def _process(self, r: int, n: int, state: str) -> Process:
+        sc = self.sc
+        settings = RankSettings(
+            GROUP, r, self.world, sc.num_layers, sc.num_blocks, sc.block_tokens, BLOCK_BYTES, **self.settings
+        )  # type: ignore[arg-type]
+        p = Process(r, n, RankCore(settings), state)
+        self._dirty.add(p)
+        return p
+
+    def _hello(self, p: Process) -> Hello:
+        return Hello(GROUP, p.rank, self.world, "prefill", FINGERPRINT if p.state != "starting" else "")
+
+    def _started(self, p: Process, verdict: Message) -> None:
+        if isinstance(verdict, Release):
+            p.state = "serving"
+            self._serve_scheduler(p.rank)
+        else:  # the start-up barrier failed (a cold start nobody else joined): it exits; it is started again
+            assert isinstance(verdict, (Expired, Diverged))
+            self._gone(p, 0.1)
+
+    def _gone(self, p: Process, back: float) -> None:
+        """The process ends (killed, or exited): what it held goes with it; a new one starts later."""
+        p.state, p.stop_at = "gone", None
+        p.writes.clear()  # its transports are gone: nothing more of it lands
+        self._dirty.add(p)
+        self._at(self.now + back, "revive", p.rank)
+
+    def _force(self, p: Process) -> None:
+        """The drain deadline passed: stop the transports, end what is left, exit."""
+        p.writes.clear()
+        effects = p.core.close("the prefill daemon is shutting down (drain deadline passed)", self.now)
+        p.forced |= {e.result.key for e in effects if isinstance(e, ToEngine)}
+        self.apply(p, effects)
+        self._gone(p, p.back_after)
+
+    def _exit_if_idle(self, p: Process) -> None:
+        if p.state == "draining" and p.core.sizes()["requests"] == 0:
+            self._gone(p, p.back_after)
+
+    # -- effects -----------------------------------------------------------------
+
+    def _route(self, effects: list, sender: int | None) -> None:
+        self._dirty.add(self.barrier)
+        for eff in effects:
+            if isinstance(eff, Problem):  # the service refused a word: its sender hears an Error
+                if eff.code is ErrorCode.NOT_REGISTERED and sender is not None:
+                    self._send(("r", sender), "to_rank", sender, self.procs[sender].n, eff)
+                else:
+                    self.barrier_problems.append(eff)
+                continue
+            assert isinstance(eff, ToRank), eff
+            target = self.procs[eff.rank]
+            if target.alive:  # an identity nobody holds now: the ROUTER drops it
+                self._send(("r", eff.rank), "to_rank", eff.rank, target.n, eff.message)
+
+    def apply(self, p: Process, effects: list) -> None:
+        r = p.rank
+        self._dirty.add(p)
         for eff in effects:
             if isinstance(eff, Write):
-                self.check_write(r, eff)
-                sim.writes[eff.write_id] = eff
+                self.check_write(p, eff)
+                p.writes[eff.write_id] = eff
                 self.written.update(eff.requests)
+                self._at(self.now + self.rng.uniform(0, self.timing.write_s), "done", r, p.n, eff.write_id)
             elif isinstance(eff, ToBarrier):
                 if isinstance(eff.message, Arrive):
                     key = (eff.message.key, eff.message.instance)
-                    assert key not in sim.arrivals, f"rank {r} arrived twice for {key}"
-                    sim.arrivals[key] = eff.message.digest
-                sim.to_barrier.append(eff.message)
+                    assert key not in p.arrivals, f"rank {r} arrived twice for {key}"
+                    p.arrivals[key] = eff.message.digest
+                self._send(("b", r), "to_barrier", r, eff.message, self.epochs)
             elif isinstance(eff, ToEngine):
                 key = eff.result.key
-                sim.results[key].append(eff.result)
-                assert len(sim.results[key]) == 1, f"rank {r} ended {key} twice: {sim.results[key]}"
-                assert sim.core.holds(key) == [], f"rank {r} still holds {key} in {sim.core.holds(key)}"
+                p.results[key].append(eff.result)
+                assert len(p.results[key]) == 1, f"rank {r} ended {key} twice: {p.results[key]}"
+                assert p.core.holds(key) == [], f"rank {r} still holds {key} in {p.core.holds(key)}"
             elif isinstance(eff, ToPeer):
                 key = eff.message.key
-                self.notices[key].append((r, eff.message))
-                busy = [q for q, other in enumerate(self.ranks) for w in other.writes.values() if key in w.requests]
-                assert not (busy and self.quiesce), f"decode told {key} ended while ranks {busy} still write into it"
+                mine = [w.write_id for w in p.writes.values() if key in w.requests]
+                assert not mine, f"rank {r} told decode {key} ended while its writes {mine} are in flight"
+                if self.quiesce:
+                    busy = [q.rank for q in self.procs for w in q.writes.values() if key in w.requests]
+                    assert not busy, f"decode told {key} ended while ranks {busy} still write into it"
                 if isinstance(eff.message, KVReady):
                     self.check_in_place(key)
+                self.notices[key].append((r, eff.message))
+                self.sources[id(eff.message)] = p
+                self._send(("d", r), "to_decode", r, identity(r), eff.message)
             elif isinstance(eff, Problem):
-                sim.problems.append(eff)
+                p.problems.append(eff)
             else:
                 raise AssertionError(f"unexpected effect {eff!r}")
+        self._exit_if_idle(p)
 
-    def settle_timers(self, limit: int = 10_000) -> None:
-        """Let the deadlines pass in the order they fall due (every rank's and the barrier's), running
-        everything that follows from each, until none is left."""
-        for _ in range(limit):
-            pending = [rank.core.next_deadline() for rank in self.ranks] + [self.barrier.next_deadline()]
-            due = [t for t in pending if t is not None]
-            if not due:
-                return
-            self.now = max(self.now, min(due)) + 1e-6
-            for r, sim in enumerate(self.ranks):
-                self.apply(r, sim.core.on_timer(self.now))
-            for eff in self.barrier.on_timer(self.now):
-                self.route_barrier(eff)
-            self.run()
-        raise AssertionError("deadlines keep coming")
+    def complete_write(self, p: Process, wid: int, error: str | None = None) -> None:
+        write = p.writes.pop(wid)
+        if error is None:
+            for run in write.runs:
+                for i in range(run.length):
+                    where = (p.rank, write.layer, run.dst + i)
+                    assert where not in self.decode, (
+                        f"rank {p.rank} wrote layer {write.layer} block {run.dst + i} twice"
+                    )
+                    self.decode[where] = run.src + i
+        self.apply(p, p.core.write_done(wid, self.now, error, "shm", GENERATION))
 
     # -- checks -----------------------------------------------------------------
 
-    def check_write(self, r: int, write: Write) -> None:
-        sim = self.ranks[r]
+    def check_write(self, p: Process, write: Write) -> None:
+        r = p.rank
         for key in write.requests:
-            assert key in sim.admitted, f"rank {r} wrote for {key} before the barrier admitted it"
+            assert key in p.admitted, f"rank {r} wrote for {key} before the barrier admitted it"
             assert not self.sc.plans[key].tainted, f"rank {r} wrote for {key}, which the ranks disagree on"
         for run in write.runs:
             for i in range(run.length):
@@ -478,18 +757,23 @@ class GroupSim:
                 assert plan.dst[b] == run.dst + i, f"{key} block {b} sent to {run.dst + i}, belongs at {plan.dst[b]}"
                 step = self.block_step.get((key, b))
                 assert step is not None, f"rank {r} sent block {b} of {key}, which no step completed"
-                assert (step, write.layer) in sim.ready_layers, (
+                assert (step, write.layer) in p.ready_layers, (
                     f"rank {r} sent layer {write.layer} of {key} block {b} before step {step} wrote it"
                 )
 
     def check_in_place(self, key: Key) -> None:
         """A KVReady may only be sent once every rank's data is in the decode cache."""
         plan = self.sc.plans[key]
-        for r in range(len(self.ranks)):
+        for r in range(self.world):
             for layer in range(self.sc.num_layers):
                 for b, dst in enumerate(plan.dst):
                     got = self.decode.get((r, layer, dst))
                     assert got == plan.src[b], f"KVReady for {key} but rank {r} layer {layer} block {dst} holds {got}"
 
-    def notice_status(self, msg: KVReady | TransferResult) -> Status:
+    def survivors(self) -> list[int]:
+        """Ranks whose first process ran to the end."""
+        return [r for r in range(self.world) if self.procs[r].n == 0 and self.procs[r].alive]
+
+    @staticmethod
+    def notice_status(msg: KVReady | TransferResult) -> Status:
         return Status.OK if isinstance(msg, KVReady) else msg.status

@@ -82,6 +82,7 @@ def test_fingerprint_ignores_logging_but_not_layout() -> None:
         ("groups: {name: a}", "groups", "expected a list"),
         ("groups: [{name: a, role: decode}]", "groups[0].world_size", "missing"),
         ("barrier: {endpoint: 'http://x'}", "barrier.endpoint", "is not an ipc"),
+        ("barrier: {timeout_s: 60}", "timeouts.verdict_s", "must exceed barrier.timeout_s (60s <= 60s)"),
         ("transport: {prefer: pigeon}", "transport.prefer", "is not one of"),
         ("version: 2", "version", "not supported"),
         ("- just\n- a list", None, "expected a mapping"),

@@ -681,18 +681,11 @@ def test_simulated_group_with_timeouts_ends_every_request(seed: int) -> None:
         verdict_timeout_s=0.01,
         barrier_timeout_s=0.005,
     )
-    for _ in range(100_000):
-        for r, rank in enumerate(sim.ranks):
-            sim.apply(r, rank.core.on_timer(sim.now))
-        for eff in sim.barrier.on_timer(sim.now):
-            sim.route_barrier(eff)
-        if not sim.step():
-            break
-    sim.settle_timers()
+    sim.run()
     for key in sc.plans:
-        results = [rank.results[key] for rank in sim.ranks]
+        results = [rank.results[key] for rank in sim.procs]
         assert all(len(rs) == 1 for rs in results), (key, results)
-    for rank in sim.ranks:
+    for rank in sim.procs:
         assert set(rank.core.sizes().values()) == {0}
 
 

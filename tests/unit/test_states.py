@@ -142,6 +142,16 @@ def test_a_timer_keeps_running_while_the_pair_keeps_it_and_progress_starts_it_ag
     assert (req.timer, life.next_deadline()) == (Timer.DRAIN, 112.0), "a verdict does not restart the drain"
 
 
+def test_a_word_said_again_to_a_restarted_service_restarts_the_wait_for_its_verdict() -> None:
+    """The new service opens the round afresh, with its own timeout: the rank waits a whole
+    verdict deadline from the word said again, not from the first one."""
+    life, req = _placed(Data.ACTIVE, Agreement.ADMITTED)
+    life.move(req, 103.0, data=DataEvent.FINISH, agreement=AgreementEvent.ARRIVE)
+    assert (req.timer, life.next_deadline()) == (Timer.VERDICT, 114.0)
+    life.move(req, 110.0, agreement=AgreementEvent.REANNOUNCE)
+    assert life.next_deadline() == 121.0
+
+
 def test_only_the_end_pair_may_end_and_ending_forgets_the_deadline() -> None:
     life, req = _entered()
     with pytest.raises(StateError, match="cannot end"):
