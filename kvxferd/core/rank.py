@@ -87,12 +87,12 @@ class RankCore:
         if refusal is not None:
             return self.refuse(info, *refusal, now, origin=origin)
         req = self._enter(info, now, origin)
-        effects: list[RankEffect] = [self.words.admit(info)]
+        admit = self.words.admit(info)
         signal = self.intake.claim(info)
         if signal is None:
-            return effects
-        effects, items = self._recover(req, signal, True, now, effects)
-        return effects + self._post(items, now)
+            return [admit]
+        stopped, items = self._recover(req, signal, True, now)
+        return [admit, *stopped, *self._post(items, now)]
 
     def on_layer(self, sig: LayerSignal, now: float) -> list[RankEffect]:
         problems, matches, items = self.intake.layer(sig, now, self._requests)
@@ -100,10 +100,11 @@ class RankCore:
         for m in matches:
             req = self._requests[m.key]
             if m.first:
-                effects, more = self._recover(req, PendingSignal(m.step, m.chunk, now), False, now, effects)
+                stopped, more = self._recover(req, PendingSignal(m.step, m.chunk, now), False, now)
             else:
                 reason, more = self.intake.attach(req, m.step, m.chunk)
-                effects += self._bad_chunk(req, reason, now)
+                stopped = self._bad_chunk(req, reason, now)
+            effects += stopped
             items += more
         self.intake.done_with_step(sig.step)
         return effects + self._post(items, now)
@@ -127,9 +128,8 @@ class RankCore:
         touched, failed = done
         effects: list[RankEffect] = []
         for req, layer in failed:
-            effects += self._stop(
-                req, Ending(FAILED, f"write of layer {layer} to {req.info.peer} failed: {error}"), now
-            )
+            why = f"write of layer {layer} to {req.info.peer} failed: {error}"
+            effects += self._stop(req, Ending(FAILED, why), now)
         for req in touched:
             if req.data is Data.ACTIVE:
                 self.life.move(req, now, data=DE.PROGRESS)
@@ -152,8 +152,9 @@ class RankCore:
             return []  # decided already (it drains): a repeated verdict
         data = {Data.WAIT_SIGNAL: DE.HALT, Data.ACTIVE: DE.DRAIN if req.inflight else DE.HALT}.get(req.data)
         self.intake.detach(req)
-        self.words.decide(req, self.words.outcome(req, verdict), now, data)
-        return self._end(req, req.outcome, now) if req.data is Data.QUIET and req.outcome else []
+        ending = self.words.outcome(req, verdict)
+        self.words.decide(req, ending, now, data)
+        return self._end(req, ending, now) if req.data is Data.QUIET else []  # else: it drains first
 
     def on_timer(self, now: float) -> list[RankEffect]:
         self.words.on_timer(now)
@@ -228,13 +229,14 @@ class RankCore:
         return self.life.enter(info, now, origin)
 
     def _recover(
-        self, req: Request, signal: PendingSignal, parked: bool, now: float, effects: list[RankEffect]
+        self, req: Request, signal: PendingSignal, parked: bool, now: float
     ) -> tuple[list[RankEffect], list[Item]]:
-        """Both halves are here: the single-request job, with every chunk that waits for it."""
+        """Both halves are here: the single-request job, with every chunk that waits for it. Returns
+        what a bad chunk made the request do, and the writes now possible."""
         self.life.move(req, now, data=DE.RECOVER)
         req.recovered = now
         reason, items = self.intake.recover(req, signal, parked)
-        return effects + self._bad_chunk(req, reason, now), items
+        return self._bad_chunk(req, reason, now), items
 
     def _bad_chunk(self, req: Request, reason: str | None, now: float) -> list[RankEffect]:
         if reason is None:

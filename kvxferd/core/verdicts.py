@@ -22,10 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from kvxferd.core.request import Ending
 from kvxferd.protocol import RankView, Status, Terms
 from kvxferd.protocol.fields import clip
-
-Ending = tuple[Status, str]
 
 
 def _ranks(ranks: Sequence[int]) -> str:
@@ -36,10 +35,10 @@ def withdrawn(views: Sequence[RankView]) -> Ending | None:
     """The ending that withdrawals impose, if any rank withdrew."""
     failed = [v for v in views if v.status is Status.FAILED]
     if failed:
-        return Status.FAILED, clip("; ".join(f"rank {v.rank} failed: {v.reason}" for v in failed))
+        return Ending(Status.FAILED, clip("; ".join(f"rank {v.rank} failed: {v.reason}" for v in failed)))
     aborted = [v for v in views if v.status is Status.ABORTED]
     if aborted:
-        return Status.ABORTED, clip(f"aborted: {aborted[0].reason}")
+        return Ending(Status.ABORTED, clip(f"aborted: {aborted[0].reason}"))
     return None
 
 
@@ -66,7 +65,7 @@ def admission(views: Sequence[RankView]) -> Ending | None:
     for name in Terms.FIELDS:
         if len({getattr(t, name) for t in terms}) > 1:
             differ.append(f"{name} ({_grouped(views, _field(name))})")
-    return Status.FAILED, clip(f"ranks disagree on the cache_info: {', '.join(differ)}; nothing was written")
+    return Ending(Status.FAILED, clip(f"ranks disagree on the cache_info: {', '.join(differ)}; nothing was written"))
 
 
 def completion(views: Sequence[RankView]) -> Ending | None:
@@ -78,7 +77,7 @@ def completion(views: Sequence[RankView]) -> Ending | None:
     if all(d == digests[0] for d in digests):
         return None
     detail = _grouped(views, lambda v: v.digest.describe() if v.digest is not None else "?")
-    return Status.FAILED, clip(f"ranks did not agree on what they wrote: {detail}")
+    return Ending(Status.FAILED, clip(f"ranks did not agree on what they wrote: {detail}"))
 
 
 def expiry(
@@ -98,5 +97,5 @@ def expiry(
         silent = f"{_ranks(missing)} of group {group} did not report within {waited_s:.3g}s ({round_name})"
     ending = withdrawn(views)
     if ending is None:
-        return Status.FAILED, clip(silent)
-    return ending[0], clip(f"{ending[1]} ({silent})")
+        return Ending(Status.FAILED, clip(silent))
+    return Ending(ending.status, clip(f"{ending.reason} ({silent})"))

@@ -356,7 +356,7 @@ class GroupSim:
         self._last: dict[tuple[str, int], float] = {}  # connection -> its last delivery (kept in order)
         self._waiting: list[list[Message]] = [[] for _ in range(world_size)]  # scheduler messages for a restart
         self._asleep: list[tuple[int, int]] = []  # heartbeats skipped while nothing happens
-        self._due: dict[int, float] = {}  # id of a process or the barrier -> its next deadline
+        self._due: dict[object, float] = {}  # each current process, and the barrier -> its next deadline
         self._dirty: set[object] = set()  # those that acted since: their deadline is recomputed
         self.epochs = 0
         self.barrier = self._new_barrier()
@@ -461,15 +461,12 @@ class GroupSim:
 
     def _next_timer(self) -> tuple[float, object]:
         """The earliest deadline of any process or the barrier (each recomputed only after it acted)."""
+        due = self._due
         for owner in self._dirty:
-            self._due[id(owner)] = self._deadline_of(owner)
+            due[owner] = self._deadline_of(owner)
         self._dirty.clear()
-        best: tuple[float, object] = (float("inf"), None)
-        for owner in (*self.procs, self.barrier):
-            due = self._due.get(id(owner), float("inf"))
-            if due < best[0]:
-                best = (due, owner)
-        return best
+        owner = min(due, key=due.__getitem__)
+        return due[owner], owner
 
     def _deadline_of(self, owner: object) -> float:
         if owner is self.barrier:
@@ -589,16 +586,25 @@ class GroupSim:
         if p.stalled_until > self.now:
             self._at(p.stalled_until, "heartbeat", r, n)  # back from a stop: the heartbeat goes first
             return
-        if self._busy == 0 and not self.barrier.sizes()["open"] and p.state == "serving":
+        if self._idle() and p.state == "serving":
             self._asleep.append((r, n))  # nothing happens that a heartbeat could matter to: skip time
             return
         if p.state != "starting":
             self._send(("b", r), "to_barrier", r, self._hello(p), self.epochs)
         self._at(self.now + self.timing.heartbeat_s, "heartbeat", r, n)
 
+    def _idle(self) -> bool:
+        """Nothing in flight, no round open, and every process knows the service's current run:
+        a heartbeat could change nothing until something else happens."""
+        if self._busy or self.barrier.sizes()["open"]:
+            return False
+        return all(p.epoch == str(self.epochs) for p in self.procs if p.alive)
+
     def _on_restart(self, seq: int) -> None:
         """The barrier service dies and a new one starts: what it held is gone."""
         self.epochs += 1
+        self._due.pop(self.barrier, None)
+        self._dirty.discard(self.barrier)
         self.barrier = self._new_barrier()
 
     def _on_die(self, seq: int, r: int, back: float) -> None:
@@ -623,6 +629,8 @@ class GroupSim:
         """A new process of rank ``r``: it says Hello as starting and arrives at the start-up key;
         the running group lets it join (and sends it every verdict the service remembers)."""
         old = self.procs[r]
+        self._due.pop(old, None)
+        self._dirty.discard(old)
         p = self.procs[r] = self._process(r, old.n + 1, "starting")
         self.history.append(p)
         self._send(("b", r), "to_barrier", r, self._hello(p), self.epochs)

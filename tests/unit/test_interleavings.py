@@ -234,6 +234,7 @@ def test_every_interleaving_ends_every_instance_once_the_same_everywhere() -> No
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_every_interleaving_ends_every_instance_once_the_same_everywhere_many_examples() -> None:
     drawn = int(os.environ.get("KVXFERD_PROPERTY_SEED") or random.SystemRandom().randrange(2**32))
     print(f"\nproperty seed {drawn} (KVXFERD_PROPERTY_SEED={drawn} replays it)")
