@@ -37,7 +37,7 @@ groups:
   - {name: prefill, role: prefill, world_size: 1, endpoint: "ipc://{run_dir}/p-{rank}.sock", memory: host}
   - {name: decode, role: decode, world_size: 1, endpoint: "ipc://{run_dir}/d-{rank}.sock", memory: host}
 kv: {num_layers: 2, kv_heads: 2, head_dim: 16, block_tokens: 4, num_blocks: 16, dtype: float32}
-timeouts: {pending_s: 20, progress_s: 20, verdict_s: 30, peer_s: 10, startup_s: 20, shutdown_s: 2}
+timeouts: {pending_s: 20, progress_s: 20, verdict_s: 40, peer_s: 10, startup_s: 20, shutdown_s: 2}
 """
 
 

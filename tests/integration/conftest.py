@@ -27,7 +27,7 @@ from kvxferd.kvcache import HostKVCache, KVShape
 
 SMALL = """
 kv: {num_layers: 4, kv_heads: 2, head_dim: 16, block_tokens: 4, num_blocks: 64, dtype: float32}
-timeouts: {pending_s: 20, progress_s: 20, verdict_s: 30, peer_s: 10, startup_s: 30, shutdown_s: 5}
+timeouts: {pending_s: 20, progress_s: 20, verdict_s: 40, peer_s: 10, startup_s: 30, shutdown_s: 5}
 """
 
 

@@ -23,7 +23,7 @@ from tests.integration.conftest import SMALL, Deployment, deploy, fill
 
 # A short barrier timeout, so an instance one rank never got expires within the test.
 ENDINGS = SMALL + "barrier: {timeout_s: 3}\n"
-WAIT_S = 15.0  # well below every timeout that could also end these requests (pending_s 20, verdict_s 30)
+WAIT_S = 15.0  # well below every timeout that could also end these requests (pending_s 20, verdict_s 40)
 
 
 @pytest.fixture
