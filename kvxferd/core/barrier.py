@@ -260,6 +260,10 @@ class BarrierState:
     def sizes(self) -> dict[str, int]:
         return {"groups": len(self._groups), "open": len(self._open), "ended": len(self._ended)}
 
+    def stopped(self) -> list[str]:
+        """The serving ranks not heard from within ``alive_s`` (``group:rank``), for operators."""
+        return sorted(f"{group}:{rank}" for group, rank in self._stopped)
+
     # ---------------------------------------------------------------- internals
 
     def _word(

@@ -75,7 +75,12 @@ class BarrierService(Service):
 
     def handle(self, identity: bytes, msg: Message, now: float) -> None:
         if isinstance(msg, StatusQuery):
-            report = {"sizes": self.barrier.sizes(), "verdicts": self.verdicts, "admissions": self.admissions}
+            report = {
+                "sizes": self.barrier.sizes(),
+                "stopped": self.barrier.stopped(),
+                "verdicts": self.verdicts,
+                "admissions": self.admissions,
+            }
             self.reply(identity, StatusReply(self.role, "", 0, self.state, json.dumps(report)))
             return
         if isinstance(msg, (Hello, Admit, Arrive, Withdraw)):

@@ -9,6 +9,7 @@ stop of every daemon and no socket file left in its run directory (``deploy`` ch
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvxferd.client import PrefillOutcome, PrefillScheduler, PrefillWorker
+from kvxferd import security
+from kvxferd.client import PrefillOutcome, PrefillScheduler, PrefillWorker, status
 from kvxferd.errors import TransportUnavailable
 from kvxferd.kvcache import HostKVCache
 from kvxferd.protocol import CacheInfo, SlotChunk, Status
@@ -129,6 +131,12 @@ def _restart(dep: Deployment, name: str, record: dict[str, Any]) -> None:
     started = time.monotonic()
     dep.cluster.restart(name)
     record["rejoin_s"] = round(time.monotonic() - started, 2)
+
+
+def _barrier_status(dep: Deployment) -> dict[str, Any]:
+    """What the barrier service reports (asked with the daemon keys)."""
+    reply = status(dep.config.barrier_endpoint(), 10.0, credentials=security.credentials(dep.config, "daemon"))
+    return dict(json.loads(reply.report))
 
 
 def _wait_state(dep: Deployment, rank: int, rid: str, state: str) -> None:
@@ -507,6 +515,9 @@ def test_a_stopped_prefill_rank_fails_its_requests_everywhere_and_serves_again_w
         out = dep.sched.wait(info.request_id, 20.0)
         assert {r.status for r in out.results.values()} == {Status.FAILED}
         assert out.results[1].reason == out.results[0].reason  # the same verdict on both ranks
+        # rank 1's first heartbeat after SIGCONT may still be on its way while rank 0 admits the next
+        # request: the barrier would take rank 1 as stopped for it; wait until it heard rank 1
+        dep.wait_until("the barrier to hear rank 1 again", lambda: not _barrier_status(dep)["stopped"])
         traffic.ok(3)
         assert dep.status(1)["tables"]["requests"] == 0
 

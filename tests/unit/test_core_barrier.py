@@ -261,6 +261,17 @@ def test_rounds_waiting_for_a_rank_whose_heartbeats_stopped_end_at_once() -> Non
     assert {type(e.message) for e in out} == {Admitted}
 
 
+def test_the_ranks_taken_as_stopped_are_named_for_operators_until_heard_again() -> None:
+    b = _serving(alive_s=3.0)
+    b.handle(Admit("g", "k", 0, 0, T), 1.0)
+    b.hello(Hello("g", 0, 2, "prefill", serving="fp-a"), 2.5)
+    assert b.stopped() == []
+    b.on_timer(3.001)
+    assert b.stopped() == ["g:1"]
+    b.hello(Hello("g", 1, 2, "prefill", serving="fp-a"), 4.0)
+    assert b.stopped() == []
+
+
 def test_after_a_stall_of_the_service_the_first_words_of_each_rank_count_as_heartbeats() -> None:
     # the service was stopped for 20 s; what the ranks sent meanwhile is read before any timer
     b = _serving(alive_s=3.0)
