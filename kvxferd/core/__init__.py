@@ -2,14 +2,35 @@
 
 Nothing in this package imports zmq, threads, torch or a clock. Every method
 takes messages and ``now`` and returns effects; ``next_deadline()`` tells the
-shell when to call ``on_timer(now)``.
+shell when to call ``on_timer(now)``. The names below load their module when
+first used, so a client that needs only :mod:`kvxferd.core.memory` does not
+load the rank's core.
 """
 
-from kvxferd.core.barrier import BarrierState
-from kvxferd.core.effects import BarrierEffect, Problem, RankEffect, Run, ToBarrier, ToEngine, ToPeer, ToRank, Write
-from kvxferd.core.rank import RankCore
-from kvxferd.core.settings import RankSettings
-from kvxferd.core.states import AGREEMENT, DATA, WAITS, Agreement, AgreementEvent, Data, DataEvent, Timer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvxferd.core.barrier import BarrierState
+    from kvxferd.core.effects import BarrierEffect, Problem, RankEffect, Run, ToBarrier, ToEngine, ToPeer, ToRank, Write
+    from kvxferd.core.rank import RankCore
+    from kvxferd.core.settings import RankSettings
+    from kvxferd.core.states import AGREEMENT, DATA, WAITS, Agreement, AgreementEvent, Data, DataEvent, Timer
+
+_WHERE = {
+    "BarrierState": "barrier",
+    "RankCore": "rank",
+    "RankSettings": "settings",
+    **dict.fromkeys(
+        ("BarrierEffect", "Problem", "RankEffect", "Run", "ToBarrier", "ToEngine", "ToPeer", "ToRank", "Write"),
+        "effects",
+    ),
+    **dict.fromkeys(
+        ("AGREEMENT", "DATA", "WAITS", "Agreement", "AgreementEvent", "Data", "DataEvent", "Timer"), "states"
+    ),
+}
 
 __all__ = [
     "AGREEMENT",
@@ -33,3 +54,10 @@ __all__ = [
     "ToRank",
     "Write",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvxferd.core' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"kvxferd.core.{module}"), name)

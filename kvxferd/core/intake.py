@@ -206,7 +206,7 @@ class Intake:
         end_block = blocks_complete(end_token, info.num_tokens, s.block_tokens)
         first = req.blocks_assigned
         runs = tuple(runs_of(info.src_blocks[first:end_block], info.dst_blocks[first:end_block]))
-        req.chunks.append(Chunk(step, chunk.token_offset, chunk.token_count, first, end_block, runs))
+        req.chunks.append(Chunk(step, chunk.token_offset, chunk.token_count, first, end_block, runs, end_block - first))
         req.next_token, req.blocks_assigned = end_token, end_block
         record = self.steps.get(step)
         assert record is not None, "a chunk is attached while its step is open"

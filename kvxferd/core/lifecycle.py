@@ -30,6 +30,14 @@ class Lifecycle:
         self.s = settings
         self.requests: dict[Key, Request] = {}
         self._deadlines: Deadlines[Key] = Deadlines()
+        #: timer -> (counted from the cache_info, rather than from the move; how long)
+        self._spans = {
+            Timer.SIGNAL: (True, settings.pending_timeout_s),
+            Timer.ADMISSION: (True, settings.verdict_timeout_s),
+            Timer.PROGRESS: (False, settings.progress_timeout_s),
+            Timer.DRAIN: (False, settings.progress_timeout_s),
+            Timer.VERDICT: (False, settings.verdict_timeout_s),
+        }
 
     def enter(self, info: CacheInfo, now: float, origin: bytes | None) -> Request:
         """A new live request, waiting for its signal and its admission."""
@@ -46,6 +54,10 @@ class Lifecycle:
     ) -> None:
         """Apply ``data`` then ``agreement`` (either may be None), then arm the pair's deadline.
         An event the state does not take raises StateError and changes nothing."""
+        if data is DataEvent.PROGRESS and agreement is None and req.timer is Timer.PROGRESS:
+            # the hot path (a write confirmed): (active, admitted) stays, its timer starts again
+            self._deadlines.set(req.key, now + self._spans[Timer.PROGRESS][1])
+            return
         new_data, new_agreement = req.data, req.agreement
         if data is not None:
             target = DATA[req.data].get(data)
@@ -107,13 +119,6 @@ class Lifecycle:
             return
         if timer is req.timer and not restart:
             return
-        s = self.s
-        when = {
-            Timer.SIGNAL: req.created + s.pending_timeout_s,
-            Timer.ADMISSION: req.created + s.verdict_timeout_s,
-            Timer.PROGRESS: now + s.progress_timeout_s,
-            Timer.DRAIN: now + s.progress_timeout_s,
-            Timer.VERDICT: now + s.verdict_timeout_s,
-        }[timer]
+        from_created, span = self._spans[timer]
         req.timer = timer
-        self._deadlines.set(req.key, when)
+        self._deadlines.set(req.key, (req.created if from_created else now) + span)

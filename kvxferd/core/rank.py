@@ -106,7 +106,8 @@ class RankCore:
                 stopped = self._bad_chunk(req, reason, now)
             effects += stopped
             items += more
-        self.intake.done_with_step(sig.step)
+        if sig.layer == 0:
+            self.intake.done_with_step(sig.step)
         return effects + self._post(items, now)
 
     def on_abort(self, msg: Abort, now: float) -> list[RankEffect]:

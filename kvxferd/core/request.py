@@ -38,6 +38,7 @@ class Chunk:
     first_block: int
     end_block: int
     runs: tuple[Run, ...]
+    blocks: int = 0  # blocks its runs cover (what one layer of it writes, per region)
     posted: set[int] = field(default_factory=set)
     confirmed: set[int] = field(default_factory=set)
 
@@ -62,10 +63,10 @@ class Request:
     bytes_done: int = 0
     stop: Ending | None = None  # this rank's own decision to stop, said once it drained
     outcome: Ending | None = None  # the group's verdict (or this rank's final word), once decided
+    key: Key = field(init=False)  # (request id, instance), kept: every table is keyed by it
 
-    @property
-    def key(self) -> Key:
-        return self.info.key
+    def __post_init__(self) -> None:
+        self.key = self.info.key
 
 
 @dataclass(slots=True)

@@ -54,14 +54,21 @@ if TYPE_CHECKING:
     from kvxferd.core.request import Request
 
 
-class Data(enum.Enum):
+class _Member(enum.Enum):
+    """Members hash by identity (each is a singleton): every move looks them up in the tables, and
+    Enum's own hash is a Python-level call."""
+
+    __hash__ = object.__hash__
+
+
+class Data(_Member):
     WAIT_SIGNAL = "wait_signal"
     ACTIVE = "active"
     DRAINING = "draining"
     QUIET = "quiet"
 
 
-class Agreement(enum.Enum):
+class Agreement(_Member):
     UNADMITTED = "unadmitted"
     ADMITTED = "admitted"
     ARRIVED = "arrived"
@@ -69,7 +76,7 @@ class Agreement(enum.Enum):
     DECIDED = "decided"
 
 
-class DataEvent(enum.Enum):
+class DataEvent(_Member):
     RECOVER = "recover"  # its layer-0 signal and its cache_info are both here: a job
     PROGRESS = "progress"  # a layer was written, a write confirmed, admission came: the job moves
     FINISH = "finish"  # every layer of every chunk is confirmed written
@@ -78,7 +85,7 @@ class DataEvent(enum.Enum):
     DRAINED = "drained"  # the last write in flight reported (or was given up)
 
 
-class AgreementEvent(enum.Enum):
+class AgreementEvent(_Member):
     ADMIT = "admit"  # Admitted: every rank holds the same cache_info
     ARRIVE = "arrive"  # this rank wrote everything: Arrive
     WITHDRAW = "withdraw"  # this rank stopped: Withdraw
@@ -105,7 +112,7 @@ AGREEMENT: dict[Agreement, dict[AgreementEvent, Agreement]] = {
 }
 
 
-class Timer(enum.Enum):
+class Timer(_Member):
     """What bounds a wait, and from when it counts."""
 
     SIGNAL = "signal"  # pending_s from the cache_info

@@ -60,7 +60,7 @@ class Writes:
                 chunk.confirmed.add(layer)
                 finished[key] = req
                 continue
-            nbytes = sum(r.length for r in chunk.runs) * unit
+            nbytes = chunk.blocks * unit
             runs, parts = groups.setdefault((req.info.peer, req.info.transport, layer), ([], []))
             runs.extend(chunk.runs)
             parts.append(Part(key, index, layer, nbytes))

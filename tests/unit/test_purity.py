@@ -57,3 +57,14 @@ def test_import_kvxferd_is_fast_and_light() -> None:
     seconds, loaded = json.loads(out)
     assert loaded == []
     assert seconds < 0.5
+
+
+def test_every_name_the_core_exports_loads_and_a_client_loads_only_what_it_uses() -> None:
+    import kvxferd.core
+
+    assert all(getattr(kvxferd.core, name) is not None for name in kvxferd.core.__all__)
+    out = _fresh(
+        "import sys, json\nimport kvxferd.client\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('kvxferd.core'))))\n"
+    )
+    assert json.loads(out) == ["kvxferd.core", "kvxferd.core.memory"]
