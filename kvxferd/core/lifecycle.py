@@ -18,7 +18,19 @@ from collections.abc import Iterator
 from kvxferd.core.deadlines import Deadlines
 from kvxferd.core.request import Request
 from kvxferd.core.settings import RankSettings
-from kvxferd.core.states import AGREEMENT, DATA, END, RESTARTS, WAITS, Agreement, AgreementEvent, Data, DataEvent, Timer
+from kvxferd.core.states import (
+    AGREEMENT,
+    DATA,
+    END,
+    RESTARTS,
+    WAITS,
+    Agreement,
+    AgreementEvent,
+    Data,
+    DataEvent,
+    Timer,
+    writing,
+)
 from kvxferd.errors import StateError
 from kvxferd.protocol import CacheInfo, Key
 
@@ -70,6 +82,7 @@ class Lifecycle:
                 raise self._illegal(req, agreement.value, req.agreement.value)
             new_agreement = target_agreement
         req.data, req.agreement = new_data, new_agreement
+        req.writing = writing(req)
         self._arm(req, now, restart=data in RESTARTS or agreement in RESTARTS)
 
     def abandon(self, req: Request, now: float) -> None:

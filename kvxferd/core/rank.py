@@ -30,7 +30,7 @@ from kvxferd.core.lifecycle import Lifecycle
 from kvxferd.core.pending import PendingSignal
 from kvxferd.core.request import Ended, Ending, Request
 from kvxferd.core.settings import RankSettings
-from kvxferd.core.states import Agreement, AgreementEvent, Data, DataEvent, Timer, allows, writing
+from kvxferd.core.states import Agreement, AgreementEvent, Data, DataEvent, Timer, allows
 from kvxferd.core.writes import Writes
 from kvxferd.protocol import Abort, Admitted, CacheInfo, ErrorCode, Key, LayerSignal, Message, Status, Withdraw
 from kvxferd.protocol.fields import clip
@@ -253,7 +253,7 @@ class RankCore:
         return effects
 
     def _maybe_arrive(self, req: Request, now: float) -> list[RankEffect]:
-        return self.words.arrive(req, now) if writing(req) and self.writes.written(req) else []
+        return self.words.arrive(req, now) if req.writing and self.writes.written(req) else []
 
     def _stop(self, req: Request, ending: Ending, now: float) -> list[RankEffect]:
         """This rank will not finish the request: drain its writes, then withdraw."""

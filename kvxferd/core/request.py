@@ -49,7 +49,8 @@ class Request:
     created: float
     data: Data = Data.WAIT_SIGNAL
     agreement: Agreement = Agreement.UNADMITTED
-    timer: Timer | None = None  # the deadline armed for the pair of states (lifecycle.WAITS)
+    timer: Timer | None = None  # the deadline armed for the pair of states (states.WAITS)
+    writing: bool = False  # the pair lets it write (states.writing), kept by every move
     origin: bytes | None = None  # the engine connection its cache_info came from: its result goes there
     transport: str | None = None  # the transport its first completed write went over
     generation: str | None = None  # the decode registration its writes went into (MIXED: several)

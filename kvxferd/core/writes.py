@@ -26,7 +26,6 @@ from kvxferd.core.intake import Item
 from kvxferd.core.progress import StepTable
 from kvxferd.core.request import Part, Request
 from kvxferd.core.settings import RankSettings
-from kvxferd.core.states import writing
 from kvxferd.protocol import Key
 
 #: the generation a KVReady names when its request's writes went into more than one registration
@@ -51,7 +50,7 @@ class Writes:
         for key, index, layer in items:
             req = requests[key]
             chunk = req.chunks[index]
-            if layer in chunk.posted or not writing(req):
+            if layer in chunk.posted or not req.writing:
                 continue
             chunk.posted.add(layer)
             if len(chunk.posted) == self.num_layers:

@@ -68,6 +68,7 @@ def test_each_data_row_moves_to_its_target_and_each_missing_one_refuses(state: D
     else:
         life.move(req, NOW, data=event)
         assert req.data is target
+        assert req.writing is writing(req), "every move keeps the request's writing flag"
 
 
 @pytest.mark.parametrize(("state", "event"), AGREEMENT_ROWS, ids=lambda v: v.value)
@@ -84,6 +85,7 @@ def test_each_agreement_row_moves_to_its_target_and_each_missing_one_refuses(
     else:
         life.move(req, NOW, agreement=event)
         assert req.agreement is target
+        assert req.writing is writing(req), "every move keeps the request's writing flag"
 
 
 def test_a_move_with_both_events_refuses_as_a_whole() -> None:
