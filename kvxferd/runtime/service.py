@@ -103,9 +103,12 @@ class Service:
             self._sockets.append(sock)
 
     def unwatch(self, sock: zmq.Socket[bytes]) -> None:
+        """Stop polling ``sock`` and let go of it: the caller closes it."""
         if sock in self._handlers:
             self.poller.unregister(sock)
             del self._handlers[sock]
+        if sock in self._sockets:
+            self._sockets.remove(sock)
 
     def own(self, sock: zmq.Socket[bytes]) -> zmq.Socket[bytes]:
         """Close ``sock`` with the service (without polling it)."""
