@@ -265,6 +265,9 @@ KEEP_DONE = 4096
 MAX_OPEN = 65536
 #: Anomalies and errors kept for the caller to read (oldest dropped first).
 MAX_EVENTS = 1024
+#: A rank whose connection is closed when a cache_info is sent to it counts as gone for that instance
+#: unless it connects again within this long (a daemon restarting there serves what waited for it).
+GONE_GRACE_S = 1.0
 
 
 @dataclass
@@ -406,6 +409,9 @@ class PrefillScheduler(_Group):
         #: Error replies (bad messages, refusals, duplicates), oldest dropped first.
         self.errors: deque[tuple[int, Error]] = deque(maxlen=MAX_EVENTS)
         self._early: list[PrefillOutcome] = []  # decided while submitting, for the next collect
+        #: instances sent to a rank whose connection was closed: rank -> since when, until it
+        #: connects again (it will report) or GONE_GRACE_S passed (it counts as gone)
+        self._unsure: dict[Key, dict[int, float]] = {}
 
     @property
     def world_size(self) -> int:
@@ -417,12 +423,21 @@ class PrefillScheduler(_Group):
         return self.ledger.anomalies
 
     def submit(self, info: CacheInfo, ranks: Iterable[int] | None = None) -> None:
-        """Send ``info`` to ``ranks`` (default: every rank; each rank must get it once)."""
+        """Send ``info`` to ``ranks`` (default: every rank; each rank must get it once).
+
+        A rank whose connection is closed now counts as gone for this instance as well, unless it
+        connects again within :data:`GONE_GRACE_S` (a daemon restarting there): its cache_info waits
+        in the socket for whatever daemon starts there next, and the instance is decided without it
+        once the others reported (a result that comes later is still added)."""
         # connections that closed (and opened again) meanwhile end what was sent before, not this
         self._early += self.collect(0.0)
+        out = self.ledger.entry(info.key)
+        now = time.monotonic()
         for rank in range(self.world_size) if ranks is None else ranks:
             self.channels[rank].send(info)
-            self.ledger.entry(info.key).sent.add(rank)
+            out.sent.add(rank)
+            if rank in self.gone:  # decided without it unless it connects again within the grace
+                self._unsure.setdefault(info.key, {})[rank] = now
 
     def abort(
         self,
@@ -461,12 +476,30 @@ class PrefillScheduler(_Group):
             elif isinstance(msg, Gone):
                 decided += self._gone(rank, msg.endpoint)
         self.backlog = []
+        return decided + self._settle_unsure(time.monotonic())
+
+    def _settle_unsure(self, now: float) -> list[PrefillOutcome]:
+        """Instances sent to a rank whose connection was closed: it connected again (it will
+        report), or the grace passed and it counts as gone for them."""
+        decided = []
+        for key, ranks in list(self._unsure.items()):
+            out = self.ledger.get(key)
+            for rank, since in list(ranks.items()):
+                if out is None or rank not in self.gone or rank in out.results:
+                    del ranks[rank]
+                elif now - since >= GONE_GRACE_S:
+                    del ranks[rank]
+                    out.gone[rank] = _gone_text(rank, self.channels[rank].endpoint, "when the cache_info was sent")
+            if not ranks:
+                del self._unsure[key]
+            if out is not None and out.decided and self.ledger.settle(key):
+                decided.append(out)
         return decided
 
     def _gone(self, rank: int, endpoint: str) -> list[PrefillOutcome]:
         """Rank ``rank``'s connection closed: the open instances sent to it that it never reported
         on will not be (its process ended, or a new one does not know them); end them here."""
-        why = f"prefill rank {rank} at {endpoint} is gone (its connection closed) before reporting"
+        why = _gone_text(rank, endpoint, "before reporting")
         decided = []
         for key, out in list(self.ledger.open.items()):
             if rank in out.sent and rank not in out.results and rank not in out.gone:
@@ -570,6 +603,10 @@ class DecodeEngine(_Group):
             if left <= 0:
                 raise DaemonError(f"no word on request {request_id} instance {instance} within {timeout_s:g}s")
             self.collect(min(left, 0.5))
+
+
+def _gone_text(rank: int, endpoint: str, when: str) -> str:
+    return f"prefill rank {rank} at {endpoint} is gone (its connection closed) {when}"
 
 
 def status(endpoint: str, timeout_s: float = 5.0, *, credentials: Credentials) -> StatusReply:

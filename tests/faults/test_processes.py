@@ -611,3 +611,30 @@ def test_a_scheduler_that_dies_leaves_its_requests_to_end_and_a_new_one_is_serve
             "both ranks to empty their tables",
             lambda: all(dep.status(r)["tables"]["requests"] == 0 for r in range(dep.prefill.world_size)),
         )
+
+
+@pytest.mark.slow
+def test_a_request_submitted_after_a_prefill_rank_died_is_decided_without_it(record: dict[str, Any]) -> None:
+    """Prefill rank 1 is killed and stays down; the scheduler saw its connection close. A request
+    submitted to both ranks afterwards is decided as soon as rank 0 reports: rank 1 counts as gone
+    for it too (its cache_info waits in the scheduler's socket for whatever starts there next)."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep, record)
+        assert dep.sched is not None
+        traffic.ok(2)
+        _kill(dep, _name(dep, "prefill", 1))
+        dep.wait_until("the scheduler to see rank 1 gone", lambda: bool(dep.sched.collect(0.05)) or 1 in dep.sched.gone)
+        info, _, _ = traffic.info()
+        fault = time.monotonic()
+        dep.sched.submit(info)
+        traffic.signal(info, [0])
+        out = dep.sched.wait(info.request_id, 3 * HEARTBEAT_S + SLACK_S + 5)
+        took = time.monotonic() - fault
+        assert not out.ok and set(out.results) == {0} and out.results[0].status is Status.FAILED, out
+        assert "prefill rank 1 at ipc://" in out.gone[1] and "is gone" in out.gone[1], out.gone
+        record.update(fault="SIGKILL prefill rank 1, then a request to both ranks", report_s=round(took, 2))
+        record["affected"] = "1 submitted after: failed on rank 0, decided with rank 1 'gone' at the scheduler"
+        assert took <= 3 * HEARTBEAT_S + SLACK_S, f"decided {took:.1f}s after it was submitted"
+        _restart(dep, _name(dep, "prefill", 1), record)
+        dep.workers[1].register(dep.pcaches[1])
+        traffic.ok(3)
