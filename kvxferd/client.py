@@ -202,17 +202,19 @@ class _Group:
             elif event == zmq.EVENT_CONNECTED:
                 self.gone.discard(rank)
 
-    def _expect(self, rank: int, want: type[Message], timeout_s: float, what: str) -> Message:
-        """Wait for a ``want`` reply from ``rank``; other messages are kept for :meth:`poll` callers."""
+    def _expect(self, rank: int, want: type[Ack], timeout_s: float, what: str, ref: str = "register") -> Ack:
+        """Wait for the ``want`` reply to the request named ``ref`` from ``rank``; an Error naming
+        ``ref`` refuses it. Other messages (errors answering other messages, say layer signals
+        sent before) are kept for :meth:`poll` callers."""
         deadline = time.monotonic() + timeout_s
         ch = self.channels[rank]
         while (left := deadline - time.monotonic()) > 0:
             msg = ch.recv(left)
             if msg is None:
                 break
-            if isinstance(msg, want):
+            if isinstance(msg, want) and msg.ref == ref:
                 return msg
-            if isinstance(msg, Error):
+            if isinstance(msg, Error) and msg.ref == ref:
                 raise DaemonError(f"{what} refused by {ch.endpoint}: {msg.detail}")
             self.backlog.append((rank, msg))
         raise DaemonError(f"no answer to {what} from {ch.endpoint} within {timeout_s:g}s (is the daemon running?)")

@@ -24,7 +24,7 @@ from kvxferd import security
 from kvxferd.client import PrefillOutcome, PrefillScheduler, PrefillWorker, status
 from kvxferd.errors import TransportUnavailable
 from kvxferd.kvcache import HostKVCache
-from kvxferd.protocol import CacheInfo, SlotChunk, Status
+from kvxferd.protocol import CacheInfo, ErrorCode, SlotChunk, Status
 from kvxferd.transports import load
 from tests.integration.conftest import SMALL, Deployment, deploy, fill
 
@@ -637,4 +637,28 @@ def test_a_request_submitted_after_a_prefill_rank_died_is_decided_without_it(rec
         assert took <= 3 * HEARTBEAT_S + SLACK_S, f"decided {took:.1f}s after it was submitted"
         _restart(dep, _name(dep, "prefill", 1), record)
         dep.workers[1].register(dep.pcaches[1])
+        traffic.ok(3)
+
+
+@pytest.mark.slow
+def test_a_worker_registers_again_with_a_restarted_daemon_whatever_it_sent_meanwhile(
+    record: dict[str, Any],
+) -> None:
+    """Prefill rank 1 is killed while its worker goes on signalling layers: they wait in the worker's
+    socket, and the restarted daemon refuses them (the worker has not registered with it yet). The
+    worker's registration must still be taken as accepted: the refusals answer the signals."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep, record)
+        traffic.ok(2)
+        _kill(dep, _name(dep, "prefill", 1))
+        info, _, _ = traffic.info()
+        traffic.signal(info, [1])  # a step the worker ran while its daemon was down
+        _restart(dep, _name(dep, "prefill", 1), record)
+        fault = time.monotonic()
+        dep.workers[1].register(dep.pcaches[1])
+        record.update(fault="SIGKILL prefill rank 1 while its worker signals, then it registers again")
+        record["report_s"] = round(time.monotonic() - fault, 2)
+        refused = dep.workers[1].errors()
+        assert refused and all(e.code is ErrorCode.WRONG_ROLE for e in refused), refused
+        record["affected"] = f"{len(refused)} signals sent meanwhile refused; the registration accepted"
         traffic.ok(3)
