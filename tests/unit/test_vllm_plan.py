@@ -160,3 +160,20 @@ def test_block_offers_and_packed_layouts_are_checked_on_the_wire() -> None:
     with pytest.raises(LocalProtocolError):
         CacheLayout(4, 8, 64, planes=3)
     assert CacheLayout(4, 8, 64).planes == 2
+
+
+def test_a_submitted_prompt_that_kvxferd_never_decides_is_aborted_and_freed_at_its_deadline() -> None:
+    """By ``decide_s`` after its CacheInfo went, every live kvxferd rank has ended the request by its
+    own deadlines: a prompt still not decided then (its results lost, its daemons gone unseen) is
+    aborted at kvxferd and its source blocks are freed, never pinned for good."""
+    p = PrefillPlan(block_tokens=32, decode_group="decode", decode_world=1, max_slots=4, offer_s=10.0, decide_s=50.0)
+    run_prompt(p, "r", "x")
+    p.finished("r", True, [1, 2, 3], 0.0)
+    [sub] = p.offer(offer("x"), 1.0)
+    assert isinstance(sub, Submit) and p.next_deadline() == 51.0
+    assert p.tick(50.9) == [] and p.take_freed() == [] and p.busy
+    [abort] = p.tick(51.0)
+    assert abort == SendAbort("x", 0, abort.reason) and "kvxferd did not decide" in abort.reason
+    assert p.take_freed() == ["r"] and not p.busy
+    p.decided("x", 0)  # a decision that comes after all is harmless
+    assert p.take_freed() == [] and p.sizes() == {"prompts": 0, "submitted": 0, "early_offers": 0, "slots_free": 4}

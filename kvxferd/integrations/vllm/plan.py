@@ -17,7 +17,10 @@ Prefill (:class:`PrefillPlan`, on the prefill instance's scheduler side):
 - every other ending is told to both sides: a prompt that ended otherwise,
   an offer that never came within ``offer_s`` or that does not fit, a slot
   that could not be had. The decode side hears :class:`Decline` (its blocks
-  are free at once), kvxferd an :class:`SendAbort` for what it was signalled.
+  are free at once), kvxferd an :class:`SendAbort` for what it was signalled;
+- a submitted prompt kvxferd has not decided within ``decide_s`` (by then
+  every live rank ended it by its own deadlines: its results were lost, or its
+  daemons are gone unseen) is aborted at kvxferd and its blocks are freed.
 
 Decode (:class:`Receiver`, on each decode worker): the transfers it offered
 blocks for, ended by kvxferd's notice, by a decline, or by its own deadline
@@ -90,7 +93,7 @@ class _Prompt:
     signalled: bool = False  # the current instance has chunks at kvxferd
     broken: str = ""  # why this prompt cannot be sent, once known
     src: tuple[int, ...] | None = None  # set when vLLM finished the prompt
-    deadline: float | None = None  # while waiting for offers
+    deadline: float | None = None  # while waiting for offers, then for kvxferd's decision
     submitted: bool = False
 
 
@@ -106,11 +109,13 @@ class PrefillPlan:
         max_slots: int,
         offer_s: float,
         transport: str = "auto",
+        decide_s: float = math.inf,
     ) -> None:
         self.block_tokens = block_tokens
         self.decode_group = decode_group
         self.decode_world = decode_world
         self.offer_s = offer_s
+        self.decide_s = decide_s
         self.transport = transport
         self._prompts: dict[str, _Prompt] = {}  # by vLLM request id
         self._by_xfer: dict[str, str] = {}  # xfer -> vLLM request id
@@ -191,7 +196,7 @@ class PrefillPlan:
             return False, self._end(p, why)
         p.src = tuple(block_ids[:need])
         p.deadline = now + self.offer_s
-        return True, self._try_submit(p)
+        return True, self._try_submit(p, now)
 
     def offer(self, offer: BlockOffer, now: float) -> list[PlanEffect]:
         """A decode rank's blocks for ``offer.request_id``."""
@@ -220,7 +225,7 @@ class PrefillPlan:
             if pushed is None:
                 return []
             return self._decline_offers(pushed[0], "too many offers wait for prompts this instance has not seen")
-        return self._try_submit(self._prompts[req_id])
+        return self._try_submit(self._prompts[req_id], now)
 
     def decided(self, xfer: str, instance: int) -> None:
         """kvxferd decided a submitted instance: vLLM may free its source blocks."""
@@ -234,18 +239,29 @@ class PrefillPlan:
         self._freed.append(req_id)
 
     def tick(self, now: float) -> list[PlanEffect]:
-        """End what waited for offers past ``offer_s``."""
+        """End what waited for offers past ``offer_s``, and what kvxferd did not decide in ``decide_s``."""
         effects: list[PlanEffect] = []
         for p in list(self._prompts.values()):
-            if p.deadline is not None and not p.submitted and now >= p.deadline:
+            if p.deadline is None or now < p.deadline:
+                continue
+            if p.submitted:
+                why = f"kvxferd did not decide the transfer within {self.decide_s:g}s of its cache_info"
+                self._sent.pop((p.xfer, p.instance), None)
+                effects.append(SendAbort(p.xfer, p.instance, why))
+                self._prompts.pop(p.req_id, None)
+                self._by_xfer.pop(p.xfer, None)
+                self._offers.pop(p.xfer, None)
+                self._ended.put(p.xfer, why)
+                self._release(p)
+            else:
                 effects += self._end(p, f"no decode offer for every rank came within {self.offer_s:g}s")
-                self._freed.append(p.req_id)
+            self._freed.append(p.req_id)
         for xfer, _ in self._early.expire(now):
             effects += self._decline_offers(xfer, f"no prompt for this transfer came within {self.offer_s:g}s")
         return effects
 
     def next_deadline(self) -> float | None:
-        times = [p.deadline for p in self._prompts.values() if p.deadline is not None and not p.submitted]
+        times = [p.deadline for p in self._prompts.values() if p.deadline is not None and p.deadline < math.inf]
         early = self._early.next_deadline()
         if early is not None:
             times.append(early)
@@ -271,7 +287,7 @@ class PrefillPlan:
 
     # -- inside ---------------------------------------------------------------------------
 
-    def _try_submit(self, p: _Prompt) -> list[PlanEffect]:
+    def _try_submit(self, p: _Prompt, now: float) -> list[PlanEffect]:
         offers = self._offers.get(p.xfer, {})
         if p.src is None or p.submitted or len(offers) < self.decode_world:
             return []
@@ -298,7 +314,7 @@ class PrefillPlan:
             p.instance,
         )
         p.submitted = True
-        p.deadline = None
+        p.deadline = now + self.decide_s
         self._sent[(p.xfer, p.instance)] = p.req_id
         return [Submit(info)]
 

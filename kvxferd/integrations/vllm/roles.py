@@ -66,6 +66,13 @@ def rendezvous_endpoint(config: Config, endpoint: str | None) -> str:
     return config.expand(endpoint or "ipc://{run_dir}/vllm-rendezvous.sock")
 
 
+def decide_within(config: Config) -> float:
+    """How long after its cache_info every live rank has ended a request by its own deadlines
+    (admission, writes, verdict, each its own bound), with as much again to spare."""
+    t = config.timeouts
+    return 2 * (t.pending_s + t.progress_s + 2 * t.verdict_s)
+
+
 class PrefillSide:
     """The prefill scheduler's kvxferd client and rendezvous server (one per prefill instance)."""
 
@@ -88,6 +95,7 @@ class PrefillSide:
             max_slots=config.limits.max_requests,
             offer_s=offer_s,
             transport=transport,
+            decide_s=decide_within(config),
         )
         self.num_blocks = config.kv.num_blocks
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
