@@ -139,7 +139,7 @@ class Intake:
             detail = f"step {sig.step} dropped: step table full ({s.max_steps} steps in progress)"
             return [Problem(ErrorCode.TABLE_FULL, detail)], [], []
         steps.open(sig.step)
-        problems: list[Problem] = []
+        dropped: list[int] = []
         matches: list[Match] = []
         for chunk in sig.slots:
             owner = self.starts.get((chunk.slot, chunk.start_step))
@@ -159,13 +159,23 @@ class Intake:
             elif req is not None and req.data is not Data.WAIT_SIGNAL:
                 continue  # the request is stopping or done: nothing more to send for it
             if self.pending.signal_count >= s.max_pending_signals:
-                detail = f"slot {chunk.slot} of step {sig.step} dropped: {s.max_pending_signals} signals already wait"
-                problems.append(Problem(ErrorCode.TABLE_FULL, detail))
+                dropped.append(chunk.slot)
             else:
                 self.pending.park_signal(PendingSignal(sig.step, chunk, now))
                 steps.get(sig.step).parked += 1  # type: ignore[union-attr]
                 self._deadlines.set((chunk.slot, sig.step), now + s.pending_timeout_s)
-        return problems, matches, []
+        return self._dropped(sig.step, dropped), matches, []
+
+    def _dropped(self, step: int, slots: list[int]) -> list[Problem]:
+        """One problem for every slot of one signal the pending table could not take: a frame is
+        answered once, however many slots it names."""
+        if not slots:
+            return []
+        full = f"{self.s.max_pending_signals} signals already wait"
+        if len(slots) == 1:
+            return [Problem(ErrorCode.TABLE_FULL, f"slot {slots[0]} of step {step} dropped: {full}")]
+        named = ", ".join(map(str, slots[:8])) + (", ..." if len(slots) > 8 else "")
+        return [Problem(ErrorCode.TABLE_FULL, f"{len(slots)} slots of step {step} dropped (slots {named}): {full}")]
 
     def done_with_step(self, step: int) -> None:
         """The caller handled a layer-0 signal's matches: close its step if nothing uses it."""

@@ -1,0 +1,74 @@
+"""A holder of the engine or daemon keys that is buggy, not only an attacker: what one of its frames
+or one of its ranks can cost everyone else must stay bounded (issue 23, items 14 to 20)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kvxferd.protocol import CacheInfo, Error, ErrorCode, SlotChunk
+from tests.hostile.conftest import ANSWER_S, HOSTILE, Hostile
+from tests.integration.conftest import deploy, fill
+
+#: a small pending table, so a few frames overflow it
+SMALL_TABLE = HOSTILE + "limits: {max_pending_signals: 64}\n"
+
+
+@pytest.fixture
+def small() -> Iterator[Hostile]:
+    with deploy(SMALL_TABLE, kind=Hostile) as d:
+        assert isinstance(d, Hostile)
+        d.steps = itertools.count(1)
+        yield d
+
+
+def _errors_until_sentinel(dep: Hostile, rank: int) -> list[Error]:
+    """Every Error the worker of ``rank`` got up to the answer to one sentinel: a later layer of a
+    step nobody began (the daemon answers a connection's frames in order)."""
+    worker = dep.workers[rank]
+    sentinel_step = 1 << 40
+    worker.layer_ready(sentinel_step, 1)
+    got: list[Error] = []
+    deadline = time.monotonic() + ANSWER_S
+    while time.monotonic() < deadline:
+        for _, msg in worker.poll(0.5):  # (a connection event wakes it with nothing to take)
+            assert isinstance(msg, Error), msg
+            if f"step {sentinel_step}" in msg.detail:
+                return got
+            got.append(msg)
+    raise AssertionError(f"no answer to the sentinel within {ANSWER_S:g}s ({len(got)} errors before)")
+
+
+def test_one_frame_of_unknown_later_chunks_draws_one_reply(small: Hostile) -> None:
+    """Two layer-0 frames of 200 later chunks of requests nobody sent: the pending table (64) takes
+    what it can; the rest is dropped, said in one reply per frame, not one per slot."""
+    dep = small
+    for step in (next(dep.steps), next(dep.steps)):
+        chunks = tuple(SlotChunk(slot, 16, 4, 0) for slot in range(200))  # later chunks of step 0
+        dep.workers[0].layer_ready(step, 0, chunks)
+    errors = _errors_until_sentinel(dep, 0)
+    assert len(errors) == 2, [e.detail[:80] for e in errors]
+    assert all(e.code is ErrorCode.TABLE_FULL for e in errors)
+    assert "136 slots of step" in errors[0].detail and "200 slots of step" in errors[1].detail
+    _legit_once_held(dep, "after-flood")
+
+
+def _legit_once_held(dep: Hostile, rid: str) -> None:
+    """A legitimate request, its cache_info held by every rank before its layers come (the pending
+    table may still be full of what an attack parked)."""
+    assert dep.sched is not None and dep.dec is not None
+    step = next(dep.steps)
+    src, dst = [1, 2], [40 + step % 20, 10]
+    for r, cache in enumerate(dep.pcaches):
+        fill(cache, src, seed=1000 * step + r)
+    dep.sched.submit(CacheInfo(rid, 5000 % 4096, step, 8, tuple(src), tuple(dst), dep.peer))
+    for r in range(dep.prefill.world_size):
+        dep.wait_until(f"rank {r} to hold {rid}", lambda r=r: dep.status(r)["tables"]["parked_infos"] == 1)
+    for worker in dep.workers:
+        for layer in range(dep.config.kv.num_layers):
+            worker.layer_ready(step, layer, (SlotChunk(5000 % 4096, 0, 8, step),) if layer == 0 else ())
+    assert dep.sched.wait(rid, ANSWER_S).ok
+    assert dep.dec.wait(rid, ANSWER_S).ready
