@@ -290,13 +290,16 @@ class Intake:
         times = [t for t in (self._deadlines.earliest(), self.closed.next_deadline()) if t is not None]
         return min(times, default=None)
 
-    def new_worker(self) -> bool:
-        """A model worker (re)registered: its step ids start a new sequence (only while no step
-        is open; returns whether the window was reset)."""
-        if len(self.steps):
-            return False
-        self.steps.highest = None
-        return True
+    def new_worker(self) -> int:
+        """A model worker (re)registered (the shell ended every request first): its step ids start
+        a new sequence, and what the connection before it signalled goes, open steps and parked
+        signals alike; returns how many parked signals went."""
+        assert not any(r.members for r in self.steps.records()), "no job outlives its worker"
+        dropped = self.pending.clear_signals()
+        for signal in dropped:
+            self._deadlines.cancel((signal.chunk.slot, signal.step))
+        self.steps.clear()
+        return len(dropped)
 
     def sizes(self) -> dict[str, int]:
         return {

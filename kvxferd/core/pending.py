@@ -70,6 +70,13 @@ class PendingTable:
     def signal_count(self) -> int:
         return self._nsignals
 
+    def clear_signals(self) -> list[PendingSignal]:
+        """Take every parked signal out (their worker is gone); returns them."""
+        out = [sig for by_step in self._signals.values() for sig in by_step.values()]
+        self._signals.clear()
+        self._nsignals = 0
+        return out
+
     # -- cache_infos waiting for their layer-0 signal -----------------------
 
     def park_info(self, slot: int, step: int, key: tuple[str, int]) -> None:

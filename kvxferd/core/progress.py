@@ -55,6 +55,14 @@ class StepTable:
         record.parked -= 1
         self.close_if_unused(step)
 
+    def records(self) -> list[StepRecord]:
+        return list(self._steps.values())
+
+    def clear(self) -> None:
+        """Forget every step and the sequence: the next layer-0 signal starts a new one."""
+        self._steps.clear()
+        self.highest = None
+
     def __len__(self) -> int:
         return len(self._steps)
 

@@ -204,8 +204,8 @@ class RankCore:
         """Entries in every table (see reporting.sizes)."""
         return reporting.sizes(self.life, self.intake, self.writes, self.words)
 
-    def new_worker(self) -> bool:
-        """A model worker (re)registered: its step ids start a new sequence (see Intake.new_worker)."""
+    def new_worker(self) -> int:
+        """A model worker (re)registered: a new step sequence (see Intake.new_worker)."""
         return self.intake.new_worker()
 
     def origin_of(self, key: Key) -> bytes | None:

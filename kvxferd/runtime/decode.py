@@ -196,7 +196,7 @@ class DecodeDaemon(GroupDaemon):
             # one engine per decode rank: the newest registration is the engine; the other one
             # is told it will hear nothing more from this rank
             detail = f"another engine registered a cache with decode rank {self.rank}; it reports to that one now"
-            self.reply(self.engine, Error(ErrorCode.NOT_REGISTERED, detail, "register"))
+            self.reply(self.engine, Error(ErrorCode.NOT_REGISTERED, detail, "takeover"))
         self.engine = identity
         log.info(
             "engine cache registered (%s memory; transports offered: shm/cuda_ipc by region%s)",

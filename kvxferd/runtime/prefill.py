@@ -213,7 +213,7 @@ class PrefillDaemon(GroupDaemon):
                 f"another connection registered a cache with {self.group.name} rank {self.rank}; "
                 "only its layer signals count now"
             )
-            self.reply(self.worker, Error(ErrorCode.NOT_REGISTERED, detail, "register"))
+            self.reply(self.worker, Error(ErrorCode.NOT_REGISTERED, detail, "takeover"))
         self.worker = identity
         log.info(
             "engine cache registered: %d layers x %d blocks of %d B",

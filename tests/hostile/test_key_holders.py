@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from kvxferd.client import PrefillWorker
+from kvxferd.kvcache import HostKVCache
 from kvxferd.protocol import CacheInfo, Error, ErrorCode, SlotChunk
 from tests.hostile.conftest import ANSWER_S, HOSTILE, Hostile
 from tests.integration.conftest import deploy, fill
@@ -72,3 +74,23 @@ def _legit_once_held(dep: Hostile, rid: str) -> None:
             worker.layer_ready(step, layer, (SlotChunk(5000 % 4096, 0, 8, step),) if layer == 0 else ())
     assert dep.sched.wait(rid, ANSWER_S).ok
     assert dep.dec.wait(rid, ANSWER_S).ready
+
+
+def test_a_takeover_registration_cannot_poison_the_real_workers_step_window(dep: Hostile) -> None:
+    """Another connection registers a cache of its own with prefill rank 0 and opens a step far
+    ahead; the real worker registers again at once. Its steps must be taken as a new sequence,
+    not refused as stale until yet another registration."""
+    other = PrefillWorker(dep.config.endpoint(dep.prefill, 0), credentials=dep.creds)
+    impostor = HostKVCache.create(dep.shape)
+    try:
+        other.register(impostor)
+        far = (1 << 63) - 1
+        other.layer_ready(far, 0, (SlotChunk(3, 0, 8, far),))
+        dep.wait_until("the far step to be open", lambda: dep.status(0)["tables"]["steps"] == 1)
+        dep.workers[0].register(dep.pcaches[0])
+        assert dep.status(0)["tables"]["steps"] == 0
+        dep.still_fine("after-takeover")
+    finally:
+        other.close()
+        impostor.close()
+        impostor.unlink()

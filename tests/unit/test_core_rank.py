@@ -702,15 +702,20 @@ def test_a_step_far_ahead_is_refused_not_adopted_so_real_signals_keep_working() 
     assert of(effects, Write)
 
 
-def test_a_new_worker_starts_a_new_step_window_only_when_no_step_is_open() -> None:
+def test_a_new_worker_starts_a_new_step_window_and_what_was_signalled_before_goes() -> None:
     c = core()
     feed(c, [info("a", 0, 1000, 16, [1], [2]), *layers(1000, SlotChunk(0, 0, 16, 1000))])
-    assert c.new_worker()  # nothing open: the next worker may start anywhere
+    assert c.new_worker() == 0  # the next worker may start anywhere
     assert not of(feed(c, layers(3, SlotChunk(0, 0, 16, 3))), Problem)
-    c.handle(LayerSignal(4, 0, (SlotChunk(1, 0, 16, 4),)), 0.0)  # parked: step 4 is open
-    assert not c.new_worker()
-    (p,) = c.handle(LayerSignal(2, 0, (SlotChunk(2, 0, 16, 2),)), 0.0)
-    assert p.code is ErrorCode.STALE_SIGNAL
+    # another connection registers and leaves a step far ahead open (issue 23, item 17); when the
+    # real worker registers again, that step goes too
+    c.new_worker()
+    c.handle(LayerSignal((1 << 63) - 1, 0, (SlotChunk(1, 0, 16, (1 << 63) - 1),)), 0.0)
+    assert c.sizes()["steps"] == 1 and c.sizes()["parked_signals"] == 1
+    assert c.new_worker() == 1
+    assert c.sizes()["steps"] == c.sizes()["parked_signals"] == 0
+    assert c.sizes()["deadlines"] == 1  # only request a's wait for its verdict: the signal's went
+    assert not of(c.handle(LayerSignal(2, 0, (SlotChunk(2, 0, 16, 2),)), 0.0), Problem)
 
 
 # -- where results go and what they report -----------------------------------------------------
