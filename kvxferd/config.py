@@ -155,6 +155,10 @@ class TransportConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     max_requests: int = 4096  # requests in flight per rank
+    #: endings a rank remembers (each for pending_s + verdict_s, so a repeated or late message of an
+    #: ended instance is recognised): a rank ends at most this many per pending_s + verdict_s, and
+    #: refuses new cache_infos (table_full) while the memory is full of endings younger than that
+    max_ended: int = 65536
     max_pending_signals: int = 4096  # parked layer-0 slots without a cache_info
     max_steps: int = 1024  # forward steps with work in progress
     max_frame_bytes: int = 1 << 20  # largest control message accepted (a 128-layer registration is ~8 KiB)
@@ -167,6 +171,7 @@ class LimitsConfig:
         _positive(
             self,
             "max_requests",
+            "max_ended",
             "max_pending_signals",
             "max_steps",
             "max_frame_bytes",

@@ -56,7 +56,7 @@ class Words:
         self.sp = settings
         self.life = life
         self.aborts: Memory[Key, str] = Memory(limit=settings.max_requests, ttl_s=settings.pending_timeout_s)
-        self.ended: Memory[Key, Ended] = Memory(limit=4 * settings.max_requests, ttl_s=settings.ended_memory_s)
+        self.ended: Memory[Key, Ended] = Memory(limit=settings.max_ended, ttl_s=settings.ended_memory_s)
 
     # -- the words ---------------------------------------------------------------------
 
@@ -195,7 +195,8 @@ class Words:
         reports is ``failed`` too. Only a short memory of the ending is kept."""
         ending = Ending(Status.FAILED, clip(detail))
         withdraw = self.withdrawal(info, ending)
-        self.remember(info.key, Ended(ending, True, True, withdraw), now)
+        if not self.ended.full:  # (full: see forgetful; a repeat is refused again, never taken as new)
+            self.remember(info.key, Ended(ending, True, True, withdraw), now)
         self.aborts.pop(info.key)
         problem = Problem(code, ending.reason, info.request_id)
         return [problem, *reporting.refused(info, code, ending.reason, self.sp.rank, origin), ToBarrier(withdraw)]
@@ -212,6 +213,21 @@ class Words:
             return [Problem(ErrorCode.TABLE_FULL, detail, msg.request_id)]
         self.aborts.put(key, reason, now)
         return []
+
+    def forgetful(self, info: CacheInfo, live: int, now: float) -> tuple[ErrorCode, str] | None:
+        """Why ``info`` may not be taken now, if the memory of endings, with room kept for the
+        ``live`` requests' own, is full of endings still within their time: taking it would push
+        one out early, and a repeat of that one would then be taken as new and end twice."""
+        if len(self.ended) + live < self.ended.limit:
+            return None
+        self.ended.expire(now)
+        if len(self.ended) + live < self.ended.limit:
+            return None
+        s = self.sp
+        return ErrorCode.TABLE_FULL, (
+            f"request {info.request_id}: this rank remembers {s.max_ended} endings of the last "
+            f"{s.ended_memory_s:g}s (limits.max_ended) and takes no new request until the oldest is forgotten"
+        )
 
     def remember(self, key: Key, ended: Ended, now: float) -> None:
         self.ended.put(key, ended, now)

@@ -78,12 +78,12 @@ class RankCore:
         if refusal is None:
             reason = self.words.aborts.pop(info.key)
             if reason is not None:  # aborted before it got here: end as aborted at once, everywhere
-                # kept even when the table is full, so it reports the verdict's status (bounded by the
-                # memory of aborts, so the table by twice its limit)
+                # (kept even with the table full, to report the verdict: at most twice its limit)
                 req = self._enter(info, now, origin)
                 self.intake.discard_parked(info)
                 return self._stop(req, Ending(ABORTED, reason), now)
-            refusal = self.intake.check(info, len(self._requests))
+            live = len(self._requests)
+            refusal = self.intake.check(info, live) or self.words.forgetful(info, live, now)
         if refusal is not None:
             return self.refuse(info, *refusal, now, origin=origin)
         req = self._enter(info, now, origin)

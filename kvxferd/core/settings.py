@@ -17,6 +17,7 @@ class RankSettings:
     block_tokens: int  # tokens per block
     block_bytes: int  # bytes of one block of one region (K or V; both when packed), one layer, this rank
     max_requests: int = 4096
+    max_ended: int = 16384  # endings remembered (see ended_memory_s); the config's default is larger
     max_pending_signals: int = 4096
     max_steps: int = 1024
     max_step_gap: int = 1 << 16  # a layer-0 signal this far past the last step is refused, not adopted

@@ -63,6 +63,7 @@ def rank_settings(config: Config, group: GroupConfig, rank: int) -> RankSettings
         block_tokens=kv.block_tokens,
         block_bytes=kv.block_bytes(group.world_size),
         max_requests=limits.max_requests,
+        max_ended=limits.max_ended,
         max_pending_signals=limits.max_pending_signals,
         max_steps=limits.max_steps,
         max_step_gap=limits.max_step_gap,

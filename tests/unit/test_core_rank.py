@@ -798,3 +798,23 @@ def test_a_release_of_a_request_a_restarted_rank_never_held_tells_its_decode_ran
     assert notice.peer == "ipc:///d-{rank}" and notice.message.status is Status.FAILED
     assert "restarted after the request was released" in notice.message.reason
     assert c.handle(Release("prefill", "r", 0, Digest(3, 1, 3072, "ff"), "ipc:///d-{rank}"), 1.1) == []  # once
+
+
+def test_while_the_memory_of_endings_is_full_of_recent_ones_new_requests_are_refused_not_forgotten() -> None:
+    """Issue 23, item 9: the memory of endings holds ``max_ended`` for ``pending_s + verdict_s``
+    (16 s here). A rank that ended that many in that time refuses the next request loudly rather
+    than forget an ending early, after which a repeat of that instance would be taken as new and
+    end twice; once the oldest is forgotten by time, requests are taken again."""
+    c = core(max_ended=3)
+    for i in range(3):
+        out = feed(c, [info(f"r{i}", i, i + 1, 16, [i], [i]), *layers(i + 1, SlotChunk(i, 0, 16, i + 1))])
+        (arrive,) = messages(out, Arrive)
+        c.handle(Release("prefill", f"r{i}", 0, arrive.digest), 1.0)
+    assert c.sizes()["ended"] == 3
+    out = c.handle(info("r3", 3, 4, 16, [3], [3]), 2.0)
+    assert out[0].code is ErrorCode.TABLE_FULL and "remembers 3 endings of the last 16s" in out[0].detail
+    (p,) = c.handle(info("r0", 0, 1, 16, [0], [0]), 2.0)  # a repeat of the oldest is still known as one
+    assert p.code is ErrorCode.DUPLICATE_REQUEST
+    assert c.sizes()["ended"] == 3, "the refusal pushed no ending out"
+    c.on_timer(17.0)  # the endings' time is over
+    assert messages(c.handle(info("r3", 3, 4, 16, [3], [3]), 17.0), Admit)
