@@ -13,9 +13,7 @@ said at the barrier, the memory of endings) and :mod:`~kvxferd.core.reporting`.
 One request's path: its cache_info is admitted at the barrier and pairs with its
 layer-0 signal; nothing is written before ``Admitted``; every ready layer is then
 posted; once all are confirmed the rank arrives with a digest; the verdict ends
-it with the status and reason it carries, told to the engine and the decode peer.
-A rank that stops a request drains its writes, then withdraws; a cache_info it
-refuses keeps no state, and its failed withdrawal fails the request everywhere.
+it, told to the engine and the decode peer (the README walks through it).
 """
 
 from __future__ import annotations
@@ -146,23 +144,23 @@ class RankCore:
         key = (verdict.key, verdict.instance)
         req = self._requests.get(key)
         if isinstance(verdict, Admitted):  # every layer that became ready meanwhile goes now
-            return self._post(self.intake.ready(req), now) if req and self.words.admitted(req, now) else []
+            if req is None or not self.words.admitted(req, now):
+                return []
+            return self._stop(req, req.unfit, now) if req.unfit else self._post(self.intake.ready(req), now)
         if req is None:
             return self.words.learn(key, verdict, now)
         if not allows(req, GE.DECIDE):
             return []  # decided already (it drains): a repeated verdict
         data = {Data.WAIT_SIGNAL: DE.HALT, Data.ACTIVE: DE.DRAIN if req.inflight else DE.HALT}.get(req.data)
         self.intake.detach(req)
-        ending = self.words.outcome(req, verdict)
-        self.words.decide(req, ending, now, data)
+        self.words.decide(req, ending := self.words.outcome(req, verdict), now, data)
         return self._end(req, ending, now) if req.data is Data.QUIET else []  # else: it drains first
 
     def on_timer(self, now: float) -> list[RankEffect]:
         self.words.on_timer(now)
         effects: list[RankEffect] = list(self.intake.on_timer(now))
         for key in self.life.due(now):
-            req = self._requests.get(key)
-            if req is not None:
+            if (req := self._requests.get(key)) is not None:
                 effects += self._overdue(req, now)
         return effects
 
@@ -196,8 +194,7 @@ class RankCore:
         return effects
 
     def reannounce(self, now: float) -> list[RankEffect]:
-        """The barrier service restarted (its tables are empty): say again every word a verdict
-        has not answered yet (see Words.reannounce)."""
+        """The barrier service restarted: every word no verdict answered yet, again (see Words)."""
         return self.words.reannounce(list(self._requests.values()), now)
 
     def sizes(self) -> dict[str, int]:
@@ -210,8 +207,7 @@ class RankCore:
 
     def origin_of(self, key: Key) -> bytes | None:
         """The connection request instance ``key``'s cache_info came from, while it is live here."""
-        req = self._requests.get(key)
-        return req.origin if req is not None else None
+        return req.origin if (req := self._requests.get(key)) is not None else None
 
     def origins(self) -> dict[Key, bytes | None]:
         """Every live request instance and its origin: what a shell whose core broke still needs."""
@@ -232,18 +228,22 @@ class RankCore:
     def _recover(
         self, req: Request, signal: PendingSignal, parked: bool, now: float
     ) -> tuple[list[RankEffect], list[Item]]:
-        """Both halves are here: the single-request job, with every chunk that waits for it. Returns
-        what a bad chunk made the request do, and the writes now possible."""
+        """Both halves are here: the single-request job, with every chunk that waits for it."""
         self.life.move(req, now, data=DE.RECOVER)
         req.recovered = now
         reason, items = self.intake.recover(req, signal, parked)
         return self._bad_chunk(req, reason, now), items
 
     def _bad_chunk(self, req: Request, reason: str | None, now: float) -> list[RankEffect]:
+        """A chunk that does not fit stops the request once admitted (before, the admission names
+        the cache_infos' divergence it may be; nothing is written meanwhile)."""
         if reason is None:
             return []
-        problem = Problem(ErrorCode.BAD_LAYOUT, reason, req.info.request_id)
-        return [problem, *self._stop(req, Ending(FAILED, reason), now)]
+        problem, ending = Problem(ErrorCode.BAD_LAYOUT, reason, req.info.request_id), Ending(FAILED, reason)
+        if req.agreement is Agreement.UNADMITTED:
+            req.unfit = req.unfit or ending
+            return [problem]
+        return [problem, *self._stop(req, ending, now)]
 
     def _post(self, items: list[Item], now: float) -> list[RankEffect]:
         writes, finished = self.writes.plan(items, self._requests, self.intake.steps)

@@ -63,6 +63,7 @@ class Request:
     inflight: int = 0  # write parts posted and not yet reported
     bytes_done: int = 0
     stop: Ending | None = None  # this rank's own decision to stop, said once it drained
+    unfit: Ending | None = None  # a chunk that did not fit, before admission said the cache_infos agree
     outcome: Ending | None = None  # the group's verdict (or this rank's final word), once decided
     key: Key = field(init=False)  # (request id, instance), kept: every table is keyed by it
 

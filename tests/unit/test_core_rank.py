@@ -246,6 +246,27 @@ def test_ranks_given_different_cache_infos_write_nothing_and_fail_alike(field: s
     assert of(out[0], ToEngine)[0].result.reason == of(out[1], ToEngine)[0].result.reason
 
 
+@pytest.mark.parametrize("chunk_first", [True, False])
+def test_a_rank_given_fewer_tokens_than_its_chunk_fails_for_the_field_like_every_divergence(chunk_first: bool) -> None:
+    """Issue 23, item 7: rank 1's scheduler says 20 tokens where rank 0's says 24 (the same two
+    blocks); the worker computes 24. Rank 1's chunk does not fit its own cache_info, but that is the
+    divergence showing: both ranks fail at admission naming num_tokens, nothing written."""
+    x = info("x", 0, 1, 24, [1, 2], [5, 6])
+    odd = replace(x, num_tokens=20)
+    ranks = [core(0), core(1)]
+    step = layers(1, SlotChunk(0, 0, 24, 1))
+    late = [*step, odd] if chunk_first else [odd, *step]
+    # rank 1's words reach the barrier first: its admission, and whatever its chunk made it say
+    effects = {1: feed(ranks[1], late, admit=False), 0: feed(ranks[0], [x, *step], admit=False)}
+    out = relay(barrier(), ranks, effects)
+    for r in (0, 1):
+        assert not of(out[r], Write)
+        (res,) = of(out[r], ToEngine)
+        assert res.result.status is Status.FAILED
+        assert "disagree on the cache_info: num_tokens (rank 0: 24; rank 1: 20)" in res.result.reason, res.result
+    assert of(out[0], ToEngine)[0].result.reason == of(out[1], ToEngine)[0].result.reason
+
+
 # -- recovery order, chunks, identity ------------------------------------------------------------
 
 
