@@ -114,6 +114,23 @@ def _from_wire(cls: type[Any], items: Any, where: str) -> Any:
         raise RemoteProtocolError(f"{where}: {cls.__name__}: {type(exc).__name__}: {text}") from None
 
 
+def _check_count(cls: type[Any], name: str, frame: bytes, at: int, where: str) -> None:
+    """The item count an array header at ``frame[at]`` claims, against the field's own limit."""
+    if at >= len(frame):
+        return  # truncated: the parser says so
+    head = frame[at]
+    if 0x90 <= head <= 0x9F:
+        count = head & 0x0F
+    elif head in (0xDC, 0xDD):
+        size = 2 if head == 0xDC else 4
+        count = int.from_bytes(frame[at + 1 : at + 1 + size], "big")
+    else:
+        return  # not an array: the struct's own check says what it is
+    limit = cls.LIMITS.get(name, fields.MAX_ITEMS)
+    if count > limit:
+        raise RemoteProtocolError(f"{where}: {cls.__name__}.{name} has {count} items, at most {limit}")
+
+
 def encode(msg: Message) -> bytes:
     """Serialise one message into a frame."""
     if type(msg).TAG not in REGISTRY:
@@ -130,33 +147,47 @@ def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME) -> Message:
         raise RemoteProtocolError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
     if not frame:
         raise RemoteProtocolError("empty frame")
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        use_list=True,
+        strict_map_key=True,
+        # Bounds applied while parsing, before any object is built: no string, blob, list or map off
+        # the wire can be larger than the largest field that may hold it.
+        max_buffer_size=len(frame),
+        max_str_len=fields.MAX_BLOB,
+        max_bin_len=fields.MAX_BLOB,
+        max_array_len=fields.MAX_BLOCKS,
+        max_map_len=64,
+        max_ext_len=0,
+    )
+    unpacker.feed(frame)
     try:
-        items = msgpack.unpackb(
-            frame,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            # Bounds applied while parsing, before any object is built: no string, blob, list or
-            # map off the wire can be larger than the largest field that may hold it.
-            max_str_len=fields.MAX_BLOB,
-            max_bin_len=fields.MAX_BLOB,
-            max_array_len=fields.MAX_BLOCKS,
-            max_map_len=64,
-            max_ext_len=0,
-        )
-    except msgpack.ExtraData:
-        raise RemoteProtocolError("trailing bytes after the message") from None
+        count = unpacker.read_array_header()
+        if count < 2:
+            raise RemoteProtocolError("a frame must be an array [version, tag, fields...]")
+        version, tag = unpacker.unpack(), unpacker.unpack()
+        if version != PROTOCOL_VERSION or type(version) is not int:
+            raise RemoteProtocolError(
+                f"protocol version {fields.show(version)} is not supported (this side speaks {PROTOCOL_VERSION})"
+            )
+        cls = REGISTRY.get(tag) if isinstance(tag, str) else None
+        if cls is None:
+            raise RemoteProtocolError(f"unknown message tag {fields.show(tag)}")
+        names = _schema(cls)[0]
+        if count - 2 > len(names):
+            raise RemoteProtocolError(f"{tag}: {cls.__name__} takes at most {len(names)} fields, got {count - 2}")
+        items: list[Any] = [version, tag]
+        for name in names[: count - 2]:
+            if isinstance(cls.NESTED.get(name), list):  # a list of structs: its count before any item
+                _check_count(cls, name, frame, unpacker.tell(), tag)
+            items.append(unpacker.unpack())
+    except RemoteProtocolError:
+        raise
+    except msgpack.OutOfData:
+        raise RemoteProtocolError("not a msgpack frame (truncated)") from None
     except (ValueError, msgpack.UnpackException, TypeError, RecursionError, OverflowError) as exc:
         raise RemoteProtocolError(f"not a msgpack frame ({type(exc).__name__}: {fields.clip(str(exc), 200)})") from None
-    if not isinstance(items, list) or len(items) < 2:
-        raise RemoteProtocolError("a frame must be an array [version, tag, fields...]")
-    version, tag = items[0], items[1]
-    if version != PROTOCOL_VERSION or type(version) is not int:
-        raise RemoteProtocolError(
-            f"protocol version {fields.show(version)} is not supported (this side speaks {PROTOCOL_VERSION})"
-        )
-    cls = REGISTRY.get(tag) if isinstance(tag, str) else None
-    if cls is None:
-        raise RemoteProtocolError(f"unknown message tag {fields.show(tag)}")
+    if unpacker.tell() != len(frame):
+        raise RemoteProtocolError("trailing bytes after the message")
     msg: Message = _from_wire(cls, items[2:], tag)
     return msg

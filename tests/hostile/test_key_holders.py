@@ -7,11 +7,12 @@ import itertools
 import time
 from collections.abc import Iterator
 
+import msgpack
 import pytest
 
 from kvxferd.client import PrefillWorker
 from kvxferd.kvcache import HostKVCache
-from kvxferd.protocol import CacheInfo, Error, ErrorCode, SlotChunk
+from kvxferd.protocol import PROTOCOL_VERSION, CacheInfo, Error, ErrorCode, SlotChunk
 from tests.hostile.conftest import ANSWER_S, HOSTILE, Hostile
 from tests.integration.conftest import deploy, fill
 
@@ -94,3 +95,33 @@ def test_a_takeover_registration_cannot_poison_the_real_workers_step_window(dep:
         other.close()
         impostor.close()
         impostor.unlink()
+
+
+def test_frames_that_cost_much_to_parse_do_not_stall_a_daemon_past_its_heartbeat(dep: Hostile, probes) -> None:
+    """Issue 23, item 15: a layer signal of a million empty slots fits in 1 MiB and took a third of
+    a second to parse before its count was checked; four connections sending four each stalled
+    prefill rank 0 past its heartbeat, and the barrier failed the request it held. The count is read
+    from the list's header now: the request in flight completes."""
+    assert dep.sched is not None
+    step = next(dep.steps)
+    src, dst = [1, 2], [50, 51]
+    for r, cache in enumerate(dep.pcaches):
+        fill(cache, src, seed=step + r)
+    dep.sched.submit(CacheInfo("held", 0, step, 8, tuple(src), tuple(dst), dep.peer))
+    dep.wait_until("rank 0 to hold it", lambda: dep.status(0)["tables"]["requests"] == 1)
+    million = b"\x95" + msgpack.packb(PROTOCOL_VERSION) + msgpack.packb("layer") + b"\x01\x00"
+    million += b"\xdd" + (1_048_000).to_bytes(4, "big") + b"\x90" * 1_048_000
+    attackers = [probes(dep.config.endpoint(dep.prefill, 0), credentials=dep.creds) for _ in range(4)]
+    for _ in range(4):
+        for attacker in attackers:
+            attacker.send(million)
+    for attacker in attackers:  # every frame answered: refused, without a stall
+        for _ in range(4):
+            answer = attacker.recv()
+            assert isinstance(answer, Error) and "at most 4096" in answer.detail, answer
+    for worker in dep.workers:
+        for layer in range(dep.config.kv.num_layers):
+            worker.layer_ready(step, layer, (SlotChunk(0, 0, 8, step),) if layer == 0 else ())
+    out = dep.sched.wait("held", ANSWER_S)
+    assert out.ok, out.results
+    dep.still_fine("after-costly-frames")

@@ -294,3 +294,21 @@ def test_regions_that_share_a_handle_must_not_overlap() -> None:
         RegisterCache("host", layout, (Region(0, 0, "seg", 0), Region(0, 1, "seg", 399)))
     # the same offsets in different segments are not an overlap
     assert RegisterCache("host", layout, (Region(0, 0, "a", 0), Region(0, 1, "b", 0)))
+
+
+def test_a_list_far_over_its_limit_is_refused_from_its_header_before_a_single_item_is_built() -> None:
+    """Issue 23, item 15: a layer signal of a million empty slots fits in 1 MiB; parsing it whole
+    built a million lists (a third of a second of the loop) before the count was checked. The count
+    in the array's header is checked first: nothing of the list is built."""
+    import tracemalloc
+
+    frame = b"\x95" + msgpack.packb(PROTOCOL_VERSION) + msgpack.packb("layer") + b"\x01\x00"
+    frame += b"\xdd" + (1_048_000).to_bytes(4, "big") + b"\x90" * 1_048_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(RemoteProtocolError, match="LayerSignal.slots has 1048000 items, at most 4096"):
+            decode(frame, max_bytes=2 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(frame), f"{peak} bytes allocated to refuse it (the parser's copy of the frame aside)"
