@@ -1,7 +1,10 @@
 """ZMQ plumbing shared by the daemons and the clients: sockets, bind, and the one receive path.
 
-Every socket gets an explicit linger, a largest message (``MAXMSGSIZE``: a
-bigger one drops the connection before any byte of it is kept) and a receive
+Every socket gets an explicit linger, a largest message (a frame up to
+``max_frame`` is read; one a little larger is read and refused with an Error
+naming the limit; ZMQ's ``MAXMSGSIZE``, set :data:`ENVELOPE` bytes above it so
+CURVE's own envelope never counts against a frame, drops the connection before
+any byte of a much bigger one is kept) and a receive
 queue bound in messages derived from a byte budget
 (:attr:`LimitsConfig.queue_messages`: ZMQ counts messages, so the bound in
 bytes is that count times the largest frame). Deployment sockets run CURVE
@@ -33,6 +36,9 @@ from kvxferd.protocol import DEFAULT_MAX_FRAME, Message, decode, encode
 from kvxferd.protocol.fields import clip
 
 LINGER_MS = 500
+#: Room above ``max_frame`` in ZMQ's own limit: CURVE's envelope (tens of bytes) must not turn a frame
+#: within the documented limit into a dropped connection, and one just over it is refused in words.
+ENVELOPE = 1024
 #: Messages queued per connection by default (clients; daemons derive theirs from the config).
 HWM = 100_000
 #: Most messages drained from one socket per poll wake-up, so no socket starves another.
@@ -124,7 +130,7 @@ def socket(
 ) -> zmq.Socket[bytes]:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame + ENVELOPE)
     sock.setsockopt(zmq.SNDHWM, HWM)  # what we send is ours, small, and must not be dropped
     sock.setsockopt(zmq.RCVHWM, queue)  # what others send is bounded: queue x max_frame bytes
     if kind == zmq.ROUTER:

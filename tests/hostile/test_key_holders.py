@@ -125,3 +125,24 @@ def test_frames_that_cost_much_to_parse_do_not_stall_a_daemon_past_its_heartbeat
     out = dep.sched.wait("held", ANSWER_S)
     assert out.ok, out.results
     dep.still_fine("after-costly-frames")
+
+
+def test_every_frame_up_to_the_documented_limit_is_answered_and_a_little_more_is_refused_in_words(
+    dep: Hostile, probes
+) -> None:
+    """Issue 23, item 19: with CURVE, the envelope counted against ZMQ's own size limit, so frames
+    just under ``limits.max_frame_bytes`` dropped the connection without a word. Every frame up to
+    the limit is read and answered; one a little over it is refused with an Error."""
+    limit = dep.config.limits.max_frame_bytes
+    for size in (limit - 64, limit - 32, limit - 1, limit, limit + 1, limit + 200):
+        attacker = probes(dep.config.endpoint(dep.prefill, 0), credentials=dep.creds)
+        header = b"\x93" + msgpack.packb(PROTOCOL_VERSION) + msgpack.packb("abort")
+        text = "a" * (size - len(header) - 5)  # a request id far too long: read, then refused
+        frame = header + b"\xdb" + len(text).to_bytes(4, "big") + text.encode()
+        assert len(frame) == size
+        answer = attacker.ask(frame)
+        if size <= limit:
+            assert isinstance(answer, Error) and "request_id" in answer.detail, (size, answer)
+        else:
+            assert isinstance(answer, Error) and f"exceeds the {limit}-byte limit" in answer.detail, (size, answer)
+    dep.still_fine("after-frames-at-the-limit")
