@@ -25,8 +25,11 @@ carries out the effects it returns, in order. Nothing here reads a clock.
   the first question went out still runs.
 - READY: the PeerInfo is known; a write goes at once.
 - STALE: a write failed for a reason that may be the peer's (its engine may
-  have registered a new cache): the PeerInfo is asked again before the next
-  write, and the transports opened on the old one are dropped.
+  have registered a new cache), or the peer's connection came back after it
+  closed (it may be a new run of the daemon, with a new registration): the
+  PeerInfo is asked again before the next write, and the transports opened on
+  the old one are dropped, so no write goes into a registration decode no
+  longer holds.
 - CLOSED: the link sat unused for ``idle_s`` with nothing queued or in flight;
   the shell closes its socket and transports, and a later write opens a new
   link. Closed is final.
@@ -67,6 +70,7 @@ class LinkEvent(enum.Enum):
     RETRY = "retry"  # retry_at passed
     DEADLINE = "deadline"  # the answer's deadline passed
     WRITE_FAILED = "write_failed"  # a posted write failed for a reason that may be the peer's
+    RECONNECTED = "reconnected"  # the connection came back after it closed: the peer may be a new run
     IDLE_OUT = "idle_out"  # unused for idle_s, nothing queued or in flight
 
 
@@ -77,6 +81,7 @@ TRANSITIONS: dict[LinkState, dict[LinkEvent, LinkState]] = {
     L.IDLE: {E.WANT: L.ASKING, E.INFO: L.READY, E.BAD_INFO: L.IDLE, E.IDLE_OUT: L.CLOSED},
     L.ASKING: {
         E.WANT: L.ASKING,
+        E.RECONNECTED: L.ASKING,
         E.INFO: L.READY,
         E.BAD_INFO: L.IDLE,
         E.NOT_REGISTERED: L.BACKOFF,
@@ -93,7 +98,14 @@ TRANSITIONS: dict[LinkState, dict[LinkEvent, LinkState]] = {
         E.RETRY: L.ASKING,
         E.DEADLINE: L.IDLE,
     },
-    L.READY: {E.WANT: L.READY, E.INFO: L.READY, E.BAD_INFO: L.IDLE, E.WRITE_FAILED: L.STALE, E.IDLE_OUT: L.CLOSED},
+    L.READY: {
+        E.WANT: L.READY,
+        E.INFO: L.READY,
+        E.BAD_INFO: L.IDLE,
+        E.WRITE_FAILED: L.STALE,
+        E.RECONNECTED: L.STALE,
+        E.IDLE_OUT: L.CLOSED,
+    },
     L.STALE: {E.WANT: L.ASKING, E.INFO: L.READY, E.BAD_INFO: L.IDLE, E.IDLE_OUT: L.CLOSED},
     L.CLOSED: {},
 }
@@ -255,6 +267,17 @@ class PeerLink:
         if not failed or not self._step(E.WRITE_FAILED):
             return []  # one failure is enough: it is stale already, or a question is out
         return [Note(f"a write to {self.s.name} failed; its cache will be asked for again")]
+
+    def reconnected(self, now: float) -> list[LinkEffect]:
+        """The peer's connection came back after it closed: ask for its cache before writing again
+        (a question out went, or was answered, on the connection that closed: it is asked again)."""
+        self.last_used = now
+        asking = self.state is L.ASKING
+        if not self._step(E.RECONNECTED):
+            return []  # nothing known to be stale: the next write asks anyway
+        if asking:
+            return [Note(f"{self.s.name} connected again while asked: asking again"), *self._ask(now)]
+        return [Note(f"{self.s.name} connected again; its cache will be asked for before the next write")]
 
     def on_timer(self, now: float) -> list[LinkEffect]:
         """Whatever is due at ``now``: the answer's deadline, a retry, closing when idle."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import socket as pysocket
+import time
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -65,6 +66,9 @@ log = logging.getLogger(__name__)
 POLL_MIN_S = 50e-6
 POLL_MAX_S = 2e-3
 RETRY_S = 0.02  # a peer that is up but has no cache registered yet is asked again after this
+#: a link whose connection closed and did not come back within this long gets a new socket (libzmq
+#: does not reconnect a session it ended on a protocol error, say an oversize frame), and again
+RENEW_S = 1.0
 #: notices kept until their decode daemon confirms them (the oldest is given up past this)
 MAX_UNCONFIRMED = 8192
 #: route keys remembered (a few per decode group: one per registration of its cache lately)
@@ -103,6 +107,7 @@ class Link:
     machine: PeerLink
     monitor: zmq.Socket[bytes] | None = None  # connection events of ``sock``
     gone: bool = False  # the peer's connection closed and has not come back
+    renew_at: float | None = None  # while gone: when the link gets a new socket
     key: str = ""  # the key its peer is open under on ``open_on`` (endpoint#generation)
     open_on: set[str] = field(default_factory=set)  # transports its peer is open on, for one PeerInfo
     routes: dict[str, Route] = field(default_factory=dict)  # requested transport -> route, for that PeerInfo
@@ -360,6 +365,7 @@ class Peers:
         return {
             name: {
                 "state": link.machine.state.value,
+                "connected": not link.gone,
                 "open_on": sorted(link.open_on),
                 "waiting": len(link.machine.waiting),
                 "inflight": link.machine.inflight,
@@ -405,11 +411,12 @@ class Peers:
         while link.monitor.poll(0):
             event = recv_monitor_message(link.monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED and not link.gone:
-                link.gone = True
+                link.gone, link.renew_at = True, time.monotonic() + RENEW_S
                 log.warning("%s: writes for it fail until it connects again", link.gone_text)
             elif event == zmq.EVENT_CONNECTED and link.gone:
-                link.gone = False
+                link.gone, link.renew_at = False, None
                 log.info("%s connected again", link.machine.s.name)
+                self._carry(link, link.machine.reconnected(time.monotonic()), time.monotonic())
                 again = self.ledger.reconnected(link.group.name)
                 if again:
                     log.info("sending %d unconfirmed notices to %s again", len(again), link.machine.s.name)
@@ -448,12 +455,36 @@ class Peers:
             due = link.machine.next_deadline()
             if due is not None and now >= due:
                 done += self._carry(link, link.machine.on_timer(now), now)
+            if link.gone and link.renew_at is not None and now >= link.renew_at:
+                self._renew(link, now)
         return done + self.poll(now)
 
     def next_wakeup(self) -> float | None:
         times = [self._next_poll] if self._next_poll is not None else []
         times += [t for link in self.links.values() if (t := link.machine.next_deadline()) is not None]
+        times += [link.renew_at for link in self.links.values() if link.gone and link.renew_at is not None]
         return min(times, default=None)
+
+    def _renew(self, link: Link, now: float) -> None:
+        """A new socket for a link whose connection closed and stayed closed (the old one may never
+        reconnect), and again every RENEW_S while it does not connect."""
+        link.renew_at = now + RENEW_S
+        if link.monitor is not None:
+            self.service.unwatch(link.monitor)
+            link.sock.disable_monitor()
+            link.monitor.close()
+        self.service.unwatch(link.sock)
+        link.sock.close(linger=0)
+        self.answers = [(lk, m) for lk, m in self.answers if lk is not link]
+        try:
+            link.sock = self.service.client_socket(link.endpoint, f"{self.group}:{self.rank}")
+        except zmq.ZMQError as exc:
+            log.error("cannot connect to %s again: %s", link.machine.s.name, exc)
+            return
+        self.service.watch(link.sock, lambda: self._on_link(link))
+        link.monitor = link.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.service.watch(link.monitor, lambda: self._on_monitor(link))
+        log.info("%s: a new connection, the old one did not come back", link.machine.s.name)
 
     def _mismatch(self, link: Link, info: PeerInfo) -> str | None:
         """Why a PeerInfo is not what the config says this peer holds, if it is not."""

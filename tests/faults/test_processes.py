@@ -662,3 +662,36 @@ def test_a_worker_registers_again_with_a_restarted_daemon_whatever_it_sent_meanw
         assert refused and all(e.code is ErrorCode.WRONG_ROLE for e in refused), refused
         record["affected"] = f"{len(refused)} signals sent meanwhile refused; the registration accepted"
         traffic.ok(3)
+
+
+@pytest.mark.slow
+def test_after_a_decode_daemon_restarts_nothing_is_written_into_its_old_registration(
+    record: dict[str, Any], transport: str
+) -> None:
+    """Issue 23, item 8: decode rank 1's daemon is killed and started again; a request comes before
+    its engine registered again. Prefill rank 1's link knew the old registration (whose segments
+    the engine still maps): the request must wait for the new one, and be ready at decode, never
+    written into the old one and told ok on prefill while decode calls it failed."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep, record, transport)
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(2)
+        _kill(dep, _name(dep, "decode", 1))
+        _restart(dep, _name(dep, "decode", 1), record)
+        dep.wait_until(
+            "prefill rank 1's link to decode rank 1 to connect again",
+            lambda: dep.status(1)["peers"].get(dep.decode.name, {}).get("connected") is True,
+        )
+        info, src, dst = traffic.info()
+        fault = time.monotonic()
+        dep.sched.submit(info)
+        traffic.signal(info, range(dep.prefill.world_size))
+        _register_decode(dep, 1, dep.dcaches[1])  # the engine registers with the new daemon only now
+        out = dep.sched.wait(info.request_id, 20.0)
+        told = dep.dec.wait(info.request_id, 20.0)
+        record.update(fault="decode rank 1 restarted, a request before its engine registers again")
+        record["report_s"] = round(time.monotonic() - fault, 2)
+        assert out.ok and told.ready, (out.results, told)
+        traffic.verify(src, dst)
+        record["affected"] = "1 sent meanwhile: written into the new registration once it came, ready, verified"
+        traffic.ok(3)

@@ -305,3 +305,18 @@ def test_any_sequence_ends_every_write_once_and_the_link_closes_when_left_alone(
     assert sorted(ended) == sorted(wanted)
     assert link.state is LinkState.CLOSED
     assert now - start <= SETTINGS.answer_s + SETTINGS.idle_s
+
+
+def test_a_connection_that_comes_back_makes_the_peer_asked_again_before_the_next_write():
+    """Issue 23, item 8: the decode daemon may have restarted with a new registration: no write may
+    go into the old one. A ready link goes stale; the next write asks first."""
+    link, a = new_link(), write()
+    link.want(a, 0.0)
+    link.answered(info(), None, 0.5)
+    assert link.state is LinkState.READY
+    assert kinds(link.reconnected(1.0)) == [] and link.state is LinkState.STALE
+    b = write()
+    assert kinds(link.want(b, 2.0)) == [Drop, Ask] and link.waiting == [b]
+    assert posted(link.answered(info("new"), None, 2.5)) == [b.write_id]
+    fresh = new_link()
+    assert fresh.reconnected(0.0) == [] and fresh.state is LinkState.IDLE  # nothing known: nothing stale
