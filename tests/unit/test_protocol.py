@@ -306,7 +306,7 @@ def test_a_list_far_over_its_limit_is_refused_from_its_header_before_a_single_it
     frame += b"\xdd" + (1_048_000).to_bytes(4, "big") + b"\x90" * 1_048_000
     tracemalloc.start()
     try:
-        with pytest.raises(RemoteProtocolError, match="LayerSignal.slots has 1048000 items, at most 4096"):
+        with pytest.raises(RemoteProtocolError, match=r"LayerSignal\.slots has 1048000 items, at most 4096"):
             decode(frame, max_bytes=2 << 20)
         _, peak = tracemalloc.get_traced_memory()
     finally:
