@@ -35,7 +35,9 @@ start-up key (:data:`STARTUP_KEY`) is for a cold start: a rank arriving at it
 while other ranks of its group are live joins at once (``Release`` if their
 configs agree, ``Diverged`` naming them if not) instead of waiting for ranks
 that are not starting; a joiner is also sent every verdict still remembered,
-since it may replace a rank that died before it could report them. A rank
+since it may replace a rank that died before it could report them. Ranks that
+reached the start-up round before any live rank was heard (the service and a
+rank restarted together) join as soon as one is. A rank
 that served and says Hello as starting again is a new process: the group's
 open rounds end at once (its predecessor held them). A serving
 rank not heard from within ``alive_s`` has *stopped*: the rounds waiting for
@@ -143,7 +145,7 @@ class BarrierState:
             return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s)
         if isinstance(msg, Arrive):
             if msg.key == STARTUP_KEY:
-                joined = self._join(msg, now)
+                joined = self._join(msg.group, msg.rank, msg.instance, msg.digest, now)
                 if joined is not None:
                     return joined
             view = RankView(msg.rank, Status.OK, digest=msg.digest)
@@ -165,7 +167,10 @@ class BarrierState:
             return [Problem(ErrorCode.CONFLICT, detail, msg.group)]
         effects: list[BarrierEffect] = []
         if msg.serving:
+            new = (msg.group, msg.rank) not in self._serving or (msg.group, msg.rank) in self._stopped
             self._serving[(msg.group, msg.rank)] = (now, msg.serving)
+            if new:
+                effects += self._joined(msg.group, now)
         elif self._serving.pop((msg.group, msg.rank), None) is not None:
             # a rank that served says it is starting: a new process, which holds none of what
             # its predecessor did, so the group's open rounds cannot complete
@@ -180,35 +185,48 @@ class BarrierState:
         """Ranks of ``group`` that said they serve within ``alive_s``, with their fingerprints."""
         return {r: fp for (g, r), (seen, fp) in self._serving.items() if g == group and now - seen <= self.alive_s}
 
-    def _join(self, msg: Arrive, now: float) -> list[BarrierEffect] | None:
+    def _join(self, group: str, rank: int, instance: int, digest: Digest, now: float) -> list[BarrierEffect] | None:
         """A rank arriving at the start-up key while others of its group serve: its verdict now
         (None: no other rank is live, a cold start, the named round as usual)."""
-        size = self._groups.get(msg.group)
-        if size is None or msg.rank >= size:
+        size = self._groups.get(group)
+        if size is None or rank >= size:
             return None
-        live = {r: fp for r, fp in self.live(msg.group, now).items() if r != msg.rank}
+        live = {r: fp for r, fp in self.live(group, now).items() if r != rank}
         if not live:
             return None
-        mine = msg.digest.fingerprint
+        mine = digest.fingerprint
         if all(fp == mine for fp in live.values()):
             # the joiner replaces a rank that may have died holding requests: every verdict still
             # remembered, so it can tell its decode rank about the ones its predecessor could not
-            joined: list[BarrierEffect] = [
-                ToRank(msg.group, msg.rank, Release(msg.group, STARTUP_KEY, msg.instance, msg.digest))
-            ]
-            remembered = [v for v in self._ended.values() if v.group == msg.group and v.key != STARTUP_KEY]
-            return joined + [ToRank(msg.group, msg.rank, v) for v in remembered]
+            joined: list[BarrierEffect] = [ToRank(group, rank, Release(group, STARTUP_KEY, instance, digest))]
+            remembered = [v for v in self._ended.values() if v.group == group and v.key != STARTUP_KEY]
+            return joined + [ToRank(group, rank, v) for v in remembered]
         others = {r: RankView(r, Status.OK, digest=Digest(0, 0, 0, fp)) for r, fp in live.items()}
-        others[msg.rank] = RankView(msg.rank, Status.OK, digest=msg.digest)
+        others[rank] = RankView(rank, Status.OK, digest=digest)
         odd = sorted(r for r, fp in live.items() if fp != mine)
         reason = (
-            f"ranks {odd} of group {msg.group!r} serve with another configuration than rank {msg.rank}; "
+            f"ranks {odd} of group {group!r} serve with another configuration than rank {rank}; "
             "a rank joining a running group must use its configuration"
         )
-        verdict = Diverged(
-            msg.group, STARTUP_KEY, msg.instance, Status.FAILED, reason, tuple(others[r] for r in sorted(others))
-        )
-        return [ToRank(msg.group, msg.rank, verdict)]
+        verdict = Diverged(group, STARTUP_KEY, instance, Status.FAILED, reason, tuple(others[r] for r in sorted(others)))
+        return [ToRank(group, rank, verdict)]
+
+    def _joined(self, group: str, now: float) -> list[BarrierEffect]:
+        """A rank of ``group`` is newly heard serving: ranks already waiting in a start-up round
+        (they reached a service that did not know yet that the group runs, as when the service
+        and a rank restart together) are joiners, not a cold start, and join now."""
+        effects: list[BarrierEffect] = []
+        for k in [k for k, e in self._open.items() if e.group == group and e.key == STARTUP_KEY]:
+            entry = self._open[k]
+            arrived = {r: v.digest for r, v in entry.words.items() if v.digest is not None}
+            if any(r in arrived for r in self.live(group, now)):
+                continue  # a stale heartbeat of a rank that is starting again: still a cold start
+            del self._open[k]
+            self._open_in[group] -= 1
+            self._deadlines.cancel(k)
+            for r, digest in sorted(arrived.items()):
+                effects += self._join(group, r, entry.instance, digest, now) or []
+        return effects
 
     def on_timer(self, now: float) -> list[BarrierEffect]:
         self._ended.expire(now)

@@ -64,11 +64,11 @@ class Cluster:
         """Start the barrier service, then every rank of every group not named in ``skip``."""
         deadline = time.monotonic() + timeout_s
         barrier = self.spawn("barrier")
-        self._wait_ready([barrier], deadline)
+        self.wait_ready([barrier], deadline)
         ranks = [
             self.spawn(f"{g.name}-{r}") for g in self.config.groups if g.name not in skip for r in range(g.world_size)
         ]
-        self._wait_ready(ranks, deadline)
+        self.wait_ready(ranks, deadline)
 
     def spawn(self, name: str) -> Daemon:
         """Start daemon ``name`` ("barrier" or "GROUP-RANK"); it replaces an earlier daemon of that name."""
@@ -82,6 +82,9 @@ class Cluster:
         with open(log_path, "ab") as log_file:
             popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL)
         daemon = Daemon(name, popen, log_path)
+        for old in self.daemons:
+            if old.name == name and old.popen.stdout is not None:
+                old.popen.stdout.close()
         self.daemons = [d for d in self.daemons if d.name != name] + [daemon]
         return daemon
 
@@ -96,13 +99,11 @@ class Cluster:
         old = self.daemon(name)
         if old.popen.poll() is None:
             raise DaemonError(f"{name} still runs (pid {old.popen.pid})")
-        if old.popen.stdout is not None:
-            old.popen.stdout.close()
         daemon = self.spawn(name)
-        self._wait_ready([daemon], time.monotonic() + timeout_s)
+        self.wait_ready([daemon], time.monotonic() + timeout_s)
         return daemon
 
-    def _wait_ready(self, daemons: list[Daemon], deadline: float) -> None:
+    def wait_ready(self, daemons: list[Daemon], deadline: float) -> None:
         sel = selectors.DefaultSelector()
         for d in daemons:
             assert d.popen.stdout is not None

@@ -304,6 +304,35 @@ def test_a_restarted_barrier_service_loses_no_request_in_flight(record: dict[str
 
 
 @pytest.mark.slow
+def test_a_prefill_rank_restarted_with_the_barrier_service_rejoins_whoever_is_heard_first(
+    record: dict[str, Any],
+) -> None:
+    """Issue 23, item 3: the barrier service and prefill rank 1 die together and start again;
+    rank 1 reaches the new service before rank 0's first heartbeat does (rank 0 is held with
+    SIGSTOP until rank 1 waits in the start-up round). Rank 1 joins the running group once rank
+    0 is heard, instead of taking the group for a cold start and giving up."""
+    with deploy(faults(startup_s=8)) as dep:
+        traffic = Traffic(dep, record)
+        traffic.ok(2)
+        fault = _kill(dep, "barrier")
+        _kill(dep, _name(dep, "prefill", 1))
+        survivor = dep.cluster.daemon(_name(dep, "prefill", 0)).popen
+        survivor.send_signal(signal.SIGSTOP)
+        try:
+            _restart(dep, "barrier", record)
+            joiner = dep.cluster.spawn(_name(dep, "prefill", 1))
+            dep.wait_until("rank 1 to wait in the start-up round", lambda: _barrier_status(dep)["sizes"]["open"] == 1)
+        finally:
+            survivor.send_signal(signal.SIGCONT)
+        dep.cluster.wait_ready([joiner], time.monotonic() + 30)
+        record.update(fault="SIGKILL barrier + prefill rank 1, rank 1 back before rank 0's heartbeat")
+        record["report_s"] = round(time.monotonic() - fault, 2)
+        record["affected"] = "none in flight: rank 1 joined the running group, then served"
+        dep.workers[1].register(dep.pcaches[1])
+        traffic.ok(3)
+
+
+@pytest.mark.slow
 def test_a_stopped_barrier_service_completes_what_arrived_while_it_was_stopped(
     record: dict[str, Any], transport: str
 ) -> None:

@@ -196,6 +196,24 @@ def test_a_rank_starting_while_its_group_serves_joins_at_once() -> None:
     assert b.sizes()["open"] == 0  # no round was opened for the others to join
 
 
+def test_a_rank_that_reached_a_new_service_before_its_group_s_heartbeat_joins_once_heard() -> None:
+    # issue 23, item 3: the service and prefill rank 1 restarted together; rank 1 arrives at the
+    # start-up key before rank 0's first heartbeat reached the new service
+    b = BarrierState(timeout_s=10.0, epoch="new")
+    b.hello(Hello("g", 1, 2, "prefill"), 0.0)
+    mine = Digest(0, 0, 0, "fp-a")
+    assert b.handle(Arrive("g", STARTUP_KEY, 0, 1, mine), 0.1) == []  # no live rank known yet
+    out = b.hello(Hello("g", 0, 2, "prefill", serving="fp-a"), 0.2)
+    assert out == [ToRank("g", 1, Release("g", STARTUP_KEY, 0, mine)), ToRank("g", 0, Ack("hello new"))]
+    assert b.sizes()["open"] == 0 and b.on_timer(20.0) == []  # nothing left to expire
+    # a joiner with another configuration is told so, as when it arrives after the heartbeat
+    b = BarrierState(timeout_s=10.0)
+    b.hello(Hello("g", 1, 2, "prefill"), 0.0)
+    b.handle(Arrive("g", STARTUP_KEY, 0, 1, Digest(0, 0, 0, "fp-b")), 0.1)
+    (told, _) = b.hello(Hello("g", 0, 2, "prefill", serving="fp-a"), 0.2)
+    assert told.rank == 1 and isinstance(told.message, Diverged) and "ranks [0]" in told.message.reason
+
+
 def test_a_joiner_hears_every_verdict_still_remembered_for_its_group() -> None:
     b = _serving()
     for r in (0, 1):
