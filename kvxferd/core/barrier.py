@@ -208,7 +208,8 @@ class BarrierState:
             f"ranks {odd} of group {group!r} serve with another configuration than rank {rank}; "
             "a rank joining a running group must use its configuration"
         )
-        verdict = Diverged(group, STARTUP_KEY, instance, Status.FAILED, reason, tuple(others[r] for r in sorted(others)))
+        views = tuple(others[r] for r in sorted(others))
+        verdict = Diverged(group, STARTUP_KEY, instance, Status.FAILED, reason, views)
         return [ToRank(group, rank, verdict)]
 
     def _joined(self, group: str, now: float) -> list[BarrierEffect]:
