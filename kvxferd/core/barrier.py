@@ -27,7 +27,9 @@ tell its decode rank.
 In the admission round a Withdraw may replace the rank's Admit (an abort that
 came after the cache_info). Otherwise repeating a word is harmless and
 changing it is refused. Tables are bounded (``max_keys`` open keys and as many
-remembered verdicts).
+remembered verdicts), and one rank cannot fill them: keys it opened with a
+withdrawal that no other rank spoke in are bounded per rank (the oldest ends
+at once, failed, when another comes: it could not succeed anyway).
 
 Joining and restarts. A serving rank says ``Hello(serving=fingerprint)`` every
 heartbeat; ranks heard from within ``alive_s`` are the group's live ones. The
@@ -113,6 +115,7 @@ class BarrierState:
         max_wait_s: float = 0.0,
         epoch: str = "0",
         alive_s: float = 3.0,
+        max_alone: int = 4096,
     ) -> None:
         self.timeout_s = timeout_s
         self.epoch = epoch  # names this run of the service in every Ack of a Hello
@@ -120,6 +123,11 @@ class BarrierState:
         self.max_keys = max_keys  # open keys per group: one group cannot crowd out another
         self.max_wait_s = max(max_wait_s, timeout_s)  # the longest a rank may ask a key to stay open
         self.max_groups = max_groups
+        #: keys one rank opened with a withdrawal that no other rank spoke in yet, per rank: a rank
+        #: refusing what its peers never get (a scheduler skipping ranks) holds at most this many
+        #: (and at most a quarter of its group's keys shared by all ranks)
+        self.max_alone = max_alone
+        self._alone: dict[tuple[str, int], dict[RoundKey, None]] = {}  # insertion order: oldest first
         self._groups: dict[str, int] = {}  # group -> world size
         self._open: dict[RoundKey, _Open] = {}
         self._open_in: Counter[str] = Counter()  # group -> its open keys
@@ -177,7 +185,7 @@ class BarrierState:
             waiting = [k for k, e in self._open.items() if e.group == msg.group and e.key != STARTUP_KEY]
             for k in waiting:
                 self._deadlines.cancel(k)
-                effects += self._expire(k, now, gone=[msg.rank], how="restarted")
+                effects += self._expire(k, now, gone=[msg.rank], how="restarted before reporting")
         self._stopped.discard((msg.group, msg.rank))
         return [*effects, ToRank(msg.group, msg.rank, Ack(f"hello {self.epoch}"))]
 
@@ -259,12 +267,19 @@ class BarrierState:
         return [r for r in range(self._groups[entry.group]) if r not in entry.words]
 
     def _expire(
-        self, k: RoundKey, now: float, *, gone: list[int] | None = None, how: str = "stopped serving (no heartbeat)"
+        self,
+        k: RoundKey,
+        now: float,
+        *,
+        gone: list[int] | None = None,
+        how: str = "stopped serving (no heartbeat) before reporting",
     ) -> list[BarrierEffect]:
         """End the open round of ``k`` as expired: its deadline passed, or ranks it waits for are
         ``gone`` (default: those stopped serving), ``how``."""
         entry = self._open.pop(k)
         self._open_in[entry.group] -= 1
+        if len(entry.words) == 1:
+            self._unalone(entry, k)
         size = self._groups[entry.group]
         missing = tuple(self._missing(entry))
         if gone is None:
@@ -299,26 +314,54 @@ class BarrierState:
         if remembered is not None:
             return [ToRank(group, view.rank, remembered)]
         entry = self._open.get(k)
+        early: list[BarrierEffect] = []
         if entry is None:
+            if view.status is not Status.OK:
+                early = self._hold_alone(k, view.rank, size, now)
             if self._open_in[group] >= self.max_keys:
                 detail = f"key {key!r} refused: group {group!r} already has {self.max_keys} keys open"
-                return [Problem(ErrorCode.TABLE_FULL, detail, key)]
+                return [*early, Problem(ErrorCode.TABLE_FULL, detail, key)]
             self._open_in[group] += 1
             first = Round.NAMED if view.digest is not None else Round.ADMISSION
             entry = self._open[k] = _Open(group, key, instance, now, timeout_s, first)
             self._deadlines.set(k, now + timeout_s)
+            if view.status is not Status.OK:
+                self._alone.setdefault((group, view.rank), {})[k] = None
+        elif len(entry.words) == 1 and view.rank not in entry.words:
+            self._unalone(entry, k)
         problem, tell = self._take(entry, view, admitted or view.digest is not None)
         if problem is not None:
-            return [Problem(ErrorCode.CONFLICT, f"rank {view.rank} about {key!r} instance {instance}: {problem}", key)]
+            detail = f"rank {view.rank} about {key!r} instance {instance}: {problem}"
+            return [*early, Problem(ErrorCode.CONFLICT, detail, key)]
         if view.terms is not None and not entry.peer:
             entry.peer = view.terms.peer
-        told: list[BarrierEffect] = [ToRank(group, r, Admitted(group, key, instance)) for r in tell]
+        told: list[BarrierEffect] = early + [ToRank(group, r, Admitted(group, key, instance)) for r in tell]
         if len(entry.words) < size:
             if self._stopped and key != STARTUP_KEY and any((group, r) in self._stopped for r in self._missing(entry)):
                 self._deadlines.cancel(k)
                 return told + self._expire(k, now)  # a rank it waits for stopped serving: no use waiting
             return told
         return told + self._settle(k, entry, size, now)
+
+    def _hold_alone(self, k: RoundKey, rank: int, size: int, now: float) -> list[BarrierEffect]:
+        """Rank ``rank`` opens ``k`` with a withdrawal: if it already holds as many keys alone as
+        it may, its oldest such key ends now (it failed anyway: a rank withdrew; the others hear
+        the verdict when they speak, or now), so one rank's refusals cannot fill its group."""
+        held = self._alone.get((k[0], rank))
+        cap = max(1, min(self.max_alone, self.max_keys // (4 * size) or 1))
+        if held is None or len(held) < cap:
+            return []
+        oldest = next(iter(held))
+        self._deadlines.cancel(oldest)
+        how = f"was not waited for: rank {rank} withdrew alone from {cap} newer keys"
+        return self._expire(oldest, now, gone=self._missing(self._open[oldest]), how=how)
+
+    def _unalone(self, entry: _Open, k: RoundKey) -> None:
+        """``entry`` stops being held by one rank's withdrawal alone."""
+        (first,) = entry.words
+        held = self._alone.get((entry.group, first))
+        if held is not None and held.pop(k, 0) is None and not held:
+            del self._alone[(entry.group, first)]
 
     def _take(self, entry: _Open, view: RankView, admitted: bool) -> tuple[str | None, list[int]]:
         """Record one rank's word in the open round: a sentence if the word is not acceptable, and
@@ -368,6 +411,8 @@ class BarrierState:
         del self._open[k]
         self._open_in[group] -= 1
         self._deadlines.cancel(k)
+        if size == 1:
+            self._unalone(entry, k)
         verdict: Release | Diverged
         if ending is None:
             digest = views[0].digest

@@ -87,12 +87,12 @@ def expiry(
     round_name: str,
     waited_s: float,
     stopped: Sequence[int] = (),
-    how: str = "stopped serving (no heartbeat)",
+    how: str = "stopped serving (no heartbeat) before reporting",
 ) -> Ending:
     """The round's deadline passed with ``missing`` ranks silent; or, with ``stopped``, those of
     them are gone (``how``), so the round ends without waiting longer."""
     if stopped:
-        silent = f"{_ranks(stopped)} of group {group} {how} before reporting ({round_name})"
+        silent = f"{_ranks(stopped)} of group {group} {how} ({round_name})"
     else:
         silent = f"{_ranks(missing)} of group {group} did not report within {waited_s:.3g}s ({round_name})"
     ending = withdrawn(views)

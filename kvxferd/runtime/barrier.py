@@ -53,6 +53,7 @@ class BarrierService(Service):
             max_wait_s=config.timeouts.startup_s,
             epoch=secrets.token_hex(6),  # this run of the service: a rank seeing another one announces again
             alive_s=3 * config.timeouts.heartbeat_s,
+            max_alone=config.limits.max_requests,
         )
         self.barrier = guarded(state, "barrier core")
         self.endpoint = ""

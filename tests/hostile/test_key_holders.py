@@ -146,3 +146,21 @@ def test_every_frame_up_to_the_documented_limit_is_answered_and_a_little_more_is
         else:
             assert isinstance(answer, Error) and f"exceeds the {limit}-byte limit" in answer.detail, (size, answer)
     dep.still_fine("after-frames-at-the-limit")
+
+
+def test_one_ranks_refusals_cannot_fill_the_barrier_for_the_group(dep: Hostile) -> None:
+    """Issue 23, item 14: a scheduler that skips rank 1 sends rank 0 more refusable cache_infos
+    than the group has barrier keys (64 here); each is refused and withdrawn, and rank 1 never
+    speaks in those keys. A legitimate request right after must still be admitted and move."""
+    assert dep.sched is not None
+    flood = 3 * 64
+    for i in range(flood):
+        dep.sched.submit(CacheInfo(f"skip-{i}", i % 4096, 0, 8, (999,), (1,), dep.peer), ranks=[0])
+    refused = set()
+    deadline = time.monotonic() + ANSWER_S
+    while len(refused) < flood:
+        assert time.monotonic() < deadline, f"{len(refused)} of {flood} refusals came"
+        refused |= {out.request_id for out in dep.sched.collect(0.5) if out.refused}
+    _legit_once_held(dep, "after-refusals")
+    probe = dep.status(0)
+    assert probe["tables"]["requests"] == 0

@@ -448,3 +448,28 @@ def test_groups_and_keys_are_independent(order: tuple[int, ...]) -> None:
         if r < 2:
             out += b.handle(Admit("h", "same-key", 0, r, T), 0.0)
     assert sorted((e.group, e.rank) for e in out) == [("g", 0), ("g", 1), ("g", 2), ("h", 0), ("h", 1)]
+
+
+def test_what_one_rank_withdrew_from_alone_is_bounded_and_the_oldest_ends_first() -> None:
+    # issue 23, item 14: rank 0 refuses cache_infos rank 1 never gets (cap: 32 keys / (4 x 2) = 4)
+    b = barrier(2, max_keys=32)
+    for i in range(4):
+        assert b.handle(Withdraw("g", f"r{i}", 0, 0, Status.FAILED, "refused: bad blocks"), 1.0 + i) == []
+    out = b.handle(Withdraw("g", "r4", 0, 0, Status.FAILED, "refused: bad blocks"), 5.0)
+    (v,) = {e.message for e in out}
+    assert [e.rank for e in out] == [0, 1] and isinstance(v, Expired) and v.key == "r0"
+    assert v.status is Status.FAILED and v.missing == (1,)
+    assert v.reason == (
+        "rank 0 failed: refused: bad blocks (rank 1 of group g was not waited for: "
+        "rank 0 withdrew alone from 4 newer keys (admission))"
+    )
+    for i in range(5, 200):
+        b.handle(Withdraw("g", f"r{i}", 0, 0, Status.FAILED, "refused"), 5.0)
+    assert b.sizes()["open"] == 4  # never more than its share, however many it refuses
+    # a key another rank spoke in is no longer held alone, and the legitimate ones still open
+    b.handle(Withdraw("g", "r199", 0, 1, Status.FAILED, "refused"), 5.1)
+    admit_all(b, 2, key="legit", now=5.2)
+    assert b.sizes()["open"] == 4
+    # what ended so: rank 1, getting its cache_info late, hears that verdict at once
+    (late,) = b.handle(Admit("g", "r195", 0, 1, T), 6.0)
+    assert isinstance(late.message, Expired) and late.message.key == "r195" and late.rank == 1
