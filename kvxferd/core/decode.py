@@ -19,7 +19,15 @@ result. This core decides what becomes of each notice:
   ``push_every_s``, so its next writes go to the new cache;
 * anything else is handed on (:class:`Deliver`); once the shell reports it
   handed (:meth:`DecodeCore.delivered`), it is confirmed to its sender
-  (:class:`Confirm`), which stops keeping it.
+  (:class:`Confirm`), which stops keeping it;
+* a notice the engine could not be handed (:meth:`DecodeCore.undelivered`: its
+  connection is gone, or it does not read) is held like one that came before
+  any registration, and so is every later one while the engine stays
+  unreachable; every ``retry_s`` the oldest held notice is tried again (one
+  send, whatever is held), and once one goes through the rest follow. So a
+  dead engine costs one failed send per ``retry_s``, and its successor, when
+  it registers, hears every held notice (as failures, where they name the old
+  registration) and they are confirmed, so no prefill rank keeps them.
 
 A registration (:meth:`DecodeCore.registered`) starts a new generation,
 pushes the new PeerInfo to every prefill rank of the deployment (they hold
@@ -84,6 +92,7 @@ class DecodeCore:
         max_held: int = 4096,
         max_seen: int = 4096,
         push_every_s: float = 1.0,
+        retry_s: float = 1.0,
     ) -> None:
         self.rank = rank
         self.prefills = dict(prefills)  # the identities our prefill ranks connect with -> their group
@@ -93,6 +102,9 @@ class DecodeCore:
         self.seen: Memory[tuple[bytes, Key], bool] = Memory(limit=max_seen)
         self.held: Memory[tuple[bytes, Key], _Held] = Memory(limit=max_held)
         self.pushed: dict[bytes, float] = {}  # sender -> when it was last given our PeerInfo unasked
+        self.retry_s = retry_s
+        #: when the held notices are next tried on the registered engine (None: it is reachable)
+        self.retry_at: float | None = None
         self.counts: Counter[str] = Counter()
 
     @property
@@ -112,37 +124,66 @@ class DecodeCore:
         if handed is not None:
             self.counts["notice_repeated"] += 1
             return [self._confirm(sender, msg)] if handed else []
-        if not self.registered_engine:
+        if not self.registered_engine or self.retry_at is not None:
             # sent again (or queued) while this daemon restarted: kept for the engine that registers
             # next (they name an earlier registration, so it hears them as failures: blocks free again)
-            dropped = self.held.put((sender, msg.key), _Held(sender, msg))
-            if dropped is not None:
-                self.counts["notices_dropped"] += 1
-                self.seen.pop(dropped[0])
-            self.seen.put((sender, msg.key), False)
+            # (or, while the engine is unreachable, for it or the next one)
+            self._hold(sender, msg)
             return []
         return self._deliver(sender, msg, now)
 
-    def delivered(self, sender: bytes, msg: Notice) -> list[DecodeEffect]:
-        """The engine was handed ``msg``: remember it, and confirm it to its sender."""
-        self.seen.put((sender, msg.key), True)
-        return [self._confirm(sender, msg)]
+    def _hold(self, sender: bytes, msg: Notice) -> None:
+        dropped = self.held.put((sender, msg.key), _Held(sender, msg))
+        if dropped is not None:  # its sender keeps it unconfirmed, and sends it on a reconnect
+            self.counts["notices_dropped"] += 1
+            self.seen.pop(dropped[0])
+        self.seen.put((sender, msg.key), False)
 
-    def undelivered(self, sender: bytes, msg: Notice) -> None:
-        """The engine could not be handed ``msg`` (not connected): its sender will send it again."""
-        self.counts["notices_dropped"] += 1
-        self.seen.pop((sender, msg.key))
+    def delivered(self, sender: bytes, msg: Notice, now: float) -> list[DecodeEffect]:
+        """The engine was handed ``msg``: remember it, and confirm it to its sender (if the engine
+        was unreachable until now, what was held for it follows)."""
+        self.seen.put((sender, msg.key), True)
+        effects: list[DecodeEffect] = [self._confirm(sender, msg)]
+        if self.retry_at is not None:
+            self.retry_at = None
+            effects += self._release(now)
+        return effects
+
+    def undelivered(self, sender: bytes, msg: Notice, now: float) -> None:
+        """The engine could not be handed ``msg`` (not connected, or not reading): held, and
+        tried again in ``retry_s`` (with every notice that comes meanwhile)."""
+        self.counts["notices_undelivered"] += 1
+        self._hold(sender, msg)
+        self.retry_at = now + self.retry_s
+
+    def next_deadline(self) -> float | None:
+        return self.retry_at if self.held else None
+
+    def on_timer(self, now: float) -> list[DecodeEffect]:
+        """Try the oldest held notice on the engine again (only that one: it may still be gone)."""
+        if self.retry_at is None or now < self.retry_at or not self.held or not self.registered_engine:
+            return []
+        self.retry_at = now + self.retry_s  # until the shell reports this try
+        key, item = next(iter(self.held.items()))
+        self.held.pop(key)
+        return self._deliver(item.sender, item.notice, now)
 
     def registered(self, generation: str, now: float) -> list[DecodeEffect]:
         """An engine registered a cache, named ``generation``: every prefill rank hears the new
         PeerInfo, and every held notice is handed on."""
         self.generation = generation
+        self.retry_at = None
         effects: list[DecodeEffect] = []
         for sender in self.prefills:
             self.pushed[sender] = now
             effects.append(Push(sender))
+        return effects + self._release(now)
+
+    def _release(self, now: float) -> list[DecodeEffect]:
+        """Hand on every held notice (checked against the current registration)."""
         held = self.held.values()
         self.held.clear()
+        effects: list[DecodeEffect] = []
         for item in held:
             effects += self._deliver(item.sender, item.notice, now)
         return effects

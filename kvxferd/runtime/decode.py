@@ -98,6 +98,7 @@ class DecodeDaemon(GroupDaemon):
                 "registered": self.cache is not None,
                 "engine": self.engine is not None,
                 "held": len(self.core.held),
+                "engine_reachable": self.core.retry_at is None,
                 "counters": dict(self.counters + self.core.counts),
             }
             self.reply(identity, StatusReply(self.role, self.group.name, self.rank, self.state, json.dumps(report)))
@@ -150,18 +151,29 @@ class DecodeDaemon(GroupDaemon):
                 self.peer_router, identity, Error(ErrorCode.WRONG_ROLE, f"{type(msg).__name__} is not a peer message")
             )
 
+    def next_wakeup(self) -> float | None:
+        times = [t for t in (super().next_wakeup(), self.core.next_deadline()) if t is not None]
+        return min(times, default=None)
+
+    def tick(self, now: float) -> None:
+        super().tick(now)
+        self._apply(self.core.on_timer(now))
+
     def _apply(self, effects: list[DecodeEffect]) -> None:
         """Carry out what the core decided, in order."""
         assert self.peer_router is not None
         queue = list(effects)
+        failed = False  # once the engine could not be handed one, the rest of this batch is held untried
+        now = time.monotonic()
         while queue:
             eff = queue.pop(0)
             if isinstance(eff, Deliver):
                 assert self.engine is not None, "the core delivers only once an engine registered"
-                if self.reply(self.engine, eff.notice):
-                    queue[:0] = self.core.delivered(eff.sender, eff.notice)
+                if not failed and self.reply(self.engine, eff.notice):
+                    queue[:0] = self.core.delivered(eff.sender, eff.notice, now)
                 else:
-                    self.core.undelivered(eff.sender, eff.notice)
+                    failed = True
+                    self.core.undelivered(eff.sender, eff.notice, now)
             elif isinstance(eff, Confirm):
                 self.answer(self.peer_router, eff.sender, eff.message)
             elif isinstance(eff, Push):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from kvxferd import security
-from kvxferd.client import PrefillOutcome, PrefillScheduler, PrefillWorker, status
+from kvxferd.client import DecodeEngine, PrefillOutcome, PrefillScheduler, PrefillWorker, status
 from kvxferd.errors import TransportUnavailable
 from kvxferd.kvcache import HostKVCache
 from kvxferd.protocol import CacheInfo, ErrorCode, SlotChunk, Status
@@ -482,6 +482,53 @@ def test_notices_unread_by_a_killed_decode_daemon_reach_the_engine_through_its_s
 def _register_decode(dep: Deployment, rank: int, cache: HostKVCache) -> None:
     assert dep.dec is not None
     dep.dec.register_rank(rank, cache)
+
+
+@pytest.mark.slow
+def test_notices_for_a_dead_decode_engine_reach_its_successor_and_no_prefill_rank_keeps_them(
+    record: dict[str, Any],
+) -> None:
+    """Issue 23, item 4: the decode engine dies (its connections close); two requests complete on
+    prefill meanwhile, and their notices cannot be handed to it. Each decode daemon holds them;
+    once a new engine registers it hears them (as failures: they went into the dead engine's
+    cache), and every prefill rank's notices are confirmed, none kept."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep, record, "shm")
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(2)
+        world = range(dep.prefill.world_size)
+
+        def unconfirmed() -> list[int]:
+            return [int(dep.status(r)["peers"][dep.decode.name]["unconfirmed"]) for r in world]
+
+        dep.wait_until("every notice so far to be confirmed", lambda: unconfirmed() == [0, 0])
+        dep.dec.close()  # the engine dies
+        fault = time.monotonic()
+        dep.dec = DecodeEngine([dep.config.endpoint(dep.decode, r) for r in world], credentials=dep.creds)
+        lost = []
+        for _ in range(2):
+            info, _, _ = traffic.info()
+            dep.sched.submit(info)
+            traffic.signal(info, world)
+            assert dep.sched.wait(info.request_id, 20.0).ok
+            lost.append(info.request_id)
+        dep.wait_until(
+            "each decode daemon to hold both notices",
+            lambda: [dep.status(r, "decode")["held"] for r in world] == [2, 2],
+        )
+        assert unconfirmed() == [2, 2]
+        dep.dec.register(dep.dcaches)  # a new engine, with its own cache
+        for rid in lost:
+            told = dep.dec.wait(rid, 20.0)
+            while set(told.reported) != set(world):
+                assert dep.dec.collect(10.0), f"a decode rank never told the new engine about {rid}"
+            assert not told.ready and "registration" in told.reasons[0], told
+        dep.wait_until("no prefill rank to keep a notice", lambda: unconfirmed() == [0, 0])
+        record.update(
+            fault="decode engine killed, 2 requests, a new engine", report_s=round(time.monotonic() - fault, 2)
+        )
+        record["affected"] = "2 meanwhile: held at decode, heard by the new engine as failures, confirmed"
+        traffic.ok(3)
 
 
 @pytest.mark.slow

@@ -577,7 +577,7 @@ class GroupSim:
         for eff in decoder.notice(sender, msg, self.now):
             if isinstance(eff, Deliver):
                 self.told[d][eff.notice.key].append(eff.notice)
-                decoder.delivered(eff.sender, eff.notice)
+                decoder.delivered(eff.sender, eff.notice, self.now)
 
     def _on_heartbeat(self, seq: int, r: int, n: int) -> None:
         p = self.procs[r]

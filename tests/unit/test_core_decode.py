@@ -30,11 +30,13 @@ def failed(rid: str) -> TransferResult:
 def hand(c: DecodeCore, effects: list[DecodeEffect], engine: list[object]) -> list[DecodeEffect]:
     """What the shell does with a reachable engine: deliver, then report it delivered."""
     out: list[DecodeEffect] = []
-    for eff in effects:
+    queue = list(effects)
+    while queue:
+        eff = queue.pop(0)
         out.append(eff)
         if isinstance(eff, Deliver):
             engine.append(eff.notice)
-            out += c.delivered(eff.sender, eff.notice)
+            queue[:0] = c.delivered(eff.sender, eff.notice, 0.0)
     return out
 
 
@@ -93,14 +95,37 @@ def test_a_notice_naming_another_rank_is_dropped() -> None:
     assert c.counts["refused_peer"] == 1
 
 
-def test_an_undelivered_notice_is_not_remembered_so_its_resend_is_handed_on() -> None:
-    c, engine = core(), []
+def test_an_undelivered_notice_is_held_and_tried_again_until_the_engine_takes_it() -> None:
+    c, engine = core(retry_s=1.0), []
     c.registered("g1", 0.0)
     (deliver,) = c.notice(P0, ready("a"), 1.0)
     assert isinstance(deliver, Deliver)
-    c.undelivered(deliver.sender, deliver.notice)  # the engine's connection was gone
-    hand(c, c.notice(P0, ready("a"), 2.0), engine)
-    assert engine == [ready("a")]
+    c.undelivered(deliver.sender, deliver.notice, 1.0)  # the engine does not read, or is gone
+    # while it is unreachable, later notices and resends are held, untried, never handed twice
+    assert c.notice(P0, ready("b"), 1.5) == [] and c.notice(P0, ready("a"), 1.6) == []
+    assert len(c.held) == 2 and c.next_deadline() == 2.0 and c.on_timer(1.9) == []
+    (probe,) = c.on_timer(2.0)  # one try, the oldest
+    assert probe == Deliver(P0, ready("a"))
+    c.undelivered(probe.sender, probe.notice, 2.0)
+    (probe,) = c.on_timer(3.0)  # (the one tried last goes behind the others)
+    out = hand(c, [probe], engine)  # it took it: the rest follows, each confirmed
+    assert engine == [ready("b"), ready("a")] and not c.held and c.next_deadline() is None
+    assert [e.message.request_id for e in out if isinstance(e, Confirm)] == ["b", "a"]
+
+
+def test_a_dead_engines_successor_hears_what_was_held_for_it_and_every_sender_is_confirmed() -> None:
+    # issue 23, item 4: the engine died; its notices were undeliverable; a new engine registers
+    c, engine = core(), []
+    c.registered("g1", 0.0)
+    (deliver,) = c.notice(P0, ready("a"), 1.0)
+    c.undelivered(deliver.sender, deliver.notice, 1.0)
+    assert c.notice(P1, failed("b"), 1.1) == []
+    out = hand(c, c.registered("g2", 5.0), engine)
+    (stale, told_b) = engine  # "a" was written into the dead engine's cache: a failure for this one
+    assert isinstance(stale, TransferResult) and stale.status is Status.FAILED and "registration" in stale.reason
+    assert told_b == failed("b")
+    confirmed = {(e.sender, e.message.request_id) for e in out if isinstance(e, Confirm)}
+    assert confirmed == {(P0, "a"), (P1, "b")}
 
 
 def test_the_ledger_keeps_each_notice_until_its_daemon_confirms_it() -> None:
@@ -120,7 +145,11 @@ def test_the_ledger_keeps_each_notice_until_its_daemon_confirms_it() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["send", "resend", "register", "lose"]), st.integers(0, 5)), max_size=50))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["send", "resend", "register", "retry", "lose"]), st.integers(0, 5)), max_size=50
+    )
+)
 def test_through_any_restarts_and_resends_each_notice_reaches_the_engine_at_most_once(steps: list) -> None:
     """A prefill rank's ledger and a decode core: notices sent, sent again on reconnects, a decode
     core that starts with no engine, deliveries that fail. Every notice the ledger no longer keeps
@@ -134,10 +163,11 @@ def test_through_any_restarts_and_resends_each_notice_reaches_the_engine_at_most
             sent.add(rid)
         elif action == "resend":
             effects = ledger.reconnected("d")
-        elif action == "register" and not registered:
-            registered = True
+        elif (action == "register" and not registered) or action == "retry":
+            registered = True if action == "register" else registered
             effects = []
-            for eff in hand(c, c.registered("g", 0.0), engine):
+            start = c.registered("g", 0.0) if action == "register" else c.on_timer(1e9)
+            for eff in hand(c, start, engine):
                 if isinstance(eff, Confirm):
                     ledger.confirmed("d", eff.message.key)
         else:
@@ -147,7 +177,7 @@ def test_through_any_restarts_and_resends_each_notice_reaches_the_engine_at_most
                 continue
             out = c.notice(P0, send.notice, 0.0)
             if action == "resend" and n % 2 and out and isinstance(out[0], Deliver):
-                c.undelivered(out[0].sender, out[0].notice)  # the engine was not reachable this time
+                c.undelivered(out[0].sender, out[0].notice, 0.0)  # the engine was not reachable this time
                 continue
             for eff in hand(c, out, engine):
                 if isinstance(eff, Confirm):
