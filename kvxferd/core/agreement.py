@@ -87,7 +87,8 @@ class Words:
 
     def withdrawal(self, info: CacheInfo, ending: Ending, admitted: bool = False) -> Withdraw:
         sp = self.sp
-        return Withdraw(sp.group, info.request_id, info.instance, sp.rank, ending.status, clip(ending.reason), admitted)
+        reason = clip(ending.reason)
+        return Withdraw(sp.group, info.request_id, info.instance, sp.rank, ending.status, reason, admitted, info.peer)
 
     def decide(self, req: Request, ending: Ending, now: float, data: DataEvent | None = None) -> None:
         """The request's ending is known (a verdict, or this rank's own last decision)."""

@@ -44,7 +44,14 @@ that served and says Hello as starting again is a new process: the group's
 open rounds end at once (its predecessor held them). A serving
 rank not heard from within ``alive_s`` has *stopped*: the rounds waiting for
 it end at once as ``Expired`` (naming it), and so do rounds that open while it
-is stopped, instead of waiting out ``timeout_s``; its next heartbeat ends that. Every
+is stopped, instead of waiting out ``timeout_s``; its next heartbeat ends that.
+A rank that stopped or restarted is *absent* until it serves again: it may
+have died before telling its decode rank how its requests ended, so that
+decode rank (of the group a verdict's ``peer`` names) is sent every verdict of
+its group still remembered, and every later one while it is absent; the decode
+daemon hands each on as a failure, once. So a decode engine hears of every
+request whose prefill writer died within ``alive_s`` of the death, whether or
+not it comes back. Every
 ``Ack`` of a Hello names the service's ``epoch``; a rank that sees a new one
 knows the service restarted and announces its open words again: its
 ``Admit``, ``Arrive`` or ``Withdraw``. A key reopened that way cannot tell
@@ -116,6 +123,7 @@ class BarrierState:
         epoch: str = "0",
         alive_s: float = 3.0,
         max_alone: int = 4096,
+        decode_of: dict[str, str] | None = None,
     ) -> None:
         self.timeout_s = timeout_s
         self.epoch = epoch  # names this run of the service in every Ack of a Hello
@@ -128,6 +136,11 @@ class BarrierState:
         #: (and at most a quarter of its group's keys shared by all ranks)
         self.max_alone = max_alone
         self._alone: dict[tuple[str, int], dict[RoundKey, None]] = {}  # insertion order: oldest first
+        #: what a verdict's ``peer`` may say -> the decode group it names (from the config)
+        self.decode_of = dict(decode_of or {})
+        #: ranks whose process ended (stopped serving, or a new one started) and that have not
+        #: served again: the decode rank they write hears their verdicts from here
+        self._absent: set[tuple[str, int]] = set()
         self._groups: dict[str, int] = {}  # group -> world size
         self._open: dict[RoundKey, _Open] = {}
         self._open_in: Counter[str] = Counter()  # group -> its open keys
@@ -161,7 +174,7 @@ class BarrierState:
             return self._word((msg.group, msg.key, msg.instance), view, now, wait)
         if isinstance(msg, Withdraw):
             view = RankView(msg.rank, msg.status, reason=msg.reason)
-            return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s, msg.admitted)
+            return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s, msg.admitted, msg.peer)
         return [Problem(ErrorCode.WRONG_ROLE, f"the barrier service does not accept {type(msg).__name__}")]
 
     def hello(self, msg: Hello, now: float) -> list[BarrierEffect]:
@@ -177,6 +190,7 @@ class BarrierState:
         if msg.serving:
             new = (msg.group, msg.rank) not in self._serving or (msg.group, msg.rank) in self._stopped
             self._serving[(msg.group, msg.rank)] = (now, msg.serving)
+            self._absent.discard((msg.group, msg.rank))
             if new:
                 effects += self._joined(msg.group, now)
         elif self._serving.pop((msg.group, msg.rank), None) is not None:
@@ -186,6 +200,8 @@ class BarrierState:
             for k in waiting:
                 self._deadlines.cancel(k)
                 effects += self._expire(k, now, gone=[msg.rank], how="restarted before reporting")
+            self._absent.add((msg.group, msg.rank))
+            effects += self._tell_decode(msg.group, [msg.rank], self._remembered(msg.group))
         self._stopped.discard((msg.group, msg.rank))
         return [*effects, ToRank(msg.group, msg.rank, Ack(f"hello {self.epoch}"))]
 
@@ -207,8 +223,7 @@ class BarrierState:
             # the joiner replaces a rank that may have died holding requests: every verdict still
             # remembered, so it can tell its decode rank about the ones its predecessor could not
             joined: list[BarrierEffect] = [ToRank(group, rank, Release(group, STARTUP_KEY, instance, digest))]
-            remembered = [v for v in self._ended.values() if v.group == group and v.key != STARTUP_KEY]
-            return joined + [ToRank(group, rank, v) for v in remembered]
+            return joined + [ToRank(group, rank, v) for v in self._remembered(group)]
         others = {r: RankView(r, Status.OK, digest=Digest(0, 0, 0, fp)) for r, fp in live.items()}
         others[rank] = RankView(rank, Status.OK, digest=digest)
         odd = sorted(r for r, fp in live.items() if fp != mine)
@@ -219,6 +234,24 @@ class BarrierState:
         views = tuple(others[r] for r in sorted(others))
         verdict = Diverged(group, STARTUP_KEY, instance, Status.FAILED, reason, views)
         return [ToRank(group, rank, verdict)]
+
+    def _remembered(self, group: str) -> list[Release | Diverged | Expired]:
+        return [v for v in self._ended.values() if v.group == group and v.key != STARTUP_KEY]
+
+    def _tell_decode(
+        self, group: str, ranks: list[int], verdicts: list[Release | Diverged | Expired]
+    ) -> list[BarrierEffect]:
+        """``ranks`` of ``group`` are absent (their process ended): the decode rank each writes
+        hears ``verdicts`` from here, since the absent rank may not have told it (the decode
+        daemon takes each as a failure, and hands on at most one notice per request)."""
+        out: list[BarrierEffect] = []
+        for v in verdicts:
+            decode = self.decode_of.get(v.peer)
+            size = self._groups.get(decode or "")
+            if decode is None or size is None:
+                continue  # no decode group named, or none of it said Hello yet: nobody to tell
+            out += [ToRank(decode, r, v) for r in ranks if r < size]
+        return out
 
     def _joined(self, group: str, now: float) -> list[BarrierEffect]:
         """A rank of ``group`` is newly heard serving: ranks already waiting in a start-up round
@@ -253,6 +286,10 @@ class BarrierState:
             for k in waiting:
                 self._deadlines.cancel(k)
                 effects += self._expire(k, now)
+            for group, rank in sorted(gone):
+                if (group, rank) not in self._absent:
+                    self._absent.add((group, rank))
+                    effects += self._tell_decode(group, [rank], self._remembered(group))
         return effects
 
     def next_deadline(self) -> float | None:
@@ -289,7 +326,11 @@ class BarrierState:
         status, reason = verdicts.expiry(present, missing, entry.group, entry.round.value, waited, gone, how)
         verdict = Expired(entry.group, entry.key, entry.instance, missing, waited, status, reason, entry.peer)
         self._ended.put(k, verdict, now)
-        return [ToRank(entry.group, r, verdict) for r in range(size)]
+        told: list[BarrierEffect] = [ToRank(entry.group, r, verdict) for r in range(size)]
+        return told + self._tell_decode(entry.group, self._absent_in(entry.group), [verdict])
+
+    def _absent_in(self, group: str) -> list[int]:
+        return sorted(r for g, r in self._absent if g == group) if self._absent else []
 
     def sizes(self) -> dict[str, int]:
         return {"groups": len(self._groups), "open": len(self._open), "ended": len(self._ended)}
@@ -301,9 +342,16 @@ class BarrierState:
     # ---------------------------------------------------------------- internals
 
     def _word(
-        self, k: RoundKey, view: RankView, now: float, timeout_s: float, admitted: bool = False
+        self,
+        k: RoundKey,
+        view: RankView,
+        now: float,
+        timeout_s: float,
+        admitted: bool = False,
+        peer: str = "",
     ) -> list[BarrierEffect]:
-        """One rank's word; ``admitted``: a withdrawal of a rank that had been admitted."""
+        """One rank's word; ``admitted``: a withdrawal of a rank that had been admitted; ``peer``:
+        the decode peer a withdrawing rank's cache_info named."""
         group, key, instance = k
         size = self._groups.get(group)
         if size is None:
@@ -333,8 +381,8 @@ class BarrierState:
         if problem is not None:
             detail = f"rank {view.rank} about {key!r} instance {instance}: {problem}"
             return [*early, Problem(ErrorCode.CONFLICT, detail, key)]
-        if view.terms is not None and not entry.peer:
-            entry.peer = view.terms.peer
+        if not entry.peer:
+            entry.peer = view.terms.peer if view.terms is not None else peer
         told: list[BarrierEffect] = early + [ToRank(group, r, Admitted(group, key, instance)) for r in tell]
         if len(entry.words) < size:
             if self._stopped and key != STARTUP_KEY and any((group, r) in self._stopped for r in self._missing(entry)):
@@ -421,4 +469,5 @@ class BarrierState:
         else:
             verdict = Diverged(group, key, instance, ending[0], ending[1], views, entry.peer)
         self._ended.put(k, verdict, now)
-        return [ToRank(group, r, verdict) for r in range(size)]
+        told: list[BarrierEffect] = [ToRank(group, r, verdict) for r in range(size)]
+        return told + self._tell_decode(group, self._absent_in(group), [verdict])

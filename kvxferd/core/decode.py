@@ -29,6 +29,13 @@ result. This core decides what becomes of each notice:
   it registers, hears every held notice (as failures, where they name the old
   registration) and they are confirmed, so no prefill rank keeps them.
 
+A prefill rank whose process ended (it stopped serving, or a new process
+started in its place) may have died before it sent its notices: the barrier
+service then sends this core the verdicts of its group (:meth:`DecodeCore.
+writer_gone`), and each becomes that rank's failure notice, handed on unless
+the rank's own notice came first (and its own one, if it comes later, is
+only confirmed). So the engine hears of every request such a rank held, once.
+
 A registration (:meth:`DecodeCore.registered`) starts a new generation,
 pushes the new PeerInfo to every prefill rank of the deployment (they hold
 the old one, if any) and hands on every held notice, checked against it.
@@ -45,7 +52,7 @@ from dataclasses import dataclass
 
 from kvxferd.core.effects import Problem
 from kvxferd.core.memory import Memory
-from kvxferd.protocol import ErrorCode, Key, KVReady, Received, Status, TransferResult
+from kvxferd.protocol import Diverged, ErrorCode, Expired, Key, KVReady, Received, Release, Status, TransferResult
 from kvxferd.protocol.fields import show
 
 Notice = KVReady | TransferResult
@@ -53,10 +60,12 @@ Notice = KVReady | TransferResult
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """Hand ``notice`` to the engine; report with ``delivered`` or ``undelivered``."""
+    """Hand ``notice`` to the engine; report with ``delivered`` or ``undelivered``
+    (``confirm``: its sender is told once it is handed on; not for what the barrier relayed)."""
 
     sender: bytes
     notice: Notice
+    confirm: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +141,34 @@ class DecodeCore:
             return []
         return self._deliver(sender, msg, now)
 
+    def writer_gone(self, verdict: Release | Diverged | Expired, now: float) -> list[DecodeEffect]:
+        """The barrier's ``verdict`` for a request of prefill group ``verdict.group``, whose rank
+        writing to us is absent: its failure notice (a Release too: the rank that would vouch for
+        its bytes is gone before it said so), unless that rank's own notice came first."""
+        sender = f"{verdict.group}:{self.rank}".encode()
+        if sender not in self.prefills:
+            return [
+                Problem(
+                    ErrorCode.WRONG_ROLE,
+                    f"a verdict of {show(verdict.group)}: not a group that writes here",
+                    reply=False,
+                )
+            ]
+        if isinstance(verdict, Release):
+            reason = (
+                f"prefill {verdict.group} rank {self.rank}: its process ended before it told decode rank {self.rank}"
+            )
+            status = Status.FAILED
+        else:
+            reason, status = verdict.reason, verdict.status
+        self.counts["notices_from_barrier"] += 1
+        failure = TransferResult(verdict.key, status, reason, self.rank, 0, instance=verdict.instance)
+        return [
+            Deliver(e.sender, e.notice, confirm=False) if isinstance(e, Deliver) else e
+            for e in self.notice(sender, failure, now)
+            if not isinstance(e, Confirm)
+        ]
+
     def _hold(self, sender: bytes, msg: Notice) -> None:
         dropped = self.held.put((sender, msg.key), _Held(sender, msg))
         if dropped is not None:  # its sender keeps it unconfirmed, and sends it on a reconnect
@@ -139,11 +176,11 @@ class DecodeCore:
             self.seen.pop(dropped[0])
         self.seen.put((sender, msg.key), False)
 
-    def delivered(self, sender: bytes, msg: Notice, now: float) -> list[DecodeEffect]:
+    def delivered(self, sender: bytes, msg: Notice, now: float, confirm: bool = True) -> list[DecodeEffect]:
         """The engine was handed ``msg``: remember it, and confirm it to its sender (if the engine
         was unreachable until now, what was held for it follows)."""
         self.seen.put((sender, msg.key), True)
-        effects: list[DecodeEffect] = [self._confirm(sender, msg)]
+        effects: list[DecodeEffect] = [self._confirm(sender, msg)] if confirm else []
         if self.retry_at is not None:
             self.retry_at = None
             effects += self._release(now)

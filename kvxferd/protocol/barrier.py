@@ -278,8 +278,10 @@ class Withdraw(Message):
     flight, so a verdict that follows means no rank is still writing.
     ``status`` is ``failed`` or ``aborted``. ``admitted``: the rank had heard
     ``Admitted``, so this is a word of the completion round (a service that
-    restarted learns from it which round it lost). Wire: ``[3, "withdraw",
-    "prefill", "req-7", 0, 1, "aborted", "client cancelled", true]``.
+    restarted learns from it which round it lost). ``peer``: the decode peer its
+    cache_info named ("" if it never held one), so a verdict of withdrawals only
+    still names whom to tell. Wire: ``[3, "withdraw", "prefill", "req-7", 0, 1,
+    "aborted", "client cancelled", true, "decode"]``.
     """
 
     TAG: ClassVar[str] = "withdraw"
@@ -291,9 +293,11 @@ class Withdraw(Message):
     status: Status
     reason: str
     admitted: bool = False
+    peer: str = ""
 
     def __post_init__(self) -> None:
         _key("Withdraw", self.group, self.key, self.instance)
+        f.text("Withdraw", "peer", self.peer, limit=f.MAX_NAME)
         f.uint("Withdraw", "rank", self.rank)
         f.choice("Withdraw", "status", self.status, WITHDRAW_STATUSES)
         store(self, "status", Status(self.status))

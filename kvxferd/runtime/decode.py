@@ -24,14 +24,18 @@ from kvxferd.core.decode import Confirm, DecodeCore, DecodeEffect, Deliver, Push
 from kvxferd.core.effects import Problem
 from kvxferd.errors import TransportError, TransportUnavailable
 from kvxferd.protocol import (
+    STARTUP_KEY,
     Ack,
+    Diverged,
     Error,
     ErrorCode,
+    Expired,
     KVReady,
     Message,
     PeerInfo,
     PeerQuery,
     RegisterCache,
+    Release,
     StatusQuery,
     StatusReply,
     TransferResult,
@@ -159,6 +163,14 @@ class DecodeDaemon(GroupDaemon):
         super().tick(now)
         self._apply(self.core.on_timer(now))
 
+    def from_barrier(self, msg: Message, now: float) -> None:
+        """A verdict here is about a prefill rank writing to us whose process ended (see
+        :meth:`DecodeCore.writer_gone`)."""
+        if isinstance(msg, (Release, Diverged, Expired)) and msg.key != STARTUP_KEY:
+            self._apply(self.core.writer_gone(msg, now))
+        else:
+            super().from_barrier(msg, now)
+
     def _apply(self, effects: list[DecodeEffect]) -> None:
         """Carry out what the core decided, in order."""
         assert self.peer_router is not None
@@ -170,7 +182,7 @@ class DecodeDaemon(GroupDaemon):
             if isinstance(eff, Deliver):
                 assert self.engine is not None, "the core delivers only once an engine registered"
                 if not failed and self.reply(self.engine, eff.notice):
-                    queue[:0] = self.core.delivered(eff.sender, eff.notice, now)
+                    queue[:0] = self.core.delivered(eff.sender, eff.notice, now, eff.confirm)
                 else:
                     failed = True
                     self.core.undelivered(eff.sender, eff.notice, now)

@@ -717,6 +717,35 @@ def test_a_request_submitted_after_a_prefill_rank_died_is_decided_without_it(rec
 
 
 @pytest.mark.slow
+def test_the_decode_engine_hears_of_every_request_a_prefill_rank_held_when_it_died_and_stays_down(
+    record: dict[str, Any],
+) -> None:
+    """Issue 23, item 5: prefill rank 1 is killed holding a request (rank 0 wrote and arrived) and
+    is not restarted. Decode rank 1 never gets a notice from it; the barrier service, seeing it
+    stopped, tells decode rank 1 the verdict, so the engine hears every rank of the request
+    within a few heartbeats and can reuse its blocks, whether or not rank 1 ever returns."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep, record)
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(2)
+        info, _, _ = traffic.half_done(0)
+        fault = _kill(dep, _name(dep, "prefill", 1))
+        told = dep.dec.wait(info.request_id, 3 * HEARTBEAT_S + SLACK_S + 10)
+        while set(told.reported) != {0, 1}:
+            assert dep.dec.collect(3 * HEARTBEAT_S + SLACK_S), f"decode ranks {told.reported} only"
+        took = time.monotonic() - fault
+        assert told.statuses[1] is Status.FAILED and "rank 1 of group prefill stopped serving" in told.reasons[1]
+        assert told.reasons[0] == told.reasons[1], told.reasons  # one ending, whoever tells it
+        record.update(fault="SIGKILL prefill rank 1 holding a request, not restarted", report_s=round(took, 2))
+        record["affected"] = "1 in flight: decode rank 1 told by the barrier service, its blocks reusable"
+        assert took <= 3 * HEARTBEAT_S + SLACK_S, f"decode rank 1 told {took:.1f}s after the kill"
+        _restart(dep, _name(dep, "prefill", 1), record)
+        dep.workers[1].register(dep.pcaches[1])
+        traffic.ok(3)
+        assert not told.duplicates, told.duplicates  # nothing told twice, also once rank 1 rejoined
+
+
+@pytest.mark.slow
 def test_a_worker_registers_again_with_a_restarted_daemon_whatever_it_sent_meanwhile(
     record: dict[str, Any],
 ) -> None:

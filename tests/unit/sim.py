@@ -62,6 +62,7 @@ from kvxferd.protocol import (
 )
 
 GROUP = "prefill"
+DECODE, PEER = "decode", "decode-{rank}"  # the decode group, as cache_infos name it
 BLOCK_BYTES = 64
 FINGERPRINT = "sim-config"
 GENERATION = "g1"  # every decode rank's one registration
@@ -115,7 +116,7 @@ def _cache_info(plan: RequestPlan) -> CacheInfo:
         plan.num_tokens,
         tuple(plan.src),
         tuple(plan.dst),
-        "decode-{rank}",
+        PEER,
         "auto",
         plan.instance,
     )
@@ -371,7 +372,8 @@ class GroupSim:
         self.told: list[dict[Key, list[KVReady | TransferResult]]] = [defaultdict(list) for _ in range(world_size)]
         self.decode: dict[tuple[int, int, int], int] = {}  # (rank, layer, dst block) -> src block written there
         self.notices: dict[Key, list[tuple[int, KVReady | TransferResult]]] = defaultdict(list)
-        self.sources: dict[int, Process] = {}  # id of a notice -> the process that sent it
+        #: id of a notice -> the process that sent it (None: the barrier relayed it for an absent one)
+        self.sources: dict[int, Process | None] = {}
         self.written: set[Key] = set()  # instances any rank posted a write for
         self.barrier_problems: list[Problem] = []
         self.overdue: list[tuple[int, int, float]] = []  # (rank, process, when) a request's deadline passed
@@ -579,6 +581,14 @@ class GroupSim:
                 self.told[d][eff.notice.key].append(eff.notice)
                 decoder.delivered(eff.sender, eff.notice, self.now)
 
+    def _on_verdict_to_decode(self, seq: int, d: int, msg: Release | Diverged | Expired) -> None:
+        decoder = self.decoders[d]
+        for eff in decoder.writer_gone(msg, self.now):
+            if isinstance(eff, Deliver):
+                self.told[d][eff.notice.key].append(eff.notice)
+                self.sources[id(eff.notice)] = None
+                decoder.delivered(eff.sender, eff.notice, self.now, eff.confirm)
+
     def _on_heartbeat(self, seq: int, r: int, n: int) -> None:
         p = self.procs[r]
         if p.n != n or not p.alive:
@@ -642,7 +652,11 @@ class GroupSim:
 
     def _new_barrier(self) -> BarrierState:
         alive_s = 3 * self.timing.heartbeat_s
-        barrier = BarrierState(timeout_s=self.barrier_timeout_s, epoch=str(self.epochs), alive_s=alive_s)
+        barrier = BarrierState(
+            timeout_s=self.barrier_timeout_s, epoch=str(self.epochs), alive_s=alive_s, decode_of={PEER: DECODE}
+        )
+        for d in range(self.world):  # the decode group (its heartbeats are not simulated)
+            barrier.hello(Hello(DECODE, d, self.world, "decode", FINGERPRINT), self.now)
         self._dirty.add(barrier)
         return barrier
 
@@ -697,6 +711,9 @@ class GroupSim:
                     self.barrier_problems.append(eff)
                 continue
             assert isinstance(eff, ToRank), eff
+            if eff.group == DECODE:  # a verdict for a decode rank whose prefill writer is absent
+                self._send(("bd", eff.rank), "verdict_to_decode", eff.rank, eff.message)
+                continue
             target = self.procs[eff.rank]
             if target.alive:  # an identity nobody holds now: the ROUTER drops it
                 self._send(("r", eff.rank), "to_rank", eff.rank, target.n, eff.message)

@@ -473,3 +473,44 @@ def test_what_one_rank_withdrew_from_alone_is_bounded_and_the_oldest_ends_first(
     # what ended so: rank 1, getting its cache_info late, hears that verdict at once
     (late,) = b.handle(Admit("g", "r195", 0, 1, T), 6.0)
     assert isinstance(late.message, Expired) and late.message.key == "r195" and late.rank == 1
+
+
+def _with_decode() -> BarrierState:
+    """A serving prefill group "g" of 2 whose requests name decode group "d" (2 ranks)."""
+    b = BarrierState(timeout_s=10.0, alive_s=3.0, decode_of={"d": "d", "ipc:///d-{rank}": "d"})
+    for r in (0, 1):
+        b.hello(Hello("g", r, 2, "prefill", serving="fp"), 0.0)
+        b.hello(Hello("d", r, 2, "decode", serving="fq"), 0.0)
+    return b
+
+
+def test_the_decode_rank_of_a_prefill_rank_that_died_hears_its_verdicts_from_the_service() -> None:
+    # issue 23, item 5: prefill rank 1 dies and never comes back
+    b = _with_decode()
+    for r in (0, 1):
+        b.handle(Admit("g", "done", 0, r, T), 0.5)
+        b.handle(Arrive("g", "done", 0, r, D), 0.6)  # released: rank 1 may have died before telling decode
+    b.handle(Admit("g", "open", 0, 0, T), 1.0)
+    b.handle(Admit("g", "open", 0, 1, T), 1.0)  # admitted; rank 1 dies while writing
+    for r in (0, 1):
+        b.hello(Hello("g", 0, 2, "prefill", serving="fp"), 3.0)
+        b.hello(Hello("d", r, 2, "decode", serving="fq"), 3.0)
+    out = b.on_timer(4.001)  # rank 1 last heard at 1.0
+    to_decode = [(e.rank, type(e.message).__name__, e.message.key) for e in out if e.group == "d"]
+    assert sorted(to_decode) == [(1, "Expired", "open"), (1, "Release", "done")]  # rank 1's decode rank only
+    # while it is absent, what ends later is told to its decode rank as well
+    out = b.handle(Admit("g", "later", 0, 0, T), 4.1)
+    assert [(e.group, e.rank) for e in out] == [("g", 0), ("g", 1), ("d", 1)]
+    # once it serves again (a new process joined), its own rank tells decode itself
+    b.hello(Hello("g", 1, 2, "prefill", serving="fp"), 5.0)
+    b.handle(Admit("g", "k", 0, 0, T), 5.1)
+    out = b.handle(Withdraw("g", "k", 0, 1, Status.FAILED, "refused"), 5.2)
+    assert {e.group for e in out} == {"g"}
+
+
+def test_a_restarted_prefill_rank_s_decode_rank_hears_what_its_predecessor_held() -> None:
+    b = _with_decode()
+    b.handle(Admit("g", "held", 0, 1, T), 0.5)
+    out = b.hello(Hello("g", 1, 2, "prefill"), 1.0)  # a new process, still starting
+    to_decode = [e for e in out if e.group == "d"]
+    assert [(e.rank, e.message.key) for e in to_decode] == [(1, "held")] and isinstance(to_decode[0].message, Expired)

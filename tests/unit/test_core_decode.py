@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from kvxferd.core.decode import Confirm, DecodeCore, DecodeEffect, Deliver, Push
 from kvxferd.core.effects import Problem
 from kvxferd.core.ledger import NoticeLedger, Send
-from kvxferd.protocol import ErrorCode, KVReady, Received, Status, TransferResult
+from kvxferd.protocol import Digest, ErrorCode, Expired, KVReady, Received, Release, Status, TransferResult
 
 P0, P1 = b"prefill:0", b"other:0"
 PREFILLS = {P0: "prefill", P1: "other"}
@@ -36,7 +36,7 @@ def hand(c: DecodeCore, effects: list[DecodeEffect], engine: list[object]) -> li
         out.append(eff)
         if isinstance(eff, Deliver):
             engine.append(eff.notice)
-            queue[:0] = c.delivered(eff.sender, eff.notice, 0.0)
+            queue[:0] = c.delivered(eff.sender, eff.notice, 0.0, eff.confirm)
     return out
 
 
@@ -186,3 +186,25 @@ def test_through_any_restarts_and_resends_each_notice_reaches_the_engine_at_most
     assert len(ids) == len(set(ids)), f"handed on twice: {ids}"
     still_kept = {send.notice.request_id for send in ledger.reconnected("d")}
     assert sent - still_kept <= set(ids), "a notice its daemon confirmed reached the engine"
+
+
+def test_a_verdict_about_a_gone_writer_is_its_failure_notice_handed_on_once() -> None:
+    # issue 23, item 5: the barrier tells us the verdicts of prefill group "prefill", whose rank 0 is gone
+    c, engine = core(), []
+    c.registered("g1", 0.0)
+    expired = Expired("prefill", "a", 0, (0,), 3.0, Status.FAILED, "rank 0 of group prefill stopped serving", "d")
+    out = hand(c, c.writer_gone(expired, 1.0), engine)
+    assert engine == [TransferResult("a", Status.FAILED, expired.reason, 0, 0)]
+    assert not [e for e in out if isinstance(e, Confirm)]  # nobody to confirm to
+    # the rank was only stopped: its own notice, coming later, is confirmed and not handed on
+    assert hand(c, c.notice(P0, failed("a"), 2.0), engine) == [Confirm(P0, Received("a", 0, 0))]
+    # a release whose writer told us first: nothing more; one it may not have: a failure
+    hand(c, c.notice(P0, ready("b"), 3.0), engine)
+    digest = Digest(4, 1, 4096, "x")
+    assert hand(c, c.writer_gone(Release("prefill", "b", 0, digest, "d"), 3.1), engine) == []
+    hand(c, c.writer_gone(Release("prefill", "c", 0, digest, "d"), 3.2), engine)
+    assert engine[1] == ready("b") and (engine[2].request_id, engine[2].status) == ("c", Status.FAILED)
+    assert len(engine) == 3
+    assert "its process ended before it told decode rank 0" in engine[-1].reason
+    (p,) = c.writer_gone(Release("stranger", "e", 0, digest, "d"), 4.0)
+    assert isinstance(p, Problem)

@@ -370,7 +370,7 @@ def test_a_refused_cache_info_is_told_to_the_engine_the_decode_peer_and_the_barr
     result = out[1].result
     assert result.status is Status.FAILED and result.reason == out[0].detail and result.code == code.value
     assert out[2] == ToPeer("d", result)  # the decode rank learns at once: its blocks can be reused
-    assert out[3].message == Withdraw("prefill", "x", 0, 0, Status.FAILED, out[0].detail)
+    assert out[3].message == Withdraw("prefill", "x", 0, 0, Status.FAILED, out[0].detail, peer="d")
     assert c.sizes()["requests"] == 0
     # the verdict that follows (the other ranks learn of the refusal) tells no one here again
     verdict = Diverged("prefill", "x", 0, Status.FAILED, f"rank 0 failed: {out[0].detail}", (), "d")
@@ -462,7 +462,7 @@ def test_abort_waits_for_inflight_writes_before_withdrawing() -> None:
     (w,) = of(out, Write)
     assert c.handle(Abort("x", "user gone"), 1.0) == []  # draining: the write is still in flight
     out = c.write_done(w.write_id, 2.0)
-    assert messages(out, Withdraw) == [Withdraw("prefill", "x", 0, 0, Status.ABORTED, "user gone", admitted=True)]
+    assert messages(out, Withdraw) == [Withdraw("prefill", "x", 0, 0, Status.ABORTED, "user gone", admitted=True, peer="d")]
     out = c.handle(Diverged("prefill", "x", 0, Status.ABORTED, "aborted: user gone"), 3.0)
     (res,) = of(out, ToEngine)
     assert (res.result.status, res.result.reason) == (Status.ABORTED, "aborted: user gone")  # the verdict's words
@@ -476,7 +476,7 @@ def test_an_abort_before_the_cache_info_is_remembered_and_ends_it_at_once() -> N
     assert c.handle(Abort("x", "client cancelled"), 0.0) == []
     assert c.sizes()["aborts"] == 1
     out = c.handle(info("x", 0, 1, 16, [1], [2]), 0.1)
-    assert messages(out, Withdraw) == [Withdraw("prefill", "x", 0, 0, Status.ABORTED, "client cancelled")]
+    assert messages(out, Withdraw) == [Withdraw("prefill", "x", 0, 0, Status.ABORTED, "client cancelled", peer="d")]
     assert not messages(out, Admit) and not of(out, Write)
     assert c.sizes()["parked_signals"] == 0 and c.sizes()["aborts"] == 0
     out = c.handle(Diverged("prefill", "x", 0, Status.ABORTED, "aborted: client cancelled"), 0.2)
