@@ -462,7 +462,9 @@ def test_abort_waits_for_inflight_writes_before_withdrawing() -> None:
     (w,) = of(out, Write)
     assert c.handle(Abort("x", "user gone"), 1.0) == []  # draining: the write is still in flight
     out = c.write_done(w.write_id, 2.0)
-    assert messages(out, Withdraw) == [Withdraw("prefill", "x", 0, 0, Status.ABORTED, "user gone", admitted=True, peer="d")]
+    assert messages(out, Withdraw) == [
+        Withdraw("prefill", "x", 0, 0, Status.ABORTED, "user gone", admitted=True, peer="d")
+    ]
     out = c.handle(Diverged("prefill", "x", 0, Status.ABORTED, "aborted: user gone"), 3.0)
     (res,) = of(out, ToEngine)
     assert (res.result.status, res.result.reason) == (Status.ABORTED, "aborted: user gone")  # the verdict's words
