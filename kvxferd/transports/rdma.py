@@ -18,6 +18,13 @@ NIXL merges consecutive indices, so a run costs one UCX operation. Writes
 are polled to completion; errors (remote disconnect, not found, backend
 error) and writes older than ``write_timeout_s`` fail with a reason.
 
+A failed write is reported only once none of its bytes can land any more: its
+handle was released (NIXL cancels what it has not done), or, if NIXL will not
+release it, the peer's agent was removed, which tears its connections down
+(every other write to that peer fails with it; the next write opens the peer
+again). If neither works the write stays in flight, tried again at each poll,
+and its request's ending waits (bounded by the request's own drain deadline).
+
 UCX reads its settings from the environment when the backend starts; they
 come from the config (``rdma_tls``, ``rdma_interface``, ``rdma_log_level``),
 and NIXL's own Python logs are routed to our stderr logging.
@@ -25,6 +32,7 @@ and NIXL's own Python logs are routed to our stderr logging.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import logging
@@ -205,7 +213,10 @@ class RdmaTransport(Transport):
         self._reg: Any = None
         self._prepped: Any = None
         self._remotes: dict[str, _Remote] = {}
+        self._infos: dict[str, PeerInfo] = {}  # what each open peer was opened with (to open it again)
         self._inflight: dict[int, tuple[Any, float, str]] = {}  # write id -> (handle, deadline, peer)
+        #: failed writes NIXL would neither release nor cut off: write id -> (handle, peer, error)
+        self._stuck: dict[int, tuple[Any, str, str]] = {}
         self._done: list[Completion] = []
 
     # -- local memory ----------------------------------------------------------------------
@@ -264,8 +275,11 @@ class RdmaTransport(Transport):
         except self._errors as exc:
             raise TransportError(f"NIXL could not open peer {key}: {type(exc).__name__}: {exc}") from None
         self._remotes[key] = _Remote(name, prepped)
+        self._infos[key] = peer
 
     def _post(self, write_id: int, key: str, layer: int, runs: RunTable) -> Completion | None:
+        if key not in self._remotes:  # its agent was removed to stop a failed write: add it again
+            self._open_peer(key, self._infos[key])
         remote = self._remotes[key]
         layout = self.local.layout
         try:
@@ -298,25 +312,78 @@ class RdmaTransport(Transport):
             return self._finish(write_id, f"write to {key} not done after {waited:g}s (peer hung?)")
         return None
 
-    def _finish(self, write_id: int, error: str | None) -> Completion:
+    def _finish(self, write_id: int, error: str | None) -> Completion | None:
+        """Write ``write_id`` is over (``error``: it failed): its completion once no more of its
+        bytes can land, else None (it is kept, and tried again at the next poll)."""
         handle, _, key = self._inflight.pop(write_id)
         try:
             handle.release()
         except self._errors as exc:
-            log.warning("releasing a NIXL transfer handle failed: %s", exc)
+            if error is None:  # it is done: nothing of it is in flight, whatever the handle says
+                log.warning("releasing a finished NIXL transfer handle failed: %s", exc)
+            else:
+                return self._stop_landing(write_id, handle, key, error, exc)
         return self.completion(write_id, key, error)
 
+    def _stop_landing(self, write_id: int, handle: Any, key: str, error: str, exc: BaseException) -> Completion | None:
+        """A failed write NIXL will not release may still be moving bytes: remove the peer's agent
+        (its connections go with it) before saying it failed; if that fails too, keep it."""
+        if self._cut(key):
+            why = f"NIXL would not release it ({type(exc).__name__}), so the connection to {key} was torn down"
+            return self.completion(write_id, key, f"{error}; {why}: nothing more of it can land")
+        log.error("write %d to %s failed and can be neither released nor cut off; retrying", write_id, key)
+        self._stuck[write_id] = (handle, key, error)
+        return None
+
+    def _cut(self, key: str) -> bool:
+        """Remove peer ``key``'s agent (True: done, or it was not there); every write in flight to
+        it fails now. The next write to it opens it again."""
+        remote = self._remotes.get(key)
+        if remote is not None:
+            try:
+                self._agent.remove_remote_agent(remote.name)
+            except self._errors as exc:
+                log.warning("removing NIXL peer %s: %s", key, exc)
+                return False
+            del self._remotes[key]
+            with contextlib.suppress(*self._errors):
+                remote.prepped.release()
+        for wid, (handle, _, peer) in list(self._inflight.items()):
+            if peer == key:
+                del self._inflight[wid]
+                with contextlib.suppress(*self._errors):
+                    handle.release()
+                self._done.append(self.completion(wid, key, f"the connection to {key} was torn down"))
+        return True
+
+    def _unstick(self) -> list[Completion]:
+        out = []
+        for wid, (handle, key, error) in list(self._stuck.items()):
+            try:
+                handle.release()
+                why = "released after all"
+            except self._errors:
+                if not self._cut(key):
+                    continue
+                why = f"the connection to {key} was torn down"
+            del self._stuck[wid]
+            out.append(self.completion(wid, key, f"{error}; {why}: nothing more of it can land"))
+        return out
+
     def poll(self) -> list[Completion]:
-        done, self._done = self._done, []  # writes ended by closing their peer
-        return done + [c for wid in list(self._inflight) if (c := self._check(wid)) is not None]
+        done = self._unstick() if self._stuck else []
+        checked = [c for wid in list(self._inflight) if wid in self._inflight and (c := self._check(wid)) is not None]
+        done, self._done = done + self._done, []  # (writes ended by closing or cutting their peer)
+        return done + checked
 
     def pending(self) -> int:
-        return len(self._inflight) + len(self._done)
+        return len(self._inflight) + len(self._done) + len(self._stuck)
 
     def _close_peer(self, key: str) -> None:
         for wid, (_, _, peer) in list(self._inflight.items()):
-            if peer == key:
-                self._done.append(self._finish(wid, f"peer {key} was closed"))
+            if peer == key and wid in self._inflight and (c := self._finish(wid, f"peer {key} was closed")):
+                self._done.append(c)
+        self._infos.pop(key, None)
         remote = self._remotes.pop(key, None)
         if remote is not None:
             try:
@@ -328,7 +395,9 @@ class RdmaTransport(Transport):
     def close(self) -> None:
         super().close()
         for wid in list(self._inflight):
-            self._finish(wid, "transport closed")
+            if wid in self._inflight:
+                self._finish(wid, "transport closed")
+        self._stuck.clear()  # the agent goes below: its connections, and what moved on them, with it
         if self._agent is not None:
             try:
                 if self._prepped is not None:
