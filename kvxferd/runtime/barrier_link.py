@@ -10,6 +10,9 @@ heartbeats: the daemon sends :meth:`hello` every ``heartbeat_s`` once serving).
 ``epoch`` is the service run the last Ack named: a new one means the service
 restarted and lost its tables. What the service sends behind the answer a wait
 is for (a joiner's remembered verdicts) is kept for the next :meth:`recv_ready`.
+A word the socket refuses (its queue to the service is full) is kept and sent
+again from :meth:`retry` (a repeated word is harmless to the service); one
+given up after ``keep_s`` is logged, and its request ends on its own deadline.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ import zmq
 from kvxferd.errors import DaemonError
 from kvxferd.protocol import STARTUP_KEY, Ack, Arrive, Digest, Diverged, Error, Expired, Hello, Message, Release
 from kvxferd.runtime import sockets
+from kvxferd.runtime.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
 GRACE_S = 2.0
+RETRY_S = 0.2  # how often words the socket refused are tried again
+MAX_UNSENT = 65536
 
 
 class BarrierLink:
@@ -40,6 +46,7 @@ class BarrierLink:
         world_size: int,
         role: str,
         max_frame: int,
+        keep_s: float = 30.0,
     ) -> None:
         """``sock``: a DEALER named ``identity(group, rank)``, connected to ``endpoint``."""
         self.endpoint = endpoint
@@ -49,16 +56,34 @@ class BarrierLink:
         self.epoch: str | None = None  # the service run that answered our last Hello
         self.backlog: list[Message] = []  # read by a wait, behind the message it waited for
         self.serving = ""  # our config's fingerprint once we serve (sent with every heartbeat)
+        self.unsent: Outbox[Message, Message] = Outbox(limit=MAX_UNSENT, retry_s=RETRY_S, keep_s=keep_s)
 
     @staticmethod
     def identity(group: str, rank: int) -> str:
         return f"{group}:{rank}"
 
     def send(self, msg: Message) -> None:
+        if not self._try(msg) and not isinstance(msg, Hello):  # (a heartbeat goes again anyway)
+            log.warning("barrier service %s is not keeping up; %s kept to send again", self.endpoint, msg)
+            self._lost(self.unsent.hold(msg, None, msg, time.monotonic()))
+
+    def _try(self, msg: Message) -> bool:
         try:
             sockets.send(self.sock, msg)
         except zmq.Again:
-            log.error("barrier service %s is not keeping up; dropped %s", self.endpoint, type(msg).__name__)
+            return False
+        return True
+
+    def retry(self, now: float) -> None:
+        """Send the words the socket refused again (a no-op while none are kept)."""
+        if self.unsent.next_deadline() is not None:
+            self._lost(self.unsent.retry(now, lambda _, msg: self._try(msg)))
+
+    def _lost(self, words: list[Message]) -> None:
+        for msg in words:
+            log.error(
+                "gave up sending %s to the barrier service %s; its request ends on its deadline", msg, self.endpoint
+            )
 
     def hello(self) -> None:
         self.send(Hello(self.group, self.rank, self.world_size, self.role, self.serving))

@@ -63,6 +63,7 @@ class GroupDaemon(Service):
             world_size=self.group.world_size,
             role=self.role,
             max_frame=self.max_frame,
+            keep_s=self.config.timeouts.verdict_s,
         )
         self.own(self.barrier.sock)
         self.barrier.startup(
@@ -76,9 +77,14 @@ class GroupDaemon(Service):
             self.on_barrier()
 
     def next_wakeup(self) -> float | None:
-        return self._next_beat
+        if self._next_beat is None:  # not serving yet (no barrier link before that)
+            return None
+        retry = self.barrier.unsent.next_deadline()
+        return self._next_beat if retry is None else min(retry, self._next_beat)
 
     def tick(self, now: float) -> None:
+        if self._next_beat is not None:
+            self.barrier.retry(now)
         if self._next_beat is not None and now >= self._next_beat:
             self.barrier.hello()
             self._next_beat = now + self.heartbeat_s

@@ -355,7 +355,7 @@ class Peers:
                 sockets.send(link.sock, eff.notice)
             except zmq.Again:
                 log.error(
-                    "decode daemon %s is not taking messages; %s goes again when it connects", link.endpoint, eff.notice
+                    "decode daemon %s is not taking messages; %s is kept and sent again", link.endpoint, eff.notice
                 )
 
     # -- discovery -------------------------------------------------------------------------
@@ -457,12 +457,15 @@ class Peers:
                 done += self._carry(link, link.machine.on_timer(now), now)
             if link.gone and link.renew_at is not None and now >= link.renew_at:
                 self._renew(link, now)
+        self._send(self.ledger.due(now))  # notices unconfirmed too long: dropped somewhere, again
         return done + self.poll(now)
 
     def next_wakeup(self) -> float | None:
         times = [self._next_poll] if self._next_poll is not None else []
         times += [t for link in self.links.values() if (t := link.machine.next_deadline()) is not None]
         times += [link.renew_at for link in self.links.values() if link.gone and link.renew_at is not None]
+        if (again := self.ledger.next_deadline()) is not None:
+            times.append(again)
         return min(times, default=None)
 
     def _renew(self, link: Link, now: float) -> None:

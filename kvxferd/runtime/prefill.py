@@ -29,6 +29,7 @@ from kvxferd.protocol import (
     Error,
     ErrorCode,
     Expired,
+    Key,
     LayerSignal,
     Message,
     RegisterCache,
@@ -42,12 +43,14 @@ from kvxferd.protocol.fields import clip, show
 from kvxferd.runtime.daemon import GroupDaemon
 from kvxferd.runtime.guard import guarded, unguarded
 from kvxferd.runtime.logs import TRACE
+from kvxferd.runtime.outbox import Outbox
 from kvxferd.runtime.peers import Peers
 from kvxferd.transports import Completion
 
 log = logging.getLogger(__name__)
 
 SHUTTING_DOWN = "the prefill daemon is shutting down"
+RESULT_RETRY_S = 0.5  # how often a result its scheduler could not take is tried again
 #: scheduler connections remembered (the most recent ones) as allowed to abort a request not seen yet
 MAX_SCHEDULERS = 64
 
@@ -85,17 +88,26 @@ class PrefillDaemon(GroupDaemon):
         #: connections that sent a cache_info lately (schedulers): who may abort a request not seen yet
         self.schedulers: Memory[bytes, bool] = Memory(limit=MAX_SCHEDULERS)
         self._sender: bytes | None = None
+        #: results a scheduler could not be sent (not reading, reconnecting): tried again, bounded
+        self.results: Outbox[Key, TransferResult] = Outbox(
+            limit=config.limits.max_requests, retry_s=RESULT_RETRY_S, keep_s=config.timeouts.verdict_s
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
     def next_wakeup(self) -> float | None:
-        times = [
-            t for t in (self.core.next_deadline(), self.peers.next_wakeup(), super().next_wakeup()) if t is not None
-        ]
-        return min(times, default=None)
+        times = (
+            self.core.next_deadline(),
+            self.peers.next_wakeup(),
+            super().next_wakeup(),
+            self.results.next_deadline(),
+        )
+        return min((t for t in times if t is not None), default=None)
 
     def tick(self, now: float) -> None:
         super().tick(now)
+        if self.results.next_deadline() is not None:
+            self._lost(self.results.retry(now, lambda to, msg: to is not None and self.reply(to, msg, quiet=True)))
         self._complete(self.peers.handle_answers(now) + self.peers.tick(now), now)
         deadline = self.core.next_deadline()
         if deadline is not None and now >= deadline:
@@ -283,7 +295,20 @@ class PrefillDaemon(GroupDaemon):
         if identity is None:
             log.error("no engine to tell that request %s ended (%s)", rid, result.status.value)
             return
-        self.reply(identity, result)
+        if not self.reply(identity, result):  # its scheduler is not reading, or reconnecting: again later
+            now = time.monotonic()
+            self._lost(self.results.hold(result.key, identity, result, now))
+
+    def _lost(self, results: list[TransferResult]) -> None:
+        for result in results:
+            self.counters["results_given_up"] += 1
+            log.error(
+                "gave up telling the scheduler that request %s instance %d ended %s: not reachable for %gs",
+                result.request_id,
+                result.instance,
+                result.status.value,
+                self.results.keep_s,
+            )
 
     def _problem(self, eff: Problem) -> None:
         self.counters[f"problem_{eff.code.value}"] += 1

@@ -173,20 +173,23 @@ class Service:
             detail = f"internal error handling {type(msg).__name__}: {type(exc).__name__}: {clip(str(exc), 512)}"
             self.answer(sock, identity, Error(ErrorCode.INTERNAL, detail))
 
-    def answer(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message) -> bool:
-        """Send ``msg`` to ``identity`` on the ROUTER ``sock``; False (logged) if it is not reachable."""
+    def answer(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, *, quiet: bool = False) -> bool:
+        """Send ``msg`` to ``identity`` on the ROUTER ``sock``; False (logged unless ``quiet``) if it
+        is not reachable."""
         try:
             sockets.send(sock, msg, identity)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: not connected (yet, or any more); EAGAIN: not reading
-            log.warning("%s unreachable (%s); dropped %s", show(identity), exc.strerror, type(msg).__name__)
+            if not quiet:
+                log.warning("%s unreachable (%s); could not send %s", show(identity), exc.strerror, type(msg).__name__)
             return False
         log.log(TRACE, "-> %r %s", identity, msg)
         return True
 
-    def reply(self, identity: bytes, msg: Message) -> bool:
-        """Send ``msg`` to ``identity`` on the service's ROUTER; False (logged) if it is not reachable."""
+    def reply(self, identity: bytes, msg: Message, *, quiet: bool = False) -> bool:
+        """Send ``msg`` to ``identity`` on the service's ROUTER; False (logged unless ``quiet``) if it
+        is not reachable."""
         assert self.router is not None
-        return self.answer(self.router, identity, msg)
+        return self.answer(self.router, identity, msg, quiet=quiet)
 
     # -- hooks for subclasses ---------------------------------------------------------
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import zmq
 
-from kvxferd.protocol import STARTUP_KEY, Ack, Digest, Expired, Release, Status, decode, encode
+from kvxferd.protocol import STARTUP_KEY, Ack, Digest, Expired, Release, Status, Withdraw, decode, encode
 from kvxferd.runtime.barrier_link import BarrierLink
 
 
@@ -42,3 +43,36 @@ def test_verdicts_sent_behind_a_joiners_release_reach_it_after_start_up(
     # what the link sent: its Hello and its arrival at the start-up key
     sent = [decode(service.recv_multipart()[1]) for _ in range(2)]
     assert [type(m).__name__ for m in sent] == ["Hello", "Arrive"]
+
+
+def test_a_word_the_socket_refuses_is_kept_and_sent_once_the_service_takes_it(tmp_path: Path) -> None:
+    # issue 23, item 11: a DEALER with no connection up (IMMEDIATE), or a full queue, refuses a send
+    endpoint = f"ipc://{tmp_path}/barrier.sock"
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt_string(zmq.IDENTITY, BarrierLink.identity("g", 1))
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.connect(endpoint)
+    link = BarrierLink(sock, endpoint, group="g", rank=1, world_size=2, role="prefill", max_frame=1 << 20)
+    service = ctx.socket(zmq.ROUTER)
+    try:
+        word = Withdraw("g", "r1", 0, 1, Status.FAILED, "refused", peer="d")
+        link.send(word)
+        assert len(link.unsent) == 1 and link.unsent.next_deadline() is not None
+        due = link.unsent.next_deadline() or 0.0
+        link.retry(due - 0.1)  # (not due yet: nothing changes)
+        assert len(link.unsent) == 1
+        service.bind(endpoint)
+        for i in range(1000):  # each retry is one send attempt, 0.2 s later on the link's clock
+            if not len(link.unsent):
+                break
+            link.retry(due + 0.2 * i)
+            service.poll(10)  # (waits for the connection to come up, if the word is not there)
+        assert len(link.unsent) == 0, "the kept word was never sent"
+        assert service.poll(5000), "the kept word never reached the service"
+        _, frame = service.recv_multipart()
+        assert decode(frame) == word and len(link.unsent) == 0
+    finally:
+        for s in (sock, service):
+            s.close(linger=0)
+        ctx.term()

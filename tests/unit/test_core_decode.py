@@ -208,3 +208,17 @@ def test_a_verdict_about_a_gone_writer_is_its_failure_notice_handed_on_once() ->
     assert "its process ended before it told decode rank 0" in engine[-1].reason
     (p,) = c.writer_gone(Release("stranger", "e", 0, digest, "d"), 4.0)
     assert isinstance(p, Problem)
+
+
+def test_a_notice_left_unconfirmed_is_sent_again_later_and_later_until_confirmed() -> None:
+    # issue 23, item 11: a notice dropped while the connection stays up (a full queue) is not lost
+    ledger = NoticeLedger(limit=8, retry_s=2.0)
+    ledger.tell("d", ready("a"), 0.0)
+    assert ledger.next_deadline() == 2.0 and ledger.due(1.9) == []
+    assert ledger.due(2.0) == [Send("d", ready("a"))]  # then 4 s later, 8, 16, 32 at most
+    assert ledger.due(5.9) == [] and ledger.due(6.0) == [Send("d", ready("a"))]
+    ledger.tell("d", failed("b"), 7.0)
+    assert ledger.due(9.0) == [Send("d", failed("b"))] and ledger.resent == 3
+    ledger.confirmed("d", ("a", 0))
+    ledger.confirmed("d", ("b", 0))
+    assert ledger.due(100.0) == [] and ledger.next_deadline() is None
