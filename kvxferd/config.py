@@ -166,10 +166,15 @@ class LimitsConfig:
     #: bytes of messages one connection may have queued before the daemon reads them (ZMQ
     #: counts messages: the queue holds max(16, this // max_frame_bytes) of them)
     max_queue_bytes: int = 64 << 20
+    #: clients one daemon holds over all its sockets (the barrier service: at least every rank of
+    #: the config, plus 16); a new one past it is refused in its handshake. With the above, what
+    #: all of a daemon's connections can queue is max_connections x queue_messages x max_frame_bytes
+    max_connections: int = 16
 
     def __post_init__(self) -> None:
         _positive(
             self,
+            "max_connections",
             "max_requests",
             "max_ended",
             "max_pending_signals",

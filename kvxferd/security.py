@@ -34,6 +34,7 @@ import hashlib
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -168,22 +169,26 @@ def _create(path: Path) -> None:
 
 
 class _Provider:
-    """The ZAP check pyzmq's authenticator calls for every CURVE handshake."""
+    """The ZAP check pyzmq's authenticator calls for every CURVE handshake: the key, then the gate."""
 
-    def __init__(self, creds: Credentials) -> None:
+    def __init__(self, creds: Credentials, gate: Callable[[], bool] | None) -> None:
         self.creds = creds
+        self.gate = gate
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return self.creds.accepts(domain, key)
+        return self.creds.accepts(domain, key) and (self.gate is None or self.gate())
 
 
-def authenticator(ctx: zmq.Context[zmq.Socket[bytes]], creds: Credentials) -> object:
+def authenticator(
+    ctx: zmq.Context[zmq.Socket[bytes]], creds: Credentials, gate: Callable[[], bool] | None = None
+) -> object:
     """Start the ZAP handler of ``ctx`` (a thread owned by the caller: call ``.stop()`` before
-    terminating the context). Start it before binding any server socket."""
+    terminating the context). Start it before binding any server socket. ``gate``: asked (from
+    that thread) for every client whose key is accepted; False refuses it too."""
     from zmq.auth.thread import ThreadAuthenticator
 
     auth = ThreadAuthenticator(ctx)
     auth.start()
     for domain in DOMAINS:
-        auth.configure_curve_callback(domain, credentials_provider=_Provider(creds))
+        auth.configure_curve_callback(domain, credentials_provider=_Provider(creds, gate))
     return auth

@@ -45,6 +45,7 @@ class BarrierService(Service):
             max_frame=config.limits.max_frame_bytes,
             queue=config.limits.queue_messages,
             creds=credentials(config, "daemon"),
+            max_connections=max(config.limits.max_connections, sum(g.world_size for g in config.groups) + 16),
         )
         self.config = config
         state = BarrierState(

@@ -38,6 +38,7 @@ class GroupDaemon(Service):
             max_frame=config.limits.max_frame_bytes,
             queue=config.limits.queue_messages,
             creds=credentials(config, "daemon"),
+            max_connections=config.limits.max_connections,
         )
         self.config, self.group, self.rank = config, group, rank
         self.counters: Counter[str] = Counter()

@@ -46,11 +46,14 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from kvxferd.errors import CoreBroken
 from kvxferd.protocol import Error, ErrorCode, Message
 from kvxferd.protocol.fields import clip, show
 from kvxferd.runtime import sockets
+from kvxferd.runtime.connections import EVENTS as CONNECTION_EVENTS
+from kvxferd.runtime.connections import HANDSHAKE_S, Connections
 from kvxferd.runtime.logs import TRACE
 from kvxferd.security import Credentials, authenticator
 
@@ -75,10 +78,14 @@ class Service:
     #: shown in logs and status replies
     role = "service"
 
-    def __init__(self, *, shutdown_s: float, max_frame: int, queue: int, creds: Credentials) -> None:
+    def __init__(
+        self, *, shutdown_s: float, max_frame: int, queue: int, creds: Credentials, max_connections: int = 64
+    ) -> None:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.max_frame = max_frame
         self.queue = queue  # messages per socket and connection (LimitsConfig.queue_messages)
+        #: the clients of every server socket together, bounded (and so the bytes they can queue)
+        self.connections = Connections(max_connections)
         self.creds = creds
         self._auth: Any = None  # the ZAP handler, started before the first server socket binds
         self.router: zmq.Socket[bytes] | None = None
@@ -121,13 +128,22 @@ class Service:
         """A CURVE ROUTER bound at ``endpoint`` whose clients must hold the keys ``domain`` accepts
         (:data:`kvxferd.security.DOMAINS`); closed with the service, not yet polled."""
         if self._auth is None:
-            self._auth = authenticator(self.ctx, self.creds)
+            self._auth = authenticator(self.ctx, self.creds, self.connections.admit)
         sock = self.own(sockets.socket(self.ctx, zmq.ROUTER, max_frame=self.max_frame, queue=self.queue))
+        sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_S * 1000))  # a silent connection frees its place
         self.creds.server(sock, domain)
         real, claim = sockets.bind(sock, endpoint)
         if claim is not None:
             self._claims.append(claim)
+        monitor = self.own(sock.get_monitor_socket(CONNECTION_EVENTS))
+        monitor.setsockopt(zmq.LINGER, 0)
+        self.watch(monitor, lambda: self._on_connections(id(sock), monitor))
         return sock, real
+
+    def _on_connections(self, sock: int, monitor: zmq.Socket[bytes]) -> None:
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)
+            self.connections.event(sock, event["event"], event["value"])
 
     def client_socket(self, endpoint: str, identity: str) -> zmq.Socket[bytes]:
         """A CURVE DEALER named ``identity``, connected to another daemon's server socket (not owned:

@@ -12,12 +12,14 @@ import pytest
 
 from kvxferd.client import PrefillWorker
 from kvxferd.kvcache import HostKVCache
-from kvxferd.protocol import PROTOCOL_VERSION, CacheInfo, Error, ErrorCode, SlotChunk
+from kvxferd.protocol import PROTOCOL_VERSION, CacheInfo, Error, ErrorCode, SlotChunk, StatusQuery
 from tests.hostile.conftest import ANSWER_S, HOSTILE, Hostile
 from tests.integration.conftest import deploy, fill
 
 #: a small pending table, so a few frames overflow it
 SMALL_TABLE = HOSTILE + "limits: {max_pending_signals: 64}\n"
+#: few connections per daemon, so a few clients fill them
+FEW_CONNECTIONS = HOSTILE + "limits: {max_connections: 6}\n"
 
 
 @pytest.fixture
@@ -164,3 +166,35 @@ def test_one_ranks_refusals_cannot_fill_the_barrier_for_the_group(dep: Hostile) 
     _legit_once_held(dep, "after-refusals")
     probe = dep.status(0)
     assert probe["tables"]["requests"] == 0
+
+
+def test_a_daemon_holds_a_bounded_number_of_connections_so_what_they_can_queue_is_bounded(probes) -> None:
+    """Issue 23, item 16: twelve clients holding the engine keys connect to prefill rank 0, which
+    already serves its worker and scheduler: it takes 6 in all (limits.max_connections), so what
+    all of them can queue is bounded; the others are refused in the handshake and get no answer.
+    Once they leave, their places are free again, and the worker and scheduler were served all along."""
+    with deploy(FEW_CONNECTIONS, kind=Hostile) as dep:
+        assert isinstance(dep, Hostile)
+        dep.steps = itertools.count(1)
+        endpoint = dep.config.endpoint(dep.prefill, 0)
+        crowd, answered = [], []
+        for _ in range(12):  # one after the other (a burst of handshakes is counted more strictly)
+            crowd.append(probes(endpoint, credentials=dep.creds))
+            crowd[-1].send(StatusQuery())
+            if crowd[-1].recv(ANSWER_S if not answered else 1.0) is not None:
+                answered.append(crowd[-1])
+        # the worker and the scheduler hold 2 of the 6: at most 4 others are ever taken in
+        assert 1 <= len(answered) <= 4, f"{len(answered)} of 12 served"
+        # the worker and the scheduler, connected before, are served among the crowd
+        assert dep.sched is not None and dep.dec is not None
+        step = next(dep.steps)
+        info = CacheInfo("among-the-crowd", 7, step, 8, (1, 2), (30, 31), dep.peer)
+        dep.sched.submit(info)
+        for worker in dep.workers:
+            for layer in range(dep.config.kv.num_layers):
+                worker.layer_ready(step, layer, (SlotChunk(7, 0, 8, step),) if layer == 0 else ())
+        assert dep.sched.wait(info.request_id, ANSWER_S).ok
+        for p in crowd:
+            p.close()
+        dep.wait_until("a new client to be served", lambda: dep.status(0)["state"] == "serving")
+        _legit_once_held(dep, "after-the-crowd")
