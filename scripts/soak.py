@@ -12,6 +12,9 @@ fault of the cycle below is injected while requests are in flight:
   kill-decode    SIGKILL decode rank 0, start it again, the decode engine registers again
   stop-prefill   SIGSTOP prefill rank 0 past the barrier timeout, then SIGCONT
   new-decode     the decode engine "restarts": it registers a new cache on every rank
+  kill-barrier-prefill  SIGKILL the barrier service and prefill rank 1 together, start both again
+  kill-engine    the decode engine dies (its connections close); a new one registers new caches
+  down-prefill   SIGKILL prefill rank 1 and leave it down for --down-s (60 s), then start it again
 
 Prefill rank 0 and decode rank 1 are never restarted, so their memory is the soak's leak measure:
 from the first sample after ``--warm-s`` (60 s) to the last, RSS must grow less than 5 %. Growth
@@ -40,7 +43,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from kvxferd.client import credentials, status
+from kvxferd.client import DecodeEngine, credentials, status
 from kvxferd.config import loads
 from kvxferd.demo.engine import DemoEngine, DemoRequest, u64_view
 from kvxferd.demo.launch import Cluster, prepare
@@ -55,7 +58,16 @@ kv: {num_layers: 8, kv_heads: 8, head_dim: 64, block_tokens: 16, num_blocks: 512
 barrier: {timeout_s: 4}
 timeouts: {pending_s: 8, progress_s: 8, verdict_s: 12, peer_s: 5, startup_s: 30, shutdown_s: 5, heartbeat_s: 0.5}
 """
-FAULTS = ("kill-prefill", "kill-barrier", "kill-decode", "stop-prefill", "new-decode")
+FAULTS = (
+    "kill-prefill",
+    "kill-barrier",
+    "kill-decode",
+    "stop-prefill",
+    "new-decode",
+    "kill-barrier-prefill",
+    "kill-engine",
+    "down-prefill",
+)
 STEADY = ("prefill-0", "decode-1")  # never restarted: their RSS is the leak measure
 ROUND = 100  # requests planned at a time
 
@@ -137,6 +149,14 @@ class SoakEngine(DemoEngine):
         self.views.append(self.dviews)
         self.decode.register(self.dcaches, timeout_s)
 
+    def new_engine(self, timeout_s: float = 10.0) -> None:
+        """The decode engine dies (its connections close) and a new one registers new caches."""
+        self.decode.close()
+        group = self.config.group(self.peer)
+        ends = [self.config.endpoint(group, r) for r in range(self.world)]
+        self.decode = DecodeEngine(ends, credentials=credentials(self.config))
+        self.new_decode_caches(timeout_s)
+
     def close(self) -> None:
         super().close()
         for c in self.old_caches:
@@ -145,10 +165,13 @@ class SoakEngine(DemoEngine):
 
 
 class Faults:
-    def __init__(self, cluster: Cluster, engine: SoakEngine, every_s: float, stop_s: float, cycle: list[str]) -> None:
+    def __init__(
+        self, cluster: Cluster, engine: SoakEngine, every_s: float, stop_s: float, cycle: list[str], down_s: float
+    ) -> None:
         self.cluster, self.engine = cluster, engine
         self.cycle = cycle
-        self.every_s, self.stop_s = every_s, stop_s
+        self.every_s, self.stop_s, self.down_s = every_s, stop_s, down_s
+        self.down: float | None = None  # when prefill rank 1, killed and left down, starts again
         self.next_at = time.monotonic() + every_s
         self.count = 0
         self.stopped: tuple[str, float] | None = None  # (daemon, SIGCONT due)
@@ -159,11 +182,17 @@ class Faults:
         if self.stopped is not None and now >= self.stopped[1]:
             os.kill(self.cluster.daemon(self.stopped[0]).popen.pid, signal.SIGCONT)
             self.stopped = None
-        if now >= self.next_at and self.stopped is None:
+        if self.down is not None and now >= self.down:
+            self.down = None
+            started = time.monotonic()
+            self.cluster.restart("prefill-1")
+            self.engine.workers[1].register(self.engine.pcaches[1])
+            self.log[-1]["restart_s"] = round(time.monotonic() - started, 2)
+        if now >= self.next_at and self.stopped is None and self.down is None:
             self.inject(self.cycle[self.count % len(self.cycle)], now)
             self.count += 1
             self.next_at = time.monotonic() + self.every_s
-        self.cluster.check()
+        self.cluster.check(skip=frozenset({"prefill-1"}) if self.down is not None else frozenset())
 
     def _kill_and_restart(self, name: str) -> float:
         d = self.cluster.daemon(name)
@@ -190,6 +219,24 @@ class Faults:
             record["stopped_s"] = self.stop_s
         elif fault == "new-decode":
             e.new_decode_caches()
+        elif fault == "kill-barrier-prefill":
+            for name in ("barrier", "prefill-1"):
+                d = self.cluster.daemon(name)
+                d.popen.send_signal(signal.SIGKILL)
+                d.popen.wait(timeout=10)
+            started = time.monotonic()
+            self.cluster.restart("barrier")
+            self.cluster.restart("prefill-1")
+            record["restart_s"] = round(time.monotonic() - started, 2)
+            e.workers[1].register(e.pcaches[1])
+        elif fault == "kill-engine":
+            e.new_engine()
+        elif fault == "down-prefill":
+            d = self.cluster.daemon("prefill-1")
+            d.popen.send_signal(signal.SIGKILL)
+            d.popen.wait(timeout=10)
+            self.down = now + self.down_s
+            record["down_s"] = self.down_s
         self.log.append(record)
 
 
@@ -225,6 +272,7 @@ def main() -> int:
     ap.add_argument(
         "--warm-s", type=float, default=60.0, help="growth is judged from the first sample after this (warm-up)"
     )
+    ap.add_argument("--down-s", type=float, default=60.0, help="how long down-prefill leaves the rank down")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layer-ms", type=float, default=0.5)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -262,7 +310,7 @@ def main() -> int:
         )
         engine.lost_s = args.lost_s
         engine.register()
-        faults = Faults(cluster, engine, args.fault_every or float("inf"), stop_s, cycle)
+        faults = Faults(cluster, engine, args.fault_every or float("inf"), stop_s, cycle, args.down_s)
         started = time.monotonic()
         end = started + args.minutes * 60
 
@@ -297,6 +345,9 @@ def main() -> int:
             warm = True
         if faults.stopped is not None:
             os.kill(cluster.daemon(faults.stopped[0]).popen.pid, signal.SIGCONT)
+        if faults.down is not None:  # the soak ended while prefill rank 1 was down: it starts again
+            faults.down = time.monotonic()
+            faults.check()
         sample("last")
         # every table empties once the remembered endings expire
         keys = credentials(config)

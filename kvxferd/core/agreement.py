@@ -119,7 +119,7 @@ class Words:
         chunks = [(c.step, c.token_offset, c.token_count) for c in req.chunks]
         fp = fingerprint(info.request_id, info.num_tokens, info.src_blocks, info.dst_blocks, chunks, sp.num_layers)
         digest = Digest(sp.num_layers, req.blocks_assigned, req.bytes_done, fp)
-        return ToBarrier(Arrive(sp.group, info.request_id, info.instance, sp.rank, digest))
+        return ToBarrier(Arrive(sp.group, info.request_id, info.instance, sp.rank, digest, peer=info.peer))
 
     # -- verdicts ----------------------------------------------------------------------
 

@@ -141,6 +141,9 @@ class BarrierState:
         #: ranks whose process ended (stopped serving, or a new one started) and that have not
         #: served again: the decode rank they write hears their verdicts from here
         self._absent: set[tuple[str, int]] = set()
+        #: when ranks this run never heard serve count as absent (alive_s after it first ran: a
+        #: service restarted with a rank that died meanwhile, or never came back, never hears it)
+        self._sweep_at: float | None = None
         self._groups: dict[str, int] = {}  # group -> world size
         self._open: dict[RoundKey, _Open] = {}
         self._open_in: Counter[str] = Counter()  # group -> its open keys
@@ -171,13 +174,15 @@ class BarrierState:
                     return joined
             view = RankView(msg.rank, Status.OK, digest=msg.digest)
             wait = min(msg.timeout_s, self.max_wait_s) or self.timeout_s
-            return self._word((msg.group, msg.key, msg.instance), view, now, wait)
+            return self._word((msg.group, msg.key, msg.instance), view, now, wait, peer=msg.peer)
         if isinstance(msg, Withdraw):
             view = RankView(msg.rank, msg.status, reason=msg.reason)
             return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s, msg.admitted, msg.peer)
         return [Problem(ErrorCode.WRONG_ROLE, f"the barrier service does not accept {type(msg).__name__}")]
 
     def hello(self, msg: Hello, now: float) -> list[BarrierEffect]:
+        if self._sweep_at is None and self.decode_of:
+            self._sweep_at = now + self.alive_s  # (see on_timer; without decode groups, nobody to tell)
         size = self._groups.get(msg.group)
         if size is None:
             if len(self._groups) >= self.max_groups:
@@ -273,6 +278,12 @@ class BarrierState:
     def on_timer(self, now: float) -> list[BarrierEffect]:
         self._ended.expire(now)
         effects: list[BarrierEffect] = []
+        if self._sweep_at is not None and self._sweep_at != -1.0 and now >= self._sweep_at:
+            self._sweep_at = -1.0  # once: later absences are seen as stops and restarts
+            unheard = [(g, r) for g, size in self._groups.items() for r in range(size) if (g, r) not in self._serving]
+            for group, rank in unheard:
+                self._absent.add((group, rank))
+                effects += self._tell_decode(group, [rank], self._remembered(group))
         for k in self._deadlines.pop_due(now):
             effects += self._expire(k, now)
         gone = {gr for gr, (seen, _) in self._serving.items() if now - seen > self.alive_s} - self._stopped
@@ -293,7 +304,8 @@ class BarrierState:
         return effects
 
     def next_deadline(self) -> float | None:
-        times = [t for t in (self._deadlines.earliest(), self._ended.next_deadline()) if t is not None]
+        sweep = self._sweep_at if self._sweep_at != -1.0 else None
+        times = [t for t in (self._deadlines.earliest(), self._ended.next_deadline(), sweep) if t is not None]
         if self._open:  # a serving rank whose heartbeat is overdue stops the rounds waiting for it
             beats = [seen + self.alive_s for gr, (seen, _) in self._serving.items() if gr not in self._stopped]
             if beats:
@@ -323,7 +335,7 @@ class BarrierState:
             gone = [r for r in missing if (entry.group, r) in self._stopped]
         waited = round(now - entry.opened, 3)
         present = [entry.words[r] for r in sorted(entry.words)]
-        status, reason = verdicts.expiry(present, missing, entry.group, entry.round.value, waited, gone, how)
+        status, reason, _ = verdicts.expiry(present, missing, entry.group, entry.round.value, waited, gone, how)
         verdict = Expired(entry.group, entry.key, entry.instance, missing, waited, status, reason, entry.peer)
         self._ended.put(k, verdict, now)
         told: list[BarrierEffect] = [ToRank(entry.group, r, verdict) for r in range(size)]

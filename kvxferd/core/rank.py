@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvxferd.core import reporting
+from kvxferd.core import reporting, verdicts
 from kvxferd.core.agreement import VERDICTS, Verdict, Words
 from kvxferd.core.effects import Problem, RankEffect, ToBarrier
 from kvxferd.core.intake import Intake, Item
@@ -30,7 +30,18 @@ from kvxferd.core.request import Ended, Ending, Request
 from kvxferd.core.settings import RankSettings
 from kvxferd.core.states import Agreement, AgreementEvent, Data, DataEvent, Timer, allows
 from kvxferd.core.writes import Writes
-from kvxferd.protocol import Abort, Admitted, CacheInfo, ErrorCode, Key, LayerSignal, Message, Status, Withdraw
+from kvxferd.protocol import (
+    Abort,
+    Admitted,
+    CacheInfo,
+    ErrorCode,
+    Key,
+    LayerSignal,
+    Message,
+    RankView,
+    Status,
+    Withdraw,
+)
 from kvxferd.protocol.fields import clip
 
 DE, GE = DataEvent, AgreementEvent
@@ -179,14 +190,22 @@ class RankCore:
     def close(self, reason: str, now: float) -> list[RankEffect]:
         """Forced shutdown: end every live request as failed with ``reason`` and clear every table;
         one not yet arrived or withdrawn is withdrawn, so the other ranks' verdict is ``failed``
-        too. Writes in flight are forgotten: call this only once the transports are stopped."""
+        too. Writes in flight are forgotten: call this only once the transports are stopped.
+
+        This rank cannot wait for the verdict: it reports what the verdict says when it is the
+        only rank to withdraw ("rank R failed: ..."), with code ``unavailable``, which marks an
+        ending decided alone (another rank withdrawing too, or a release of what it had arrived
+        at, makes the group's differ)."""
         self.writes.clear()
         effects: list[RankEffect] = []
-        ending = Ending(FAILED, clip(reason))
+        said = Ending(FAILED, clip(reason))
+        alone = verdicts.withdrawn([RankView(self.s.rank, FAILED, reason=said.reason)])
+        assert alone is not None
+        ending = Ending(FAILED, alone.reason, ErrorCode.UNAVAILABLE.value)
         for req in list(self._requests.values()):
             word = None
             if req.agreement not in (Agreement.ARRIVED, Agreement.WITHDRAWN):
-                word = self.words.withdrawal(req.info, ending, req.admitted is not None)
+                word = self.words.withdrawal(req.info, said, req.admitted is not None)
                 effects.append(ToBarrier(word))
             req.inflight, req.outcome = 0, ending
             self.life.abandon(req, now)
@@ -278,7 +297,7 @@ class RankCore:
 
     def _end(self, req: Request, ending: Ending, now: float, *, word: Withdraw | None = None) -> list[RankEffect]:
         """End ``req`` here; ``word``: the withdrawal it ends on, when no verdict came (see Ended)."""
-        ending = Ending(ending.status, clip(ending.reason))
+        ending = ending._replace(reason=clip(ending.reason))
         self.life.end(req)
         self.intake.release(req, now)
         self.words.remember(req.key, Ended(ending, True, True, word), now)

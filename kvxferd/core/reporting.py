@@ -44,6 +44,7 @@ def ended(req: Request, ending: Ending, rank: int, now: float) -> list[RankEffec
         send_ms=(sent - recovered) * 1e3,
         total_ms=(now - req.created) * 1e3,
         instance=info.instance,
+        code=ending.code,
         admit_ms=(admitted - req.created) * 1e3,
     )
     notice: KVReady | TransferResult = result

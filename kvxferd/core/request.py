@@ -24,10 +24,12 @@ from kvxferd.protocol import CacheInfo, Key, Status, Terms, Withdraw, block_summ
 
 
 class Ending(NamedTuple):
-    """How an instance ends: one status and one reason, reported alike by every rank."""
+    """How an instance ends: one status and one reason, reported alike by every rank. ``code``:
+    set on an ending this rank decided alone (a refusal, a forced stop), which says so."""
 
     status: Status
     reason: str
+    code: str = ""
 
 
 @dataclass(slots=True)

@@ -132,9 +132,11 @@ class Cluster:
         finally:
             sel.close()
 
-    def check(self) -> None:
-        """Raise DaemonError if any daemon has exited."""
+    def check(self, *, skip: frozenset[str] = frozenset()) -> None:
+        """Raise DaemonError if any daemon but those named in ``skip`` has exited."""
         for d in self.daemons:
+            if d.name in skip:
+                continue
             code = d.popen.poll()
             if code is not None:
                 raise DaemonError(f"{d.name} exited unexpectedly with status {code}:\n{d.tail()}")

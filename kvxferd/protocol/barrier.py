@@ -248,7 +248,10 @@ class Arrive(Message):
 
     ``timeout_s`` (named barriers such as start-up) sets how long the key may
     stay open if this arrival opens it; 0 means the service's default.
-    Wire: ``[3, "arrive", "prefill", "req-7", 0, 1, [32, 13, 27262976, "9f2c..."], 0.0]``.
+    ``peer``: the decode peer the request's cache_info named (as in
+    :class:`Withdraw`), so a round a restarted service reopens from arrivals
+    still names whom to tell. Wire: ``[3, "arrive", "prefill", "req-7", 0, 1,
+    [32, 13, 27262976, "9f2c..."], 0.0, "decode"]``.
     """
 
     TAG: ClassVar[str] = "arrive"
@@ -260,9 +263,11 @@ class Arrive(Message):
     rank: int
     digest: Digest
     timeout_s: float = 0.0
+    peer: str = ""
 
     def __post_init__(self) -> None:
         _key("Arrive", self.group, self.key, self.instance)
+        f.text("Arrive", "peer", self.peer, limit=f.MAX_NAME)
         f.uint("Arrive", "rank", self.rank)
         if not isinstance(self.digest, Digest):
             raise f.fail("Arrive", "digest", "expected a Digest")

@@ -514,3 +514,20 @@ def test_a_restarted_prefill_rank_s_decode_rank_hears_what_its_predecessor_held(
     out = b.hello(Hello("g", 1, 2, "prefill"), 1.0)  # a new process, still starting
     to_decode = [e for e in out if e.group == "d"]
     assert [(e.rank, e.message.key) for e in to_decode] == [(1, "held")] and isinstance(to_decode[0].message, Expired)
+
+
+def test_a_restarted_service_counts_a_rank_it_never_heard_as_absent_and_tells_its_decode_rank() -> None:
+    # the service and prefill rank 1 died together; rank 1 does not come back (soak: kill-barrier-prefill)
+    b = BarrierState(timeout_s=10.0, alive_s=3.0, decode_of={"d": "d"})
+    for r in (0, 1):
+        b.hello(Hello("d", r, 2, "decode", serving="fq"), 0.0)
+    b.hello(Hello("g", 0, 2, "prefill", serving="fp"), 0.0)
+    assert b.handle(Arrive("g", "k", 0, 0, D, peer="d"), 0.1) == []  # rank 0 says its arrival again
+    assert b.next_deadline() == 3.0
+    assert b.on_timer(3.0) == []  # rank 1 never heard: absent from now on (nothing remembered yet)
+    b.hello(Hello("g", 0, 2, "prefill", serving="fp"), 9.0)
+    for r in (0, 1):
+        b.hello(Hello("d", r, 2, "decode", serving="fq"), 9.0)
+    out = b.on_timer(10.1)
+    assert [(e.group, e.rank) for e in out] == [("g", 0), ("g", 1), ("d", 1)]
+    assert isinstance(out[-1].message, Expired) and out[-1].message.peer == "d"

@@ -407,10 +407,14 @@ def test_close_withdraws_and_ends_everything_as_failed_and_empties_every_table()
     feed(c, [info("a", 0, 1, 16, [1], [2]), LayerSignal(1, 0, (SlotChunk(0, 0, 16, 1),))], complete=False)
     c.handle(info("b", 1, 2, 16, [3], [4]), 0.0)
     out = c.close("daemon shutting down", 1.0)
-    results = sorted((e.result.request_id, e.result.status, e.result.reason) for e in of(out, ToEngine))
-    assert results == [("a", Status.FAILED, "daemon shutting down"), ("b", Status.FAILED, "daemon shutting down")]
+    # worded as the verdict the others report (this rank the only one to withdraw), marked as alone
+    results = sorted((e.result.request_id, e.result.status, e.result.reason, e.result.code) for e in of(out, ToEngine))
+    said = ("rank 0 failed: daemon shutting down", "unavailable")
+    assert results == [("a", Status.FAILED, *said), ("b", Status.FAILED, *said)]
     assert len(of(out, ToPeer)) == 2
-    assert sorted(m.key for m in messages(out, Withdraw)) == ["a", "b"]  # the others fail them too
+    withdrawals = messages(out, Withdraw)
+    assert sorted(m.key for m in withdrawals) == ["a", "b"]  # the others fail them too, with the same words
+    assert {m.reason for m in withdrawals} == {"daemon shutting down"}
     quiet(c)
     assert set(c.sizes().values()) == {0}
 
