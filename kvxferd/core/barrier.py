@@ -144,6 +144,7 @@ class BarrierState:
         #: when ranks this run never heard serve count as absent (alive_s after it first ran: a
         #: service restarted with a rank that died meanwhile, or never came back, never hears it)
         self._sweep_at: float | None = None
+        self._swept = False
         self._groups: dict[str, int] = {}  # group -> world size
         self._open: dict[RoundKey, _Open] = {}
         self._open_in: Counter[str] = Counter()  # group -> its open keys
@@ -181,7 +182,7 @@ class BarrierState:
         return [Problem(ErrorCode.WRONG_ROLE, f"the barrier service does not accept {type(msg).__name__}")]
 
     def hello(self, msg: Hello, now: float) -> list[BarrierEffect]:
-        if self._sweep_at is None and self.decode_of:
+        if self._sweep_at is None and not self._swept and self.decode_of:
             self._sweep_at = now + self.alive_s  # (see on_timer; without decode groups, nobody to tell)
         size = self._groups.get(msg.group)
         if size is None:
@@ -278,8 +279,8 @@ class BarrierState:
     def on_timer(self, now: float) -> list[BarrierEffect]:
         self._ended.expire(now)
         effects: list[BarrierEffect] = []
-        if self._sweep_at is not None and self._sweep_at != -1.0 and now >= self._sweep_at:
-            self._sweep_at = -1.0  # once: later absences are seen as stops and restarts
+        if self._sweep_at is not None and now >= self._sweep_at:
+            self._sweep_at, self._swept = None, True  # once: later absences are stops and restarts
             unheard = [(g, r) for g, size in self._groups.items() for r in range(size) if (g, r) not in self._serving]
             for group, rank in unheard:
                 self._absent.add((group, rank))
@@ -304,8 +305,7 @@ class BarrierState:
         return effects
 
     def next_deadline(self) -> float | None:
-        sweep = self._sweep_at if self._sweep_at != -1.0 else None
-        times = [t for t in (self._deadlines.earliest(), self._ended.next_deadline(), sweep) if t is not None]
+        times = [t for t in (self._deadlines.earliest(), self._ended.next_deadline(), self._sweep_at) if t is not None]
         if self._open:  # a serving rank whose heartbeat is overdue stops the rounds waiting for it
             beats = [seen + self.alive_s for gr, (seen, _) in self._serving.items() if gr not in self._stopped]
             if beats:

@@ -133,6 +133,12 @@ def _restart(dep: Deployment, name: str, record: dict[str, Any]) -> None:
     record["rejoin_s"] = round(time.monotonic() - started, 2)
 
 
+def _serve_again(dep: Deployment, rank: int, record: dict[str, Any]) -> None:
+    """Start prefill ``rank`` again, alone, and register its worker's cache with it."""
+    _restart(dep, _name(dep, "prefill", rank), record)
+    dep.workers[rank].register(dep.pcaches[rank])
+
+
 def _barrier_status(dep: Deployment) -> dict[str, Any]:
     """What the barrier service reports (asked with the daemon keys)."""
     reply = status(dep.config.barrier_endpoint(), 10.0, credentials=security.credentials(dep.config, "daemon"))
@@ -716,8 +722,7 @@ def test_a_request_submitted_after_a_prefill_rank_died_is_decided_without_it(rec
         record.update(fault="SIGKILL prefill rank 1, then a request to both ranks", report_s=round(took, 2))
         record["affected"] = "1 submitted after: failed on rank 0, decided with rank 1 'gone' at the scheduler"
         assert took <= 3 * HEARTBEAT_S + SLACK_S, f"decided {took:.1f}s after it was submitted"
-        _restart(dep, _name(dep, "prefill", 1), record)
-        dep.workers[1].register(dep.pcaches[1])
+        _serve_again(dep, 1, record)
         traffic.ok(3)
 
 
@@ -744,8 +749,7 @@ def test_the_decode_engine_hears_of_every_request_a_prefill_rank_held_when_it_di
         record.update(fault="SIGKILL prefill rank 1 holding a request, not restarted", report_s=round(took, 2))
         record["affected"] = "1 in flight: decode rank 1 told by the barrier service, its blocks reusable"
         assert took <= 3 * HEARTBEAT_S + SLACK_S, f"decode rank 1 told {took:.1f}s after the kill"
-        _restart(dep, _name(dep, "prefill", 1), record)
-        dep.workers[1].register(dep.pcaches[1])
+        _serve_again(dep, 1, record)
         traffic.ok(3)
         assert not told.duplicates, told.duplicates  # nothing told twice, also once rank 1 rejoined
 
