@@ -22,7 +22,7 @@ from typing import Any
 
 from kvxferd.core import reporting, verdicts
 from kvxferd.core.agreement import VERDICTS, Verdict, Words
-from kvxferd.core.effects import Problem, RankEffect, ToBarrier
+from kvxferd.core.effects import Problem, RankEffect, ToBarrier, ToEngine, ToPeer
 from kvxferd.core.intake import Intake, Item
 from kvxferd.core.lifecycle import Lifecycle
 from kvxferd.core.pending import PendingSignal
@@ -187,15 +187,17 @@ class RankCore:
             self.intake.close_start(info, now)
         return self.words.refuse(info, code, detail, now, origin)
 
-    def close(self, reason: str, now: float) -> list[RankEffect]:
-        """Forced shutdown: end every live request as failed with ``reason`` and clear every table;
+    def close(self, reason: str, now: float, *, report: bool = True) -> list[RankEffect]:
+        """Forced stop: end every live request as failed with ``reason`` and clear every table;
         one not yet arrived or withdrawn is withdrawn, so the other ranks' verdict is ``failed``
         too. Writes in flight are forgotten: call this only once the transports are stopped.
 
-        This rank cannot wait for the verdict: it reports what the verdict says when it is the
-        only rank to withdraw ("rank R failed: ..."), with code ``unavailable``, which marks an
-        ending decided alone (another rank withdrawing too, or a release of what it had arrived
-        at, makes the group's differ)."""
+        This rank cannot wait for the verdict. A process that exits now (``report=False``) tells
+        nobody: the group's verdict is the one ending, reported by the ranks that stay; its
+        scheduler sees its connection close (the rank is *gone* for what it held), and the
+        barrier service tells its decode rank the verdict once it is absent. One that goes on
+        (a new worker's cache) reports what the verdict says when it is the only rank to withdraw
+        ("rank R failed: ..."), with code ``unavailable``, which marks an ending decided alone."""
         self.writes.clear()
         effects: list[RankEffect] = []
         said = Ending(FAILED, clip(reason))
@@ -209,7 +211,8 @@ class RankCore:
                 effects.append(ToBarrier(word))
             req.inflight, req.outcome = 0, ending
             self.life.abandon(req, now)
-            effects += self._end(req, ending, now, word=word)
+            told = self._end(req, ending, now, word=word)
+            effects += told if report else [e for e in told if not isinstance(e, (ToEngine, ToPeer))]
         return effects
 
     def reannounce(self, now: float) -> list[RankEffect]:

@@ -117,8 +117,10 @@ class PrefillDaemon(GroupDaemon):
         return self.core.sizes()["requests"] == 0
 
     def force_stop(self, now: float, why: str) -> None:
+        """The drain is cut short and the process exits: what is left is withdrawn, and the group's
+        verdict is its one ending (see RankCore.close)."""
         self.peers.close_transports()
-        self._apply(self.core.close(f"{SHUTTING_DOWN} ({why})", now), now)
+        self._apply(self.core.close(f"{SHUTTING_DOWN} ({why})", now, report=False), now)
 
     def close(self) -> None:
         self.peers.close()

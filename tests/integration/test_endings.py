@@ -158,11 +158,21 @@ def test_a_cache_info_refused_while_its_rank_shuts_down_is_told_to_decode(dep: D
     assert _decode_ended(dep, "x").statuses == {0: Status.FAILED, 1: Status.FAILED}
     out = _complete(dep, "x")
     assert out.results[0].reason == "rank 1 failed: the prefill daemon is shutting down"
-    # what rank 1 still held when it stopped (it never got its layers) ends failed on both ranks, alike
-    hold = _complete(dep, "hold")
-    assert len({(r.status, r.reason) for r in hold.results.values()}) == 1
-    assert hold.results[0].status is Status.FAILED
+    # what rank 1 still held when it stopped (it never got its layers) ends with one verdict: rank 0
+    # reports it, and so does rank 1 if it ended before its drain ran out (else it exited without
+    # waiting, and is gone for it); both decode ranks hear the same
     assert rank1.popen.wait(WAIT_S) == 0
+    hold = dep.sched.wait("hold", WAIT_S)
+    while 0 not in hold.results:
+        assert dep.sched.collect(WAIT_S), "rank 0 never reported 'hold'"
+    assert len({(r.status, r.reason) for r in hold.results.values()}) == 1 and set(hold.results) | set(hold.gone) == {
+        0,
+        1,
+    }
+    assert hold.results[0].status is Status.FAILED
+    told = _decode_ended(dep, "hold")
+    assert told.statuses == {0: Status.FAILED, 1: Status.FAILED}
+    assert told.reasons[0] == told.reasons[1] and hold.results[0].reason in told.reasons[0], told.reasons
 
 
 # -- cases 2 and 3: aborts, in any order ----------------------------------------------------------

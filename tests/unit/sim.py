@@ -313,7 +313,6 @@ class Process:
     results: dict[Key, list[TransferResult]] = field(default_factory=lambda: defaultdict(list))
     arrivals: dict[Key, Digest] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
-    forced: set[Key] = field(default_factory=set)  # instances a forced stop ended (it could not wait)
     stalled_until: float = 0.0
     stop_at: float | None = None  # draining: when what is left is forced
     back_after: float = 0.0  # draining: how long after it exits the next process starts
@@ -690,8 +689,8 @@ class GroupSim:
     def _force(self, p: Process) -> None:
         """The drain deadline passed: stop the transports, end what is left, exit."""
         p.writes.clear()
-        effects = p.core.close("the prefill daemon is shutting down (drain deadline passed)", self.now)
-        p.forced |= {e.result.key for e in effects if isinstance(e, ToEngine)}
+        effects = p.core.close("the prefill daemon is shutting down (drain deadline passed)", self.now, report=False)
+        assert not [e for e in effects if isinstance(e, (ToEngine, ToPeer))], "an exiting process reported alone"
         self.apply(p, effects)
         self._gone(p, p.back_after)
 

@@ -419,6 +419,18 @@ def test_close_withdraws_and_ends_everything_as_failed_and_empties_every_table()
     assert set(c.sizes().values()) == {0}
 
 
+def test_a_process_that_exits_withdraws_what_it_holds_and_tells_nobody_else() -> None:
+    # issue 23, item 6: the group's verdict is the one ending; the scheduler sees this rank gone
+    c = core()
+    feed(c, [info("a", 0, 1, 16, [1], [2]), LayerSignal(1, 0, (SlotChunk(0, 0, 16, 1),))], complete=False)
+    c.handle(info("b", 1, 2, 16, [3], [4]), 0.0)
+    out = c.close("the prefill daemon is shutting down (a second signal)", 1.0, report=False)
+    assert of(out, ToEngine) == [] and of(out, ToPeer) == []
+    assert sorted(m.key for m in messages(out, Withdraw)) == ["a", "b"]
+    quiet(c)
+    assert set(c.sizes().values()) == {0}
+
+
 def test_duplicate_and_slot_busy_cache_infos() -> None:
     c = core()
     c.handle(info("x", 0, 1, 16, [1], [2]), 0.0)

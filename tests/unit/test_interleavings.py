@@ -141,7 +141,6 @@ def lone(p: Process, res: TransferResult | None, key: Key | None = None) -> bool
     """Whether ``res`` (or a notice of ``p`` about ``key``) is an ending its process decided alone,
     which the group may have decided otherwise. Known holes, each a case of issue 23 (6 and 8):
 
-    * a forced stop (the drain deadline passed) fails what its process still holds, arrived or not;
     * a refusal that comes after the group decided without the refusing rank (it was stopped, or
       slow) says failed where the group said aborted;
     * a rank's new process reports what it learns after its start: a released instance as failed
@@ -151,12 +150,7 @@ def lone(p: Process, res: TransferResult | None, key: Key | None = None) -> bool
     None of them ever says ok where the group did not.
     """
     key = res.key if res is not None else key
-    return (
-        p.n > 0
-        or key in p.forced
-        or (res is not None and bool(res.code))
-        or (res is not None and RESTARTED in res.reason)
-    )
+    return p.n > 0 or (res is not None and bool(res.code)) or (res is not None and RESTARTED in res.reason)
 
 
 def check(case: Case) -> None:
