@@ -345,6 +345,7 @@ def main() -> int:
             warm = True
         if faults.stopped is not None:
             os.kill(cluster.daemon(faults.stopped[0]).popen.pid, signal.SIGCONT)
+        faults.next_at = float("inf")  # no fault after the last round
         if faults.down is not None:  # the soak ended while prefill rank 1 was down: it starts again
             faults.down = time.monotonic()
             faults.check()

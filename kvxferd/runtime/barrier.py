@@ -63,6 +63,7 @@ class BarrierService(Service):
         self.endpoint = ""
         self.verdicts = 0
         self.admissions = 0
+        self.unreachable = 0  # messages for ranks that were not connected (down, or restarting)
 
     def start(self) -> None:
         self.endpoint = self.bind_router(self.config.barrier_endpoint(), "barrier")
@@ -85,6 +86,7 @@ class BarrierService(Service):
                 "stopped": self.barrier.stopped(),
                 "verdicts": self.verdicts,
                 "admissions": self.admissions,
+                "unreachable": self.unreachable,
             }
             self.reply(identity, StatusReply(self.role, "", 0, self.state, json.dumps(report)))
             return
@@ -99,15 +101,19 @@ class BarrierService(Service):
         self._apply(self.barrier.handle(msg, now), identity)
 
     def _apply(self, effects: list[BarrierEffect], sender: bytes | None) -> None:
+        logged: set[int] = set()  # each failed verdict once, not once per rank it goes to
         for eff in effects:
             if isinstance(eff, ToRank):
                 if isinstance(eff.message, (Release, Diverged, Expired)):
                     self.verdicts += 1
-                    if not isinstance(eff.message, Release):
-                        log.warning("%s -> %s:%d", eff.message, eff.group, eff.rank)
+                    if not isinstance(eff.message, Release) and id(eff.message) not in logged:
+                        logged.add(id(eff.message))
+                        log.info("%s", eff.message)
                 elif isinstance(eff.message, Admitted):
                     self.admissions += 1
-                self.reply(f"{eff.group}:{eff.rank}".encode(), eff.message)
+                # a rank that is down is not reachable: counted (status), not logged per message
+                if not self.reply(f"{eff.group}:{eff.rank}".encode(), eff.message, quiet=True):
+                    self.unreachable += 1
             elif isinstance(eff, Problem):
                 log.warning("%s: %s", eff.code.value, eff.detail)
                 if sender is not None and eff.reply:
