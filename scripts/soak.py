@@ -23,7 +23,7 @@ from the very first sample (after 100 requests) is printed beside it, and so are
 minutes fill the rdma transport's pools (~10 MB of a prefill daemon's private memory, ~2 MB
 without rdma) and the remembered endings to their steady size. Printed at the end: requests by outcome
 (ok and verified, aborted, failed, decode told but a dead prefill rank's result missing, lost: no
-decision within --lost-s, wrong bytes), per fault
+decision within --lost-s, undecided when its decode engine died, wrong bytes), per fault
 the requests that ended in the window after it, every prefill rank's tables once idle, and memory
 per daemon. Exit status 1 if any KVReady came with wrong bytes, a daemon died on its own, the
 tables did not empty, or an unrestarted daemon's RSS grew 5 % or more once warm.
@@ -99,6 +99,7 @@ class SoakEngine(DemoEngine):
         self.old_caches: list[HostKVCache] = []
         self.views = [self.dviews]  # the decode engine's caches, one entry per registration of all
         self.epoch_of: dict[str, int] = {}  # request -> the registration its blocks were given in
+        self.orphans: set[str] = set()  # started when the decode engine died (see new_engine)
 
     def plan(self, count: int) -> None:
         cap = self.shape.num_blocks * self.bt // 4
@@ -150,7 +151,10 @@ class SoakEngine(DemoEngine):
         self.decode.register(self.dcaches, timeout_s)
 
     def new_engine(self, timeout_s: float = 10.0) -> None:
-        """The decode engine dies (its connections close) and a new one registers new caches."""
+        """The decode engine dies (its connections close) and a new one registers new caches. What
+        it waited for then dies with it: a notice its daemon handed it just before may be lost in
+        its socket, which no real engine minds (its successor never reserved those blocks)."""
+        self.orphans |= {r.rid for r in self.requests if r.started_at is not None and not r.finished}
         self.decode.close()
         group = self.config.group(self.peer)
         ends = [self.config.endpoint(group, r) for r in range(self.world)]
@@ -252,6 +256,8 @@ def outcome_of(req: DemoRequest, engine: SoakEngine) -> str:
         partial = engine.sched.outcome(req.rid)
         if partial is not None and partial.results:
             return "decode told, a dead prefill rank's result missing"
+    if req.lost and req.rid in engine.orphans:
+        return "its decode engine died"
     if req.lost:
         return "lost"
     if req.prefill_ok and req.verified:
