@@ -208,6 +208,17 @@ class BarrierState:
                 effects += self._expire(k, now, gone=[msg.rank], how="restarted before reporting")
             self._absent.add((msg.group, msg.rank))
             effects += self._tell_decode(msg.group, [msg.rank], self._remembered(msg.group))
+        else:
+            # a rank this run never heard serve is starting: words of it in open rounds are its
+            # predecessor's (sent to this run before it died), which the new process does not hold
+            spoke = [
+                k
+                for k, e in self._open.items()
+                if e.group == msg.group and e.key != STARTUP_KEY and msg.rank in e.words
+            ]
+            for k in spoke:
+                self._deadlines.cancel(k)
+                effects += self._expire(k, now, gone=[msg.rank], how="restarted before the round ended")
         self._stopped.discard((msg.group, msg.rank))
         return [*effects, ToRank(msg.group, msg.rank, Ack(f"hello {self.epoch}"))]
 

@@ -531,3 +531,18 @@ def test_a_restarted_service_counts_a_rank_it_never_heard_as_absent_and_tells_it
     out = b.on_timer(10.1)
     assert [(e.group, e.rank) for e in out] == [("g", 0), ("g", 1), ("d", 1)]
     assert isinstance(out[-1].message, Expired) and out[-1].message.peer == "d"
+
+
+def test_words_a_rank_sent_before_it_restarted_end_when_its_new_process_starts_even_unheard() -> None:
+    # found by the property: the service restarted, rank 1's old process said a word to the new run
+    # and died before any heartbeat of it; its new process must not conflict with that word
+    b = BarrierState(timeout_s=10.0)
+    b.hello(Hello("g", 0, 2, "prefill", serving="fp"), 0.0)
+    assert b.handle(Withdraw("g", "r1", 0, 1, Status.ABORTED, "client cancelled"), 0.1) == []
+    out = b.hello(Hello("g", 1, 2, "prefill"), 0.3)  # the new process starts
+    (verdict,) = {e.message for e in out if isinstance(e.message, Expired)}
+    assert verdict.key == "r1" and verdict.status is Status.ABORTED
+    assert "rank 1 of group g restarted before the round ended" in verdict.reason
+    # its Admit (the cache_info reached the new process) hears that verdict, no conflict
+    (e,) = b.handle(Admit("g", "r1", 0, 1, T), 0.4)
+    assert e == ToRank("g", 1, verdict)
