@@ -72,7 +72,11 @@ class DecodeDaemon(GroupDaemon):
         self.prefills = {
             f"{g.name}:{rank}".encode(): g.name for g in config.groups if g.role == "prefill" and rank < g.world_size
         }
-        self.core = DecodeCore(rank, self.prefills)
+        # the barrier service may relay, for a prefill rank that died, any verdict it remembers (up to
+        # max_keys per group): the notices seen must reach back as far, or one its rank did send
+        # would be handed on again as a failure
+        seen = max(4096, config.barrier.max_keys * len(self.prefills))
+        self.core = DecodeCore(rank, self.prefills, max_seen=seen)
 
     def start(self) -> None:
         self.peer_router, self.peer_endpoint = self.server_socket(

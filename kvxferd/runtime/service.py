@@ -48,6 +48,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from kvxferd.config import LimitsConfig
 from kvxferd.errors import CoreBroken
 from kvxferd.protocol import Error, ErrorCode, Message
 from kvxferd.protocol.fields import clip, show
@@ -79,7 +80,13 @@ class Service:
     role = "service"
 
     def __init__(
-        self, *, shutdown_s: float, max_frame: int, queue: int, creds: Credentials, max_connections: int = 64
+        self,
+        *,
+        shutdown_s: float,
+        max_frame: int,
+        queue: int,
+        creds: Credentials,
+        max_connections: int = LimitsConfig.max_connections,
     ) -> None:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.max_frame = max_frame

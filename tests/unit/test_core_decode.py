@@ -222,3 +222,30 @@ def test_a_notice_left_unconfirmed_is_sent_again_later_and_later_until_confirmed
     ledger.confirmed("d", ("a", 0))
     ledger.confirmed("d", ("b", 0))
     assert ledger.due(100.0) == [] and ledger.next_deadline() is None
+
+
+def test_a_decode_daemon_remembers_as_many_notices_as_the_barrier_may_relay_for_a_dead_writer() -> None:
+    # every verdict the barrier still remembers (max_keys per prefill group) may be relayed once its
+    # writer is absent; one whose KVReady was handed on must be recognised, not handed on again
+    from kvxferd.config import loads
+    from kvxferd.runtime.decode import DecodeDaemon
+
+    config = loads(
+        "groups:\n"
+        "  - {name: p, role: prefill, world_size: 1, endpoint: 'ipc:///tmp/kvx-seen-p-{rank}.sock', memory: host}\n"
+        "  - {name: q, role: prefill, world_size: 1, endpoint: 'ipc:///tmp/kvx-seen-q-{rank}.sock', memory: host}\n"
+        "  - {name: d, role: decode, world_size: 1, endpoint: 'ipc:///tmp/kvx-seen-d-{rank}.sock', memory: host}\n"
+        "barrier: {max_keys: 5000}\n"
+    )
+    daemon = DecodeDaemon(config, config.group("d"), 0)
+    try:
+        assert daemon.core.seen.limit == 2 * 5000
+    finally:
+        daemon.shutdown_sockets()
+    # and with a window that wide, a relayed release for a notice handed on long ago is nothing
+    c, engine = core(max_seen=2 * 5000), []
+    c.registered("g1", 0.0)
+    for i in range(5000):
+        hand(c, c.notice(P0, ready(f"r{i}"), 1.0), engine)
+    digest = Digest(4, 1, 4096, "x")
+    assert c.writer_gone(Release("prefill", "r0", 0, digest, "d"), 2.0) == []
