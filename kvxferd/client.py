@@ -277,9 +277,12 @@ class PrefillOutcome:
     """What the prefill ranks reported about one request instance.
 
     ``results`` holds one TransferResult per rank that reported. Every rank
-    reports the same status; a rank that *refused* the cache_info reports at
-    once (its result's ``code`` says why), so an outcome is *decided* as soon as
-    every rank reported or any rank refused. Results that come after that are
+    reports the group's status, but for one whose result has a ``code``: a rank
+    that *refused* the cache_info reports at once (the code says why), and a
+    rank reports ``ok`` only once its decode rank confirmed it told its engine
+    KVReady, so one whose decode engine was told a failure (it registered a new
+    cache after the write) reports that, with its code. An outcome is *decided*
+    as soon as every rank reported or any rank ended it with a code. Results that come after that are
     still added here. A second result from the same rank is never taken in:
     it goes to ``duplicates``.
 
@@ -322,10 +325,15 @@ class PrefillOutcome:
 
     @property
     def status(self) -> Status | None:
-        """The instance's status (the same on every rank), once any rank reported."""
-        for result in self.results.values():
-            return result.status
-        return None
+        """The instance's status, once any rank reported: the group's verdict (the status of every
+        result without a ``code``), unless a rank ended it alone (a refusal, or a decode rank that
+        told its engine a failure where the group said ok): then that rank's ``failed``."""
+        if not self.results:
+            return None
+        failing = [r for r in self.results.values() if r.status is not Status.OK]
+        if not failing:
+            return Status.OK
+        return next((r.status for r in failing if not r.code), failing[0].status)
 
 
 @dataclass

@@ -9,8 +9,8 @@ result. This core decides what becomes of each notice:
 
 * it must name this decode rank (a notice naming another is dropped);
 * a repeat (a prefill rank sends the notices it has no confirmation for again
-  when its connection comes back) is confirmed again and never handed on
-  twice: the last ``max_seen`` notices are remembered per sender;
+  when its connection comes back) is confirmed again, as the first was, and
+  never handed on twice: the last ``max_seen`` notices are remembered;
 * while no engine is registered, a notice is *held* (at most ``max_held``,
   oldest dropped first and counted) for the engine that registers next;
 * a KVReady that names another generation than the current registration is
@@ -19,7 +19,9 @@ result. This core decides what becomes of each notice:
   ``push_every_s``, so its next writes go to the new cache;
 * anything else is handed on (:class:`Deliver`); once the shell reports it
   handed (:meth:`DecodeCore.delivered`), it is confirmed to its sender
-  (:class:`Confirm`), which stops keeping it;
+  (:class:`Confirm`), which stops keeping it; the confirmation says how the
+  engine was told (``ok`` for a KVReady, else the failure and its reason), and
+  a prefill rank reports ``ok`` to its scheduler only on an ``ok`` one;
 * a notice the engine could not be handed (:meth:`DecodeCore.undelivered`: its
   connection is gone, or it does not read) is held like one that came before
   any registration, and so is every later one while the engine stays
@@ -107,8 +109,9 @@ class DecodeCore:
         self.prefills = dict(prefills)  # the identities our prefill ranks connect with -> their group
         self.push_every_s = push_every_s
         self.generation = ""  # the current registration's name; "" while none
-        #: (sender, request instance) -> handed to the engine (True) or held for one (False)
-        self.seen: Memory[tuple[bytes, Key], bool] = Memory(limit=max_seen)
+        #: (sender, request instance) -> how it was confirmed, once handed to the engine
+        #: (None: held for one)
+        self.seen: Memory[tuple[bytes, Key], Received | None] = Memory(limit=max_seen)
         self.held: Memory[tuple[bytes, Key], _Held] = Memory(limit=max_held)
         self.pushed: dict[bytes, float] = {}  # sender -> when it was last given our PeerInfo unasked
         self.retry_s = retry_s
@@ -129,10 +132,10 @@ class DecodeCore:
                     ErrorCode.WRONG_ROLE, f"refused a notice from {show(sender)} naming rank {msg.rank}", reply=False
                 )
             ]
-        handed = self.seen.get((sender, msg.key))
-        if handed is not None:
+        if (sender, msg.key) in self.seen:
             self.counts["notice_repeated"] += 1
-            return [self._confirm(sender, msg)] if handed else []
+            confirmed = self.seen.get((sender, msg.key))
+            return [Confirm(sender, confirmed)] if confirmed is not None else []
         if not self.registered_engine or self.retry_at is not None:
             # sent again (or queued) while this daemon restarted: kept for the engine that registers
             # next (they name an earlier registration, so it hears them as failures: blocks free again)
@@ -158,11 +161,11 @@ class DecodeCore:
             reason = (
                 f"prefill {verdict.group} rank {self.rank}: its process ended before it told decode rank {self.rank}"
             )
-            status = Status.FAILED
+            status, code = Status.FAILED, ErrorCode.UNAVAILABLE.value  # decided here, not by the group
         else:
-            reason, status = verdict.reason, verdict.status
+            reason, status, code = verdict.reason, verdict.status, ""
         self.counts["notices_from_barrier"] += 1
-        failure = TransferResult(verdict.key, status, reason, self.rank, 0, instance=verdict.instance)
+        failure = TransferResult(verdict.key, status, reason, self.rank, 0, instance=verdict.instance, code=code)
         return [
             Deliver(e.sender, e.notice, confirm=False) if isinstance(e, Deliver) else e
             for e in self.notice(sender, failure, now)
@@ -174,13 +177,14 @@ class DecodeCore:
         if dropped is not None:  # its sender keeps it unconfirmed, and sends it on a reconnect
             self.counts["notices_dropped"] += 1
             self.seen.pop(dropped[0])
-        self.seen.put((sender, msg.key), False)
+        self.seen.put((sender, msg.key), None)
 
     def delivered(self, sender: bytes, msg: Notice, now: float, confirm: bool = True) -> list[DecodeEffect]:
         """The engine was handed ``msg``: remember it, and confirm it to its sender (if the engine
         was unreachable until now, what was held for it follows)."""
-        self.seen.put((sender, msg.key), True)
-        effects: list[DecodeEffect] = [self._confirm(sender, msg)] if confirm else []
+        confirmed = self._confirm(sender, msg)
+        self.seen.put((sender, msg.key), confirmed.message)
+        effects: list[DecodeEffect] = [confirmed] if confirm else []
         if self.retry_at is not None:
             self.retry_at = None
             effects += self._release(now)
@@ -234,7 +238,10 @@ class DecodeCore:
             f"prefill {source} rank {msg.rank} wrote it into registration {show(msg.generation)} of "
             f"decode rank {self.rank}; the engine's cache is registration {show(self.generation)} now"
         )
-        failure = TransferResult(msg.request_id, Status.FAILED, reason, msg.rank, msg.bytes, instance=msg.instance)
+        failure = TransferResult(
+            msg.request_id, Status.FAILED, reason, msg.rank, msg.bytes, instance=msg.instance,
+            code=ErrorCode.NOT_REGISTERED.value,
+        )  # fmt: skip
         effects: list[DecodeEffect] = [
             Problem(ErrorCode.NOT_REGISTERED, f"request {msg.request_id}: {reason}", reply=False)
         ]
@@ -245,4 +252,7 @@ class DecodeCore:
 
     @staticmethod
     def _confirm(sender: bytes, msg: Notice) -> Confirm:
-        return Confirm(sender, Received(msg.request_id, msg.rank, msg.instance))
+        """How ``msg`` was told to the engine, for its sender."""
+        if isinstance(msg, KVReady):
+            return Confirm(sender, Received(msg.request_id, msg.rank, msg.instance))
+        return Confirm(sender, Received(msg.request_id, msg.rank, msg.instance, msg.status, msg.reason, msg.code))

@@ -60,10 +60,16 @@ class ToEngine:
 
 @dataclass(frozen=True, slots=True)
 class ToPeer:
-    """Tell the decode daemon at ``peer`` how a request ended (KVReady, or the failure)."""
+    """Tell the decode daemon at ``peer`` how a request ended (KVReady, or the failure).
+
+    ``then``: the ``ok`` result for the prefill engine, told only once that decode daemon
+    confirmed it told its engine the KVReady (a request is ok on prefill only if it is ready at
+    decode); if the decode engine was told a failure instead, or no confirmation comes in time,
+    the result is told as that failure (see :mod:`kvxferd.core.ledger`)."""
 
     peer: str
     message: KVReady | TransferResult
+    then: ToEngine | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,15 +14,28 @@ twice as long each time, up to 16 x ``retry_s``. The ledger is bounded
 (:class:`~kvxferd.core.memory.Memory`): past ``limit`` the oldest notice is
 given up, loudly. Nothing here reads a clock; ``now`` stamps when a notice was
 first sent, so the oldest wait can be reported.
+
+A KVReady comes with the ``ok`` result for the prefill engine (``then``),
+which the ledger keeps too: a request is ok on prefill only once its decode
+rank confirmed it told its engine the KVReady (:meth:`NoticeLedger.confirmed`
+gives the result back, :class:`Report`). If the decode engine was told a
+failure instead (the KVReady named a registration it no longer holds), the
+result becomes that failure, with its code. If no confirmation came within
+``confirm_s`` (reported by the pass after that, so within ``confirm_s`` plus
+at most ``retry_s``), the result is told as failed (code ``unavailable``) and
+the notice kept for decode becomes that failure too, so a decode daemon that
+only now reads it tells its engine the same. One that told its engine the
+KVReady but whose confirmation was lost leaves decode ready and prefill failed:
+the direction that loses a request, never one that serves wrong bytes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from kvxferd.core.effects import Problem
+from kvxferd.core.effects import Problem, ToEngine
 from kvxferd.core.memory import Memory
-from kvxferd.protocol import ErrorCode, Key, KVReady, TransferResult
+from kvxferd.protocol import ErrorCode, Key, KVReady, Received, Status, TransferResult
 
 Notice = KVReady | TransferResult
 
@@ -35,7 +48,14 @@ class Send:
     notice: Notice
 
 
-LedgerEffect = Send | Problem
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Tell the prefill engine ``result`` now (it waited for the decode rank's confirmation)."""
+
+    result: ToEngine
+
+
+LedgerEffect = Send | Report | Problem
 
 
 @dataclass(slots=True)
@@ -44,21 +64,33 @@ class _Kept:
     since: float
     again_at: float  # when it is sent again unless confirmed
     tries: int = 0
+    then: ToEngine | None = None  # the ok result, told once confirmed
+    until: float = 0.0  # when ``then`` is told as failed unless confirmed
 
 
 class NoticeLedger:
-    def __init__(self, limit: int, retry_s: float = 2.0) -> None:
+    def __init__(self, limit: int, retry_s: float = 2.0, confirm_s: float = 10.0) -> None:
         self._kept: Memory[tuple[str, Key], _Kept] = Memory(limit=limit)
         self.retry_s = retry_s
+        self.confirm_s = confirm_s
         self._next_pass: float | None = None  # the next pass over what is kept
         self.resent = 0
+        self.unconfirmed_results = 0  # ok results told as failed: no confirmation in time
+        self.holding = 0  # ok results kept until their decode rank confirms
 
-    def tell(self, link: str, notice: Notice, now: float) -> list[LedgerEffect]:
-        """Send ``notice`` to ``link``'s decode daemon and keep it until that daemon confirms it."""
+    def tell(self, link: str, notice: Notice, now: float, then: ToEngine | None = None) -> list[LedgerEffect]:
+        """Send ``notice`` to ``link``'s decode daemon and keep it until that daemon confirms it;
+        ``then``, the ok result of a KVReady, is told once it confirms (see the module)."""
         effects: list[LedgerEffect] = [Send(link, notice)]
-        pushed = self._kept.put((link, notice.key), _Kept(notice, now, now + self.retry_s))
-        if self._next_pass is None or self._next_pass > now + self.retry_s:
-            self._next_pass = now + self.retry_s
+        kept = _Kept(notice, now, now + self.retry_s, then=then, until=now + self.confirm_s)
+        replaced = self._kept.pop((link, notice.key))  # (a notice is told once: never, but count right)
+        if replaced is not None and replaced.then is not None:
+            self.holding -= 1
+        self.holding += then is not None
+        pushed = self._kept.put((link, notice.key), kept)
+        first = now + min(self.retry_s, self.confirm_s)
+        if self._next_pass is None or self._next_pass > first:
+            self._next_pass = first
         if pushed is not None:
             (lost_link, _), lost = pushed
             detail = (
@@ -66,11 +98,24 @@ class NoticeLedger:
                 f"{lost_link!r} (it is not sent again)"
             )
             effects.append(Problem(ErrorCode.TABLE_FULL, detail, lost.notice.request_id, reply=False))
+            if lost.then is not None:
+                self.holding -= 1
+                effects.append(Report(as_failed(lost.then, f"{detail}; not confirmed ready", ErrorCode.TABLE_FULL)))
         return effects
 
-    def confirmed(self, link: str, key: Key) -> bool:
-        """``link``'s decode daemon confirmed the notice of ``key``; False if none was kept."""
-        return self._kept.pop((link, key)) is not None
+    def confirmed(self, link: str, received: Received) -> list[LedgerEffect] | None:
+        """``link``'s decode daemon confirmed the notice of ``received.key``, saying how its engine
+        was told; the ok result it held back, as that (None: no notice of it was kept)."""
+        kept = self._kept.pop((link, received.key))
+        if kept is None:
+            return None
+        if kept.then is None:
+            return []
+        self.holding -= 1
+        if received.status is Status.OK:
+            return [Report(kept.then)]
+        code = ErrorCode(received.code) if received.code else ErrorCode.UNAVAILABLE
+        return [Report(as_failed(kept.then, received.reason, code))]
 
     def reconnected(self, link: str) -> list[LedgerEffect]:
         """``link``'s decode daemon connected (again): every notice it has not confirmed, again."""
@@ -86,14 +131,26 @@ class NoticeLedger:
         out: list[LedgerEffect] = []
         earliest: float | None = None
         for (link, _), kept in self._kept.items():
+            if kept.then is not None and now >= kept.until:
+                self.unconfirmed_results += 1
+                self.holding -= 1
+                why = (
+                    f"decode {link!r} did not confirm within {self.confirm_s:g}s that its engine was told "
+                    "KVReady; it is told the request failed"
+                )
+                told = as_failed(kept.then, why, ErrorCode.UNAVAILABLE)
+                out.append(Report(told))
+                kept.then, kept.notice = None, told.result  # decode hears the same, at once
+                kept.again_at = now
             if now >= kept.again_at:
                 kept.tries += 1
                 kept.again_at = now + self.retry_s * (1 << min(kept.tries, 4))
                 out.append(Send(link, kept.notice))
-            earliest = kept.again_at if earliest is None else min(earliest, kept.again_at)
-        self.resent += len(out)
+            due = kept.again_at if kept.then is None else min(kept.again_at, kept.until)
+            earliest = due if earliest is None else min(earliest, due)
+        self.resent += sum(isinstance(e, Send) for e in out)
         # (at most one pass per retry_s, whatever the notices' own times)
-        self._next_pass = None if earliest is None else max(earliest, now + self.retry_s)
+        self._next_pass = None if earliest is None else max(earliest, now + min(self.retry_s, self.confirm_s))
         return out
 
     def unconfirmed(self, link: str) -> int:
@@ -110,3 +167,9 @@ class NoticeLedger:
 
     def __len__(self) -> int:
         return len(self._kept)
+
+
+def as_failed(then: ToEngine, reason: str, code: ErrorCode) -> ToEngine:
+    """The held ok result ``then``, told as failed instead."""
+    result = replace(then.result, status=Status.FAILED, reason=reason, code=code.value)
+    return ToEngine(result, then.origin)

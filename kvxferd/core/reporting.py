@@ -4,6 +4,8 @@ Theory of operation: a request instance ends once per rank, and is told twice:
 to the prefill engine that sent its cache_info (a :class:`TransferResult`
 with its timings) and to the decode rank it wrote into (a :class:`KVReady`
 naming the bytes and the registration they went into, or the failed result).
+An ``ok`` result waits for that decode rank's confirmation (:class:`ToPeer`'s
+``then``): ok on prefill means ready at decode.
 A refused cache_info is told the same two ways at once, with the refusal's
 code. For operators, every live request can say in one line what it waits
 for (:data:`kvxferd.core.lifecycle.WAITS`, filled in here).
@@ -47,10 +49,10 @@ def ended(req: Request, ending: Ending, rank: int, now: float) -> list[RankEffec
         code=ending.code,
         admit_ms=(admitted - req.created) * 1e3,
     )
-    notice: KVReady | TransferResult = result
-    if ending.status is Status.OK:
+    if ending.status is Status.OK:  # told to the engine once decode confirmed it is ready there
         notice = KVReady(info.request_id, rank, req.bytes_done, info.instance, req.generation or "")
-    return [ToEngine(result, req.origin), ToPeer(info.peer, notice)]
+        return [ToPeer(info.peer, notice, then=ToEngine(result, req.origin))]
+    return [ToEngine(result, req.origin), ToPeer(info.peer, result)]
 
 
 def refused(info: CacheInfo, code: ErrorCode, detail: str, rank: int, origin: bytes | None) -> list[RankEffect]:

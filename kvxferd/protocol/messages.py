@@ -249,7 +249,10 @@ class Received(Message):
     """Q→P: the notice (KVReady or failed TransferResult) rank ``rank`` sent for this instance
     reached the decode engine, or its repeat was recognised. A prefill daemon keeps each notice
     until this comes and sends it again when the decode daemon's connection comes back (a daemon
-    that died with notices unread loses none). Wire: ``[3, "received", "req-7", 0, 4]``.
+    that died with notices unread loses none). ``status``, ``reason`` and ``code``: how the
+    engine was told (a KVReady naming a registration the engine no longer holds is told as
+    ``failed``, code ``not_registered``); a prefill rank reports ``ok`` to its scheduler only once
+    it is told ``ok`` here. Wire: ``[3, "received", "req-7", 0, 4, "ok", "", ""]``.
     """
 
     TAG: ClassVar[str] = "received"
@@ -257,6 +260,9 @@ class Received(Message):
     request_id: str
     rank: int = 0
     instance: int = 0
+    status: Status = Status.OK
+    reason: str = ""
+    code: str = ""
 
     @property
     def key(self) -> Key:
@@ -266,6 +272,15 @@ class Received(Message):
         f.name("Received", "request_id", self.request_id)
         f.uint("Received", "rank", self.rank)
         f.uint("Received", "instance", self.instance)
+        f.choice("Received", "status", self.status, tuple(Status))
+        store(self, "status", Status(self.status))
+        store(self, "reason", f.reason("Received", "reason", self.reason))
+        if self.status is not Status.OK and not self.reason:
+            raise f.fail("Received", "reason", f"a {self.status} notice must say why")
+        if self.code:
+            f.choice("Received", "code", self.code, tuple(ErrorCode))
+            if self.status is not Status.FAILED:
+                raise f.fail("Received", "code", "only a failed notice carries a code")
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import socket as pysocket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -41,8 +42,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from kvxferd.config import Config, GroupConfig
-from kvxferd.core import Problem, Write
-from kvxferd.core.ledger import LedgerEffect, Notice, NoticeLedger
+from kvxferd.core import Problem, ToEngine, Write
+from kvxferd.core.ledger import LedgerEffect, Notice, NoticeLedger, Report, as_failed
 from kvxferd.core.memory import Memory
 from kvxferd.core.peer import Ask, Close, Drop, Fail, LinkEffect, LinkSettings, Note, PeerLink, Start, Warm
 from kvxferd.errors import TransportError, TransportUnavailable
@@ -131,7 +132,10 @@ class Peers:
         self.transports: dict[str, Transport] = {}
         self.local: RegisterCache | None = None
         self.answers: list[tuple[Link, Message]] = []  # collected by the socket handlers
-        self.ledger = NoticeLedger(MAX_UNCONFIRMED)
+        #: notices kept until decode confirms them, with the ok results that wait for that
+        self.ledger = NoticeLedger(MAX_UNCONFIRMED, confirm_s=config.timeouts.peer_s)
+        #: where an ok result goes once its decode rank confirmed it (the prefill daemon sets it)
+        self.on_report: Callable[[ToEngine], None] = lambda result: None
         self._poll_delay = POLL_MIN_S
         self._next_poll: float | None = None
 
@@ -333,20 +337,26 @@ class Peers:
 
     # -- notices to decode daemons ----------------------------------------------------
 
-    def notify(self, peer: str, msg: Notice, now: float) -> None:
-        """Send a request's notice to its decode rank, kept until that rank confirms it."""
+    def notify(self, peer: str, msg: Notice, now: float, then: ToEngine | None = None) -> None:
+        """Send a request's notice to its decode rank, kept until that rank confirms it; ``then``,
+        the ok result of a KVReady, goes to ``on_report`` once it does (see core.ledger)."""
         try:
             link = self._link(peer, now)
         except TransportError as exc:
             log.error("%s; dropped %s", exc, msg)
+            if then is not None:
+                self.on_report(as_failed(then, f"{exc}: decode was not told", ErrorCode.UNAVAILABLE))
             return
         link.machine.last_used = now
-        self._send(self.ledger.tell(link.group.name, msg, now))
+        self._send(self.ledger.tell(link.group.name, msg, now, then))
 
     def _send(self, effects: list[LedgerEffect]) -> None:
         for eff in effects:
             if isinstance(eff, Problem):
                 log.error("%s", eff.detail)
+                continue
+            if isinstance(eff, Report):
+                self.on_report(eff.result)
                 continue
             link = self.links.get(eff.link)
             if link is None:
@@ -436,7 +446,10 @@ class Peers:
         for link, msg in answers:
             machine = link.machine
             if isinstance(msg, Received):
-                self.ledger.confirmed(link.group.name, msg.key)
+                told = self.ledger.confirmed(link.group.name, msg)
+                if told is None:
+                    log.debug("confirmation of %s from %s: nothing kept for it", msg, link.endpoint)
+                self._send(told or [])
                 continue
             if isinstance(msg, PeerInfo):
                 effects = machine.answered(msg, self._mismatch(link, msg), now)

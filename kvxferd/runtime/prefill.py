@@ -84,6 +84,7 @@ class PrefillDaemon(GroupDaemon):
         super().__init__(config, group, rank)
         self.core = guarded(RankCore(rank_settings(config, group, rank)), "prefill core")
         self.peers = Peers(self, config, group=group.name, rank=rank, memory=group.memory)
+        self.peers.on_report = self._confirmed
         self.worker: bytes | None = None  # the connection that registered the cache: the one model worker
         #: connections that sent a cache_info lately (schedulers): who may abort a request not seen yet
         self.schedulers: Memory[bytes, bool] = Memory(limit=MAX_SCHEDULERS)
@@ -114,7 +115,8 @@ class PrefillDaemon(GroupDaemon):
             self._apply(self.core.on_timer(now), now)
 
     def idle(self) -> bool:
-        return self.core.sizes()["requests"] == 0
+        """Nothing live, and no ok result waiting for its decode rank's confirmation."""
+        return self.core.sizes()["requests"] == 0 and not self.peers.ledger.holding
 
     def force_stop(self, now: float, why: str) -> None:
         """The drain is cut short and the process exits: what is left is withdrawn, and the group's
@@ -272,7 +274,7 @@ class PrefillDaemon(GroupDaemon):
             elif isinstance(eff, ToEngine):
                 self._result(eff)
             elif isinstance(eff, ToPeer):
-                self.peers.notify(eff.peer, eff.message, now)
+                self.peers.notify(eff.peer, eff.message, now, eff.then)
             elif isinstance(eff, Problem):
                 self._problem(eff)
 
@@ -301,6 +303,13 @@ class PrefillDaemon(GroupDaemon):
             now = time.monotonic()
             self._lost(self.results.hold(result.key, identity, result, now))
 
+    def _confirmed(self, eff: ToEngine) -> None:
+        """An ok result whose decode rank confirmed (or did not) how its engine was told."""
+        if eff.origin is None:  # never the sender of whatever message is being handled now
+            log.error("no engine to tell that request %s ended (%s)", eff.result.request_id, eff.result.status.value)
+            return
+        self._result(eff)
+
     def _lost(self, results: list[TransferResult]) -> None:
         for result in results:
             self.counters["results_given_up"] += 1
@@ -323,7 +332,8 @@ class PrefillDaemon(GroupDaemon):
         report = {
             "endpoint": self.endpoint,
             "registered": self.peers.local is not None,
-            "tables": self.core.sizes(),
+            # (results_held: ok results waiting for their decode rank's confirmation)
+            "tables": {**self.core.sizes(), "results_held": self.peers.ledger.holding},
             "requests": self.core.snapshot(now)[:100],
             "peers": self.peers.report(),
             "counters": dict(self.counters),

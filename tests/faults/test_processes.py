@@ -152,6 +152,14 @@ def _wait_state(dep: Deployment, rank: int, rid: str, state: str) -> None:
     dep.wait_until(f"{rid} to be {state} on rank {rank}", there)
 
 
+def _results(dep: Deployment, rid: str) -> dict[int, Any]:
+    """The results the scheduler has of ``rid`` so far, by rank."""
+    assert dep.sched is not None
+    dep.sched.collect(0.0)
+    out = dep.sched.outcome(rid)
+    return dict(out.results) if out is not None else {}
+
+
 def _outcome_on(dep: Deployment, rid: str, rank: int, timeout_s: float) -> PrefillOutcome:
     """Wait until ``rank`` reported on ``rid`` (other ranks may never)."""
     assert dep.sched is not None
@@ -457,8 +465,11 @@ def test_notices_unread_by_a_killed_decode_daemon_reach_the_engine_through_its_s
     socket), then it is killed: the notices die with it. Prefill rank 1 kept them unconfirmed and
     sends them again once the restarted daemon connects; the engine hears each once, as a failure
     (they name the dead daemon's registration), so every decode rank told and the blocks are free.
-    On shm only: an rdma write needs its target to run, so a stopped decode daemon fails it."""
-    with deploy(faults()) as dep:
+    On shm only: an rdma write needs its target to run, so a stopped decode daemon fails it.
+    Prefill rank 1 holds its ok results until decode rank 1 confirms how its engine was told:
+    they end failed, as at decode (issue 23, item 8). (peer_s is long, so the confirmation comes
+    before prefill gives up waiting for it.)"""
+    with deploy(faults(peer_s=60)) as dep:
         traffic = Traffic(dep, record, "shm")
         assert dep.sched is not None and dep.dec is not None
         traffic.ok(2)
@@ -474,9 +485,10 @@ def test_notices_unread_by_a_killed_decode_daemon_reach_the_engine_through_its_s
             info, _, _ = traffic.info()
             dep.sched.submit(info)
             traffic.signal(info, range(dep.prefill.world_size))
-            assert dep.sched.wait(info.request_id, 20.0).ok
+            assert _outcome_on(dep, info.request_id, 0, 20.0).results[0].status is Status.OK
             unread.append(info.request_id)
         dep.wait_until("prefill rank 1 to hold both notices unconfirmed", lambda: unconfirmed() == 2)
+        assert all(1 not in _results(dep, rid) for rid in unread), "ok before decode confirmed"
         fault = _kill(dep, _name(dep, "decode", 1))  # SIGKILL works on a stopped process
         _restart(dep, _name(dep, "decode", 1), record)
         _register_decode(dep, 1, dep.dcaches[1])
@@ -485,8 +497,10 @@ def test_notices_unread_by_a_killed_decode_daemon_reach_the_engine_through_its_s
             assert told.reusable and not told.ready and not told.duplicates, told
             assert told.statuses == {0: Status.OK, 1: Status.FAILED}, told
             assert "registration" in told.reasons[1], told.reasons
+            mine = _outcome_on(dep, rid, 1, 10.0).results[1]
+            assert mine.status is Status.FAILED and mine.reason in told.reasons[1], (mine, told)
         record.update(fault="SIGKILL decode rank 1 with notices unread", report_s=round(time.monotonic() - fault, 2))
-        record["affected"] = "2 notices unread: sent again, each told once (failed: old registration)"
+        record["affected"] = "2 notices unread: sent again, each told once (failed: old registration), so on prefill"
         dep.wait_until("prefill rank 1 to hold no notice unconfirmed", lambda: unconfirmed() == 0)
         traffic.ok(3)
 
@@ -503,8 +517,9 @@ def test_notices_for_a_dead_decode_engine_reach_its_successor_and_no_prefill_ran
     """Issue 23, item 4: the decode engine dies (its connections close); two requests complete on
     prefill meanwhile, and their notices cannot be handed to it. Each decode daemon holds them;
     once a new engine registers it hears them (as failures: they went into the dead engine's
-    cache), and every prefill rank's notices are confirmed, none kept."""
-    with deploy(faults()) as dep:
+    cache), and every prefill rank's notices are confirmed, none kept. Prefill reports them failed
+    too, once confirmed (issue 23, item 8), not ok while no engine was told."""
+    with deploy(faults(peer_s=60)) as dep:
         traffic = Traffic(dep, record, "shm")
         assert dep.sched is not None and dep.dec is not None
         traffic.ok(2)
@@ -522,24 +537,31 @@ def test_notices_for_a_dead_decode_engine_reach_its_successor_and_no_prefill_ran
             info, _, _ = traffic.info()
             dep.sched.submit(info)
             traffic.signal(info, world)
-            assert dep.sched.wait(info.request_id, 20.0).ok
             lost.append(info.request_id)
         dep.wait_until(
             "each decode daemon to hold both notices",
             lambda: [dep.status(r, "decode")["held"] for r in world] == [2, 2],
         )
         assert unconfirmed() == [2, 2]
+        assert all(not _results(dep, rid) for rid in lost), "ok on prefill while no decode engine was told"
         dep.dec.register(dep.dcaches)  # a new engine, with its own cache
         for rid in lost:
             told = dep.dec.wait(rid, 20.0)
             while set(told.reported) != set(world):
                 assert dep.dec.collect(10.0), f"a decode rank never told the new engine about {rid}"
             assert not told.ready and "registration" in told.reasons[0], told
+            out = dep.sched.wait(rid, 20.0)
+            while not out.complete:
+                out = _outcome_on(dep, rid, min(set(world) - set(out.results)), 20.0)
+            assert {r.code for r in out.results.values()} == {"not_registered"}, out.results
+            assert not out.ok and out.status is Status.FAILED
         dep.wait_until("no prefill rank to keep a notice", lambda: unconfirmed() == [0, 0])
         record.update(
             fault="decode engine killed, 2 requests, a new engine", report_s=round(time.monotonic() - fault, 2)
         )
-        record["affected"] = "2 meanwhile: held at decode, heard by the new engine as failures, confirmed"
+        record["affected"] = (
+            "2 meanwhile: held at decode, heard by the new engine as failures, confirmed, so on prefill"
+        )
         traffic.ok(3)
 
 
@@ -549,7 +571,9 @@ def test_bytes_written_into_an_old_decode_cache_are_never_reported_ready_for_a_n
 ) -> None:
     """Prefill rank 1 writes a request into decode rank 1's cache; then the decode engine registers
     a new cache there; then the request is released. Decode rank 1 must not call it ready: its
-    bytes are in the old cache. Later requests are written into the new cache and verified."""
+    bytes are in the old cache; and prefill rank 1 must not call it ok (issue 23, item 8): a rank's
+    ok stands only once its decode rank confirmed it handed the KVReady on as ready. Later requests
+    are written into the new cache and verified."""
     with deploy(faults()) as dep:
         traffic = Traffic(dep, record, transport)
         assert dep.sched is not None and dep.dec is not None
@@ -569,6 +593,15 @@ def test_bytes_written_into_an_old_decode_cache_are_never_reported_ready_for_a_n
             record["affected"] = "1 written into the old cache: failed at decode rank 1, not ready"
             assert notice.statuses[1] is Status.FAILED, notice
             assert "registration" in notice.reasons[1], notice.reasons
+            out = _outcome_on(dep, info.request_id, 1, 10.0)
+            while 0 not in out.results:
+                out = _outcome_on(dep, info.request_id, 0, 10.0)
+            mine = out.results[1]
+            assert mine.status is Status.FAILED and mine.code == ErrorCode.NOT_REGISTERED.value, mine
+            assert "registration" in mine.reason, mine
+            assert out.results[0].status is Status.OK, out.results  # decode rank 0 handed its KVReady on as ready
+            assert not out.ok and out.status is Status.FAILED, out
+            record["affected"] += "; prefill rank 1 failed too (its decode rank handed it on as a failure)"
             traffic.ok(3)
         finally:
             old.close()
@@ -627,16 +660,19 @@ def test_a_stopped_decode_daemon_delays_notices_but_loses_none(record: dict[str,
                 info, src, dst = traffic.info()
                 dep.sched.submit(info)
                 traffic.signal(info, range(dep.prefill.world_size))
-                assert dep.sched.wait(info.request_id, 20.0).ok
+                assert _outcome_on(dep, info.request_id, 0, 20.0).results[0].status is Status.OK
                 held.append((info.request_id, src, dst))
             dep.dec.collect(0.5)
             outcomes = [dep.dec.outcome(rid) for rid, _, _ in held]
             assert all(o is None or not o.ready for o in outcomes), "ready without decode rank 1's notice"
+            # prefill rank 1 says ok only once decode rank 1 confirmed its engine was told
+            assert all(1 not in _results(dep, rid) for rid, _, _ in held)
         finally:
             stopped.popen.send_signal(signal.SIGCONT)
             continued = time.monotonic()
         for rid, src, dst in held:
             assert dep.dec.wait(rid, 20.0).ready
+            assert dep.sched.wait(rid, 20.0).ok
             traffic.verify(src, dst)
         record.update(fault="SIGSTOP decode rank 1", report_s=round(time.monotonic() - continued, 2))
         record["affected"] = f"3 written while stopped ({continued - fault:.2f}s): ready after SIGCONT, verified"

@@ -79,7 +79,9 @@ def test_a_repeated_notice_is_confirmed_each_time_and_told_to_the_engine_once(pl
         for _ in range(3):
             peer.send(notice)
             confirmed = peer.recv()
-            assert confirmed == Received(notice.request_id, 0, notice.instance), confirmed
+            # confirmed as the engine was told: the failure with its reason, the KVReady as ok
+            said = (notice.status, notice.reason) if isinstance(notice, TransferResult) else (Status.OK, "")
+            assert confirmed == Received(notice.request_id, 0, notice.instance, *said), confirmed
     dep.wait_until(
         "the engine to hear both notices", lambda: all(dep.dec.outcome(n.request_id) for n in notices), ANSWER_S
     )

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field, replace
 
 from kvxferd.core import BarrierState, Problem, RankCore, RankSettings, ToBarrier, ToEngine, ToPeer, ToRank, Write
 from kvxferd.core.blocks import blocks_needed
-from kvxferd.core.decode import DecodeCore, Deliver
+from kvxferd.core.decode import Confirm, DecodeCore, Deliver
+from kvxferd.core.ledger import as_failed
 from kvxferd.protocol import (
     STARTUP_KEY,
     Abort,
@@ -55,6 +56,7 @@ from kvxferd.protocol import (
     KVReady,
     LayerSignal,
     Message,
+    Received,
     Release,
     SlotChunk,
     Status,
@@ -311,6 +313,8 @@ class Process:
     ready_layers: set[tuple[int, int]] = field(default_factory=set)  # (step, layer) delivered
     admitted: set[Key] = field(default_factory=set)  # instances this process received Admitted for
     results: dict[Key, list[TransferResult]] = field(default_factory=lambda: defaultdict(list))
+    #: ok results told once the decode rank confirms how its engine was told (as the notice ledger)
+    held: dict[Key, ToEngine] = field(default_factory=dict)
     arrivals: dict[Key, Digest] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     stalled_until: float = 0.0
@@ -575,10 +579,29 @@ class GroupSim:
 
     def _on_to_decode(self, seq: int, d: int, sender: bytes, msg: KVReady | TransferResult) -> None:
         decoder = self.decoders[d]
+        confirms: list[Confirm] = []
         for eff in decoder.notice(sender, msg, self.now):
-            if isinstance(eff, Deliver):
+            if isinstance(eff, Confirm):  # a repeat: confirmed as the first was told
+                confirms.append(eff)
+            elif isinstance(eff, Deliver):
                 self.told[d][eff.notice.key].append(eff.notice)
-                decoder.delivered(eff.sender, eff.notice, self.now)
+                confirms += [e for e in decoder.delivered(eff.sender, eff.notice, self.now) if isinstance(e, Confirm)]
+        for confirm in confirms:  # to whichever process of that rank runs now
+            self._send(("c", d), "confirmed", d, confirm.message)
+
+    def _on_confirmed(self, seq: int, r: int, received: Received) -> None:
+        """Decode rank ``r`` confirmed a notice: the ok result its prefill rank held goes now, as
+        the decode engine was told (NoticeLedger.confirmed does the same in the daemon)."""
+        p = self.procs[r]
+        if not p.alive or self._deferred(p, seq, "confirmed", r, received):
+            return
+        then = p.held.pop(received.key, None)
+        if then is None:
+            return  # a repeat, or a notice of an earlier process of this rank
+        if received.status is not Status.OK:
+            then = as_failed(then, received.reason, ErrorCode(received.code or ErrorCode.UNAVAILABLE.value))
+        self._report(p, then)
+        self._exit_if_idle(p)
 
     def _on_verdict_to_decode(self, seq: int, d: int, msg: Release | Diverged | Expired) -> None:
         decoder = self.decoders[d]
@@ -695,7 +718,7 @@ class GroupSim:
         self._gone(p, p.back_after)
 
     def _exit_if_idle(self, p: Process) -> None:
-        if p.state == "draining" and p.core.sizes()["requests"] == 0:
+        if p.state == "draining" and p.core.sizes()["requests"] == 0 and not p.held:
             self._gone(p, p.back_after)
 
     # -- effects -----------------------------------------------------------------
@@ -733,11 +756,12 @@ class GroupSim:
                     p.arrivals[key] = eff.message.digest
                 self._send(("b", r), "to_barrier", r, eff.message, self.epochs)
             elif isinstance(eff, ToEngine):
-                key = eff.result.key
-                p.results[key].append(eff.result)
-                assert len(p.results[key]) == 1, f"rank {r} ended {key} twice: {p.results[key]}"
-                assert p.core.holds(key) == [], f"rank {r} still holds {key} in {p.core.holds(key)}"
+                self._report(p, eff)
             elif isinstance(eff, ToPeer):
+                if eff.then is not None:
+                    assert eff.then.result.key not in p.held, f"rank {r} told {eff.then.result.key} twice"
+                    assert eff.then.result.status is Status.OK, f"rank {r} held back a failure: {eff}"
+                    p.held[eff.then.result.key] = eff.then
                 key = eff.message.key
                 mine = [w.write_id for w in p.writes.values() if key in w.requests]
                 assert not mine, f"rank {r} told decode {key} ended while its writes {mine} are in flight"
@@ -754,6 +778,12 @@ class GroupSim:
             else:
                 raise AssertionError(f"unexpected effect {eff!r}")
         self._exit_if_idle(p)
+
+    def _report(self, p: Process, eff: ToEngine) -> None:
+        key = eff.result.key
+        p.results[key].append(eff.result)
+        assert len(p.results[key]) == 1, f"rank {p.rank} ended {key} twice: {p.results[key]}"
+        assert p.core.holds(key) == [], f"rank {p.rank} still holds {key} in {p.core.holds(key)}"
 
     def complete_write(self, p: Process, wid: int, error: str | None = None) -> None:
         write = p.writes.pop(wid)

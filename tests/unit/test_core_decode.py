@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvxferd.core.decode import Confirm, DecodeCore, DecodeEffect, Deliver, Push
-from kvxferd.core.effects import Problem
-from kvxferd.core.ledger import NoticeLedger, Send
+from kvxferd.core.effects import Problem, ToEngine
+from kvxferd.core.ledger import NoticeLedger, Report, Send
 from kvxferd.protocol import Digest, ErrorCode, Expired, KVReady, Received, Release, Status, TransferResult
 
 P0, P1 = b"prefill:0", b"other:0"
@@ -135,7 +135,7 @@ def test_the_ledger_keeps_each_notice_until_its_daemon_confirms_it() -> None:
     ledger.tell("e", ready("a"), 2.0)
     assert ledger.unconfirmed("d") == 2 and ledger.oldest_s(10.0) == 10.0
     assert ledger.reconnected("d") == [Send("d", ready("a")), Send("d", failed("b"))]
-    assert ledger.confirmed("d", ("a", 0)) and not ledger.confirmed("d", ("a", 0))
+    assert ledger.confirmed("d", Received("a")) == [] and ledger.confirmed("d", Received("a")) is None
     assert ledger.reconnected("d") == [Send("d", failed("b"))]
     assert ledger.oldest_s(10.0) == 9.0
     ledger.tell("d", ready("c"), 3.0)
@@ -169,7 +169,7 @@ def test_through_any_restarts_and_resends_each_notice_reaches_the_engine_at_most
             start = c.registered("g", 0.0) if action == "register" else c.on_timer(1e9)
             for eff in hand(c, start, engine):
                 if isinstance(eff, Confirm):
-                    ledger.confirmed("d", eff.message.key)
+                    ledger.confirmed("d", eff.message)
         else:
             continue
         for send in effects:
@@ -181,7 +181,7 @@ def test_through_any_restarts_and_resends_each_notice_reaches_the_engine_at_most
                 continue
             for eff in hand(c, out, engine):
                 if isinstance(eff, Confirm):
-                    ledger.confirmed("d", eff.message.key)
+                    ledger.confirmed("d", eff.message)
     ids = [m.request_id for m in engine]
     assert len(ids) == len(set(ids)), f"handed on twice: {ids}"
     still_kept = {send.notice.request_id for send in ledger.reconnected("d")}
@@ -197,7 +197,8 @@ def test_a_verdict_about_a_gone_writer_is_its_failure_notice_handed_on_once() ->
     assert engine == [TransferResult("a", Status.FAILED, expired.reason, 0, 0)]
     assert not [e for e in out if isinstance(e, Confirm)]  # nobody to confirm to
     # the rank was only stopped: its own notice, coming later, is confirmed and not handed on
-    assert hand(c, c.notice(P0, failed("a"), 2.0), engine) == [Confirm(P0, Received("a", 0, 0))]
+    told = Received("a", 0, 0, Status.FAILED, expired.reason)  # as its engine was told
+    assert hand(c, c.notice(P0, failed("a"), 2.0), engine) == [Confirm(P0, told)]
     # a release whose writer told us first: nothing more; one it may not have: a failure
     hand(c, c.notice(P0, ready("b"), 3.0), engine)
     digest = Digest(4, 1, 4096, "x")
@@ -219,8 +220,8 @@ def test_a_notice_left_unconfirmed_is_sent_again_later_and_later_until_confirmed
     assert ledger.due(5.9) == [] and ledger.due(6.0) == [Send("d", ready("a"))]
     ledger.tell("d", failed("b"), 7.0)
     assert ledger.due(9.0) == [Send("d", failed("b"))] and ledger.resent == 3
-    ledger.confirmed("d", ("a", 0))
-    ledger.confirmed("d", ("b", 0))
+    ledger.confirmed("d", Received("a"))
+    ledger.confirmed("d", Received("b"))
     assert ledger.due(100.0) == [] and ledger.next_deadline() is None
 
 
@@ -249,3 +250,59 @@ def test_a_decode_daemon_remembers_as_many_notices_as_the_barrier_may_relay_for_
         hand(c, c.notice(P0, ready(f"r{i}"), 1.0), engine)
     digest = Digest(4, 1, 4096, "x")
     assert c.writer_gone(Release("prefill", "r0", 0, digest, "d"), 2.0) == []
+
+
+def ok_result(rid: str) -> ToEngine:
+    return ToEngine(TransferResult(rid, Status.OK, "", 0, 4096), b"sched")
+
+
+def test_an_ok_result_waits_for_decode_to_confirm_and_is_told_as_the_engine_was() -> None:
+    # issue 23, item 8: ok on prefill only if ready at decode
+    ledger = NoticeLedger(limit=8, retry_s=2.0, confirm_s=10.0)
+    assert ledger.tell("d", ready("a"), 0.0, then=ok_result("a")) == [Send("d", ready("a"))]
+    ledger.tell("d", ready("b"), 0.0, then=ok_result("b"))
+    assert ledger.holding == 2
+    assert ledger.confirmed("d", Received("a")) == [Report(ok_result("a"))]
+    stale = Received("b", 0, 0, Status.FAILED, "written into registration 'g1'", ErrorCode.NOT_REGISTERED.value)
+    (report,) = ledger.confirmed("d", stale)  # its engine was told a failure: so is the scheduler
+    assert isinstance(report, Report) and report.result.origin == b"sched"
+    told = report.result.result
+    assert (told.status, told.reason, told.code) == (Status.FAILED, stale.reason, "not_registered")
+    assert ledger.holding == 0 and len(ledger) == 0
+
+
+def test_an_ok_result_unconfirmed_in_time_is_told_failed_and_decode_hears_the_same() -> None:
+    ledger = NoticeLedger(limit=8, retry_s=2.0, confirm_s=5.0)
+    ledger.tell("d", ready("a"), 0.0, then=ok_result("a"))
+    assert ledger.next_deadline() == 2.0
+    assert ledger.due(2.0) == [Send("d", ready("a"))]  # sent again; the result still waits
+    assert ledger.holding == 1
+    out = ledger.due(ledger.next_deadline() or 0.0)
+    reports = [e for e in out if isinstance(e, Report)]
+    assert len(reports) == 1 and reports[0].result.result.code == "unavailable"
+    assert "did not confirm within 5s" in reports[0].result.result.reason
+    # what decode is sent from now on is that failure, at once
+    (send,) = [e for e in out if isinstance(e, Send)]
+    assert isinstance(send.notice, TransferResult) and send.notice.status is Status.FAILED
+    assert ledger.holding == 0 and ledger.unconfirmed_results == 1
+    assert ledger.confirmed("d", Received("a")) == [], "a late confirmation tells nobody twice"
+
+
+def test_an_ok_result_whose_notice_the_full_ledger_gives_up_is_told_failed() -> None:
+    ledger = NoticeLedger(limit=1)
+    ledger.tell("d", ready("a"), 0.0, then=ok_result("a"))
+    out = ledger.tell("d", failed("b"), 1.0)
+    (report,) = [e for e in out if isinstance(e, Report)]
+    assert report.result.result.status is Status.FAILED and report.result.result.code == "table_full"
+    assert ledger.holding == 0
+
+
+def test_decode_confirms_a_stale_kv_ready_as_the_failure_its_engine_was_told_each_time() -> None:
+    c, engine = core(), []
+    c.registered("g2", 0.0)
+    out = hand(c, c.notice(P0, ready("a", "g1"), 1.0), engine)
+    (confirm,) = [e for e in out if isinstance(e, Confirm)]
+    assert confirm.message.status is Status.FAILED and confirm.message.code == "not_registered"
+    assert "registration" in confirm.message.reason
+    assert hand(c, c.notice(P0, ready("a", "g1"), 2.0), engine) == [confirm], "a repeat: confirmed the same"
+    assert len(engine) == 1

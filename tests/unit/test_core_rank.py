@@ -61,7 +61,15 @@ def layers(step: int, *slots: SlotChunk) -> list[LayerSignal]:
 
 
 def of(effects: list, kind: type) -> list:
+    """The effects of ``kind``; for ToEngine, with the ok results a ToPeer holds back until its
+    decode rank confirms (as the engine hears them once it does)."""
+    if kind is ToEngine:
+        return [e.then if isinstance(e, ToPeer) else e for e in effects if isinstance(e, ToEngine) or _then(e)]
     return [e for e in effects if isinstance(e, kind)]
+
+
+def _then(effect: object) -> bool:
+    return isinstance(effect, ToPeer) and effect.then is not None
 
 
 def messages(effects: list, kind: type) -> list:
@@ -563,7 +571,7 @@ def test_a_reused_id_starts_clean_and_late_messages_of_the_old_instance_are_drop
     assert p.code is ErrorCode.DUPLICATE_REQUEST and "already ended" in p.detail
     out = c.handle(Release("prefill", "x", 1, arrive.digest), 11.0)
     assert [e.result.status for e in of(out, ToEngine)] == [Status.OK]
-    assert of(out, ToPeer) == [ToPeer("d", KVReady("x", 0, LAYERS * 2048, 1))]
+    assert [e.message for e in of(out, ToPeer)] == [KVReady("x", 0, LAYERS * 2048, 1)]
 
 
 def test_a_verdict_for_an_instance_never_held_tells_the_decode_peer_and_answers_the_straggler() -> None:
@@ -632,10 +640,9 @@ def test_release_reports_ok_to_engine_and_kv_ready_to_decode_peer() -> None:
     out = feed(c, [info("x", 0, 1, 16, [1], [2], peer="ipc://dec-{rank}"), *layers(1, SlotChunk(0, 0, 16, 1))])
     (arrive,) = messages(out, Arrive)
     out = c.handle(Release("prefill", "x", 0, arrive.digest), 0.5)
-    assert out == [
-        ToEngine(TransferResult("x", Status.OK, "", 0, LAYERS * 2048, "auto", 0.0, 0.0, 500.0, 0, "", 0.0)),
-        ToPeer("ipc://dec-{rank}", KVReady("x", 0, LAYERS * 2048, 0)),
-    ]
+    # the ok result waits for decode's confirmation that its engine was told the KVReady
+    ok = TransferResult("x", Status.OK, "", 0, LAYERS * 2048, "auto", 0.0, 0.0, 500.0, 0, "", 0.0)
+    assert out == [ToPeer("ipc://dec-{rank}", KVReady("x", 0, LAYERS * 2048, 0), then=ToEngine(ok))]
 
 
 def test_long_reasons_are_clipped_never_raised() -> None:

@@ -41,7 +41,7 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from kvxferd.protocol import ErrorCode, Key, Status, TransferResult
+from kvxferd.protocol import ErrorCode, Key, KVReady, Status, TransferResult
 from tests.unit.sim import BLOCK_BYTES, Faults, GroupSim, Process, Timing, build_scenario
 
 EXAMPLES = int(os.environ.get("KVXFERD_PROPERTY_EXAMPLES", "500"))
@@ -170,6 +170,9 @@ def check(case: Case) -> None:
         # ... but for an ending a process decided alone (see lone): never ok unless the group's is
         for p, res in reports:
             assert res.status is not Status.OK or status in (Status.OK, None), f"{key}: {p.rank}.{p.n} {res}"
+            # ok on a prefill rank only if its decode rank's engine was told ready (issue 23, item 8)
+            told_there = sim.told[p.rank].get(key, [])
+            assert res.status is not Status.OK or [type(m) for m in told_there] == [KVReady], (key, p.rank, told_there)
         # every rank that ran to the end reported it once
         for r in survivors:
             assert len(sim.procs[r].results.get(key, [])) == 1, f"{key}: rank {r}: {sim.procs[r].results.get(key)}"

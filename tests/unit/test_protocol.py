@@ -71,7 +71,7 @@ EXAMPLES: dict[str, Message] = {
         "req-7", Status.FAILED, "table full", 1, 0, "rdma", 0.4, 2.1, 2.9, 4, ErrorCode.TABLE_FULL.value, 0.2
     ),
     "kv_ready": KVReady("req-7", 0, 1 << 20, 4),
-    "received": Received("req-7", 0, 4),
+    "received": Received("req-7", 0, 4, Status.FAILED, "old registration", "not_registered"),
     "register": RegisterCache("host", LAYOUT, REGIONS),
     "peer_query": PeerQuery("prefill", 0),
     "peer_info": PeerInfo(
