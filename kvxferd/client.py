@@ -335,6 +335,13 @@ class PrefillOutcome:
             return Status.OK
         return next((r.status for r in failing if not r.code), failing[0].status)
 
+    @property
+    def reason(self) -> str:
+        """Why the instance did not end ok, read once: the group's reason (every result without a
+        ``code`` has it), else the first rank's own; "" while none did."""
+        failing = [r for r in self.results.values() if r.status is not Status.OK]
+        return next((r.reason for r in failing if not r.code), failing[0].reason if failing else "")
+
 
 @dataclass
 class DecodeOutcome:

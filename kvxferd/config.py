@@ -89,6 +89,8 @@ class BarrierConfig:
     endpoint: str = "ipc://{run_dir}/barrier.sock"
     timeout_s: float = 30.0  # a round still open this long expires; verdicts are remembered as long
     max_keys: int = 65536
+    # the verdicts of the last timeout_s, kept across a restart of the service ("": not kept)
+    journal: str = "{run_dir}/barrier-journal"
 
     def __post_init__(self) -> None:
         _need(_endpoint_ok(self.endpoint), "endpoint", f"{self.endpoint!r} is not an ipc:// or tcp:// URL")

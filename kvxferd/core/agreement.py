@@ -131,16 +131,19 @@ class Words:
             if req.agreement is Agreement.UNADMITTED:
                 return self._restarted()
             state = f"{req.data.value}, {req.agreement.value}"
-            return Ending(Status.FAILED, f"released by the barrier while this rank was {state} (barrier bug?)")
+            reason = f"released by the barrier while this rank was {state} (barrier bug?)"
+            return Ending(Status.FAILED, reason, ErrorCode.INTERNAL.value)
         return Ending(verdict.status, verdict.reason)
 
     def _restarted(self) -> Ending:
         """The ending a process reports for an instance released before it held it: its predecessor
-        wrote it, and only the writer could vouch for the registration the bytes went into."""
+        wrote it, and only the writer could vouch for the registration the bytes went into. Decided
+        here alone (the group's ending is ok): code ``unavailable``."""
         return Ending(
             Status.FAILED,
             f"prefill rank {self.sp.rank} restarted after the request was released; "
             "its notice was lost with the process that wrote it",
+            ErrorCode.UNAVAILABLE.value,
         )
 
     def learn(self, key: Key, verdict: Verdict, now: float) -> list[RankEffect]:
@@ -156,7 +159,7 @@ class Words:
         self.ended.put(key, Ended(ending, False, told_peer), now)
         if not told_peer:
             return []
-        notice = TransferResult(key[0], ending.status, ending.reason, self.sp.rank, instance=key[1])
+        notice = TransferResult(key[0], ending.status, ending.reason, self.sp.rank, instance=key[1], code=ending.code)
         return [ToPeer(verdict.peer, notice)]
 
     def repeat(self, info: CacheInfo, live: Request | None) -> Problem | None:
@@ -180,8 +183,9 @@ class Words:
         ending = ended.ending
         ended.told_engine = True
         result = TransferResult(
-            rid, ending.status, ending.reason, self.sp.rank, 0, info.transport, instance=info.instance
-        )
+            rid, ending.status, ending.reason, self.sp.rank, 0, info.transport, instance=info.instance,
+            code=ending.code,
+        )  # fmt: skip
         effects: list[RankEffect] = [ToEngine(result, origin)]
         if not ended.told_peer:
             ended.told_peer = True

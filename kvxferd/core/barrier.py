@@ -59,6 +59,11 @@ which round it lost; a word only an admitted rank says (an ``Arrive``, or a
 ``Withdraw`` with ``admitted``) makes it the completion round, an ``Admit``
 into that is a repeat (answered with ``Admitted``: its first answer may have
 been lost with the old service).
+
+Verdicts outlive a restart: the shell journals every final verdict before it
+sends it (:meth:`BarrierState.take_decided`), and a service that starts
+recalls those younger than ``timeout_s`` (:meth:`BarrierState.recall`), so a
+rank's word about a key decided before the restart hears that verdict.
 """
 
 from __future__ import annotations
@@ -154,6 +159,8 @@ class BarrierState:
         self._serving: dict[tuple[str, int], tuple[float, str]] = {}
         #: serving ranks whose heartbeats stopped: rounds waiting for them end at once
         self._stopped: set[tuple[str, int]] = set()
+        #: final verdicts not yet taken by the shell's journal (take_decided)
+        self.decided: list[Release | Diverged | Expired] = []
 
     def handle(self, msg: Message, now: float) -> list[BarrierEffect]:
         if isinstance(msg, Hello):
@@ -348,9 +355,33 @@ class BarrierState:
         present = [entry.words[r] for r in sorted(entry.words)]
         status, reason, _ = verdicts.expiry(present, missing, entry.group, entry.round.value, waited, gone, how)
         verdict = Expired(entry.group, entry.key, entry.instance, missing, waited, status, reason, entry.peer)
-        self._ended.put(k, verdict, now)
+        self._decide(k, verdict, now)
         told: list[BarrierEffect] = [ToRank(entry.group, r, verdict) for r in range(size)]
         return told + self._tell_decode(entry.group, self._absent_in(entry.group), [verdict])
+
+    def _decide(self, k: RoundKey, verdict: Release | Diverged | Expired, now: float) -> None:
+        """``k`` ended with ``verdict``: remembered, and handed to the journal (see :meth:`recall`)."""
+        self._ended.put(k, verdict, now)
+        if verdict.key != STARTUP_KEY:
+            self.decided.append(verdict)
+
+    def recall(self, verdict: Release | Diverged | Expired, age_s: float, now: float) -> bool:
+        """A verdict a previous run of the service decided ``age_s`` ago (read from its journal):
+        remembered for what is left of ``timeout_s``, so a word about its key (said again after
+        the restart, or by a rank's new process) hears that ending instead of opening the key
+        anew. False (and nothing kept) if it is too old, or its key is already known here.
+        Recall them oldest first, as the journal holds them (the memory forgets in that order)."""
+        k = (verdict.group, verdict.key, verdict.instance)
+        if age_s >= self.timeout_s or k in self._open or k in self._ended or verdict.key == STARTUP_KEY:
+            return False
+        self._ended.put(k, verdict, now - max(0.0, age_s))
+        return True
+
+    def take_decided(self) -> list[Release | Diverged | Expired]:
+        """The final verdicts decided since the last call, for the shell's journal: it writes them
+        before it sends the effects that carry them."""
+        decided, self.decided = self.decided, []
+        return decided
 
     def _absent_in(self, group: str) -> list[int]:
         return sorted(r for g, r in self._absent if g == group) if self._absent else []
@@ -491,6 +522,6 @@ class BarrierState:
             verdict = Release(group, key, instance, digest, entry.peer)
         else:
             verdict = Diverged(group, key, instance, ending[0], ending[1], views, entry.peer)
-        self._ended.put(k, verdict, now)
+        self._decide(k, verdict, now)
         told: list[BarrierEffect] = [ToRank(group, r, verdict) for r in range(size)]
         return told + self._tell_decode(group, self._absent_in(group), [verdict])

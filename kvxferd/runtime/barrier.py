@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
+from pathlib import Path
 from typing import Any
 
 from kvxferd.config import Config
@@ -30,6 +32,7 @@ from kvxferd.protocol import (
 )
 from kvxferd.protocol.fields import clip
 from kvxferd.runtime.guard import guarded
+from kvxferd.runtime.journal import Journal
 from kvxferd.runtime.service import Service
 from kvxferd.security import credentials
 
@@ -60,6 +63,10 @@ class BarrierService(Service):
             },
         )
         self.barrier = guarded(state, "barrier core")
+        #: the verdicts of the last timeout_s, kept across a restart (see runtime.journal)
+        self.journal: Journal | None = None
+        if config.barrier.journal:
+            self.journal = Journal(Path(config.expand(config.barrier.journal)), keep=config.barrier.max_keys)
         self.endpoint = ""
         self.verdicts = 0
         self.admissions = 0
@@ -68,7 +75,23 @@ class BarrierService(Service):
     def start(self) -> None:
         self.endpoint = self.bind_router(self.config.barrier_endpoint(), "barrier")
         assert self.router is not None
+        if self.journal is not None:  # (only once the endpoint is ours: a second service reads nothing)
+            now = time.monotonic()
+            found = self.journal.load(self.config.barrier.timeout_s)
+            recalled = sum(self.barrier.recall(verdict, age, now) for verdict, age in found)
+            if recalled:
+                log.info("recalled %d verdicts of the last %gs from %s", recalled, self.config.barrier.timeout_s,
+                         self.journal.path)  # fmt: skip
+            try:
+                self.journal.open()
+            except OSError as exc:  # serving matters more: it only forgets its verdicts on a restart
+                log.error("barrier journal %s cannot be written (%s): verdicts are not kept across a restart",
+                          self.journal.path, exc)  # fmt: skip
         self.watch(self.router, self.on_router)
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
 
     def ready_info(self) -> dict[str, Any]:
         return {"endpoint": self.endpoint}
@@ -101,6 +124,9 @@ class BarrierService(Service):
         self._apply(self.barrier.handle(msg, now), identity)
 
     def _apply(self, effects: list[BarrierEffect], sender: bytes | None) -> None:
+        decided = self.barrier.take_decided()
+        if decided and self.journal is not None:  # written before any of them is sent
+            self.journal.append(decided)
         logged: set[int] = set()  # each failed verdict once, not once per rank it goes to
         for eff in effects:
             if isinstance(eff, ToRank):

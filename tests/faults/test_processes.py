@@ -764,6 +764,40 @@ def test_a_request_submitted_after_a_prefill_rank_died_is_decided_without_it(rec
 
 
 @pytest.mark.slow
+def test_a_rank_that_comes_back_after_the_barrier_service_restarted_reports_the_groups_ending(
+    record: dict[str, Any],
+) -> None:
+    """Issue 23, item 6: prefill rank 1 is killed; a request submitted to both ranks fails on rank
+    0 (rank 1 stopped serving); then the barrier service is killed and started again, then rank 1.
+    Rank 1's new process gets the request's cache_info (it waited in the scheduler's socket) and
+    must report the group's ending, the same status and reason as rank 0: the new service recalls
+    the verdict from its journal instead of opening the key anew for rank 1 alone."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep, record)
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(2)
+        _kill(dep, _name(dep, "prefill", 1))
+        dep.wait_until("the scheduler to see rank 1 gone", lambda: bool(dep.sched.collect(0.05)) or 1 in dep.sched.gone)
+        info, _, _ = traffic.info()
+        dep.sched.submit(info)
+        traffic.signal(info, [0])
+        first = _outcome_on(dep, info.request_id, 0, 3 * HEARTBEAT_S + SLACK_S + 5).results[0]
+        assert first.status is Status.FAILED and "rank 1 of group prefill" in first.reason, first
+        _kill(dep, "barrier")
+        _restart(dep, "barrier", record)
+        fault = time.monotonic()
+        _serve_again(dep, 1, record)
+        late = _outcome_on(dep, info.request_id, 1, BARRIER_S + SLACK_S + 10).results[1]
+        record.update(fault="SIGKILL prefill rank 1, a request, SIGKILL barrier, both started again")
+        record["report_s"] = round(time.monotonic() - fault, 2)
+        record["affected"] = "1 reaching rank 1's new process: the verdict recalled, same reason as rank 0"
+        assert (late.status, late.reason, late.code) == (first.status, first.reason, ""), (first, late)
+        told = dep.dec.wait(info.request_id, 10.0)
+        assert told.reusable and not told.ready and not told.duplicates, told
+        traffic.ok(3)
+
+
+@pytest.mark.slow
 def test_the_decode_engine_hears_of_every_request_a_prefill_rank_held_when_it_died_and_stays_down(
     record: dict[str, Any],
 ) -> None:

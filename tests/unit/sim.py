@@ -363,6 +363,8 @@ class GroupSim:
         self._due: dict[object, float] = {}  # each current process, and the barrier -> its next deadline
         self._dirty: set[object] = set()  # those that acted since: their deadline is recomputed
         self.epochs = 0
+        #: the barrier service's journal: (when, verdict) of every final verdict, as it writes them
+        self.journal: list[tuple[float, Release | Diverged | Expired]] = []
         self.barrier = self._new_barrier()
         self.procs = [self._process(r, 0, "serving") for r in range(world_size)]
         self.history = list(self.procs)  # every process that ever ran, in order of start
@@ -638,6 +640,10 @@ class GroupSim:
         self._due.pop(self.barrier, None)
         self._dirty.discard(self.barrier)
         self.barrier = self._new_barrier()
+        # the new one reads back its predecessor's journal: the verdicts younger than its timeout
+        self.journal = [(t, v) for t, v in self.journal if self.now - t < self.barrier_timeout_s]
+        for t, v in self.journal:
+            self.barrier.recall(v, self.now - t, self.now)
 
     def _on_die(self, seq: int, r: int, back: float) -> None:
         p = self.procs[r]
@@ -725,6 +731,7 @@ class GroupSim:
 
     def _route(self, effects: list, sender: int | None) -> None:
         self._dirty.add(self.barrier)
+        self.journal += [(self.now, v) for v in self.barrier.take_decided()]  # written before sent
         for eff in effects:
             if isinstance(eff, Problem):  # the service refused a word: its sender hears an Error
                 if eff.code is ErrorCode.NOT_REGISTERED and sender is not None:

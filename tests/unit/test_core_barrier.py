@@ -546,3 +546,29 @@ def test_words_a_rank_sent_before_it_restarted_end_when_its_new_process_starts_e
     # its Admit (the cache_info reached the new process) hears that verdict, no conflict
     (e,) = b.handle(Admit("g", "r1", 0, 1, T), 0.4)
     assert e == ToRank("g", 1, verdict)
+
+
+def test_a_restarted_service_recalls_its_predecessors_verdicts_and_answers_words_with_them() -> None:
+    # issue 23, item 6: a rank's new process whose cache_info comes after the service restarted
+    # must hear the group's verdict, not open the key anew and decide it alone
+    old = barrier(2)
+    old.handle(Admit("g", "k", 0, 0, T), 1.0)
+    (expired,) = {e.message for e in old.on_timer(11.0)}
+    admit_all(old, 2, "ok", now=11.0)
+    for r in range(2):
+        old.handle(Arrive("g", "ok", 0, r, D), 11.5)
+    decided = old.take_decided()
+    assert [type(v) for v in decided] == [Expired, Release] and decided[0] == expired
+    assert old.take_decided() == [], "each verdict is handed to the journal once"
+    new = barrier(2)  # (a new run: its state starts empty)
+    assert new.recall(decided[1], 9.9, 100.0) and new.recall(expired, 2.0, 100.0)  # oldest first
+    assert not new.recall(expired, 2.0, 100.0), "known already"
+    assert not new.recall(Release("g", "old", 0, D), 10.0, 100.0), "older than timeout_s: gone"
+    assert new.handle(Admit("g", "k", 0, 1, T), 100.5) == [ToRank("g", 1, expired)]
+    assert new.handle(Arrive("g", "ok", 0, 0, D), 100.5) == [ToRank("g", 0, decided[1])]
+    assert new.sizes() == {"groups": 1, "open": 0, "ended": 2}
+    assert new.take_decided() == [], "a recalled verdict is not journaled again"
+    new.on_timer(101.5)  # each is remembered for what was left of its timeout_s
+    assert new.sizes()["ended"] == 1
+    new.on_timer(108.0)
+    assert new.sizes()["ended"] == 0

@@ -41,16 +41,14 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from kvxferd.protocol import ErrorCode, Key, KVReady, Status, TransferResult
-from tests.unit.sim import BLOCK_BYTES, Faults, GroupSim, Process, Timing, build_scenario
+from kvxferd.protocol import ErrorCode, KVReady, Status, TransferResult
+from tests.unit.sim import BLOCK_BYTES, Faults, GroupSim, Timing, build_scenario
 
 EXAMPLES = int(os.environ.get("KVXFERD_PROPERTY_EXAMPLES", "500"))
 SLOW_EXAMPLES = 10_000
 
 #: problems a scenario's own mistakes may cause (the refusals and repeats it plants)
 PLANTED = {ErrorCode.STALE_SIGNAL, ErrorCode.DUPLICATE_REQUEST, ErrorCode.BAD_LAYOUT, ErrorCode.OUT_OF_RANGE}
-#: what a rank restarted after a release says at decode instead of a KVReady its predecessor lost
-RESTARTED = "restarted after the request was released"
 
 #: the deadlines of every process (and the barrier's round timeout), against which timing and faults
 #: are drawn: the defaults' proportions, and a rank's verdict deadline barely past the round timeout
@@ -137,20 +135,11 @@ def cases(draw: st.DrawFn) -> Case:
     return Case(world, scenario, timing, faults, draw(st.integers(0, 2**32 - 1)), deadlines)
 
 
-def lone(p: Process, res: TransferResult | None, key: Key | None = None) -> bool:
-    """Whether ``res`` (or a notice of ``p`` about ``key``) is an ending its process decided alone,
-    which the group may have decided otherwise. Known holes, each a case of issue 23 (6 and 8):
-
-    * a refusal that comes after the group decided without the refusing rank (it was stopped, or
-      slow) says failed where the group said aborted;
-    * a rank's new process reports what it learns after its start: a released instance as failed
-      (it cannot vouch for bytes it did not write), and an instance whose cache_info reaches it
-      after a restarted barrier service forgot the verdict as the new round it opens decides.
-
-    None of them ever says ok where the group did not.
-    """
-    key = res.key if res is not None else key
-    return p.n > 0 or (res is not None and bool(res.code)) or (res is not None and RESTARTED in res.reason)
+def lone(res: TransferResult | None) -> bool:
+    """Whether ``res`` is an ending its rank decided alone: it carries a ``code`` (a refusal, a
+    forced stop, a new process that cannot vouch for a release, a decode rank that told its
+    engine otherwise). The group's ending is every other result: one status and one reason."""
+    return res is not None and bool(res.code)
 
 
 def check(case: Case) -> None:
@@ -163,10 +152,10 @@ def check(case: Case) -> None:
     survivors = sim.survivors()
     for key, plan in plans.items():
         reports = [(p, res) for p in sim.history for res in p.results.get(key, [])]
-        # every report of an instance has one status, the group's ...
-        group = {res.status for p, res in reports if not lone(p, res)}
+        # every report of an instance has one status and one reason, the group's ...
+        group = {(res.status, res.reason) for p, res in reports if not lone(res)}
         assert len(group) <= 1, f"{key}: ranks disagree: {[(p.rank, p.n, res) for p, res in reports]}"
-        status = next(iter(group), None)
+        status = next(iter(group))[0] if group else None
         # ... but for an ending a process decided alone (see lone): never ok unless the group's is
         for p, res in reports:
             assert res.status is not Status.OK or status in (Status.OK, None), f"{key}: {p.rank}.{p.n} {res}"
@@ -179,14 +168,13 @@ def check(case: Case) -> None:
         for d in range(world):
             told = sim.told[d].get(key, [])
             assert len(told) <= 1, f"{key}: decode rank {d} told twice: {told}"
-            # a decode rank whose prefill rank died hears from the barrier service instead, unless
-            # that service restarted too and forgot the verdicts
-            if d in survivors or not sim.faults.restarts:
-                assert len(told) == 1, f"{key}: decode rank {d} never told ({sim.notices[key]})"
+            # a decode rank whose prefill rank died hears from the barrier service instead (which
+            # recalls its verdicts after a restart of its own)
+            assert len(told) == 1, f"{key}: decode rank {d} never told ({sim.notices[key]})"
             for msg in told:
                 said, source = sim.notice_status(msg), sim.sources[id(msg)]
                 # relayed by the barrier for an absent writer: a release it cannot vouch for fails
-                alone = source is None or lone(source, msg if isinstance(msg, TransferResult) else None, key)
+                alone = source is None or lone(msg if isinstance(msg, TransferResult) else None)
                 assert said is status or (alone and said is not Status.OK) or status is None, (key, status, told)
         if plan.tainted:
             assert key not in sim.written, f"{key}: bytes written although the ranks disagree"

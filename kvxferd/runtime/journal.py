@@ -1,0 +1,126 @@
+"""The barrier service's journal: the verdicts of the last ``timeout_s``, kept across a restart.
+
+Theory of operation: the barrier service remembers every final verdict for
+``barrier.timeout_s`` so that a rank asking late (a straggler, a rank that
+restarted, a word said again after a restart) hears the same ending. Memory
+alone loses that on a restart: a rank's new process whose cache_info comes
+after the service restarted would open the key anew and decide it alone. So
+the service appends each verdict it decides to a file before it sends it
+(one ``write`` per wake-up, no fsync: it survives the process, which is the
+fault it is for, not the host), and a service that starts reads what is
+younger than ``timeout_s`` back into its memory (``BarrierState.recall``).
+
+Bounds: a file holds at most ``keep`` verdicts; then it becomes the previous
+file (the one before is dropped) and a new one starts, so at most ``2 x keep``
+entries are ever read back, each a bounded protocol frame. The file is ours
+or ignored: a regular file of this uid, opened without following links; an
+entry that does not decode (a torn last write, another version) ends the read
+of that file, and is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+
+import msgpack
+
+from kvxferd.errors import ProtocolError
+from kvxferd.protocol import Diverged, Expired, Release, decode, encode
+
+log = logging.getLogger(__name__)
+
+Verdict = Release | Diverged | Expired
+
+#: the largest journal entry read back (a verdict frame is far smaller: reasons are clipped)
+MAX_ENTRY = 64 * 1024
+
+
+class Journal:
+    def __init__(self, path: Path, keep: int) -> None:
+        self.path = path
+        self.previous = path.with_name(path.name + ".1")
+        self.keep = keep
+        self.written = 0  # entries in the current file
+        self.unreadable = 0  # entries that did not decode when read back
+        self._fd: int | None = None
+
+    def load(self, max_age_s: float, now: float | None = None) -> list[tuple[Verdict, float]]:
+        """Every verdict of the files younger than ``max_age_s``, with its age, oldest first."""
+        now = time.time() if now is None else now
+        found: list[tuple[Verdict, float]] = []
+        for path in (self.previous, self.path):
+            for when, verdict in self._read(path):
+                age = now - when
+                if 0 <= age < max_age_s:
+                    found.append((verdict, age))
+        return found
+
+    def open(self) -> None:
+        """Start appending (the current file goes on from where it is)."""
+        self.written = sum(1 for _ in self._read(self.path))
+        self._fd = _open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+
+    def append(self, verdicts: list[Verdict], now: float | None = None) -> None:
+        """Write ``verdicts`` (one write call) before they are sent."""
+        if self._fd is None or not verdicts:
+            return
+        now = time.time() if now is None else now
+        data = b"".join(msgpack.packb([now, encode(v)], use_bin_type=True) for v in verdicts)
+        try:
+            os.write(self._fd, data)
+        except OSError as exc:  # a full disk must not stop the service: it only forgets more on a restart
+            log.error("barrier journal %s: %s; verdicts are not kept across a restart meanwhile", self.path, exc)
+            return
+        self.written += len(verdicts)
+        if self.written >= self.keep:
+            self._rotate()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _rotate(self) -> None:
+        self.close()
+        os.replace(self.path, self.previous)
+        self._fd = _open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC)
+        self.written = 0
+
+    def _read(self, path: Path) -> list[tuple[float, Verdict]]:
+        try:
+            fd = _open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            log.error("barrier journal %s not read: %s", path, exc)
+            return []
+        entries: list[tuple[float, Verdict]] = []
+        with os.fdopen(fd, "rb") as f:
+            unpacker = msgpack.Unpacker(f, max_buffer_size=MAX_ENTRY, max_bin_len=MAX_ENTRY, use_list=True)
+            try:
+                for entry in unpacker:
+                    when, frame = entry
+                    verdict = decode(frame)
+                    if not isinstance(verdict, (Release, Diverged, Expired)) or not isinstance(when, float):
+                        raise ProtocolError(f"not a verdict: {type(verdict).__name__}")
+                    entries.append((when, verdict))
+                    if len(entries) > self.keep:  # never more than one file's worth
+                        raise ProtocolError(f"more than {self.keep} entries")
+            except (ProtocolError, ValueError, TypeError, msgpack.UnpackException) as exc:
+                self.unreadable += 1
+                log.warning("barrier journal %s: read stopped after %d entries: %s", path, len(entries), exc)
+        return entries
+
+
+def _open(path: Path, flags: int) -> int:
+    """``path`` opened without following a link; refused unless it is a regular file of ours."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file of uid {os.geteuid()}")
+    return fd
