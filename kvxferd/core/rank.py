@@ -215,6 +215,17 @@ class RankCore:
             effects += told if report else [e for e in told if not isinstance(e, (ToEngine, ToPeer))]
         return effects
 
+    def stalled(self, reason: str, now: float) -> list[RankEffect]:
+        """This process did not run for a while (the shell saw it wake late): every request still
+        writing or waiting for a signal stops (drains what is in flight, withdraws with
+        ``reason``) and waits for the verdict. Its rounds may have ended without it, and its decode
+        rank been told: no byte written now could be trusted to land in blocks still reserved."""
+        effects: list[RankEffect] = []
+        for req in list(self._requests.values()):
+            if req.data in (Data.WAIT_SIGNAL, Data.ACTIVE):
+                effects += self._stop(req, Ending(FAILED, clip(reason)), now)
+        return effects
+
     def reannounce(self, now: float) -> list[RankEffect]:
         """The barrier service restarted: every word no verdict answered yet, again (see Words)."""
         return self.words.reannounce(list(self._requests.values()), now)

@@ -90,7 +90,7 @@ class GroupDaemon(Service):
             self.barrier.hello()
             self._next_beat = now + self.heartbeat_s
 
-    def on_stall(self) -> None:
+    def on_stall(self, late_s: float) -> None:
         """Back from a stop: the heartbeat goes now, before the backlog is read (the barrier takes
         a rank it has not heard from for 3 heartbeats as stopped, and ends its rounds at once)."""
         if self._next_beat is not None:

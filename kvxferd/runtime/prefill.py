@@ -127,6 +127,20 @@ class PrefillDaemon(GroupDaemon):
     def close(self) -> None:
         self.peers.close()
 
+    def on_stall(self, late_s: float) -> None:
+        """Back from a stop longer than a heartbeat: the barrier service may have counted this rank
+        stopped, ended its rounds and told its decode rank those requests failed, whose engine may
+        reuse the blocks already. So before anything that waited is read (the layer signals would
+        write), every request still writing stops and withdraws; the verdict ends it."""
+        super().on_stall(late_s)
+        if late_s > self.heartbeat_s:
+            now = time.monotonic()
+            why = (
+                f"prefill rank {self.rank} did not run for {late_s:.1f}s (stopped or starved): its decode "
+                "rank may have been told the request failed, so it writes no more of it"
+            )
+            self._apply(self.core.stalled(why, now), now)
+
     def on_broken(self, reason: str, now: float) -> None:
         """End every request in flight as failed: through the core's own close if it still can
         (that also withdraws at the barrier and tells the decode peers), else to each origin."""

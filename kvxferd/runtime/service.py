@@ -35,6 +35,7 @@ registered in it. ``run`` goes through start → ready → serve → drain → s
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -216,9 +217,10 @@ class Service:
 
     # -- hooks for subclasses ---------------------------------------------------------
 
-    def on_stall(self) -> None:
-        """The loop woke long after a deadline (this process did not run): before it reads what
-        waited, say what peers must hear at once (a daemon says it is alive)."""
+    def on_stall(self, late_s: float) -> None:
+        """The loop woke ``late_s`` after a deadline (this process did not run): before it reads
+        what waited, do what must come first (a daemon says it is alive; a prefill daemon stops
+        writing what its peers may have given up on)."""
 
     def handle_on(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, now: float) -> None:
         """One message from the server socket ``sock`` (a service with more than one overrides this)."""
@@ -312,10 +314,13 @@ class Service:
             if drain_deadline is not None:
                 wake = drain_deadline if wake is None else min(wake, drain_deadline)
             timeout = None if wake is None else max(0, math.ceil((wake - now) * 1000.0))
-            self._read(self.poller.poll(timeout), wake_fd)
-            if wake is not None and time.monotonic() - wake > STALL_S:
-                self._guard(self.on_stall, "telling peers it runs again")
-                self._catch_up(wake_fd, time.monotonic() - wake)
+            ready = self.poller.poll(timeout)
+            late = 0.0 if wake is None else time.monotonic() - wake
+            if late > STALL_S:  # before anything that waited is read
+                self._guard(functools.partial(self.on_stall, late), "telling peers it runs again")
+            self._read(ready, wake_fd)
+            if late > STALL_S:
+                self._catch_up(wake_fd, late)
             failures = 0 if self._guard(lambda: self.tick(time.monotonic()), "running timers") else failures + 1
             if failures >= TICK_FAILURES:
                 raise CoreBroken(f"timers failed {failures} times in a row")

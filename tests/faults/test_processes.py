@@ -644,6 +644,49 @@ def test_a_stopped_prefill_rank_fails_its_requests_everywhere_and_serves_again_w
 
 
 @pytest.mark.slow
+def test_a_stopped_prefill_rank_writes_nothing_into_blocks_its_decode_rank_was_told_are_free(
+    record: dict[str, Any], transport: str
+) -> None:
+    """Prefill rank 1 has written layer 0 of a request when it is stopped (SIGSTOP); the rest of
+    its layer signals wait in its socket. The barrier service counts it stopped, the request fails
+    and decode rank 1 is told so: its engine reuses the block (its own bytes go in). When rank 1
+    runs again it must not write the waiting layers into that block: a rank that did not run for
+    longer than a heartbeat stops writing what it holds before it reads anything."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep, record, transport)
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(2)
+        info, _, dst = traffic.info()
+        dep.sched.submit(info)
+        dep.workers[1].layer_ready(info.step, 0, (SlotChunk(info.slot, 0, info.num_tokens, info.step),))
+        _wait_state(dep, 1, info.request_id, "active")
+        stopped = dep.cluster.daemon(_name(dep, "prefill", 1))
+        stopped.popen.send_signal(signal.SIGSTOP)
+        fault = time.monotonic()
+        try:
+            for layer in range(1, dep.config.kv.num_layers):
+                dep.workers[1].layer_ready(info.step, layer)
+            traffic.signal(info, [0])
+            told = dep.dec.wait(info.request_id, 3 * HEARTBEAT_S + SLACK_S + 10)
+            while told.reported != {0, 1}:
+                assert dep.dec.collect(10.0), "decode rank 1 was never told"
+            assert told.reusable and not told.ready, told
+            fill(dep.dcaches[1], [dst], seed=424242)  # the engine reuses the block
+            reused = dep.dcaches[1].raw()[:, :, [dst]].copy()
+        finally:
+            stopped.popen.send_signal(signal.SIGCONT)
+        mine = _outcome_on(dep, info.request_id, 1, 20.0).results[1]
+        record.update(fault="SIGSTOP prefill rank 1 mid-request, decode told, block reused, SIGCONT")
+        record["report_s"] = round(time.monotonic() - fault, 2)
+        assert mine.status is Status.FAILED, mine
+        dep.wait_until("rank 1 to hold nothing", lambda: dep.status(1)["tables"]["requests"] == 0)
+        assert np.array_equal(dep.dcaches[1].raw()[:, :, [dst]], reused), "rank 1 wrote into a reused block"
+        record["affected"] = "1 in flight: failed everywhere; nothing written after decode was told"
+        dep.wait_until("the barrier to hear rank 1 again", lambda: not _barrier_status(dep)["stopped"])
+        traffic.ok(3)
+
+
+@pytest.mark.slow
 def test_a_stopped_decode_daemon_delays_notices_but_loses_none(record: dict[str, Any]) -> None:
     """SIGSTOP of decode rank 1: prefill keeps writing (shm goes into the engine's memory), the
     notices for decode rank 1 wait in its socket; after SIGCONT every request is ready, verified."""

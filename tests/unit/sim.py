@@ -318,6 +318,7 @@ class Process:
     arrivals: dict[Key, Digest] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     stalled_until: float = 0.0
+    stalled_from: float = 0.0
     stop_at: float | None = None  # draining: when what is left is forced
     back_after: float = 0.0  # draining: how long after it exits the next process starts
 
@@ -660,8 +661,20 @@ class GroupSim:
     def _on_stall(self, seq: int, r: int, length: float) -> None:
         p = self.procs[r]
         if p.alive:
+            if p.stalled_until <= self.now:
+                p.stalled_from = self.now
             p.stalled_until = max(p.stalled_until, self.now + length)
             self._dirty.add(p)
+            self._at(p.stalled_until, "resume", r, p.n, seq=-1)  # before what waited for it
+
+    def _on_resume(self, seq: int, r: int, n: int) -> None:
+        """The process runs again: as the daemon's on_stall, before it reads anything that waited,
+        a stop longer than a heartbeat stops every request still writing (see RankCore.stalled)."""
+        p = self.procs[r]
+        if p.n != n or not p.alive or p.stalled_until > self.now:
+            return  # stopped longer (a later resume comes), or gone
+        if self.now - p.stalled_from > self.timing.heartbeat_s:
+            self.apply(p, p.core.stalled(f"rank {r} did not run for a while", self.now))
 
     def _on_revive(self, seq: int, r: int) -> None:
         """A new process of rank ``r``: it says Hello as starting and arrives at the start-up key;
@@ -752,6 +765,8 @@ class GroupSim:
         self._dirty.add(p)
         for eff in effects:
             if isinstance(eff, Write):
+                told = [k for k in eff.requests if self.told[r].get(k)]
+                assert not told, f"rank {r} writes for {told} after its decode rank's engine was told they ended"
                 self.check_write(p, eff)
                 p.writes[eff.write_id] = eff
                 self.written.update(eff.requests)
