@@ -319,6 +319,8 @@ class RankCore:
 
     def _overdue(self, req: Request, now: float) -> list[RankEffect]:
         ending = Ending(FAILED, reporting.overdue(req, self.s))
+        if req.timer in (Timer.ADMISSION, Timer.VERDICT):  # it ends without the group's word: alone
+            ending = ending._replace(code=ErrorCode.UNAVAILABLE.value)
         if req.timer is Timer.ADMISSION:  # the service is gone or cut off: withdraw (so one that comes
             self.intake.detach(req)  # back fails the others too) and end without waiting longer
             said = self.words.withdraw(req, ending, now, DE.HALT)
