@@ -2,7 +2,9 @@
 
 Theory of operation
 -------------------
-Ranks announce themselves with ``Hello`` (which fixes the group's size). A
+Ranks announce themselves with ``Hello``, which must agree with the group's
+size (known from the config, or fixed by the first Hello of a group it does
+not name). A
 request instance is agreed on in two rounds, each needing one word from every
 rank of the group:
 
@@ -129,6 +131,7 @@ class BarrierState:
         alive_s: float = 3.0,
         max_alone: int = 4096,
         decode_of: dict[str, str] | None = None,
+        groups: dict[str, int] | None = None,
     ) -> None:
         self.timeout_s = timeout_s
         self.epoch = epoch  # names this run of the service in every Ack of a Hello
@@ -150,7 +153,9 @@ class BarrierState:
         #: service restarted with a rank that died meanwhile, or never came back, never hears it)
         self._sweep_at: float | None = None
         self._swept = False
-        self._groups: dict[str, int] = {}  # group -> world size
+        #: group -> world size: the config's, known from the start (a restarted service takes a
+        #: word of a rank whose process is about to exit before any rank of its group said Hello)
+        self._groups: dict[str, int] = dict(groups or {})
         self._open: dict[RoundKey, _Open] = {}
         self._open_in: Counter[str] = Counter()  # group -> its open keys
         self._ended: Memory[RoundKey, Release | Diverged | Expired] = Memory(limit=max_keys, ttl_s=timeout_s)
@@ -163,6 +168,7 @@ class BarrierState:
         self.decided: list[Release | Diverged | Expired] = []
 
     def handle(self, msg: Message, now: float) -> list[BarrierEffect]:
+        self._start_sweep(now)
         if isinstance(msg, Hello):
             return self.hello(msg, now)
         if isinstance(msg, (Admit, Arrive, Withdraw)) and msg.key != STARTUP_KEY:
@@ -188,9 +194,14 @@ class BarrierState:
             return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s, msg.admitted, msg.peer)
         return [Problem(ErrorCode.WRONG_ROLE, f"the barrier service does not accept {type(msg).__name__}")]
 
-    def hello(self, msg: Hello, now: float) -> list[BarrierEffect]:
+    def _start_sweep(self, now: float) -> None:
+        """This run heard its first word: ranks it has not heard serve within ``alive_s`` from now
+        count as absent (see on_timer; without decode groups there is nobody to tell)."""
         if self._sweep_at is None and not self._swept and self.decode_of:
-            self._sweep_at = now + self.alive_s  # (see on_timer; without decode groups, nobody to tell)
+            self._sweep_at = now + self.alive_s
+
+    def hello(self, msg: Hello, now: float) -> list[BarrierEffect]:
+        self._start_sweep(now)
         size = self._groups.get(msg.group)
         if size is None:
             if len(self._groups) >= self.max_groups:

@@ -58,6 +58,7 @@ class BarrierService(Service):
             epoch=secrets.token_hex(6),  # this run of the service: a rank seeing another one announces again
             alive_s=3 * config.timeouts.heartbeat_s,
             max_alone=config.limits.max_requests,
+            groups={g.name: g.world_size for g in config.groups},
             decode_of={
                 name: g.name for g in config.groups if g.role == "decode" for name in (g.name, config.peer_template(g))
             },

@@ -694,7 +694,11 @@ class GroupSim:
     def _new_barrier(self) -> BarrierState:
         alive_s = 3 * self.timing.heartbeat_s
         barrier = BarrierState(
-            timeout_s=self.barrier_timeout_s, epoch=str(self.epochs), alive_s=alive_s, decode_of={PEER: DECODE}
+            timeout_s=self.barrier_timeout_s,
+            epoch=str(self.epochs),
+            alive_s=alive_s,
+            decode_of={PEER: DECODE},
+            groups={GROUP: self.world, DECODE: self.world},  # from the config, as the service
         )
         for d in range(self.world):  # the decode group (its heartbeats are not simulated)
             barrier.hello(Hello(DECODE, d, self.world, "decode", FINGERPRINT), self.now)

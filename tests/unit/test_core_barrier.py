@@ -572,3 +572,16 @@ def test_a_restarted_service_recalls_its_predecessors_verdicts_and_answers_words
     assert new.sizes()["ended"] == 1
     new.on_timer(108.0)
     assert new.sizes()["ended"] == 0
+
+
+def test_a_service_that_knows_its_groups_takes_a_word_before_any_hello_and_decode_hears_the_end() -> None:
+    # found by the property: a service restarted while both ranks of a group died; one's exiting
+    # withdrawal reached it before any Hello ("group unknown") and nobody ever told decode
+    b = BarrierState(timeout_s=10.0, alive_s=1.0, groups={"g": 2, "d": 2}, decode_of={"dq": "d"})
+    out = b.handle(Withdraw("g", "k", 0, 1, Status.FAILED, "exiting", True, "dq"), 0.0)
+    assert out == [] and b.sizes()["open"] == 1
+    assert b.on_timer(1.0) == []  # alive_s on, neither rank was heard: both absent
+    out = b.on_timer(10.0)
+    (v,) = {e.message for e in out}
+    assert isinstance(v, Expired) and v.status is Status.FAILED and v.missing == (0,)
+    assert sorted((e.group, e.rank) for e in out) == [("d", 0), ("d", 1), ("g", 0), ("g", 1)]
