@@ -267,6 +267,7 @@ class Config:
                 raise ConfigError(
                     f"{self.kv.kv_heads} KV heads do not split over {group.world_size} ranks", key=f"groups[{i}]"
                 ) from None
+        self._check_rank_maps()
         # a rank gives up waiting for a verdict after verdict_s; the service decides within its round
         # timeout: a rank must never give up first, or it may end a request the others end otherwise
         _need(
@@ -275,6 +276,22 @@ class Config:
             f"must exceed barrier.timeout_s ({self.timeouts.verdict_s:g}s <= {self.barrier.timeout_s:g}s): "
             "a rank would give up on a verdict before the barrier service decides",
         )
+
+    def _check_rank_maps(self) -> None:
+        """Every prefill group can write to every decode group: the map between their ranks is
+        decided here, at load, and one this build cannot serve is refused naming both groups."""
+        from kvxferd.core.rankmap import Group, rank_map  # (pure; kept out of the import of config)
+
+        for p in (g for g in self.groups if g.role == "prefill"):
+            for d in (g for g in self.groups if g.role == "decode"):
+                m = rank_map(Group(p.name, p.world_size), Group(d.name, d.world_size), self.kv.kv_heads)
+                if not m.identity:
+                    raise ConfigError(
+                        f"prefill group {p.name!r} has {p.world_size} ranks and decode group {d.name!r} has "
+                        f"{d.world_size}: writing between groups of different sizes (slicing KV heads) is not "
+                        "supported by this version; give both groups the same world_size",
+                        key="groups",
+                    )
 
     # -- lookups ------------------------------------------------------------
 

@@ -133,6 +133,12 @@ class Words:
             state = f"{req.data.value}, {req.agreement.value}"
             reason = f"released by the barrier while this rank was {state} (barrier bug?)"
             return Ending(Status.FAILED, reason, ErrorCode.INTERNAL.value)
+        others = set(range(self.sp.world_size)) - {self.sp.rank}
+        if isinstance(verdict, Expired) and others and set(verdict.missing) == others and req.admitted is None:
+            # every other rank was silent in the admission round: no group decided this with it
+            # (its cache_info came to this process only, or after the group's verdict was
+            # forgotten): an ending of its own
+            return Ending(verdict.status, verdict.reason, ErrorCode.UNAVAILABLE.value)
         return Ending(verdict.status, verdict.reason)
 
     def _restarted(self) -> Ending:

@@ -164,6 +164,8 @@ class BarrierState:
         self._serving: dict[tuple[str, int], tuple[float, str]] = {}
         #: serving ranks whose heartbeats stopped: rounds waiting for them end at once
         self._stopped: set[tuple[str, int]] = set()
+        #: ranks this run heard anything from (a Hello of any kind, or a word)
+        self._heard: set[tuple[str, int]] = set()
         #: final verdicts not yet taken by the shell's journal (take_decided)
         self.decided: list[Release | Diverged | Expired] = []
 
@@ -174,10 +176,21 @@ class BarrierState:
         if isinstance(msg, (Admit, Arrive, Withdraw)) and msg.key != STARTUP_KEY:
             # any word of a serving rank says it runs (after a stall of this service, its words
             # and heartbeats of that time are read in arrival order: the first of them counts)
-            known = self._serving.get((msg.group, msg.rank))
+            gr = (msg.group, msg.rank)
+            known = self._serving.get(gr)
             if known is not None:
-                self._serving[(msg.group, msg.rank)] = (now, known[1])
-                self._stopped.discard((msg.group, msg.rank))
+                self._serving[gr] = (now, known[1])
+                self._stopped.discard(gr)
+            elif gr not in self._heard and msg.group in self._groups and msg.rank < self._groups[msg.group]:
+                # a rank serving before this run started, heard before its first heartbeat: it
+                # serves (its config is checked at its heartbeat), and is taken as stopped if it
+                # falls silent, like any serving rank (it may die before it ever says Hello)
+                self._serving[gr] = (now, "")
+                self._heard.add(gr)
+                self._stopped.discard(gr)
+                waited = self._joined(msg.group, now)  # (ranks waiting in a start-up round join)
+                if waited:
+                    return waited + self.handle(msg, now)
         if isinstance(msg, Admit):
             view = RankView(msg.rank, Status.OK, terms=msg.terms)
             return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s)
@@ -202,6 +215,7 @@ class BarrierState:
 
     def hello(self, msg: Hello, now: float) -> list[BarrierEffect]:
         self._start_sweep(now)
+        self._heard.add((msg.group, msg.rank))
         size = self._groups.get(msg.group)
         if size is None:
             if len(self._groups) >= self.max_groups:
@@ -254,14 +268,14 @@ class BarrierState:
         if not live:
             return None
         mine = digest.fingerprint
-        if all(fp == mine for fp in live.values()):
+        if all(fp == mine for fp in live.values() if fp):  # ("": heard by a word, not yet a heartbeat)
             # the joiner replaces a rank that may have died holding requests: every verdict still
             # remembered, so it can tell its decode rank about the ones its predecessor could not
             joined: list[BarrierEffect] = [ToRank(group, rank, Release(group, STARTUP_KEY, instance, digest))]
             return joined + [ToRank(group, rank, v) for v in self._remembered(group)]
         others = {r: RankView(r, Status.OK, digest=Digest(0, 0, 0, fp)) for r, fp in live.items()}
         others[rank] = RankView(rank, Status.OK, digest=digest)
-        odd = sorted(r for r, fp in live.items() if fp != mine)
+        odd = sorted(r for r, fp in live.items() if fp and fp != mine)
         reason = (
             f"ranks {odd} of group {group!r} serve with another configuration than rank {rank}; "
             "a rank joining a running group must use its configuration"
@@ -314,6 +328,17 @@ class BarrierState:
             for group, rank in unheard:
                 self._absent.add((group, rank))
                 effects += self._tell_decode(group, [rank], self._remembered(group))
+            # ranks not heard at all (no Hello, no word) count as stopped: the rounds waiting for
+            # them end now (a rank that starts or serves is heard within alive_s)
+            decoders = set(self.decode_of.values())
+            silent = {(g, r) for g, r in unheard if (g, r) not in self._heard and g not in decoders}
+            if silent:
+                self._stopped |= silent
+                for k, e in list(self._open.items()):
+                    quiet = [r for r in self._missing(e) if (e.group, r) in silent]
+                    if e.key != STARTUP_KEY and quiet:
+                        self._deadlines.cancel(k)
+                        effects += self._expire(k, now, gone=quiet, how="not heard since the barrier service started")
         for k in self._deadlines.pop_due(now):
             effects += self._expire(k, now)
         gone = {gr for gr, (seen, _) in self._serving.items() if now - seen > self.alive_s} - self._stopped

@@ -210,8 +210,8 @@ class TransferResult(Message):
         f.uint("TransferResult", "instance", self.instance)
         if self.code:
             f.choice("TransferResult", "code", self.code, tuple(ErrorCode))
-            if self.status is not Status.FAILED:
-                raise f.fail("TransferResult", "code", "only a failed result carries a refusal code")
+            if self.status is Status.OK:
+                raise f.fail("TransferResult", "code", "an ok result carries no code")
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,8 +279,8 @@ class Received(Message):
             raise f.fail("Received", "reason", f"a {self.status} notice must say why")
         if self.code:
             f.choice("Received", "code", self.code, tuple(ErrorCode))
-            if self.status is not Status.FAILED:
-                raise f.fail("Received", "code", "only a failed notice carries a code")
+            if self.status is Status.OK:
+                raise f.fail("Received", "code", "an ok notice carries no code")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,10 @@ descriptor in its handshake events, so one still in its handshake counts too;
 a handshake left unfinished is dropped after ``HANDSHAKE_S``). The CURVE
 handshake's ZAP check (run in the authenticator's thread) asks
 :meth:`Connections.admit`, which refuses a client once the connections
-counted, with the approvals the monitors have not reported done yet, exceed
+counted, with the approvals the monitors have not reported done yet, reach
 ``limit``: the clients that passed their handshake and are still connected are
-never more than ``limit``. A refused client's connection is closed by ZMQ
+never more than ``limit`` (one fewer when the loop had already counted the one
+asking: the gate cannot tell, and errs on the side of the bound). A refused client's connection is closed by ZMQ
 before any of its messages is queued; ZMQ tries it again later by itself.
 """
 
@@ -49,7 +50,9 @@ class Connections:
     def admit(self) -> bool:
         """A client's handshake asks to complete (the ZAP thread): False once the daemon is full."""
         with self._lock:
-            if len(self._live) + self._approved > self.limit:  # (the one asking is among the live)
+            # the one asking may or may not be counted yet (its ACCEPTED event is read by the main
+            # loop, this runs in the ZAP thread): taken as not counted, so never one too many
+            if len(self._live) + self._approved >= self.limit:
                 self.refused += 1
                 if self.refused == 1 or self.refused % 1000 == 0:
                     log.warning(

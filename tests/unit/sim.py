@@ -688,6 +688,14 @@ class GroupSim:
         arrive = Arrive(GROUP, STARTUP_KEY, 0, r, Digest(0, 0, 0, FINGERPRINT), 60.0)
         self._send(("b", r), "to_barrier", r, arrive, self.epochs)
         self._at(self.now + self.timing.heartbeat_s, "heartbeat", r, p.n)
+        # a daemon waits for its start-up verdict a little past the round's timeout, then exits 1
+        # and is started again (its arrival may have died with a barrier service that restarted)
+        self._at(self.now + self.barrier_timeout_s + 0.5, "startup_deadline", r, p.n)
+
+    def _on_startup_deadline(self, seq: int, r: int, n: int) -> None:
+        p = self.procs[r]
+        if p.n == n and p.state == "starting":
+            self._gone(p, 0.1)
 
     # -- processes ---------------------------------------------------------------
 

@@ -80,6 +80,12 @@ def test_fingerprint_ignores_logging_but_not_layout() -> None:
         ("groups: [{name: a, role: decode, world_size: 2, endpoint: 'ipc://a'}]", "groups[0].endpoint", "{rank}"),
         ("groups: [{name: a, role: decode, world_size: 3, endpoint: 'ipc://a{rank}'}]", "groups[0]", "do not split"),
         ("groups: {name: a}", "groups", "expected a list"),
+        (
+            "groups: [{name: p, role: prefill, world_size: 2, endpoint: 'ipc://p{rank}'},"
+            " {name: d, role: decode, world_size: 4, endpoint: 'ipc://d{rank}'}]",
+            "groups",
+            "prefill group 'p' has 2 ranks and decode group 'd' has 4",
+        ),
         ("groups: [{name: a, role: decode}]", "groups[0].world_size", "missing"),
         ("barrier: {endpoint: 'http://x'}", "barrier.endpoint", "is not an ipc"),
         ("barrier: {timeout_s: 60}", "timeouts.verdict_s", "must exceed barrier.timeout_s (60s <= 60s)"),

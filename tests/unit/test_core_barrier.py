@@ -524,13 +524,12 @@ def test_a_restarted_service_counts_a_rank_it_never_heard_as_absent_and_tells_it
     b.hello(Hello("g", 0, 2, "prefill", serving="fp"), 0.0)
     assert b.handle(Arrive("g", "k", 0, 0, D, peer="d"), 0.1) == []  # rank 0 says its arrival again
     assert b.next_deadline() == 3.0
-    assert b.on_timer(3.0) == []  # rank 1 never heard: absent from now on (nothing remembered yet)
-    b.hello(Hello("g", 0, 2, "prefill", serving="fp"), 9.0)
-    for r in (0, 1):
-        b.hello(Hello("d", r, 2, "decode", serving="fq"), 9.0)
-    out = b.on_timer(10.1)
+    # rank 1 never heard: absent from now on, and silent, so the round waiting for it ends now
+    out = b.on_timer(3.0)
     assert [(e.group, e.rank) for e in out] == [("g", 0), ("g", 1), ("d", 1)]
     assert isinstance(out[-1].message, Expired) and out[-1].message.peer == "d"
+    assert "rank 1 of group g not heard since the barrier service started" in out[-1].message.reason
+    assert b.stopped() == ["g:1"]
 
 
 def test_words_a_rank_sent_before_it_restarted_end_when_its_new_process_starts_even_unheard() -> None:
@@ -542,7 +541,7 @@ def test_words_a_rank_sent_before_it_restarted_end_when_its_new_process_starts_e
     out = b.hello(Hello("g", 1, 2, "prefill"), 0.3)  # the new process starts
     (verdict,) = {e.message for e in out if isinstance(e.message, Expired)}
     assert verdict.key == "r1" and verdict.status is Status.ABORTED
-    assert "rank 1 of group g restarted before the round ended" in verdict.reason
+    assert "rank 1 of group g restarted before" in verdict.reason
     # its Admit (the cache_info reached the new process) hears that verdict, no conflict
     (e,) = b.handle(Admit("g", "r1", 0, 1, T), 0.4)
     assert e == ToRank("g", 1, verdict)
@@ -580,8 +579,9 @@ def test_a_service_that_knows_its_groups_takes_a_word_before_any_hello_and_decod
     b = BarrierState(timeout_s=10.0, alive_s=1.0, groups={"g": 2, "d": 2}, decode_of={"dq": "d"})
     out = b.handle(Withdraw("g", "k", 0, 1, Status.FAILED, "exiting", True, "dq"), 0.0)
     assert out == [] and b.sizes()["open"] == 1
-    assert b.on_timer(1.0) == []  # alive_s on, neither rank was heard: both absent
-    out = b.on_timer(10.0)
+    out = b.on_timer(1.0)  # alive_s on, rank 0 was never heard: absent and silent, the round ends
     (v,) = {e.message for e in out}
     assert isinstance(v, Expired) and v.status is Status.FAILED and v.missing == (0,)
-    assert sorted((e.group, e.rank) for e in out) == [("d", 0), ("d", 1), ("g", 0), ("g", 1)]
+    assert sorted((e.group, e.rank) for e in out) == [("d", 0), ("g", 0), ("g", 1)]
+    # rank 1 (heard only by its word) falls silent too: its decode rank hears what is remembered
+    assert [(e.group, e.rank, e.message) for e in b.on_timer(1.1)] == [("d", 1, v)]
