@@ -117,6 +117,7 @@ class _Open:
     words: dict[int, RankView] = field(default_factory=dict)
     terms: Terms | None = None  # what every rank admitted, once admitted
     peer: str = ""  # the decode peer template named at admission
+    others: set[str] = field(default_factory=set)  # other peers named by other ranks' words (a divergence)
 
 
 class BarrierState:
@@ -302,6 +303,19 @@ class BarrierState:
             out += [ToRank(decode, r, v) for r in ranks if r < size]
         return out
 
+    def _tell_others(self, peers: set[str], verdict: Release | Diverged | Expired) -> list[BarrierEffect]:
+        """Ranks' cache_infos named decode peers other than the verdict's (a scheduler bug the
+        admission refuses): a rank tells only the decode rank its own cache_info names, so every
+        rank of each other decode group named hears the verdict from here, as a failure (the decode
+        daemon hands on one notice per writer and request, whoever sends it first)."""
+        out: list[BarrierEffect] = []
+        for peer in sorted(peers):
+            decode = self.decode_of.get(peer)
+            size = self._groups.get(decode or "")
+            if decode is not None and size is not None:
+                out += [ToRank(decode, r, verdict) for r in range(size)]
+        return out
+
     def _joined(self, group: str, now: float) -> list[BarrierEffect]:
         """A rank of ``group`` is newly heard serving: ranks already waiting in a start-up round
         (they reached a service that did not know yet that the group runs, as when the service
@@ -393,6 +407,7 @@ class BarrierState:
         verdict = Expired(entry.group, entry.key, entry.instance, missing, waited, status, reason, entry.peer)
         self._decide(k, verdict, now)
         told: list[BarrierEffect] = [ToRank(entry.group, r, verdict) for r in range(size)]
+        told += self._tell_others(entry.others, verdict)
         return told + self._tell_decode(entry.group, self._absent_in(entry.group), [verdict])
 
     def _decide(self, k: RoundKey, verdict: Release | Diverged | Expired, now: float) -> None:
@@ -448,8 +463,11 @@ class BarrierState:
             return [Problem(ErrorCode.NOT_REGISTERED, f"group {group!r} is unknown: send Hello first", key)]
         if view.rank >= size:
             return [Problem(ErrorCode.BAD_MESSAGE, f"rank {view.rank} is outside group {group!r} of {size}", key)]
+        named = view.terms.peer if view.terms is not None else peer
         remembered = self._ended.get(k)
         if remembered is not None:
+            if named and named != remembered.peer and not isinstance(remembered, Release):
+                return [ToRank(group, view.rank, remembered), *self._tell_others({named}, remembered)]
             return [ToRank(group, view.rank, remembered)]
         entry = self._open.get(k)
         early: list[BarrierEffect] = []
@@ -472,7 +490,9 @@ class BarrierState:
             detail = f"rank {view.rank} about {key!r} instance {instance}: {problem}"
             return [*early, Problem(ErrorCode.CONFLICT, detail, key)]
         if not entry.peer:
-            entry.peer = view.terms.peer if view.terms is not None else peer
+            entry.peer = named
+        elif named and named != entry.peer:
+            entry.others.add(named)
         told: list[BarrierEffect] = early + [ToRank(group, r, Admitted(group, key, instance)) for r in tell]
         if len(entry.words) < size:
             if self._stopped and key != STARTUP_KEY and any((group, r) in self._stopped for r in self._missing(entry)):
@@ -560,4 +580,5 @@ class BarrierState:
             verdict = Diverged(group, key, instance, ending[0], ending[1], views, entry.peer)
         self._decide(k, verdict, now)
         told: list[BarrierEffect] = [ToRank(group, r, verdict) for r in range(size)]
+        told += self._tell_others(entry.others, verdict)
         return told + self._tell_decode(group, self._absent_in(group), [verdict])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from kvxferd.core import BarrierState, Problem, ToRank
@@ -585,3 +587,20 @@ def test_a_service_that_knows_its_groups_takes_a_word_before_any_hello_and_decod
     assert sorted((e.group, e.rank) for e in out) == [("d", 0), ("g", 0), ("g", 1)]
     # rank 1 (heard only by its word) falls silent too: its decode rank hears what is remembered
     assert [(e.group, e.rank, e.message) for e in b.on_timer(1.1)] == [("d", 1, v)]
+
+
+def test_every_decode_group_a_divergent_cache_info_named_hears_the_verdict() -> None:
+    # found by the property: rank 0's cache_info named another decode group than rank 1's; each rank
+    # tells only the decode rank its own names, so the other group's ranks must hear it from here
+    b = BarrierState(timeout_s=10.0, groups={"g": 2, "d": 2, "e": 2}, decode_of={"dq": "d", "eq": "e"})
+    b.handle(Admit("g", "k", 0, 0, replace(T, peer="eq")), 0.0)
+    out = b.handle(Admit("g", "k", 0, 1, replace(T, peer="dq")), 0.1)
+    (v,) = {e.message for e in out}
+    assert isinstance(v, Diverged) and v.peer == "eq"
+    assert sorted((e.group, e.rank) for e in out) == [("d", 0), ("d", 1), ("g", 0), ("g", 1)]
+    # a word naming yet another peer after the verdict: that group hears it too
+    b2 = BarrierState(timeout_s=10.0, groups={"g": 2, "d": 2, "e": 2}, decode_of={"dq": "d", "eq": "e"})
+    b2.handle(Admit("g", "k", 0, 0, replace(T, peer="eq")), 0.0)
+    (expired,) = {e.message for e in b2.on_timer(10.0)}
+    out = b2.handle(Admit("g", "k", 0, 1, replace(T, peer="dq")), 11.0)
+    assert out == [ToRank("g", 1, expired), ToRank("d", 0, expired), ToRank("d", 1, expired)]
