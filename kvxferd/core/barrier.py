@@ -133,8 +133,13 @@ class BarrierState:
         max_alone: int = 4096,
         decode_of: dict[str, str] | None = None,
         groups: dict[str, int] | None = None,
+        remember_s: float = 0.0,
     ) -> None:
         self.timeout_s = timeout_s
+        #: how long a final verdict is remembered: at least a round's timeout, and as long as the
+        #: ranks remember their endings (pending_s + verdict_s), so a repeated cache_info that a
+        #: rank's new process takes as new still hears the group's verdict
+        self.remember_s = max(timeout_s, remember_s)
         self.epoch = epoch  # names this run of the service in every Ack of a Hello
         self.alive_s = alive_s  # a serving rank heard from within this long counts as live
         self.max_keys = max_keys  # open keys per group: one group cannot crowd out another
@@ -159,7 +164,7 @@ class BarrierState:
         self._groups: dict[str, int] = dict(groups or {})
         self._open: dict[RoundKey, _Open] = {}
         self._open_in: Counter[str] = Counter()  # group -> its open keys
-        self._ended: Memory[RoundKey, Release | Diverged | Expired] = Memory(limit=max_keys, ttl_s=timeout_s)
+        self._ended: Memory[RoundKey, Release | Diverged | Expired] = Memory(limit=max_keys, ttl_s=self.remember_s)
         self._deadlines: Deadlines[RoundKey] = Deadlines()  # one per open key
         #: (group, rank) -> (its last serving Hello, its config fingerprint); bounded by groups x ranks
         self._serving: dict[tuple[str, int], tuple[float, str]] = {}
@@ -374,7 +379,9 @@ class BarrierState:
 
     def next_deadline(self) -> float | None:
         times = [t for t in (self._deadlines.earliest(), self._ended.next_deadline(), self._sweep_at) if t is not None]
-        if self._open:  # a serving rank whose heartbeat is overdue stops the rounds waiting for it
+        # a serving rank whose heartbeat is overdue stops the rounds waiting for it, and its decode
+        # rank hears the verdicts it may not have told (so also while only verdicts are remembered)
+        if self._open or (self.decode_of and len(self._ended)):
             beats = [seen + self.alive_s for gr, (seen, _) in self._serving.items() if gr not in self._stopped]
             if beats:
                 times.append(min(beats) + 1e-3)
@@ -411,19 +418,22 @@ class BarrierState:
         return told + self._tell_decode(entry.group, self._absent_in(entry.group), [verdict])
 
     def _decide(self, k: RoundKey, verdict: Release | Diverged | Expired, now: float) -> None:
-        """``k`` ended with ``verdict``: remembered, and handed to the journal (see :meth:`recall`)."""
+        """``k`` ended with ``verdict``: remembered, and handed to the journal (see :meth:`recall`).
+        A start-up round is not remembered: a rank arriving later is a new try, which must not
+        hear the old one's expiry (it would exit, start again, hear it again...)."""
+        if verdict.key == STARTUP_KEY:
+            return
         self._ended.put(k, verdict, now)
-        if verdict.key != STARTUP_KEY:
-            self.decided.append(verdict)
+        self.decided.append(verdict)
 
     def recall(self, verdict: Release | Diverged | Expired, age_s: float, now: float) -> bool:
         """A verdict a previous run of the service decided ``age_s`` ago (read from its journal):
-        remembered for what is left of ``timeout_s``, so a word about its key (said again after
+        remembered for what is left of ``remember_s``, so a word about its key (said again after
         the restart, or by a rank's new process) hears that ending instead of opening the key
         anew. False (and nothing kept) if it is too old, or its key is already known here.
         Recall them oldest first, as the journal holds them (the memory forgets in that order)."""
         k = (verdict.group, verdict.key, verdict.instance)
-        if age_s >= self.timeout_s or k in self._open or k in self._ended or verdict.key == STARTUP_KEY:
+        if age_s >= self.remember_s or k in self._open or k in self._ended or verdict.key == STARTUP_KEY:
             return False
         self._ended.put(k, verdict, now - max(0.0, age_s))
         return True

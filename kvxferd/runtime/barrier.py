@@ -59,6 +59,7 @@ class BarrierService(Service):
             alive_s=3 * config.timeouts.heartbeat_s,
             max_alone=config.limits.max_requests,
             groups={g.name: g.world_size for g in config.groups},
+            remember_s=config.timeouts.pending_s + config.timeouts.verdict_s,
             decode_of={
                 name: g.name for g in config.groups if g.role == "decode" for name in (g.name, config.peer_template(g))
             },
@@ -78,10 +79,10 @@ class BarrierService(Service):
         assert self.router is not None
         if self.journal is not None:  # (only once the endpoint is ours: a second service reads nothing)
             now = time.monotonic()
-            found = self.journal.load(self.config.barrier.timeout_s)
+            found = self.journal.load(self.barrier.remember_s)
             recalled = sum(self.barrier.recall(verdict, age, now) for verdict, age in found)
             if recalled:
-                log.info("recalled %d verdicts of the last %gs from %s", recalled, self.config.barrier.timeout_s,
+                log.info("recalled %d verdicts of the last %gs from %s", recalled, self.barrier.remember_s,
                          self.journal.path)  # fmt: skip
             try:
                 self.journal.open()

@@ -642,7 +642,7 @@ class GroupSim:
         self._dirty.discard(self.barrier)
         self.barrier = self._new_barrier()
         # the new one reads back its predecessor's journal: the verdicts younger than its timeout
-        self.journal = [(t, v) for t, v in self.journal if self.now - t < self.barrier_timeout_s]
+        self.journal = [(t, v) for t, v in self.journal if self.now - t < self.barrier.remember_s]
         for t, v in self.journal:
             self.barrier.recall(v, self.now - t, self.now)
 
@@ -707,6 +707,8 @@ class GroupSim:
             alive_s=alive_s,
             decode_of={PEER: DECODE},
             groups={GROUP: self.world, DECODE: self.world},  # from the config, as the service
+            remember_s=float(self.settings.get("pending_timeout_s", 30.0))
+            + float(self.settings.get("verdict_timeout_s", 60.0)),
         )
         for d in range(self.world):  # the decode group (its heartbeats are not simulated)
             barrier.hello(Hello(DECODE, d, self.world, "decode", FINGERPRINT), self.now)
