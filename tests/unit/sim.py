@@ -629,9 +629,11 @@ class GroupSim:
         self._at(self.now + self.timing.heartbeat_s, "heartbeat", r, n)
 
     def _idle(self) -> bool:
-        """Nothing in flight, no round open, and every process knows the service's current run:
-        a heartbeat could change nothing until something else happens."""
-        if self._busy or self.barrier.sizes()["open"]:
+        """Nothing in flight, no round open, no verdict remembered (the service watches heartbeats
+        for those too), and every process knows the service's current run: a heartbeat could
+        change nothing until something else happens."""
+        sizes = self.barrier.sizes()
+        if self._busy or sizes["open"] or sizes["ended"]:
             return False
         return all(p.epoch == str(self.epochs) for p in self.procs if p.alive)
 
