@@ -106,6 +106,11 @@ class Round(enum.Enum):
     NAMED = "named barrier"
 
 
+#: a serving rank not heard from for this many of its heartbeats counts as stopped (the service's
+#: ``alive_s`` is this times ``timeouts.heartbeat_s``)
+ALIVE_BEATS = 3
+
+
 @dataclass(slots=True)
 class _Open:
     group: str

@@ -15,6 +15,7 @@ from typing import Any
 
 from kvxferd.config import Config
 from kvxferd.core import BarrierEffect, BarrierState, Problem, ToRank
+from kvxferd.core.barrier import ALIVE_BEATS
 from kvxferd.protocol import (
     Admit,
     Admitted,
@@ -56,7 +57,7 @@ class BarrierService(Service):
             max_keys=config.barrier.max_keys,
             max_wait_s=config.timeouts.startup_s,
             epoch=secrets.token_hex(6),  # this run of the service: a rank seeing another one announces again
-            alive_s=3 * config.timeouts.heartbeat_s,
+            alive_s=ALIVE_BEATS * config.timeouts.heartbeat_s,
             max_alone=config.limits.max_requests,
             groups={g.name: g.world_size for g in config.groups},
             remember_s=config.timeouts.pending_s + config.timeouts.verdict_s,

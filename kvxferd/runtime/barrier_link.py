@@ -54,6 +54,7 @@ class BarrierLink:
         self.max_frame = max_frame
         self.sock = sock
         self.epoch: str | None = None  # the service run that answered our last Hello
+        self.last_sent = time.monotonic()  # when this rank last said anything to the service
         self.backlog: list[Message] = []  # read by a wait, behind the message it waited for
         self.serving = ""  # our config's fingerprint once we serve (sent with every heartbeat)
         self.unsent: Outbox[Message, Message] = Outbox(limit=MAX_UNSENT, retry_s=RETRY_S, keep_s=keep_s)
@@ -72,6 +73,7 @@ class BarrierLink:
             sockets.send(self.sock, msg)
         except zmq.Again:
             return False
+        self.last_sent = time.monotonic()  # the service heard this rank no earlier than now
         return True
 
     def retry(self, now: float) -> None:

@@ -16,6 +16,7 @@ import time
 
 from kvxferd.config import Config, GroupConfig
 from kvxferd.core import Problem, RankCore, RankEffect, RankSettings, ToBarrier, ToEngine, ToPeer, Write
+from kvxferd.core.barrier import ALIVE_BEATS
 from kvxferd.core.memory import Memory
 from kvxferd.errors import TransportError
 from kvxferd.protocol import (
@@ -128,16 +129,19 @@ class PrefillDaemon(GroupDaemon):
         self.peers.close()
 
     def on_stall(self, late_s: float) -> None:
-        """Back from a stop longer than a heartbeat: the barrier service may have counted this rank
-        stopped, ended its rounds and told its decode rank those requests failed, whose engine may
-        reuse the blocks already. So before anything that waited is read (the layer signals would
-        write), every request still writing stops and withdraws; the verdict ends it."""
+        """Back from a stop: if the barrier service heard nothing of this rank for 3 heartbeats
+        (the time after which it counts a rank stopped), it may have ended its rounds and told its
+        decode rank those requests failed, whose engine may reuse the blocks already. So before
+        anything that waited is read (the layer signals would write), every request still writing
+        stops and withdraws; the verdict ends it. (A loop merely busy for less than that, which a
+        loaded host sees, changes nothing.)"""
+        now = time.monotonic()
+        silent_s = now - self.barrier.last_sent
         super().on_stall(late_s)
-        if late_s > self.heartbeat_s:
-            now = time.monotonic()
+        if silent_s >= ALIVE_BEATS * self.heartbeat_s:
             why = (
-                f"prefill rank {self.rank} did not run for {late_s:.1f}s (stopped or starved): its decode "
-                "rank may have been told the request failed, so it writes no more of it"
+                f"prefill rank {self.rank} said nothing to the barrier service for {silent_s:.1f}s (stopped or "
+                "starved): its decode rank may have been told the request failed, so it writes no more of it"
             )
             self._apply(self.core.stalled(why, now), now)
 

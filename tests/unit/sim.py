@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 
 from kvxferd.core import BarrierState, Problem, RankCore, RankSettings, ToBarrier, ToEngine, ToPeer, ToRank, Write
 from kvxferd.core.blocks import blocks_needed
+from kvxferd.core.barrier import ALIVE_BEATS
 from kvxferd.core.decode import Confirm, DecodeCore, Deliver
 from kvxferd.core.ledger import as_failed
 from kvxferd.protocol import (
@@ -318,7 +319,7 @@ class Process:
     arrivals: dict[Key, Digest] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     stalled_until: float = 0.0
-    stalled_from: float = 0.0
+    last_said: float = 0.0  # when it last sent the barrier service anything
     stop_at: float | None = None  # draining: when what is left is forced
     back_after: float = 0.0  # draining: how long after it exits the next process starts
 
@@ -456,6 +457,8 @@ class GroupSim:
 
     def _send(self, connection: tuple[str, int], kind: str, *args: object) -> None:
         """A message over a connection: a random latency, delivered in the order sent."""
+        if connection[0] == "b":
+            self.procs[connection[1]].last_said = self.now
         when = max(self._last.get(connection, 0.0), self.now + self.rng.uniform(0, self.timing.latency_s))
         self._last[connection] = when
         self._at(when, kind, *args)
@@ -663,8 +666,6 @@ class GroupSim:
     def _on_stall(self, seq: int, r: int, length: float) -> None:
         p = self.procs[r]
         if p.alive:
-            if p.stalled_until <= self.now:
-                p.stalled_from = self.now
             p.stalled_until = max(p.stalled_until, self.now + length)
             self._dirty.add(p)
             self._at(p.stalled_until, "resume", r, p.n, seq=-1)  # before what waited for it
@@ -675,8 +676,8 @@ class GroupSim:
         p = self.procs[r]
         if p.n != n or not p.alive or p.stalled_until > self.now:
             return  # stopped longer (a later resume comes), or gone
-        if self.now - p.stalled_from > self.timing.heartbeat_s:
-            self.apply(p, p.core.stalled(f"rank {r} did not run for a while", self.now))
+        if self.now - p.last_said >= ALIVE_BEATS * self.timing.heartbeat_s:  # as the daemon's on_stall
+            self.apply(p, p.core.stalled(f"rank {r} said nothing for a while", self.now))
 
     def _on_revive(self, seq: int, r: int) -> None:
         """A new process of rank ``r``: it says Hello as starting and arrives at the start-up key;
@@ -702,7 +703,7 @@ class GroupSim:
     # -- processes ---------------------------------------------------------------
 
     def _new_barrier(self) -> BarrierState:
-        alive_s = 3 * self.timing.heartbeat_s
+        alive_s = ALIVE_BEATS * self.timing.heartbeat_s
         barrier = BarrierState(
             timeout_s=self.barrier_timeout_s,
             epoch=str(self.epochs),
