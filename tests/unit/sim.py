@@ -37,8 +37,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 from kvxferd.core import BarrierState, Problem, RankCore, RankSettings, ToBarrier, ToEngine, ToPeer, ToRank, Write
-from kvxferd.core.blocks import blocks_needed
 from kvxferd.core.barrier import ALIVE_BEATS
+from kvxferd.core.blocks import blocks_needed
 from kvxferd.core.decode import Confirm, DecodeCore, Deliver
 from kvxferd.core.ledger import as_failed
 from kvxferd.protocol import (
