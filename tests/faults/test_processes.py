@@ -650,8 +650,8 @@ def test_a_stopped_prefill_rank_writes_nothing_into_blocks_its_decode_rank_was_t
     """Prefill rank 1 has written layer 0 of a request when it is stopped (SIGSTOP); the rest of
     its layer signals wait in its socket. The barrier service counts it stopped, the request fails
     and decode rank 1 is told so: its engine reuses the block (its own bytes go in). When rank 1
-    runs again it must not write the waiting layers into that block: a rank that did not run for
-    longer than a heartbeat stops writing what it holds before it reads anything."""
+    runs again it must not write the waiting layers into that block: a rank the barrier service
+    heard nothing of for 3 heartbeats stops writing what it holds before it reads anything."""
     with deploy(faults()) as dep:
         traffic = Traffic(dep, record, transport)
         assert dep.sched is not None and dep.dec is not None
