@@ -10,7 +10,8 @@ result. This core decides what becomes of each notice:
 * it must name this decode rank (a notice naming another is dropped);
 * a repeat (a prefill rank sends the notices it has no confirmation for again
   when its connection comes back) is confirmed again, as the first was, and
-  never handed on twice: the last ``max_seen`` notices are remembered;
+  never handed on twice: the last ``max_seen`` notices are remembered, each
+  for ``seen_s`` (as long as a repeat or a relayed verdict may still come);
 * while no engine is registered, a notice is *held* (at most ``max_held``,
   oldest dropped first and counted) for the engine that registers next;
 * a KVReady that names another generation than the current registration is
@@ -102,6 +103,7 @@ class DecodeCore:
         *,
         max_held: int = 4096,
         max_seen: int = 4096,
+        seen_s: float | None = None,
         push_every_s: float = 1.0,
         retry_s: float = 1.0,
     ) -> None:
@@ -109,9 +111,9 @@ class DecodeCore:
         self.prefills = dict(prefills)  # the identities our prefill ranks connect with -> their group
         self.push_every_s = push_every_s
         self.generation = ""  # the current registration's name; "" while none
-        #: (sender, request instance) -> how it was confirmed, once handed to the engine
-        #: (None: held for one)
-        self.seen: Memory[tuple[bytes, Key], Received | None] = Memory(limit=max_seen)
+        #: (sender, request instance) -> how it was confirmed once handed to the engine (OK for
+        #: the common case, kept small: the Received is rebuilt from the notice), or None: held
+        self.seen: Memory[tuple[bytes, Key], Received | bool | None] = Memory(limit=max_seen, ttl_s=seen_s)
         self.held: Memory[tuple[bytes, Key], _Held] = Memory(limit=max_held)
         self.pushed: dict[bytes, float] = {}  # sender -> when it was last given our PeerInfo unasked
         self.retry_s = retry_s
@@ -135,12 +137,17 @@ class DecodeCore:
         if (sender, msg.key) in self.seen:
             self.counts["notice_repeated"] += 1
             confirmed = self.seen.get((sender, msg.key))
-            return [Confirm(sender, confirmed)] if confirmed is not None else []
+            if confirmed is None:
+                return []  # held: confirmed once handed on
+            if confirmed is True:
+                return [Confirm(sender, Received(msg.request_id, msg.rank, msg.instance))]
+            assert isinstance(confirmed, Received)
+            return [Confirm(sender, confirmed)]
         if not self.registered_engine or self.retry_at is not None:
             # sent again (or queued) while this daemon restarted: kept for the engine that registers
             # next (they name an earlier registration, so it hears them as failures: blocks free again)
             # (or, while the engine is unreachable, for it or the next one)
-            self._hold(sender, msg)
+            self._hold(sender, msg, now)
             return []
         return self._deliver(sender, msg, now)
 
@@ -172,18 +179,19 @@ class DecodeCore:
             if not isinstance(e, Confirm)
         ]
 
-    def _hold(self, sender: bytes, msg: Notice) -> None:
+    def _hold(self, sender: bytes, msg: Notice, now: float) -> None:
         dropped = self.held.put((sender, msg.key), _Held(sender, msg))
         if dropped is not None:  # its sender keeps it unconfirmed, and sends it on a reconnect
             self.counts["notices_dropped"] += 1
             self.seen.pop(dropped[0])
-        self.seen.put((sender, msg.key), None)
+        self.seen.put((sender, msg.key), None, now)
 
     def delivered(self, sender: bytes, msg: Notice, now: float, confirm: bool = True) -> list[DecodeEffect]:
         """The engine was handed ``msg``: remember it, and confirm it to its sender (if the engine
         was unreachable until now, what was held for it follows)."""
         confirmed = self._confirm(sender, msg)
-        self.seen.put((sender, msg.key), confirmed.message)
+        told = confirmed.message
+        self.seen.put((sender, msg.key), True if told.status is Status.OK else told, now)
         effects: list[DecodeEffect] = [confirmed] if confirm else []
         if self.retry_at is not None:
             self.retry_at = None
@@ -194,14 +202,17 @@ class DecodeCore:
         """The engine could not be handed ``msg`` (not connected, or not reading): held, and
         tried again in ``retry_s`` (with every notice that comes meanwhile)."""
         self.counts["notices_undelivered"] += 1
-        self._hold(sender, msg)
+        self._hold(sender, msg, now)
         self.retry_at = now + self.retry_s
 
     def next_deadline(self) -> float | None:
-        return self.retry_at if self.held else None
+        times = (self.retry_at if self.held else None, self.seen.next_deadline())
+        return min((t for t in times if t is not None), default=None)
 
     def on_timer(self, now: float) -> list[DecodeEffect]:
-        """Try the oldest held notice on the engine again (only that one: it may still be gone)."""
+        """Forget notices seen long enough ago; try the oldest held notice on the engine again
+        (only that one: it may still be gone)."""
+        self.seen.expire(now)
         if self.retry_at is None or now < self.retry_at or not self.held or not self.registered_engine:
             return []
         self.retry_at = now + self.retry_s  # until the shell reports this try

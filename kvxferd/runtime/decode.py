@@ -76,7 +76,10 @@ class DecodeDaemon(GroupDaemon):
         # max_keys per group): the notices seen must reach back as far, or one its rank did send
         # would be handed on again as a failure
         seen = max(4096, config.barrier.max_keys * len(self.prefills))
-        self.core = DecodeCore(rank, self.prefills, max_seen=seen)
+        # and as long: the barrier remembers a verdict for pending_s + verdict_s; twice that covers
+        # a repeat sent on a reconnect just before its confirmation came
+        seen_s = 2 * (config.timeouts.pending_s + config.timeouts.verdict_s)
+        self.core = DecodeCore(rank, self.prefills, max_seen=seen, seen_s=seen_s)
 
     def start(self) -> None:
         self.peer_router, self.peer_endpoint = self.server_socket(
