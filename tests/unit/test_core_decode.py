@@ -306,3 +306,13 @@ def test_decode_confirms_a_stale_kv_ready_as_the_failure_its_engine_was_told_eac
     assert "registration" in confirm.message.reason
     assert hand(c, c.notice(P0, ready("a", "g1"), 2.0), engine) == [confirm], "a repeat: confirmed the same"
     assert len(engine) == 1
+
+
+def test_the_notices_seen_are_remembered_for_seen_s_then_forgotten_so_memory_stays_flat() -> None:
+    c, engine = core(seen_s=100.0), []
+    c.registered("g1", 0.0)
+    hand(c, c.notice(P0, ready("a"), 1.0), engine)
+    assert hand(c, c.notice(P0, ready("a"), 50.0), engine) == [Confirm(P0, Received("a", 0, 0))]
+    assert len(engine) == 1 and c.next_deadline() is not None
+    c.on_timer(102.0)
+    assert len(c.seen) == 0, "remembered past seen_s"
