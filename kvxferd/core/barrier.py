@@ -19,9 +19,11 @@ rank of the group:
 A key whose first word is an ``Arrive`` is a *named* barrier (start-up): one
 round of arrivals. A round still open ``timeout_s`` after it opened ends with
 ``Expired`` naming the silent ranks, sent to every rank so the slow ones stop
-too. Every final verdict is remembered for ``timeout_s`` more, so a straggler
-(a rank that got its cache_info after the expiry, or a withdrawal that crossed
-the verdict) gets the same verdict at once instead of opening the key anew. Every final verdict carries the status
+too. Every final verdict but a start-up round's is remembered for
+``remember_s`` (at least ``timeout_s``; the daemon passes pending_s +
+verdict_s, as long as ranks remember their endings), so a straggler (a rank
+that got its cache_info after the expiry, or a withdrawal that crossed the
+verdict) gets the same verdict at once instead of opening the key anew. Every final verdict carries the status
 and reason every rank reports (:mod:`kvxferd.core.verdicts`), and the decode
 peer named at admission, so a rank that never held the cache_info can still
 tell its decode rank.
@@ -64,7 +66,7 @@ been lost with the old service).
 
 Verdicts outlive a restart: the shell journals every final verdict before it
 sends it (:meth:`BarrierState.take_decided`), and a service that starts
-recalls those younger than ``timeout_s`` (:meth:`BarrierState.recall`), so a
+recalls those younger than ``remember_s`` (:meth:`BarrierState.recall`), so a
 rank's word about a key decided before the restart hears that verdict.
 """
 
