@@ -24,7 +24,7 @@ from kvxferd.config import Config, GroupConfig
 from kvxferd.errors import DaemonError, TransportError
 from kvxferd.protocol import STARTUP_KEY, Ack, CacheLayout, Error, ErrorCode, Message, RegisterCache
 from kvxferd.runtime.barrier_link import BarrierLink
-from kvxferd.runtime.service import Service
+from kvxferd.runtime.service import STALL_S, Service
 from kvxferd.security import credentials
 from kvxferd.shm import Segment
 
@@ -93,7 +93,7 @@ class GroupDaemon(Service):
     def on_stall(self, late_s: float) -> None:
         """Back from a stop: the heartbeat goes now, before the backlog is read (the barrier takes
         a rank it has not heard from for 3 heartbeats as stopped, and ends its rounds at once)."""
-        if self._next_beat is not None:
+        if late_s > STALL_S and self._next_beat is not None:
             self.barrier.hello()
             self._next_beat = time.monotonic() + self.heartbeat_s
 

@@ -218,9 +218,10 @@ class Service:
     # -- hooks for subclasses ---------------------------------------------------------
 
     def on_stall(self, late_s: float) -> None:
-        """The loop woke ``late_s`` after a deadline (this process did not run): before it reads
-        what waited, do what must come first (a daemon says it is alive; a prefill daemon stops
-        writing what its peers may have given up on)."""
+        """The loop woke ``late_s`` after a deadline (called whenever it is late at all; more than
+        STALL_S means this process did not run): before it reads what waited, do what must come
+        first (a daemon says it is alive; a prefill daemon stops writing what its peers may have
+        given up on). Called often: keep it a few comparisons unless there is work."""
 
     def handle_on(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, now: float) -> None:
         """One message from the server socket ``sock`` (a service with more than one overrides this)."""
@@ -316,7 +317,7 @@ class Service:
             timeout = None if wake is None else max(0, math.ceil((wake - now) * 1000.0))
             ready = self.poller.poll(timeout)
             late = 0.0 if wake is None else time.monotonic() - wake
-            if late > STALL_S:  # before anything that waited is read
+            if late > 0:  # before anything that waited is read (a stop may have ended just now)
                 self._guard(functools.partial(self.on_stall, late), "telling peers it runs again")
             self._read(ready, wake_fd)
             if late > STALL_S:
