@@ -312,7 +312,8 @@ class PrefillOutcome:
 
     @property
     def refused(self) -> dict[int, TransferResult]:
-        """The ranks that refused the cache_info, with their results (``code`` and ``reason``)."""
+        """The ranks whose result has a ``code``, with their results: those that refused the
+        cache_info, and those that ended it alone (see the class)."""
         return {rank: r for rank, r in self.results.items() if r.code}
 
     @property
