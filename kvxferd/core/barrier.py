@@ -228,7 +228,6 @@ class BarrierState:
 
     def hello(self, msg: Hello, now: float) -> list[BarrierEffect]:
         self._start_sweep(now)
-        self._heard.add((msg.group, msg.rank))
         size = self._groups.get(msg.group)
         if size is None:
             if len(self._groups) >= self.max_groups:
@@ -237,6 +236,7 @@ class BarrierState:
         elif size != msg.world_size:
             detail = f"group {msg.group!r} has world size {size}; rank {msg.rank} announced {msg.world_size}"
             return [Problem(ErrorCode.CONFLICT, detail, msg.group)]
+        self._heard.add((msg.group, msg.rank))  # (a group it took: bounded by groups x ranks)
         effects: list[BarrierEffect] = []
         if msg.serving:
             new = (msg.group, msg.rank) not in self._serving or (msg.group, msg.rank) in self._stopped

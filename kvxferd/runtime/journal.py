@@ -6,7 +6,7 @@ restarted, a word said again after a restart) hears the same ending. Memory
 alone loses that on a restart: a rank's new process whose cache_info comes
 after the service restarted would open the key anew and decide it alone. So
 the service appends each verdict it decides to a file before it sends it
-(one ``write`` per wake-up, no fsync: it survives the process, which is the
+(one ``write`` per message that decides verdicts, no fsync: it survives the process, which is the
 fault it is for, not the host), and a service that starts reads what is
 younger than ``timeout_s`` back into its memory (``BarrierState.recall``).
 
