@@ -447,8 +447,11 @@ class PrefillScheduler(_Group):
         connects again within :data:`GONE_GRACE_S` (a daemon restarting there): its cache_info waits
         in the socket for whatever daemon starts there next, and the instance is decided without it
         once the others reported (a result that comes later is still added)."""
-        # connections that closed (and opened again) meanwhile end what was sent before, not this
-        self._early += self.collect(0.0)
+        # connections that closed (and opened again) meanwhile end what was sent before, not this.
+        # (collect hands over and empties ``_early``: read it first, then keep what it returned;
+        # ``self._early += self.collect()`` would add the old list to itself on every call)
+        decided = self.collect(0.0)
+        self._early.extend(decided)
         out = self.ledger.entry(info.key)
         now = time.monotonic()
         for rank in range(self.world_size) if ranks is None else ranks:
