@@ -24,7 +24,8 @@ Example, for a 2-rank prefill group and a 2-rank decode group::
     # prefill scheduler: one CacheInfo per request, to every rank
     sched = PrefillScheduler([config.endpoint(pgroup, r) for r in range(2)], credentials=creds)
     sched.submit(CacheInfo("req-1", slot=3, step=17, num_tokens=200, src_blocks=src,
-                           dst_blocks=dst, peer=dgroup.name, instance=0))
+                           dst_blocks=dst, peer=dgroup.name, instance=0,
+                           dst_generations=tuple(decode.generations)))  # where dst was reserved
     # ... the worker runs step 17: worker.layer_ready(17, 0, [SlotChunk(3, 0, 200, 17)]), then layers 1..L-1
     sched.wait("req-1", timeout_s=30)        # PrefillOutcome: results {rank: TransferResult}
     decode.wait("req-1", timeout_s=30)       # DecodeOutcome(ready=True, ...)
@@ -561,6 +562,9 @@ class DecodeEngine(_Group):
         world = len(self.channels)
         self.ledger: _Ledger[DecodeOutcome] = _Ledger(lambda k: DecodeOutcome(k[0], k[1], world))
         self.errors: deque[tuple[int, Error]] = deque(maxlen=MAX_EVENTS)
+        #: each rank's current cache registration, as its daemon named it ("" before the first):
+        #: what a CacheInfo's ``dst_generations`` carries for blocks reserved now
+        self.generations: list[str] = [""] * world
 
     @property
     def anomalies(self) -> deque[str]:
@@ -573,13 +577,14 @@ class DecodeEngine(_Group):
         for rank, cache in enumerate(caches):
             self.channels[rank].send(_registration(cache))
         for rank in range(len(caches)):
-            self._expect(rank, Ack, timeout_s, "cache registration")
+            self.generations[rank] = self._expect(rank, Ack, timeout_s, "cache registration").generation
 
     def register_rank(self, rank: int, cache: HostKVCache | RegisterCache, timeout_s: float = 10.0) -> None:
         """Register one rank's cache again (its daemon restarted, or its cache is new); notices
-        that come meanwhile are kept for ``collect``."""
+        that come meanwhile are kept for ``collect``. Blocks reserved from now on are reserved
+        in the new registration (``generations[rank]``)."""
         self.channels[rank].send(_registration(cache))
-        self._expect(rank, Ack, timeout_s, "cache registration")
+        self.generations[rank] = self._expect(rank, Ack, timeout_s, "cache registration").generation
 
     def collect(self, timeout_s: float = 0.0) -> list[DecodeOutcome]:
         """Take in notices; return each outcome that heard something new, once per call."""

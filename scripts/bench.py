@@ -216,7 +216,10 @@ class Deployment:
             self.seq += 1
             rid = f"b{self.seq}"
             ids.append(rid)
-            info = CacheInfo(rid, slot, self.step, len(sb) * TOKENS, tuple(sb), tuple(db), self.peer, self.transport)
+            tokens, gens = len(sb) * TOKENS, tuple(self.dec.generations)
+            info = CacheInfo(
+                rid, slot, self.step, tokens, tuple(sb), tuple(db), self.peer, self.transport, dst_generations=gens
+            )
             self.sched.submit(info)
         if admitted_first:
             self.wait_admitted(len(ids))

@@ -30,7 +30,9 @@ class Write:
 
     The shell reports the outcome with ``core.write_done(write_id, now, error, transport,
     generation)``. ``requests`` names every request instance the write serves; ``nbytes``
-    counts K and V.
+    counts K and V. ``generation``: the decode registration the destination blocks were
+    reserved in (the cache_info's ``dst_generations`` entry for this rank's decode rank); the
+    write may go only into that one. "": into whichever the decode rank holds.
     """
 
     write_id: int
@@ -40,6 +42,7 @@ class Write:
     runs: tuple[Run, ...]
     requests: tuple[Key, ...]
     nbytes: int
+    generation: str = ""
 
 
 @dataclass(frozen=True, slots=True)

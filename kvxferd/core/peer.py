@@ -12,18 +12,28 @@ carries out the effects it returns, in order. Nothing here reads a clock.
 ::
 
     IDLE --want--> ASKING --info--> READY --write failed--> STALE --want--> ASKING
-      ^              |  ^  \\                                   |
+      ^              |  ^  \\        |                          |
       |   not registered |   deadline / refused / bad info       |
       |              v  |     (queued writes fail)               |
       +----------- BACKOFF --retry--+                            |
+                     ^                |                          |
+                     +--- ASKING <----+ want, for another        |
+                                        registration             |
     IDLE / READY / STALE --idle for idle_s--> CLOSED <-----------+
 
 - IDLE: nothing known of the peer's cache and no question out.
 - ASKING: a PeerQuery is out; writes queue until the answer or the deadline.
+  Asked from READY (a write named another registration), the PeerInfo known
+  stays until the answer (or while the question waits in BACKOFF to be sent
+  again), and so do the transports opened on it: writes in flight there
+  complete as they would. An answer that no cache is registered drops it.
 - BACKOFF: the peer answered that its engine has no cache yet, or the query
   could not be sent; it is asked again at ``retry_at``. The deadline set when
   the first question went out still runs.
-- READY: the PeerInfo is known; a write goes at once.
+- READY: the PeerInfo is known; a write goes at once, unless it names another
+  registration than the one known (its blocks were reserved in a cache the
+  peer's engine registered before or after this PeerInfo): then the peer is
+  asked again, and the write waits for the answer.
 - STALE: a write failed for a reason that may be the peer's (its engine may
   have registered a new cache), or the peer's connection came back after it
   closed (it may be a new run of the daemon, with a new registration): the
@@ -36,7 +46,11 @@ carries out the effects it returns, in order. Nothing here reads a clock.
 
 A PeerInfo that differs from the one held (the decode engine registered a new
 cache and its daemon pushed the new one) replaces it, and the transports
-opened on the old one are dropped first. A PeerInfo that does not match the
+opened on the old one are dropped first. A write is released only into the
+registration it names (``Write.generation``; "" names none): one that names
+another than the PeerInfo answered fails, since the decode engine reserved its
+blocks in a cache it no longer holds there (or not yet, as far as this rank can
+tell), and the same block ids may belong to other requests in the new one. A PeerInfo that does not match the
 config (checked by the shell, which knows the config) fails the queued writes
 and forgets the peer. Events a state does not list are ignored and reported as
 a :class:`Note`, never raised: they come from outside.
@@ -49,6 +63,7 @@ from dataclasses import dataclass, field
 
 from kvxferd.core.effects import Write
 from kvxferd.protocol import PeerInfo
+from kvxferd.protocol.fields import show
 
 
 class LinkState(enum.Enum):
@@ -62,6 +77,7 @@ class LinkState(enum.Enum):
 
 class LinkEvent(enum.Enum):
     WANT = "want"  # a write (or a warm-up) needs the peer
+    OTHER_REGISTRATION = "other_registration"  # a write names a registration the PeerInfo held is not
     INFO = "info"  # a PeerInfo that matches the config
     BAD_INFO = "bad_info"  # a PeerInfo that does not
     NOT_REGISTERED = "not_registered"  # the peer's engine has no cache yet
@@ -100,6 +116,7 @@ TRANSITIONS: dict[LinkState, dict[LinkEvent, LinkState]] = {
     },
     L.READY: {
         E.WANT: L.READY,
+        E.OTHER_REGISTRATION: L.ASKING,
         E.INFO: L.READY,
         E.BAD_INFO: L.IDLE,
         E.WRITE_FAILED: L.STALE,
@@ -200,7 +217,13 @@ class PeerLink:
             return self._ignored(E.WANT)
         if self.state is L.READY:
             assert self.info is not None
-            return [Start((write,), self.info)] if write is not None else [Warm(self.info)]
+            if write is None:
+                return [Warm(self.info)]
+            if write.generation in ("", self.info.generation):
+                return [Start((write,), self.info)]
+            self._step(E.OTHER_REGISTRATION)  # the peer may have registered since: ask, then decide
+            self.waiting.append(write)
+            return self._ask(now)
         if write is not None:
             self.waiting.append(write)
         if prior is L.STALE:
@@ -226,8 +249,15 @@ class PeerLink:
         if self.warm:
             effects.append(Warm(info))
         waiting, self.waiting = self.waiting, []
-        if waiting:
-            effects.append(Start(tuple(waiting), info))
+        fits = tuple(w for w in waiting if w.generation in ("", info.generation))
+        if fits:
+            effects.append(Start(fits, info))
+        for gen in dict.fromkeys(w.generation for w in waiting if w.generation not in ("", info.generation)):
+            reason = (
+                f"its blocks were reserved in registration {show(gen)} of {self.s.name}; that rank holds "
+                f"registration {show(info.generation)} now"
+            )
+            effects.append(Fail(tuple(w for w in waiting if w.generation == gen), reason))
         return effects
 
     def not_registered(self, now: float) -> list[LinkEffect]:
@@ -235,6 +265,9 @@ class PeerLink:
         if not self._step(E.NOT_REGISTERED):
             return self._ignored(E.NOT_REGISTERED)
         self.retry_at = now + self.s.retry_s
+        if self.info is not None:  # asked again while it held one: that cache is gone
+            self.info = None
+            return [Drop(f"{self.s.name} has no cache registered now")]
         return []
 
     def refused(self, detail: str, now: float) -> list[LinkEffect]:

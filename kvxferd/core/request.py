@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from kvxferd.core.effects import Run
 from kvxferd.core.states import Agreement, Data, Timer
-from kvxferd.protocol import CacheInfo, Key, Status, Terms, Withdraw, block_summary
+from kvxferd.protocol import CacheInfo, Key, Status, Terms, Withdraw, block_summary, names_summary
 
 
 class Ending(NamedTuple):
@@ -103,4 +103,5 @@ def terms_of(info: CacheInfo) -> Terms:
         block_summary(info.dst_blocks),
         info.peer,
         info.transport,
+        names_summary(info.dst_generations),
     )

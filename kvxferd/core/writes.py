@@ -5,8 +5,8 @@ Theory of operation
 Agreement is per request; the data plane is not. When layer L of a step is
 ready, every admitted job with a chunk in that step can write layer L: the
 caller hands :meth:`Writes.plan` those (request, chunk, layer) items and gets
-back one :class:`~kvxferd.core.effects.Write` per (peer, transport, layer),
-runs merged across requests, so a step of eight requests is eight requests'
+back one :class:`~kvxferd.core.effects.Write` per (peer, transport, decode
+registration, layer), runs merged across requests, so a step of eight requests is eight requests'
 blocks in one write per layer, not eight writes. Each write names its parts
 (:class:`~kvxferd.core.request.Part`); this table keeps them until the
 transport reports the write (:meth:`Writes.done`), and it is the only record
@@ -35,6 +35,7 @@ MIXED = "several registrations"
 class Writes:
     def __init__(self, settings: RankSettings) -> None:
         self.num_layers = settings.num_layers
+        self.rank = settings.rank  # the decode rank this rank writes to (one per prefill rank)
         self.unit = settings.block_bytes * settings.planes  # bytes of one block of one layer, K and V
         self._parts: dict[int, tuple[Part, ...]] = {}  # write id -> what it carries
         self._ids = count(1)
@@ -44,7 +45,7 @@ class Writes:
     ) -> tuple[list[Write], list[Request]]:
         """The writes for ``items`` (those of requests that may write, each layer once), and the
         requests some of whose layers counted as written at once (a chunk with no blocks)."""
-        groups: dict[tuple[str, str, int], tuple[list[Run], list[Part]]] = {}
+        groups: dict[tuple[str, str, str, int], tuple[list[Run], list[Part]]] = {}
         finished: dict[Key, Request] = {}
         unit = self.unit
         for key, index, layer in items:
@@ -60,17 +61,20 @@ class Writes:
                 finished[key] = req
                 continue
             nbytes = chunk.blocks * unit
-            runs, parts = groups.setdefault((req.info.peer, req.info.transport, layer), ([], []))
+            info = req.info
+            generation = info.dst_generations[self.rank] if info.dst_generations else ""
+            runs, parts = groups.setdefault((info.peer, info.transport, generation, layer), ([], []))
             runs.extend(chunk.runs)
             parts.append(Part(key, index, layer, nbytes))
             req.inflight += 1
         writes = []
-        for (peer, transport, layer), (runs, parts) in groups.items():
+        for (peer, transport, generation, layer), (runs, parts) in groups.items():
             write_id = next(self._ids)
             self._parts[write_id] = tuple(parts)
             keys = tuple(dict.fromkeys(p.key for p in parts))
             nbytes = sum(p.nbytes for p in parts)
-            writes.append(Write(write_id, peer, transport, layer, merge_runs(runs), keys, nbytes))
+            merged = merge_runs(runs)
+            writes.append(Write(write_id, peer, transport, layer, merged, keys, nbytes, generation))
         return writes, list(finished.values())
 
     def complete(

@@ -266,9 +266,12 @@ class DemoEngine:
         return finished
 
     def _cache_info(self, req: DemoRequest) -> CacheInfo:
+        # req.dst is reserved in the decode ranks' current registrations: say which
+        gens = tuple(self.decode.generations)
         return CacheInfo(
-            req.rid, req.slot, req.first_step, req.num_tokens, tuple(req.src), tuple(req.dst), self.peer, self.transport
-        )
+            req.rid, req.slot, req.first_step, req.num_tokens, tuple(req.src), tuple(req.dst), self.peer,
+            self.transport, dst_generations=gens,
+        )  # fmt: skip
 
     def _send_infos(self, rank: int, infos: dict[str, CacheInfo], when: dict[tuple[int, str], int], at: int) -> None:
         for rid, info in infos.items():

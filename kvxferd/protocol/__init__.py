@@ -18,6 +18,7 @@ from kvxferd.protocol.barrier import (
     Verdict,
     Withdraw,
     block_summary,
+    names_summary,
 )
 from kvxferd.protocol.base import (
     MEMORY_KINDS,
@@ -100,4 +101,5 @@ __all__ = [
     "block_summary",
     "decode",
     "encode",
+    "names_summary",
 ]

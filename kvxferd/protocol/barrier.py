@@ -45,13 +45,22 @@ def block_summary(blocks: Sequence[int]) -> str:
     return f"{len(blocks)} blocks #{h}"
 
 
+def names_summary(names: Sequence[str]) -> str:
+    """The same for a list of names (a cache_info's ``dst_generations``); "none" for none."""
+    if not names:
+        return "none"
+    h = hashlib.blake2b("\0".join(names).encode(), digest_size=8).hexdigest()
+    return f"{len(names)} names #{h}"
+
+
 @dataclass(frozen=True, slots=True)
 class Terms(Struct):
     """What one rank holds in a request's cache_info, as compared at admission.
 
     Every field must be equal on every rank of the group. Block lists travel as
-    :func:`block_summary` strings. Wire: ``[200, 3, 17, "13 blocks #9f2c3b1a0e4d5c6b",
-    "13 blocks #0e4d5c6b9f2c3b1a", "ipc:///run/kvxferd/decode-{rank}.sock", "auto"]``.
+    :func:`block_summary` strings, the decode registrations as a :func:`names_summary`.
+    Wire: ``[200, 3, 17, "13 blocks #9f2c3b1a0e4d5c6b", "13 blocks #0e4d5c6b9f2c3b1a",
+    "ipc:///run/kvxferd/decode-{rank}.sock", "auto", "2 names #5e1d0c9a7b3f2e40"]``.
     """
 
     num_tokens: int
@@ -61,12 +70,14 @@ class Terms(Struct):
     dst_blocks: str
     peer: str
     transport: str
+    dst_generations: str = "none"  # names_summary of the cache_info's dst_generations
 
     #: fields in the order a divergence names them
     FIELDS: ClassVar[tuple[str, ...]] = (
         "num_tokens",
         "src_blocks",
         "dst_blocks",
+        "dst_generations",
         "slot",
         "step",
         "peer",
@@ -81,11 +92,13 @@ class Terms(Struct):
         f.text("Terms", "dst_blocks", self.dst_blocks, limit=64, empty=False)
         f.text("Terms", "peer", self.peer, limit=f.MAX_NAME, empty=False)
         f.choice("Terms", "transport", self.transport, TRANSPORTS)
+        f.text("Terms", "dst_generations", self.dst_generations, limit=64, empty=False)
 
     def describe(self) -> str:
+        regs = f", registrations {self.dst_generations}" if self.dst_generations != "none" else ""
         return (
             f"{self.num_tokens} tokens, slot {self.slot} of step {self.step}, src {self.src_blocks}, "
-            f"dst {self.dst_blocks}, peer {self.peer}, transport {self.transport}"
+            f"dst {self.dst_blocks}{regs}, peer {self.peer}, transport {self.transport}"
         )
 
 
@@ -180,7 +193,7 @@ class Hello(Message):
 
     ``serving``: empty while the rank starts; once it serves, the fingerprint of its config,
     sent again every ``heartbeat_s`` (so the service knows the group runs, and with which
-    config, and a rank that restarts can join it). Wire: ``[3, "hello", "prefill", 0, 2,
+    config, and a rank that restarts can join it). Wire: ``[4, "hello", "prefill", 0, 2,
     "prefill", "9f2c..."]``.
     """
 
@@ -194,7 +207,7 @@ class Hello(Message):
 
     def __post_init__(self) -> None:
         f.name("Hello", "group", self.group)
-        f.uint("Hello", "world_size", self.world_size, low=1, high=4096)
+        f.uint("Hello", "world_size", self.world_size, low=1, high=f.MAX_RANKS)
         f.uint("Hello", "rank", self.rank, high=self.world_size - 1)
         f.choice("Hello", "role", self.role, ROLES)
         f.text("Hello", "serving", self.serving, limit=f.MAX_NAME)
@@ -205,7 +218,7 @@ class Admit(Message):
     """Rank→service: this rank holds the cache_info of ``key`` (instance ``instance``), with these terms.
 
     Sent the moment the rank accepted the cache_info; it never waits for the
-    answer. Wire: ``[3, "admit", "prefill", "req-7", 0, 1, [200, 3, 17, "13 blocks #9f2c...",
+    answer. Wire: ``[4, "admit", "prefill", "req-7", 0, 1, [200, 3, 17, "13 blocks #9f2c...",
     "13 blocks #0e4d...", "ipc:///run/kvxferd/decode-{rank}.sock", "auto"]]``.
     """
 
@@ -229,7 +242,7 @@ class Admit(Message):
 class Admitted(Message):
     """Service→ranks: every rank admitted ``key`` with equal terms; writing may begin.
 
-    Not an ending: the completion round follows. Wire: ``[3, "admitted", "prefill", "req-7", 0]``.
+    Not an ending: the completion round follows. Wire: ``[4, "admitted", "prefill", "req-7", 0]``.
     """
 
     TAG: ClassVar[str] = "admitted"
@@ -250,7 +263,7 @@ class Arrive(Message):
     stay open if this arrival opens it; 0 means the service's default.
     ``peer``: the decode peer the request's cache_info named (as in
     :class:`Withdraw`), so a round a restarted service reopens from arrivals
-    still names whom to tell. Wire: ``[3, "arrive", "prefill", "req-7", 0, 1,
+    still names whom to tell. Wire: ``[4, "arrive", "prefill", "req-7", 0, 1,
     [32, 13, 27262976, "9f2c..."], 0.0, "decode"]``.
     """
 
@@ -285,7 +298,7 @@ class Withdraw(Message):
     ``Admitted``, so this is a word of the completion round (a service that
     restarted learns from it which round it lost). ``peer``: the decode peer its
     cache_info named ("" if it never held one), so a verdict of withdrawals only
-    still names whom to tell. Wire: ``[3, "withdraw", "prefill", "req-7", 0, 1,
+    still names whom to tell. Wire: ``[4, "withdraw", "prefill", "req-7", 0, 1,
     "aborted", "client cancelled", true, "decode"]``.
     """
 
@@ -316,7 +329,7 @@ class Release(Message):
 
     ``peer``: the decode endpoint template named at admission (as in :class:`Diverged`), so
     a rank that restarted after the release, and never held the request, can tell its decode
-    rank that its predecessor's notice may be lost. Wire: ``[3, "release", "prefill", "req-7",
+    rank that its predecessor's notice may be lost. Wire: ``[4, "release", "prefill", "req-7",
     0, [32, 13, 27262976, "9f2c..."], "ipc:///run/kvx/decode-{rank}-peer.sock"]``.
     """
 
@@ -351,7 +364,7 @@ class Diverged(Message):
     ``status`` and ``reason`` are what every rank reports; ``views`` holds each
     rank's terms, digest or withdrawal; ``peer`` the decode endpoint template
     from the admissions, so a rank that never held the cache_info can still
-    tell its decode rank. Wire: ``[3, "diverged", "prefill", "req-7", 0,
+    tell its decode rank. Wire: ``[4, "diverged", "prefill", "req-7", 0,
     "aborted", "aborted: client cancelled", [[0, "ok", [...], null, ""], [1,
     "aborted", null, null, "client cancelled"]], "ipc:///run/kvxferd/decode-{rank}.sock"]``.
     """
@@ -381,7 +394,7 @@ class Expired(Message):
     """Service→ranks: ``key``'s open round timed out; ``missing`` lists the ranks never heard from.
 
     ``status``, ``reason`` and ``peer`` as in :class:`Diverged`. Wire:
-    ``[3, "expired", "prefill", "req-7", 0, [1], 30.0, "failed",
+    ``[4, "expired", "prefill", "req-7", 0, [1], 30.0, "failed",
     "ranks [1] of group prefill did not report within 30s", ""]``.
     """
 

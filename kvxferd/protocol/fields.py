@@ -30,6 +30,8 @@ MAX_SLOTS = 4096
 MAX_NAME = 256
 #: Longest free-text field (reasons, details).
 MAX_TEXT = 4096
+#: Most ranks a group may have (a list with one entry per rank is at most this long).
+MAX_RANKS = 4096
 #: Most block ids one request may name.
 MAX_BLOCKS = 1 << 20
 #: Most entries in any other list field (slot tables, regions, views).

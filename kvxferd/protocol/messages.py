@@ -1,6 +1,6 @@
 """Messages between engines and daemons, and between prefill and decode daemons.
 
-Wire examples show the msgpack array written as JSON-ish text: ``[3, "abort",
+Wire examples show the msgpack array written as JSON-ish text: ``[4, "abort",
 "req-7", "client cancelled"]`` is version 1, tag ``abort``, then the fields.
 
 Direction legend: W = prefill model worker, S = prefill scheduler, D = decode
@@ -51,9 +51,9 @@ class LayerSignal(Message):
     the slots named at layer 0 of the same step. Step ids increase and are never
     reused, which is how a stale signal is told apart from a slot's new occupant.
 
-    Wire: ``[3, "layer", 17, 0, [[3, 0, 128, 17], [5, 512, 64, 15]]]`` (slot 3
+    Wire: ``[4, "layer", 17, 0, [[3, 0, 128, 17], [5, 512, 64, 15]]]`` (slot 3
     starts a request; slot 5 computes the second chunk of one begun in step 15),
-    then ``[3, "layer", 17, 1, []]`` ...
+    then ``[4, "layer", 17, 1, []]`` ...
     """
 
     TAG: ClassVar[str] = "layer"
@@ -94,8 +94,17 @@ class CacheInfo(Message):
     with a new instance at any time, and a late message of the old instance
     is never taken for the new one.
 
-    Wire: ``[3, "cache_info", "req-7", 3, 17, 200, [10, 11], [40, 41],
-    "ipc:///run/kvxferd/decode-{rank}.sock", "auto", 0]``
+    ``dst_generations[d]`` names the registration of decode rank ``d``'s cache
+    that ``dst_blocks`` were reserved in (the ``generation`` of that rank's
+    registration :class:`Ack`, :attr:`kvxferd.client.DecodeEngine.generations`).
+    A prefill rank writes only into that registration: once the decode engine
+    registered a new cache there, the request fails, since the same block ids
+    in the new cache may belong to other requests. Empty: whatever registration
+    the decode rank holds when the bytes are written (only safe for an engine
+    that never registers again while requests are in flight).
+
+    Wire: ``[4, "cache_info", "req-7", 3, 17, 200, [10, 11], [40, 41],
+    "ipc:///run/kvxferd/decode-{rank}.sock", "auto", 0, ["5d0c9e2a71b4", "a1c3f09b2e77"]]``
     """
 
     TAG: ClassVar[str] = "cache_info"
@@ -109,6 +118,7 @@ class CacheInfo(Message):
     peer: str
     transport: str = "auto"
     instance: int = 0
+    dst_generations: tuple[str, ...] = ()
 
     @property
     def key(self) -> Key:
@@ -130,8 +140,12 @@ class CacheInfo(Message):
             raise f.fail("CacheInfo", "dst_blocks", "a destination block appears twice")
         f.text("CacheInfo", "peer", self.peer, limit=f.MAX_NAME, empty=False)
         f.choice("CacheInfo", "transport", self.transport, TRANSPORTS)
+        gens = f.sequence("CacheInfo", "dst_generations", self.dst_generations, limit=f.MAX_RANKS)
+        for i, gen in enumerate(gens):
+            f.name("CacheInfo", f"dst_generations[{i}]", gen)
         store(self, "src_blocks", src)
         store(self, "dst_blocks", dst)
+        store(self, "dst_generations", gens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +154,7 @@ class Abort(Message):
 
     An Abort that reaches a rank before the instance's cache_info is kept (for
     ``timeouts.pending_s``), and the cache_info then ends as aborted at once.
-    Wire: ``[3, "abort", "req-7", "client cancelled", 0]``
+    Wire: ``[4, "abort", "req-7", "client cancelled", 0]``
     """
 
     TAG: ClassVar[str] = "abort"
@@ -173,7 +187,7 @@ class TransferResult(Message):
     confirmed write, ``total_ms`` from cache_info to the end, ``admit_ms`` from
     cache_info to the admission verdict.
 
-    Wire: ``[3, "result", "req-7", "ok", "", 0, 1048576, "shm", 0.4, 2.1, 2.9, 0, "", 0.2]``
+    Wire: ``[4, "result", "req-7", "ok", "", 0, 1048576, "shm", 0.4, 2.1, 2.9, 0, "", 0.2]``
     """
 
     TAG: ClassVar[str] = "result"
@@ -219,7 +233,7 @@ class KVReady(Message):
     """P→Q→D: every prefill rank's KV for ``request_id`` is in the decode cache.
 
     Sent only after the prefill group's barrier released the request. Wire:
-    ``[3, "kv_ready", "req-7", 0, 1048576, 0, "5d0c9e2a71b4"]`` (instance 0,
+    ``[4, "kv_ready", "req-7", 0, 1048576, 0, "5d0c9e2a71b4"]`` (instance 0,
     reported by prefill rank 0, which wrote 1 MiB into the decode cache
     registration named by ``generation``; see :class:`PeerInfo`).
     """
@@ -252,7 +266,7 @@ class Received(Message):
     that died with notices unread loses none). ``status``, ``reason`` and ``code``: how the
     engine was told (a KVReady naming a registration the engine no longer holds is told as
     ``failed``, code ``not_registered``); a prefill rank reports ``ok`` to its scheduler only once
-    it is told ``ok`` here. Wire: ``[3, "received", "req-7", 0, 4, "ok", "", ""]``.
+    it is told ``ok`` here. Wire: ``[4, "received", "req-7", 0, 4, "ok", "", ""]``.
     """
 
     TAG: ClassVar[str] = "received"
@@ -370,7 +384,7 @@ def _check_regions(owner: str, layout: CacheLayout, regions: object) -> tuple[Re
 class RegisterCache(Message):
     """W/D→daemon: the engine's KV memory for this rank. The daemon never allocates it.
 
-    Wire: ``[3, "register", "host", [2, 64, 4096], [[0, 0, "kvx-p0", 0, 0],
+    Wire: ``[4, "register", "host", [2, 64, 4096], [[0, 0, "kvx-p0", 0, 0],
     [0, 1, "kvx-p0", 262144, 0], ...]]``. Answered with :class:`Ack`.
     """
 
@@ -390,7 +404,7 @@ class RegisterCache(Message):
 
 @dataclass(frozen=True, slots=True)
 class PeerQuery(Message):
-    """P→Q: ask a decode daemon for its :class:`PeerInfo`. Wire: ``[3, "peer_query", "prefill", 0]``."""
+    """P→Q: ask a decode daemon for its :class:`PeerInfo`. Wire: ``[4, "peer_query", "prefill", 0]``."""
 
     TAG: ClassVar[str] = "peer_query"
 
@@ -408,11 +422,13 @@ class PeerInfo(Message):
 
     ``host_id`` identifies the machine (same host enables shm and cuda_ipc).
     ``transports`` carries opaque per-transport metadata (e.g. an RDMA agent's
-    connection blob). ``generation`` names the engine's registration: a new one
-    each time an engine registers a cache with the daemon, even the same cache
-    after a restart, so bytes written into one registration are never reported
-    as ready for another (:class:`KVReady` names the generation it wrote into).
-    Wire: ``[3, "peer_info", "decode", 0, "host-a1b2", "host", [2, 64, 4096],
+    connection blob). ``generation`` names the engine's registration: the same
+    for the same engine registering the same cache (again, say with a restarted
+    daemon: the blocks it reserved stay valid), a new one for a new cache or a
+    new engine process, so bytes written into one registration are never
+    reported as ready for another (:class:`KVReady` names the generation it
+    wrote into, a :class:`CacheInfo` the ones its blocks were reserved in).
+    Wire: ``[4, "peer_info", "decode", 0, "host-a1b2", "host", [2, 64, 4096],
     [[0, 0, "kvx-d0", 0, 0], ...], {"rdma": b"..."}, "5d0c9e2a71b4"]``.
     """
 
@@ -442,21 +458,25 @@ class PeerInfo(Message):
 
 @dataclass(frozen=True, slots=True)
 class Ack(Message):
-    """Daemon→client: the message named by ``ref`` was accepted. Wire: ``[3, "ack", "register"]``."""
+    """Daemon→client: the message named by ``ref`` was accepted. A decode daemon's Ack of a cache
+    registration names it (``generation``, what a :class:`CacheInfo`'s ``dst_generations`` carry).
+    Wire: ``[4, "ack", "register", "5d0c9e2a71b4"]``."""
 
     TAG: ClassVar[str] = "ack"
 
     ref: str = ""
+    generation: str = ""
 
     def __post_init__(self) -> None:
         f.text("Ack", "ref", self.ref, limit=f.MAX_NAME)
+        f.text("Ack", "generation", self.generation, limit=f.MAX_NAME)
 
 
 @dataclass(frozen=True, slots=True)
 class Error(Message):
     """Any→sender: the sender's message was refused. ``ref`` names what it was about.
 
-    Wire: ``[3, "error", "out_of_range", "src block 9000 >= 4096 blocks", "req-7"]``
+    Wire: ``[4, "error", "out_of_range", "src block 9000 >= 4096 blocks", "req-7"]``
     """
 
     TAG: ClassVar[str] = "error"
@@ -481,7 +501,7 @@ class Attach(Message):
     """S→P: this connection is a prefill scheduler: besides cache_infos, it may abort a request
     whose cache_info has not reached the rank yet. Answered with :class:`Ack`.
 
-    Wire: ``[3, "attach", "scheduler"]``.
+    Wire: ``[4, "attach", "scheduler"]``.
     """
 
     TAG: ClassVar[str] = "attach"
@@ -494,7 +514,7 @@ class Attach(Message):
 
 @dataclass(frozen=True, slots=True)
 class StatusQuery(Message):
-    """Anyone→daemon: ask what the daemon is doing. Wire: ``[3, "status"]``."""
+    """Anyone→daemon: ask what the daemon is doing. Wire: ``[4, "status"]``."""
 
     TAG: ClassVar[str] = "status"
 
@@ -504,7 +524,7 @@ class StatusReply(Message):
     """Daemon→asker: its identity, state (``starting``, ``serving``, ``draining``) and a JSON report
     (table sizes, live requests with what each waits for, peers, counters).
 
-    Wire: ``[3, "status_reply", "prefill", "prefill", 0, "serving", "{\\"requests\\": []}"]``.
+    Wire: ``[4, "status_reply", "prefill", "prefill", 0, "serving", "{\\"requests\\": []}"]``.
     """
 
     TAG: ClassVar[str] = "status_reply"
@@ -527,9 +547,10 @@ class StatusReply(Message):
 class BlockOffer(Message):
     """D→S, engine to engine (the vLLM connector's rendezvous): decode rank ``rank`` of group
     ``group`` reserved ``dst_blocks`` for transfer ``request_id``, a prompt of ``num_tokens``
-    tokens, and those blocks may be written from now on. The prefill scheduler puts the blocks
-    into the transfer's CacheInfo once every decode rank offered the same ones.
-    Wire: ``[3, "block_offer", "xfer-7", "decode", 0, 200, [40, 41]]``.
+    tokens, and those blocks may be written from now on, in the cache registration ``generation``
+    names. The prefill scheduler puts the blocks into the transfer's CacheInfo once every decode
+    rank offered the same ones, and each rank's generation into its ``dst_generations``.
+    Wire: ``[4, "block_offer", "xfer-7", "decode", 0, 200, [40, 41], "5d0c9e2a71b4"]``.
     """
 
     TAG: ClassVar[str] = "block_offer"
@@ -539,6 +560,7 @@ class BlockOffer(Message):
     rank: int
     num_tokens: int
     dst_blocks: tuple[int, ...]
+    generation: str = ""
 
     def __post_init__(self) -> None:
         f.name("BlockOffer", "request_id", self.request_id)
@@ -550,6 +572,7 @@ class BlockOffer(Message):
             raise f.fail("BlockOffer", "dst_blocks", "must name at least one block")
         if len(set(dst)) != len(dst):
             raise f.fail("BlockOffer", "dst_blocks", "a block appears twice")
+        f.text("BlockOffer", "generation", self.generation, limit=f.MAX_NAME)
         store(self, "dst_blocks", dst)
 
 
@@ -557,7 +580,7 @@ class BlockOffer(Message):
 class OfferDeclined(Message):
     """S→D, engine to engine: the prefill side will not write transfer ``request_id`` (it gave
     up waiting, failed the prompt, or found the offer wrong); the decode engine may reuse the
-    blocks it offered at once. Wire: ``[3, "offer_declined", "xfer-7", "the prompt was aborted"]``.
+    blocks it offered at once. Wire: ``[4, "offer_declined", "xfer-7", "the prompt was aborted"]``.
     """
 
     TAG: ClassVar[str] = "offer_declined"

@@ -12,9 +12,9 @@ and the transports that publish the cache, and carries out the core's effects.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
-import secrets
 import time
 
 import zmq
@@ -39,6 +39,7 @@ from kvxferd.protocol import (
     StatusQuery,
     StatusReply,
     TransferResult,
+    encode,
 )
 from kvxferd.protocol.fields import show
 from kvxferd.runtime import sockets
@@ -50,6 +51,14 @@ log = logging.getLogger(__name__)
 
 #: transports that need metadata published for a decode cache (shm and cuda_ipc use the regions)
 PUBLISHERS = ("rdma",)
+
+
+def registration_name(engine: bytes, msg: RegisterCache) -> str:
+    """The generation of a cache registration: the same for the same engine (its connection's
+    name) registering the same cache (memory, layout, regions), as when it registers again with
+    a restarted daemon, whose blocks it reserved stay valid; different for anything else (a new
+    cache, a new engine process), so nothing reserved or written in one is taken for another."""
+    return hashlib.blake2b(engine + b"\0" + encode(msg), digest_size=6).hexdigest()
 
 
 class DecodeDaemon(GroupDaemon):
@@ -222,7 +231,7 @@ class DecodeDaemon(GroupDaemon):
             if blob is not None:
                 self.published[name] = blob
         self.cache = msg
-        generation = secrets.token_hex(6)
+        generation = registration_name(identity, msg)
         if self.engine is not None and self.engine != identity:
             # one engine per decode rank: the newest registration is the engine; the other one
             # is told it will hear nothing more from this rank
@@ -234,7 +243,7 @@ class DecodeDaemon(GroupDaemon):
             msg.memory,
             "".join(f", {n}" for n in self.published),
         )
-        self.reply(identity, Ack("register"))
+        self.reply(identity, Ack("register", generation))
         # every prefill rank hears the new PeerInfo; notices held for an engine go to this one
         self._apply(self.core.registered(generation, time.monotonic()))
 

@@ -77,6 +77,7 @@ def test_release_only_when_every_admitted_rank_arrived_with_the_same_digest() ->
     [
         ("num_tokens", 44),
         ("dst_blocks", "3 blocks #c"),
+        ("dst_generations", "2 names #d"),
         ("src_blocks", "3 blocks #z"),
         ("peer", "ipc:///elsewhere-{rank}"),
         ("transport", "rdma"),

@@ -316,3 +316,20 @@ def test_the_notices_seen_are_remembered_for_seen_s_then_forgotten_so_memory_sta
     assert len(engine) == 1 and c.next_deadline() is not None
     c.on_timer(102.0)
     assert len(c.seen) == 0, "remembered past seen_s"
+
+
+def test_a_registration_is_named_by_its_engine_and_its_cache() -> None:
+    """The same engine registering the same cache again (with a restarted daemon) keeps the
+    generation, so the blocks it reserved stay valid; a new cache or a new engine does not."""
+    from kvxferd.protocol import CacheLayout, Region, RegisterCache
+    from kvxferd.runtime.decode import registration_name
+
+    layout = CacheLayout(1, 8, 64)
+
+    def cache(segment: str) -> RegisterCache:
+        return RegisterCache("host", layout, (Region(0, 0, segment, 0), Region(0, 1, segment, 512)))
+
+    first = registration_name(b"engine-a", cache("/kvx-1"))
+    assert registration_name(b"engine-a", cache("/kvx-1")) == first
+    assert registration_name(b"engine-a", cache("/kvx-2")) != first
+    assert registration_name(b"engine-b", cache("/kvx-1")) != first

@@ -32,12 +32,12 @@ _ids = count(1)
 
 def info(tag: str = "seg") -> PeerInfo:
     regions = tuple(Region(layer, kv, f"/{tag}", (layer * 2 + kv) * 512) for layer in range(2) for kv in (0, 1))
-    return PeerInfo("d", 0, "host", "host", LAYOUT, regions, {})
+    return PeerInfo("d", 0, "host", "host", LAYOUT, regions, {}, f"g-{tag}")
 
 
-def write() -> Write:
+def write(generation: str = "") -> Write:
     wid = next(_ids)
-    return Write(wid, "d", "auto", 0, (Run(0, 0, 1),), ((f"r{wid}", 0),), 128)
+    return Write(wid, "d", "auto", 0, (Run(0, 0, 1),), ((f"r{wid}", 0),), 128, generation)
 
 
 def kinds(effects: list[LinkEffect]) -> list[type]:
@@ -234,11 +234,12 @@ def test_use_keeps_a_link_open():
 
 # -- any sequence ---------------------------------------------------------------------------------
 
+EVENTS = (
+    *("want", "want_seg", "want_new", "warm"),  # a write naming no registration, the first, the second
+    *("info", "new_info", "bad", "not_reg", "refused", "blocked", "done", "fail"),
+)
 ACTIONS = st.lists(
-    st.tuples(
-        st.sampled_from(["want", "warm", "info", "new_info", "bad", "not_reg", "refused", "blocked", "done", "fail"]),
-        st.floats(min_value=0.0, max_value=30.0, allow_nan=False),
-    ),
+    st.tuples(st.sampled_from(EVENTS), st.floats(min_value=0.0, max_value=30.0, allow_nan=False)),
     max_size=40,
 )
 
@@ -255,6 +256,8 @@ def test_any_sequence_ends_every_write_once_and_the_link_closes_when_left_alone(
         for e in effects:
             if isinstance(e, Start):
                 for w in e.writes:
+                    # a write goes only into the registration its blocks were reserved in
+                    assert w.generation in ("", e.info.generation), (w, e.info.generation)
                     ended.append(w.write_id)
                     live.add(w.write_id)
                     link.posted(now)
@@ -263,7 +266,9 @@ def test_any_sequence_ends_every_write_once_and_the_link_closes_when_left_alone(
         # the invariants of every state
         assert (link.state in (LinkState.ASKING, LinkState.BACKOFF)) == (link.deadline is not None)
         assert not link.waiting or link.state in (LinkState.ASKING, LinkState.BACKOFF)
-        assert (link.info is not None) == (link.state in (LinkState.READY, LinkState.STALE))
+        assert link.state not in (LinkState.READY, LinkState.STALE) or link.info is not None
+        # asked again for a write naming another registration, the one known stays until the answer
+        assert link.info is None or link.state is not LinkState.IDLE
         assert link.state is not LinkState.CLOSED or link.next_deadline() is None
 
     for action, advance in actions:
@@ -273,8 +278,8 @@ def test_any_sequence_ends_every_write_once_and_the_link_closes_when_left_alone(
         now += advance
         if link.state is LinkState.CLOSED:
             link = new_link(now)  # what the shell does: a new link for the next write
-        if action == "want":
-            w = write()
+        if action.startswith("want"):
+            w = write({"want": "", "want_seg": "g-seg", "want_new": "g-new"}[action])
             wanted.append(w.write_id)
             carry(link.want(w, now))
         elif action == "warm":
@@ -320,3 +325,28 @@ def test_a_connection_that_comes_back_makes_the_peer_asked_again_before_the_next
     assert posted(link.answered(info("new"), None, 2.5)) == [b.write_id]
     fresh = new_link()
     assert fresh.reconnected(0.0) == [] and fresh.state is LinkState.IDLE  # nothing known: nothing stale
+
+
+def test_a_write_goes_only_into_the_registration_its_blocks_were_reserved_in():
+    """Issue 23: a cache_info names the decode registration its blocks were reserved in. A write
+    naming another than the one known asks the peer first (it may have registered since); it goes
+    if the answer is that registration, and fails, naming both, if not."""
+    link, a = new_link(), write("g-seg")
+    link.want(a, 0.0)
+    assert posted(link.answered(info("seg"), None, 0.5)) == [a.write_id]
+    # reserved in a registration this link has not heard of yet: ask, then write into it
+    b = write("g-new")
+    assert kinds(link.want(b, 1.0)) == [Ask] and link.state is LinkState.ASKING
+    c = write()  # names none: waits behind the question, then goes into whatever is current
+    assert kinds(link.want(c, 1.1)) == []
+    effects = link.answered(info("new"), None, 1.5)
+    assert kinds(effects) == [Drop, Start] and posted(effects) == [b.write_id, c.write_id]
+    # reserved in the old registration, after the engine registered the new one: it fails
+    d, e = write("g-seg"), write("g-new")
+    assert kinds(link.want(d, 2.0)) == [Ask]
+    link.want(e, 2.1)
+    effects = link.answered(info("new"), None, 2.5)
+    assert posted(effects) == [e.write_id] and failed(effects) == [d.write_id]
+    (why,) = [x.reason for x in effects if isinstance(x, Fail)]
+    assert "reserved in registration 'g-seg'" in why and "holds registration 'g-new' now" in why
+    assert link.state is LinkState.READY and link.waiting == []

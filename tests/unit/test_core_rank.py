@@ -185,6 +185,28 @@ def test_pipelining_a_step_of_eight_requests_posts_one_write_per_layer() -> None
         assert w.nbytes == 16 * 1024 * 2
 
 
+def test_requests_reserved_in_different_decode_registrations_never_share_a_write() -> None:
+    """Each write names the decode registration its blocks were reserved in (this rank's entry
+    of dst_generations), so the link can refuse to put it into another one."""
+    c = core(1)
+    msgs = [
+        replace(info("a", 0, 1, 16, [1], [20]), dst_generations=("g0", "old")),
+        replace(info("b", 1, 1, 16, [2], [21]), dst_generations=("g0", "new")),
+        info("c", 2, 1, 16, [3], [22]),  # names none: whatever rank 1 holds
+        *layers(1, SlotChunk(0, 0, 16, 1), SlotChunk(1, 0, 16, 1), SlotChunk(2, 0, 16, 1)),
+    ]
+    writes = of(feed(c, msgs, complete=False), Write)
+    assert len(writes) == 3 * LAYERS
+    by = {w.generation: w for w in writes if w.layer == 0}
+    assert {g: w.requests for g, w in by.items()} == {"old": (("a", 0),), "new": (("b", 0),), "": (("c", 0),)}
+
+
+def test_a_cache_info_that_names_no_registration_for_this_ranks_decode_rank_is_refused() -> None:
+    (p, *_) = core(1).handle(replace(info("x", 0, 1, 16, [1], [2]), dst_generations=("g0",)), 0.0)
+    assert isinstance(p, Problem) and p.code is ErrorCode.BAD_LAYOUT
+    assert "registrations of 1 decode ranks; rank 1 writes to decode rank 1" in p.detail
+
+
 def test_runs_coalesce_within_and_across_requests() -> None:
     c = core()
     msgs = [
@@ -229,6 +251,7 @@ def test_terms_cover_every_field_ranks_must_agree_on() -> None:
         replace(x, step=2),
         replace(x, peer="ipc://e-{rank}"),
         replace(x, transport="shm"),
+        replace(x, dst_generations=("a", "b")),
     ):
         assert terms_of(changed) != base, changed
 

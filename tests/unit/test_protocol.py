@@ -65,6 +65,7 @@ EXAMPLES: dict[str, Message] = {
         "ipc:///run/kvxferd/decode-{rank}.sock",
         "shm",
         4,
+        ("5d0c9e2a71b4", "a1c3f09b2e77"),
     ),
     "abort": Abort("req-7", "client cancelled", 4),
     "result": TransferResult(
@@ -83,7 +84,7 @@ EXAMPLES: dict[str, Message] = {
         tuple(Region(r.layer, r.kv, b"\x01" * 64, 128 + r.offset, 3) for r in REGIONS),
         {"rdma": b"\x00md"},
     ),
-    "ack": Ack("register"),
+    "ack": Ack("register", "5d0c9e2a71b4"),
     "error": Error(ErrorCode.OUT_OF_RANGE, "src block 9000 >= 4096 blocks", "req-7"),
     "hello": Hello("prefill", 1, 2, "prefill"),
     "admit": Admit("prefill", "req-7", 4, 1, TERMS),
@@ -104,7 +105,7 @@ EXAMPLES: dict[str, Message] = {
     "status": StatusQuery(),
     "attach": Attach("scheduler"),
     "status_reply": StatusReply("prefill", "prefill", 0, "serving", '{"requests": []}'),
-    "block_offer": BlockOffer("xfer-7", "decode", 0, 200, (40, 41)),
+    "block_offer": BlockOffer("xfer-7", "decode", 0, 200, (40, 41), "5d0c9e2a71b4"),
     "offer_declined": OfferDeclined("xfer-7", "the prompt was aborted"),
 }
 
@@ -223,6 +224,10 @@ def test_constructors_validate_locally_too() -> None:
     # lists are accepted and stored as tuples, so messages stay hashable and immutable
     msg = CacheInfo("r", 0, 0, 1, [1], [2], "p")  # type: ignore[arg-type]
     assert msg.src_blocks == (1,) and hash(msg)
+    with pytest.raises(LocalProtocolError, match=r"CacheInfo\.dst_generations\[1\]: must not be empty"):
+        CacheInfo("r", 0, 0, 1, (1,), (2,), "p", dst_generations=("a", ""))
+    with pytest.raises(LocalProtocolError, match=r"CacheInfo\.dst_generations: 4097 items"):
+        CacheInfo("r", 0, 0, 1, (1,), (2,), "p", dst_generations=("a",) * 4097)
 
 
 # -- bounds at the edge: every refusal is a short, clean protocol error ----------------------------

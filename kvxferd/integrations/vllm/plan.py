@@ -302,6 +302,8 @@ class PrefillPlan:
             self._freed.append(p.req_id)
             return self._end(p, why)
         assert p.slot is not None
+        # each decode rank reserved the blocks in its registration of the time: writes go only there
+        gens = tuple(offers[r].generation for r in range(self.decode_world))
         info = CacheInfo(
             p.xfer,
             p.slot,
@@ -312,6 +314,7 @@ class PrefillPlan:
             self.decode_group,
             self.transport,
             p.instance,
+            gens if all(gens) else (),
         )
         p.submitted = True
         p.deadline = now + self.decide_s

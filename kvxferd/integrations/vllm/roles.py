@@ -261,7 +261,10 @@ class DecodeRank:
             self.receiver.failed(xfer, f"decode rank {self.rank}'s kvxferd daemon is gone")
             return
         try:
-            sockets.send(self.rdv, BlockOffer(xfer, self.group.name, self.rank, num_tokens, tuple(dst_blocks)))
+            # the blocks are reserved in the cache registered now: the offer names that registration
+            generation = self.engine.generations[0]
+            offer = BlockOffer(xfer, self.group.name, self.rank, num_tokens, tuple(dst_blocks), generation)
+            sockets.send(self.rdv, offer)
         except (LocalProtocolError, zmq.ZMQError) as exc:
             self.receiver.failed(xfer, f"cannot offer its blocks to the prefill side: {exc}")
 
