@@ -64,10 +64,16 @@ which round it lost; a word only an admitted rank says (an ``Arrive``, or a
 into that is a repeat (answered with ``Admitted``: its first answer may have
 been lost with the old service).
 
-Verdicts outlive a restart: the shell journals every final verdict before it
-sends it (:meth:`BarrierState.take_decided`), and a service that starts
-recalls those younger than ``remember_s`` (:meth:`BarrierState.recall`), so a
-rank's word about a key decided before the restart hears that verdict.
+Verdicts and open rounds outlive a restart: the shell journals every word of
+a request's key and every final verdict before it sends anything they caused
+(:meth:`BarrierState.take_journal`), and a service that starts recalls the
+verdicts younger than ``remember_s`` and then the words younger than
+``timeout_s`` of keys no verdict ended (:meth:`BarrierState.recall`). So a
+rank's word about a key decided before the restart hears that verdict, and a
+round whose ranks all died or exited around the restart (nobody is left to say
+its words again) is still open here: it ends when its deadline passes, or at
+once for the ranks this run never hears serve, and the decode ranks of absent
+writers hear that verdict, as for any round.
 """
 
 from __future__ import annotations
@@ -100,6 +106,8 @@ from kvxferd.protocol import (
 )
 
 RoundKey = tuple[str, str, int]  # (group, barrier key, instance): one round's name
+#: what the journal holds: a rank's word about a request's key, or a final verdict
+Journaled = Admit | Arrive | Withdraw | Release | Diverged | Expired
 
 
 class Round(enum.Enum):
@@ -179,14 +187,16 @@ class BarrierState:
         self._stopped: set[tuple[str, int]] = set()
         #: ranks this run heard anything from (a Hello of any kind, or a word)
         self._heard: set[tuple[str, int]] = set()
-        #: final verdicts not yet taken by the shell's journal (take_decided)
-        self.decided: list[Release | Diverged | Expired] = []
+        #: words of requests' keys and final verdicts not yet taken by the shell's journal, in the
+        #: order they happened (take_journal)
+        self.journal: list[Journaled] = []
 
     def handle(self, msg: Message, now: float) -> list[BarrierEffect]:
         self._start_sweep(now)
         if isinstance(msg, Hello):
             return self.hello(msg, now)
         if isinstance(msg, (Admit, Arrive, Withdraw)) and msg.key != STARTUP_KEY:
+            self.journal.append(msg)  # (a straggler's word too: its key's verdict comes first on recall)
             # any word of a serving rank says it runs (after a stall of this service, its words
             # and heartbeats of that time are read in arrival order: the first of them counts)
             gr = (msg.group, msg.rank)
@@ -431,25 +441,46 @@ class BarrierState:
         if verdict.key == STARTUP_KEY:
             return
         self._ended.put(k, verdict, now)
-        self.decided.append(verdict)
+        self.journal.append(verdict)
 
-    def recall(self, verdict: Release | Diverged | Expired, age_s: float, now: float) -> bool:
-        """A verdict a previous run of the service decided ``age_s`` ago (read from its journal):
-        remembered for what is left of ``remember_s``, so a word about its key (said again after
-        the restart, or by a rank's new process) hears that ending instead of opening the key
-        anew. False (and nothing kept) if it is too old, or its key is already known here.
-        Recall them oldest first, as the journal holds them (the memory forgets in that order)."""
-        k = (verdict.group, verdict.key, verdict.instance)
-        if age_s >= self.remember_s or k in self._open or k in self._ended or verdict.key == STARTUP_KEY:
+    def recall(self, entry: Journaled, age_s: float, now: float) -> bool:
+        """An entry of a previous run's journal, ``age_s`` old. Recall every verdict first, then
+        every word, each oldest first, as the journal holds them.
+
+        A verdict is remembered for what is left of ``remember_s``, so a word about its key (said
+        again after the restart, or by a rank's new process) hears that ending instead of opening
+        the key anew. A word of a key no verdict ended, younger than ``timeout_s``, goes back into
+        its round as it was said then (the round's deadline runs from then); it does not count as
+        hearing its rank (only a Hello or a new word does), and what it causes is not sent: a
+        rank that runs says its words again when it sees the new run, and hears the answer then.
+        False (and nothing kept) if it is too old, or its key is known here already."""
+        k = (entry.group, entry.key, entry.instance)
+        if entry.key == STARTUP_KEY or k in self._ended:
             return False
-        self._ended.put(k, verdict, now - max(0.0, age_s))
-        return True
+        at = now - max(0.0, age_s)
+        if isinstance(entry, (Release, Diverged, Expired)):
+            if age_s >= self.remember_s or k in self._open:
+                return False
+            self._ended.put(k, entry, at)
+            return True
+        if age_s >= self.timeout_s or entry.group not in self._groups:
+            return False
+        if isinstance(entry, Admit):
+            view = RankView(entry.rank, Status.OK, terms=entry.terms)
+            effects = self._word(k, view, at, self.timeout_s)
+        elif isinstance(entry, Arrive):
+            wait = min(entry.timeout_s, self.max_wait_s) or self.timeout_s
+            effects = self._word(k, RankView(entry.rank, Status.OK, digest=entry.digest), at, wait, peer=entry.peer)
+        else:
+            view = RankView(entry.rank, entry.status, reason=entry.reason)
+            effects = self._word(k, view, at, self.timeout_s, entry.admitted, entry.peer)
+        return not any(isinstance(e, Problem) for e in effects)
 
-    def take_decided(self) -> list[Release | Diverged | Expired]:
-        """The final verdicts decided since the last call, for the shell's journal: it writes them
-        before it sends the effects that carry them."""
-        decided, self.decided = self.decided, []
-        return decided
+    def take_journal(self) -> list[Journaled]:
+        """The words and final verdicts since the last call, in order, for the shell's journal: it
+        writes them before it sends the effects they caused."""
+        taken, self.journal = self.journal, []
+        return taken
 
     def _absent_in(self, group: str) -> list[int]:
         return sorted(r for g, r in self._absent if g == group) if self._absent else []

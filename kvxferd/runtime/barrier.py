@@ -66,10 +66,12 @@ class BarrierService(Service):
             },
         )
         self.barrier = guarded(state, "barrier core")
-        #: the verdicts of the last timeout_s, kept across a restart (see runtime.journal)
+        #: the words and verdicts of late, kept across a restart (see runtime.journal); a file holds
+        #: about max_keys requests' words and verdicts (2 x world words and one verdict each)
         self.journal: Journal | None = None
         if config.barrier.journal:
-            self.journal = Journal(Path(config.expand(config.barrier.journal)), keep=config.barrier.max_keys)
+            keep = config.barrier.max_keys * (1 + 2 * max((g.world_size for g in config.groups), default=1))
+            self.journal = Journal(Path(config.expand(config.barrier.journal)), keep=keep)
         self.endpoint = ""
         self.verdicts = 0
         self.admissions = 0
@@ -81,9 +83,9 @@ class BarrierService(Service):
         if self.journal is not None:  # (only once the endpoint is ours: a second service reads nothing)
             now = time.monotonic()
             found = self.journal.load(self.barrier.remember_s)
-            recalled = sum(self.barrier.recall(verdict, age, now) for verdict, age in found)
+            recalled = sum(self.barrier.recall(entry, age, now) for entry, age in found)
             if recalled:
-                log.info("recalled %d verdicts of the last %gs from %s", recalled, self.barrier.remember_s,
+                log.info("recalled %d words and verdicts of the last %gs from %s", recalled, self.barrier.remember_s,
                          self.journal.path)  # fmt: skip
             try:
                 self.journal.open()
@@ -127,9 +129,9 @@ class BarrierService(Service):
         self._apply(self.barrier.handle(msg, now), identity)
 
     def _apply(self, effects: list[BarrierEffect], sender: bytes | None) -> None:
-        decided = self.barrier.take_decided()
-        if decided and self.journal is not None:  # written before any of them is sent
-            self.journal.append(decided)
+        taken = self.barrier.take_journal()
+        if taken and self.journal is not None:  # written before anything they caused is sent
+            self.journal.append(taken)
         logged: set[int] = set()  # each failed verdict once, not once per rank it goes to
         for eff in effects:
             if isinstance(eff, ToRank):

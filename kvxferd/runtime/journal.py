@@ -1,16 +1,20 @@
-"""The barrier service's journal: the verdicts of the last ``timeout_s``, kept across a restart.
+"""The barrier service's journal: its words and verdicts of late, kept across a restart.
 
 Theory of operation: the barrier service remembers every final verdict for
-``barrier.timeout_s`` so that a rank asking late (a straggler, a rank that
-restarted, a word said again after a restart) hears the same ending. Memory
-alone loses that on a restart: a rank's new process whose cache_info comes
-after the service restarted would open the key anew and decide it alone. So
-the service appends each verdict it decides to a file before it sends it
-(one ``write`` per message that decides verdicts, no fsync: it survives the process, which is the
-fault it is for, not the host), and a service that starts reads what is
-younger than ``timeout_s`` back into its memory (``BarrierState.recall``).
+``remember_s`` so that a rank asking late (a straggler, a rank that
+restarted, a word said again after a restart) hears the same ending, and it
+holds every open round until it ends. Memory alone loses both on a restart: a
+rank's new process whose cache_info comes after the service restarted would
+open the key anew and decide it alone, and a round whose ranks all died or
+exited around the restart would never end, so nobody would tell their decode
+ranks. So the service appends each word of a request's key it takes and each
+verdict it decides to a file before it sends anything they caused (one
+``write`` per message handled, no fsync: it survives the process, which is
+the fault it is for, not the host), and a service that starts reads back what
+is younger than ``remember_s`` (``BarrierState.recall``: verdicts first, then
+the words of keys no verdict ended).
 
-Bounds: a file holds at most ``keep`` verdicts; then it becomes the previous
+Bounds: a file holds at most ``keep`` entries; then it becomes the previous
 file (the one before is dropped) and a new one starts, so at most ``2 x keep``
 entries are ever read back, each a bounded protocol frame. The file is ours
 or ignored: a regular file of this uid, opened without following links; an
@@ -29,11 +33,12 @@ from pathlib import Path
 import msgpack
 
 from kvxferd.errors import ProtocolError
-from kvxferd.protocol import Diverged, Expired, Release, decode, encode
+from kvxferd.protocol import Admit, Arrive, Diverged, Expired, Release, Withdraw, decode, encode
 
 log = logging.getLogger(__name__)
 
-Verdict = Release | Diverged | Expired
+Entry = Admit | Arrive | Withdraw | Release | Diverged | Expired
+ENTRY_TYPES = (Admit, Arrive, Withdraw, Release, Diverged, Expired)
 
 #: the largest journal entry read back (a verdict frame is far smaller: reasons are clipped)
 MAX_ENTRY = 64 * 1024
@@ -48,15 +53,17 @@ class Journal:
         self.unreadable = 0  # entries that did not decode when read back
         self._fd: int | None = None
 
-    def load(self, max_age_s: float, now: float | None = None) -> list[tuple[Verdict, float]]:
-        """Every verdict of the files younger than ``max_age_s``, with its age, oldest first."""
+    def load(self, max_age_s: float, now: float | None = None) -> list[tuple[Entry, float]]:
+        """Every entry of the files younger than ``max_age_s``, with its age: the verdicts first,
+        then the words, each oldest first (the order ``BarrierState.recall`` takes them in)."""
         now = time.time() if now is None else now
-        found: list[tuple[Verdict, float]] = []
+        found: list[tuple[Entry, float]] = []
         for path in (self.previous, self.path):
-            for when, verdict in self._read(path):
+            for when, entry in self._read(path):
                 age = now - when
                 if 0 <= age < max_age_s:
-                    found.append((verdict, age))
+                    found.append((entry, age))
+        found.sort(key=lambda e: not isinstance(e[0], (Release, Diverged, Expired)))  # (stable)
         return found
 
     def open(self) -> None:
@@ -64,18 +71,18 @@ class Journal:
         self.written = sum(1 for _ in self._read(self.path))
         self._fd = _open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
-    def append(self, verdicts: list[Verdict], now: float | None = None) -> None:
-        """Write ``verdicts`` (one write call) before they are sent."""
-        if self._fd is None or not verdicts:
+    def append(self, entries: list[Entry], now: float | None = None) -> None:
+        """Write ``entries`` (one write call) before anything they caused is sent."""
+        if self._fd is None or not entries:
             return
         now = time.time() if now is None else now
-        data = b"".join(msgpack.packb([now, encode(v)], use_bin_type=True) for v in verdicts)
+        data = b"".join(msgpack.packb([now, encode(v)], use_bin_type=True) for v in entries)
         try:
             os.write(self._fd, data)
         except OSError as exc:  # a full disk must not stop the service: it only forgets more on a restart
-            log.error("barrier journal %s: %s; verdicts are not kept across a restart meanwhile", self.path, exc)
+            log.error("barrier journal %s: %s; nothing is kept across a restart meanwhile", self.path, exc)
             return
-        self.written += len(verdicts)
+        self.written += len(entries)
         if self.written >= self.keep:
             self._rotate()
 
@@ -90,7 +97,7 @@ class Journal:
         self._fd = _open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC)
         self.written = 0
 
-    def _read(self, path: Path) -> list[tuple[float, Verdict]]:
+    def _read(self, path: Path) -> list[tuple[float, Entry]]:
         try:
             fd = _open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -98,16 +105,16 @@ class Journal:
         except OSError as exc:
             log.error("barrier journal %s not read: %s", path, exc)
             return []
-        entries: list[tuple[float, Verdict]] = []
+        entries: list[tuple[float, Entry]] = []
         with os.fdopen(fd, "rb") as f:
             unpacker = msgpack.Unpacker(f, max_buffer_size=MAX_ENTRY, max_bin_len=MAX_ENTRY, use_list=True)
             try:
                 for entry in unpacker:
                     when, frame = entry
-                    verdict = decode(frame)
-                    if not isinstance(verdict, (Release, Diverged, Expired)) or not isinstance(when, float):
-                        raise ProtocolError(f"not a verdict: {type(verdict).__name__}")
-                    entries.append((when, verdict))
+                    entry = decode(frame)
+                    if not isinstance(entry, ENTRY_TYPES) or not isinstance(when, float):
+                        raise ProtocolError(f"not a word or a verdict: {type(entry).__name__}")
+                    entries.append((when, entry))
                     if len(entries) > self.keep:  # never more than one file's worth
                         raise ProtocolError(f"more than {self.keep} entries")
             except (ProtocolError, ValueError, TypeError, msgpack.UnpackException) as exc:

@@ -891,6 +891,40 @@ def test_a_rank_that_comes_back_after_the_barrier_service_restarted_reports_the_
         traffic.ok(3)
 
 
+def test_a_round_whose_ranks_all_died_while_the_barrier_service_was_down_still_reaches_decode(
+    record: dict[str, Any],
+) -> None:
+    """Found by the property (issue 23): a request is admitted on both prefill ranks and rank 0
+    arrived; the barrier service is killed, then both prefill ranks, and only the service is
+    started again. Nobody is left to say the round's words again, so the new service must recall
+    them from its journal: once it has heard neither rank serve for a few heartbeats, the round
+    ends and both decode ranks hear the failure, so the engine can reuse the blocks."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep, record)
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(2)
+        info, _, _ = traffic.half_done(0)
+        _kill(dep, "barrier")
+        for rank in range(dep.prefill.world_size):
+            _kill(dep, _name(dep, "prefill", rank))
+        _restart(dep, "barrier", record)
+        fault = time.monotonic()
+        told = dep.dec.wait(info.request_id, 3 * HEARTBEAT_S + SLACK_S + 10)
+        while set(told.reported) != {0, 1}:
+            assert dep.dec.collect(3 * HEARTBEAT_S + SLACK_S + 10), f"decode ranks {told.reported} only"
+        record.update(fault="SIGKILL barrier, then every prefill rank holding a request; barrier started again")
+        record["report_s"] = round(time.monotonic() - fault, 2)
+        record["affected"] = "1 in flight: recalled from the journal, both decode ranks told it failed"
+        assert told.reusable and not told.ready and not told.duplicates, told
+        assert all("not heard since the barrier service started" in why for why in told.reasons.values()), told
+        # the whole prefill group starts again (a cold start) and serves
+        names = [_name(dep, "prefill", r) for r in range(dep.prefill.world_size)]
+        dep.cluster.wait_ready([dep.cluster.spawn(n) for n in names], time.monotonic() + 60.0)
+        for r, worker in enumerate(dep.workers):
+            worker.register(dep.pcaches[r])
+        traffic.ok(2)
+
+
 @pytest.mark.slow
 def test_the_decode_engine_hears_of_every_request_a_prefill_rank_held_when_it_died_and_stays_down(
     record: dict[str, Any],

@@ -646,9 +646,11 @@ class GroupSim:
         self._due.pop(self.barrier, None)
         self._dirty.discard(self.barrier)
         self.barrier = self._new_barrier()
-        # the new one reads back its predecessor's journal: the verdicts younger than its timeout
+        # the new one reads back its predecessor's journal: the verdicts younger than its memory,
+        # then the words of keys they did not end (as Journal.load orders them)
         self.journal = [(t, v) for t, v in self.journal if self.now - t < self.barrier.remember_s]
-        for t, v in self.journal:
+        verdict_types = (Release, Diverged, Expired)
+        for t, v in sorted(self.journal, key=lambda e: not isinstance(e[1], verdict_types)):
             self.barrier.recall(v, self.now - t, self.now)
 
     def _on_die(self, seq: int, r: int, back: float) -> None:
@@ -761,7 +763,7 @@ class GroupSim:
 
     def _route(self, effects: list, sender: int | None) -> None:
         self._dirty.add(self.barrier)
-        self.journal += [(self.now, v) for v in self.barrier.take_decided()]  # written before sent
+        self.journal += [(self.now, v) for v in self.barrier.take_journal()]  # written before sent
         for eff in effects:
             if isinstance(eff, Problem):  # the service refused a word: its sender hears an Error
                 if eff.code is ErrorCode.NOT_REGISTERED and sender is not None:

@@ -559,9 +559,11 @@ def test_a_restarted_service_recalls_its_predecessors_verdicts_and_answers_words
     admit_all(old, 2, "ok", now=11.0)
     for r in range(2):
         old.handle(Arrive("g", "ok", 0, r, D), 11.5)
-    decided = old.take_decided()
+    taken = old.take_journal()
+    decided = [v for v in taken if isinstance(v, (Release, Diverged, Expired))]
     assert [type(v) for v in decided] == [Expired, Release] and decided[0] == expired
-    assert old.take_decided() == [], "each verdict is handed to the journal once"
+    assert [type(e) for e in taken] == [Admit, Expired, Admit, Admit, Arrive, Arrive, Release], "in order"
+    assert old.take_journal() == [], "each entry is handed to the journal once"
     new = barrier(2)  # (a new run: its state starts empty)
     assert new.recall(decided[1], 9.9, 100.0) and new.recall(expired, 2.0, 100.0)  # oldest first
     assert not new.recall(expired, 2.0, 100.0), "known already"
@@ -569,11 +571,49 @@ def test_a_restarted_service_recalls_its_predecessors_verdicts_and_answers_words
     assert new.handle(Admit("g", "k", 0, 1, T), 100.5) == [ToRank("g", 1, expired)]
     assert new.handle(Arrive("g", "ok", 0, 0, D), 100.5) == [ToRank("g", 0, decided[1])]
     assert new.sizes() == {"groups": 1, "open": 0, "ended": 2}
-    assert new.take_decided() == [], "a recalled verdict is not journaled again"
+    assert [type(e) for e in new.take_journal()] == [Admit, Arrive], "the words, not the recalled verdicts"
     new.on_timer(101.5)  # each is remembered for what was left of its timeout_s
     assert new.sizes()["ended"] == 1
     new.on_timer(108.0)
     assert new.sizes()["ended"] == 0
+
+
+def test_a_round_whose_ranks_all_died_around_a_restart_is_recalled_and_its_decode_ranks_hear_it() -> None:
+    """Found by the property (seed 2026): both ranks admitted, rank 1 arrived, rank 0 died before
+    arriving, then the service restarted while rank 1 was stopped and draining, and rank 1 exited
+    at its drain deadline without saying anything to the new run. Nobody was left to say the
+    round's words again: the new run must recall them, or no decode rank ever hears of the key."""
+    groups, decode_of = {"g": 2, "d": 2}, {"dq": "d"}
+    old = BarrierState(timeout_s=10.0, alive_s=1.0, groups=groups, decode_of=decode_of)
+    terms = replace(T, peer="dq")
+    for r in range(2):
+        old.handle(Admit("g", "k", 0, r, terms), 0.1)
+    old.handle(Arrive("g", "k", 0, 1, D, peer="dq"), 0.2)
+    journal = old.take_journal()
+    assert [type(e) for e in journal] == [Admit, Admit, Arrive]
+    new = BarrierState(timeout_s=10.0, alive_s=1.0, groups=groups, decode_of=decode_of)
+    now = 5.0
+    assert all(new.recall(e, now - 0.1, now) for e in journal)
+    assert new.sizes()["open"] == 1 and new.take_journal() == []
+    assert not new.recall(Admit("g", "late", 0, 0, terms), 10.0, now), "older than timeout_s: gone"
+    new.hello(Hello("d", 0, 2, "decode", "fp"), now)  # the decode group serves; no prefill rank does
+    new.hello(Hello("d", 1, 2, "decode", "fp"), now)
+    out = new.on_timer(now + 1.0)  # alive_s on: neither prefill rank was heard, the round ends
+    (v,) = {e.message for e in out}
+    assert isinstance(v, Expired) and v.status is Status.FAILED and v.missing == (0,)
+    assert {(e.group, e.rank) for e in out if e.group == "d"} == {("d", 0), ("d", 1)}
+
+
+def test_a_recalled_round_keeps_its_deadline_and_a_rank_that_says_its_word_again_completes_it() -> None:
+    old = barrier(2)
+    admit_all(old, 2, "k", now=1.0)
+    old.handle(Arrive("g", "k", 0, 0, D), 2.0)
+    new, now = barrier(2), 5.0  # (the old run's clock and the new one's agree here)
+    assert all(new.recall(e, now - (2.0 if isinstance(e, Arrive) else 1.0), now) for e in old.take_journal())
+    assert new.next_deadline() == pytest.approx(1.0 + 10.0)  # the completion round's, opened at 1.0
+    (release, *_) = {e.message for e in new.handle(Arrive("g", "k", 0, 1, D), 5.5)}
+    assert isinstance(release, Release)
+    assert new.handle(Arrive("g", "k", 0, 0, D), 5.6) == [ToRank("g", 0, release)]  # said again
 
 
 def test_a_service_that_knows_its_groups_takes_a_word_before_any_hello_and_decode_hears_the_end() -> None:

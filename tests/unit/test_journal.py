@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvxferd.protocol import Digest, Expired, Release, Status
+from kvxferd.protocol import Arrive, Digest, Expired, Release, Status, Withdraw
 from kvxferd.runtime.journal import Journal
 
 D = Digest(4, 2, 1024, "aa")
@@ -28,6 +28,20 @@ def test_verdicts_come_back_with_their_age_and_the_old_ones_do_not(tmp_path: Pat
     back = Journal(tmp_path / "journal", keep=100).load(max_age_s=30.0, now=1040.0)
     assert back == [(release(2), 20.0), (expired, 20.0)]  # release(1) is 40 s old: gone
     assert (os.stat(tmp_path / "journal").st_mode & 0o777) == 0o600
+
+
+def test_words_come_back_after_every_verdict_each_oldest_first(tmp_path: Path) -> None:
+    """A restarted service recalls the verdicts before the words, so the word of a key that a
+    later verdict ended never reopens it."""
+    j = Journal(tmp_path / "journal", keep=100)
+    j.open()
+    arrive = Arrive("g", "r1", 0, 1, D, peer="decode")
+    withdraw = Withdraw("g", "r3", 0, 0, Status.FAILED, "exiting", True, "decode")
+    j.append([arrive], now=1000.0)
+    j.append([release(1), withdraw], now=1001.0)
+    j.close()
+    back = Journal(tmp_path / "journal", keep=100).load(max_age_s=30.0, now=1010.0)
+    assert back == [(release(1), 9.0), (arrive, 10.0), (withdraw, 9.0)]
 
 
 def test_rotation_bounds_what_is_kept_and_read_back(tmp_path: Path) -> None:
