@@ -17,7 +17,10 @@ fault of the cycle below is injected while requests are in flight:
   down-prefill   SIGKILL prefill rank 1 and leave it down for --down-s (60 s), then start it again
 
 Prefill rank 0 and decode rank 1 are never restarted, so their memory is the soak's leak measure:
-from the first sample after ``--warm-s`` (60 s) to the last, RSS must grow less than 5 %. Growth
+once warm, to the last sample, RSS must grow less than 5 %. Warm is after ``--warm-s`` (60 s) and
+after one whole fault cycle (every fault once, then the window after the first of the next cycle):
+bounded tables fill to their worst case in the first one (a prefill rank down for a minute fails
+thousands of requests, and a decode daemon remembers the notices of their failures). Growth
 from the very first sample (after 100 requests) is printed beside it, and so are RSS's private
 (RssAnon) and shared (RssShmem: the engines' KV cache pages a daemon maps) parts: the first
 minutes fill the rdma transport's pools (~10 MB of a prefill daemon's private memory, ~2 MB
@@ -301,6 +304,8 @@ def main() -> int:
     problem = None
     codes: dict[str, int] = {}
     engine: SoakEngine | None = None
+    faults: Faults | None = None
+    started = time.monotonic()
     stop_s = config.barrier.timeout_s + 1.0
     try:
         cluster.start(60.0)
@@ -380,14 +385,22 @@ def main() -> int:
     # per daemon and measure (rss, private, shared), in percent: from the first sample of the same
     # process to the last, and from the first after --warm-s (transports' pools filled, the
     # remembered endings at their steady size) to the last
+    # warm: once every fault of the cycle happened once, and the window after the first fault of
+    # the next cycle passed (each bounded table has then met its worst case: a prefill rank down
+    # for a minute fails thousands of requests, and the notices of their failures fill a decode
+    # daemon's memory of notices seen), or after --warm-s, whichever is later
+    warm_from = args.warm_s
+    if faults is not None and args.fault_every > 0 and len(faults.log) > len(cycle):
+        next_cycle = faults.log[len(cycle)]["at_s"] - (started - START)  # (on the samples' clock)
+        warm_from = max(warm_from, next_cycle + args.fault_every)
     growth: dict[str, dict[str, float]] = {}
-    second_half: dict[str, dict[str, float]] = {}  # "warm": from the first sample after --warm-s
+    second_half: dict[str, dict[str, float]] = {}  # "warm": from the first sample after warm_from
     for name, entry in rss.items():
         series = entry["series_kib"]
         if entry.get("first_pid") != entry.get("pid") or len(series) < 2:
             continue  # restarted during the soak: its first sample is gone with it
         first, last = series[0], series[-1]
-        warm_at = next((x for x in series if x["t"] >= args.warm_s), series[len(series) // 2])
+        warm_at = next((x for x in series if x["t"] >= warm_from), series[len(series) // 2])
         growth[name] = {m: round(100.0 * (last[m] - first[m]) / max(first[m], 1), 2) for m in MEMORY.values()}
         second_half[name] = {m: round(100.0 * (last[m] - warm_at[m]) / max(warm_at[m], 1), 2) for m in MEMORY.values()}
         entry["warm_t"] = warm_at["t"]
@@ -410,7 +423,7 @@ def main() -> int:
         "transports": transports,
         "requests": sum(outcomes.values()),
         "outcomes": dict(outcomes),
-        "faults": faults.log if engine is not None else [],
+        "faults": faults.log if faults is not None else [],
         "after_each_fault": [dict(c) for c in by_fault],
         "examples": examples,
         "tables": tables,
