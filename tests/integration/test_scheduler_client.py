@@ -3,43 +3,27 @@ submits (the rank answers each cache_info at once, as a refusing rank does)."""
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 import zmq
 
 from kvxferd import security
 from kvxferd.client import PrefillScheduler, credentials
-from kvxferd.config import Config, loads
+from kvxferd.config import Config
 from kvxferd.protocol import CacheInfo, Status, TransferResult, decode, encode
+from tests.hostile.test_guards import run_dir
 
-ONE_RANK = """
-groups:
-  - {name: prefill, role: prefill, world_size: 1, endpoint: "ipc://{run_dir}/p-{rank}.sock"}
-  - {name: decode, role: decode, world_size: 1, endpoint: "ipc://{run_dir}/d-{rank}.sock"}
-kv: {num_layers: 2, num_blocks: 64, block_tokens: 8, kv_heads: 1, head_dim: 8}
-"""
 ANSWER_MS = 5000
 
 
-@pytest.fixture
-def config() -> Iterator[Config]:
-    path = Path(tempfile.mkdtemp(prefix="kvx-s-", dir="/tmp"))
-    try:
-        yield dataclasses.replace(loads(ONE_RANK), run_dir=str(path))
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def test_each_decided_outcome_is_returned_once_when_results_come_between_submits(config: Config) -> None:
+def test_each_decided_outcome_is_returned_once_when_results_come_between_submits() -> None:
     """A refusal that reaches the scheduler while it submits the next request is decided then and
     handed out at the next collect, once. (It was added to the scheduler's list of early outcomes
     together with that whole list, doubling it at every submit: a flood of refused requests grew
     the scheduler to gigabytes within seconds, and CI killed the run.)"""
+    with run_dir() as config:
+        _one_rank_answering_every_cache_info_at_once(config)
+
+
+def _one_rank_answering_every_cache_info_at_once(config: Config) -> None:
     endpoint = config.endpoint(config.group("prefill"), 0)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     rank = ctx.socket(zmq.ROUTER)
