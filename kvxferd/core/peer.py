@@ -12,14 +12,12 @@ carries out the effects it returns, in order. Nothing here reads a clock.
 ::
 
     IDLE --want--> ASKING --info--> READY --write failed--> STALE --want--> ASKING
-      ^              |  ^  \\        |                          |
+      ^              |  ^  \\                                   |
       |   not registered |   deadline / refused / bad info       |
       |              v  |     (queued writes fail)               |
       +----------- BACKOFF --retry--+                            |
-                     ^                |                          |
-                     +--- ASKING <----+ want, for another        |
-                                        registration             |
     IDLE / READY / STALE --idle for idle_s--> CLOSED <-----------+
+    READY --want, for another registration than the one known--> ASKING
 
 - IDLE: nothing known of the peer's cache and no question out.
 - ASKING: a PeerQuery is out; writes queue until the answer or the deadline.
@@ -50,9 +48,9 @@ opened on the old one are dropped first. A write is released only into the
 registration it names (``Write.generation``; "" names none): one that names
 another than the PeerInfo answered fails, since the decode engine reserved its
 blocks in a cache it no longer holds there (or not yet, as far as this rank can
-tell), and the same block ids may belong to other requests in the new one. A PeerInfo that does not match the
-config (checked by the shell, which knows the config) fails the queued writes
-and forgets the peer. Events a state does not list are ignored and reported as
+tell), and the same block ids may belong to other requests in the new one. A
+PeerInfo that does not match the config (checked by the shell, which knows the
+config) fails the queued writes and forgets the peer. Events a state does not list are ignored and reported as
 a :class:`Note`, never raised: they come from outside.
 """
 
