@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvxferd.errors import LocalProtocolError
-from kvxferd.integrations.vllm.plan import Decline, PrefillPlan, Receiver, SendAbort, Submit
+from kvxferd.integrations.vllm.plan import Decline, PrefillPlan, Receiver, SendAbort, Submit, serving_problem
 from kvxferd.protocol import BlockOffer, CacheLayout, SlotChunk, decode, encode
 
 
@@ -177,3 +177,20 @@ def test_a_submitted_prompt_that_kvxferd_never_decides_is_aborted_and_freed_at_i
     assert p.take_freed() == ["r"] and not p.busy
     p.decided("x", 0)  # a decision that comes after all is harmless
     assert p.take_freed() == [] and p.sizes() == {"prompts": 0, "submitted": 0, "early_offers": 0, "slots_free": 4}
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "groups", "named"),
+    [
+        (2, 1, 1, "tensor_parallel_size 2 != world_size 1 of kvxferd group 'prefill'"),
+        (1, 2, 1, "pipeline_parallel_size 2"),
+        (1, 1, 2, "2 KV-cache groups"),
+    ],
+)
+def test_a_vllm_shape_the_connector_cannot_serve_is_refused_naming_the_setting(
+    tp: int, pp: int, groups: int, named: str
+) -> None:
+    """Issue 24, item 5 (a first part): checked when the connector starts, never found later."""
+    why = serving_problem("prefill", 1, tensor_parallel=tp, pipeline_parallel=pp, kv_cache_groups=groups)
+    assert why is not None and named in why
+    assert serving_problem("prefill", 2, tensor_parallel=2, pipeline_parallel=1, kv_cache_groups=1) is None

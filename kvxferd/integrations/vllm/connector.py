@@ -39,8 +39,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.request import RequestStatus
 
 from kvxferd import config as kvconfig
-from kvxferd.errors import ConfigError
-from kvxferd.integrations.vllm.plan import StepPlan
+from kvxferd.errors import ConfigError, DaemonError
+from kvxferd.integrations.vllm.plan import StepPlan, serving_problem
 from kvxferd.integrations.vllm.roles import DecodeRank, PrefillRank, PrefillSide
 
 if TYPE_CHECKING:
@@ -93,6 +93,16 @@ class KvxferdConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self.group = self.config.group(extra.get("group"), role=None if extra.get("group") else mine)
         if self.group.role != mine:
             raise ConfigError(f"kvxferd group {self.group.name!r} is a {self.group.role} group, this is {mine}")
+        par = vllm_config.parallel_config
+        problem = serving_problem(
+            self.group.name,
+            self.group.world_size,
+            tensor_parallel=par.tensor_parallel_size,
+            pipeline_parallel=par.pipeline_parallel_size,
+            kv_cache_groups=len(kv_cache_config.kv_cache_groups) if kv_cache_config is not None else 1,
+        )
+        if problem is not None:
+            raise ConfigError(problem)
         cache = vllm_config.cache_config
         if cache.block_size != self.config.kv.block_tokens:
             raise ConfigError(
@@ -173,7 +183,11 @@ class KvxferdConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if isinstance(self._rank_link, PrefillRank) and meta is not None and meta.step is not None:
             layer = self._layers.get(layer_name)
             if layer is not None:
-                self._rank_link.signal(meta.step, layer)
+                try:
+                    self._rank_link.signal(meta.step, layer)
+                except DaemonError as exc:  # never into vLLM's forward pass: the daemon's progress
+                    # deadline fails the step's requests, and their results come as usual
+                    log.error("kvxferd: layer %d of step %d not signalled: %s", layer, meta.step.step, exc)
 
     def wait_for_save(self) -> None:
         return  # kvxferd copies on its own; vLLM keeps the blocks until get_finished says so

@@ -45,6 +45,32 @@ MAX_ENDED = 65536
 MAX_EARLY_OFFERS = 65536
 
 
+def serving_problem(
+    group: str, world_size: int, *, tensor_parallel: int, pipeline_parallel: int, kv_cache_groups: int
+) -> str | None:
+    """Why the connector cannot serve a vLLM instance of this shape for kvxferd group ``group``
+    of ``world_size`` ranks, if it cannot: refused at start-up, naming the setting, never found
+    later as wrong bytes. Each vLLM TP rank registers its cache with the kvxferd rank of its TP
+    rank, so the two sizes must be equal; layers are numbered within one pipeline stage and one
+    KV-cache group only."""
+    if pipeline_parallel != 1:
+        return (
+            f"pipeline_parallel_size {pipeline_parallel}: the kvxferd connector serves one pipeline stage "
+            "(its layer numbers are the stage's own); run with pipeline_parallel_size 1"
+        )
+    if kv_cache_groups != 1:
+        return (
+            f"{kv_cache_groups} KV-cache groups (sliding-window or hybrid attention layers): the kvxferd "
+            "connector moves one group's blocks only"
+        )
+    if tensor_parallel != world_size:
+        return (
+            f"tensor_parallel_size {tensor_parallel} != world_size {world_size} of kvxferd group {group!r}: "
+            "each vLLM TP rank registers with the kvxferd rank of the same number"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """One kvxferd step: the worker signals every layer of ``step``; layer 0 carries ``chunks``."""
