@@ -59,7 +59,7 @@ class Journal:
         now = time.time() if now is None else now
         found: list[tuple[Entry, float]] = []
         for path in (self.previous, self.path):
-            for when, entry in self._read(path):
+            for when, entry in self._read(path, now - max_age_s)[1]:
                 age = now - when
                 if 0 <= age < max_age_s:
                     found.append((entry, age))
@@ -68,7 +68,7 @@ class Journal:
 
     def open(self) -> None:
         """Start appending (the current file goes on from where it is)."""
-        self.written = sum(1 for _ in self._read(self.path))
+        self.written = self._read(self.path, float("inf"))[0]  # (counted, none decoded)
         self._fd = _open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
     def append(self, entries: list[Entry], now: float | None = None) -> None:
@@ -97,30 +97,37 @@ class Journal:
         self._fd = _open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC)
         self.written = 0
 
-    def _read(self, path: Path) -> list[tuple[float, Entry]]:
+    def _read(self, path: Path, newer_than: float) -> tuple[int, list[tuple[float, Entry]]]:
+        """How many entries ``path`` holds, and those written at ``newer_than`` or later, decoded
+        (the older ones are only counted: a restart reads back a window, not the whole file)."""
         try:
             fd = _open(path, os.O_RDONLY)
         except FileNotFoundError:
-            return []
+            return 0, []
         except OSError as exc:
             log.error("barrier journal %s not read: %s", path, exc)
-            return []
-        entries: list[tuple[float, Entry]] = []
+            return 0, []
+        count, entries = 0, []
         with os.fdopen(fd, "rb") as f:
             unpacker = msgpack.Unpacker(f, max_buffer_size=MAX_ENTRY, max_bin_len=MAX_ENTRY, use_list=True)
             try:
-                for entry in unpacker:
-                    when, frame = entry
+                for item in unpacker:
+                    when, frame = item
+                    if not isinstance(when, float) or not isinstance(frame, bytes):
+                        raise ProtocolError(f"not a journal entry: {type(when).__name__}, {type(frame).__name__}")
+                    count += 1
+                    if count > self.keep:  # never more than one file's worth
+                        raise ProtocolError(f"more than {self.keep} entries")
+                    if when < newer_than:
+                        continue
                     entry = decode(frame)
-                    if not isinstance(entry, ENTRY_TYPES) or not isinstance(when, float):
+                    if not isinstance(entry, ENTRY_TYPES):
                         raise ProtocolError(f"not a word or a verdict: {type(entry).__name__}")
                     entries.append((when, entry))
-                    if len(entries) > self.keep:  # never more than one file's worth
-                        raise ProtocolError(f"more than {self.keep} entries")
             except (ProtocolError, ValueError, TypeError, msgpack.UnpackException) as exc:
                 self.unreadable += 1
-                log.warning("barrier journal %s: read stopped after %d entries: %s", path, len(entries), exc)
-        return entries
+                log.warning("barrier journal %s: read stopped after %d entries: %s", path, count, exc)
+        return count, entries
 
 
 def _open(path: Path, flags: int) -> int:

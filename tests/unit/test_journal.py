@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from kvxferd.protocol import Arrive, Digest, Expired, Release, Status, Withdraw
@@ -56,6 +57,23 @@ def test_rotation_bounds_what_is_kept_and_read_back(tmp_path: Path) -> None:
     j2.open()  # goes on counting what the current file holds
     assert j2.written == 1
     j2.close()
+
+
+def test_a_restart_decodes_only_the_window_it_reads_back(tmp_path: Path) -> None:
+    """Entries older than the window are counted (the file's bound) but never decoded: a restart
+    under a high request rate reads back seconds of entries, not a whole file."""
+    path = tmp_path / "journal"
+    old = msgpack.packb([900.0, b"\x93not a frame"], use_bin_type=True)  # would not decode
+    path.write_bytes(old)
+    os.chmod(path, 0o600)
+    j = Journal(path, keep=100)
+    j.open()
+    assert j.written == 1
+    j.append([release(1)], now=1000.0)
+    j.close()
+    reader = Journal(path, keep=100)
+    assert [v.key for v, _ in reader.load(max_age_s=60.0, now=1001.0)] == ["r1"]
+    assert reader.unreadable == 0
 
 
 def test_a_torn_last_entry_ends_the_read_and_is_counted(tmp_path: Path) -> None:
