@@ -18,6 +18,7 @@ given up after ``keep_s`` is logged, and its request ends on its own deadline.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -58,6 +59,10 @@ class BarrierLink:
         self.backlog: list[Message] = []  # read by a wait, behind the message it waited for
         self.serving = ""  # our config's fingerprint once we serve (sent with every heartbeat)
         self.unsent: Outbox[Message, Message] = Outbox(limit=MAX_UNSENT, retry_s=RETRY_S, keep_s=keep_s)
+        #: called with the silence's length right after a word ends a silence of at least
+        #: ``silence_s`` (the service may have counted this rank stopped meanwhile)
+        self.on_silence: Callable[[float], None] | None = None
+        self.silence_s = math.inf
 
     @staticmethod
     def identity(group: str, rank: int) -> str:
@@ -73,7 +78,10 @@ class BarrierLink:
             sockets.send(self.sock, msg)
         except zmq.Again:
             return False
-        self.last_sent = time.monotonic()  # the service heard this rank no earlier than now
+        now = time.monotonic()
+        silent_s, self.last_sent = now - self.last_sent, now  # the service heard this rank no earlier than now
+        if silent_s >= self.silence_s and self.on_silence is not None:
+            self.on_silence(silent_s)
         return True
 
     def retry(self, now: float) -> None:

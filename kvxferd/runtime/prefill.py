@@ -107,6 +107,7 @@ class PrefillDaemon(GroupDaemon):
         return min((t for t in times if t is not None), default=None)
 
     def tick(self, now: float) -> None:
+        self.fence()  # before the heartbeat: once it goes, the service hears this rank again
         super().tick(now)
         if self.results.next_deadline() is not None:
             self._lost(self.results.retry(now, lambda to, msg: to is not None and self.reply(to, msg, quiet=True)))
@@ -128,16 +129,35 @@ class PrefillDaemon(GroupDaemon):
     def close(self) -> None:
         self.peers.close()
 
+    def start(self) -> None:
+        super().start()
+        self.barrier.silence_s = ALIVE_BEATS * self.heartbeat_s
+        self.barrier.on_silence = self.fence
+
     def on_stall(self, late_s: float) -> None:
-        """Back from a stop: if the barrier service heard nothing of this rank for 3 heartbeats
-        (the time after which it counts a rank stopped), it may have ended its rounds and told its
-        decode rank those requests failed, whose engine may reuse the blocks already. So before
-        anything that waited is read (the layer signals would write), every request still writing
-        stops and withdraws; the verdict ends it. (A loop merely busy for less than that, which a
-        loaded host sees, changes nothing.)"""
-        now = time.monotonic()
-        silent_s = now - self.barrier.last_sent
+        self.fence()  # before anything that waited is read
         super().on_stall(late_s)
+
+    def on_barrier(self) -> None:
+        self.fence()  # a verdict admitting a request would write its signalled layers
+        super().on_barrier()
+
+    def fence(self, silent_s: float | None = None) -> None:
+        """Back from a stop, wherever in the loop it came: if the barrier service heard nothing of
+        this rank for 3 heartbeats (the time after which it counts a rank stopped), it may have
+        ended its rounds and told its decode rank those requests failed, whose engine may reuse
+        the blocks already. So every request still writing stops and withdraws (the verdict ends
+        it) before this rank writes anything more. A process may stop on any line, so this runs
+        before every message and every run of the timers (``silent_s``: the time since the last
+        word to the service), and right after a word to the service that ended such a silence
+        (``silent_s`` given by the link: a stop on the line that sends the heartbeat leaves nothing
+        else looking late). A loop merely busy for less than that, which a loaded host sees,
+        changes nothing; the check is one clock read."""
+        if self._next_beat is None:  # not serving yet: nothing written, no heartbeat expected
+            return
+        now = time.monotonic()
+        if silent_s is None:
+            silent_s = now - self.barrier.last_sent
         if silent_s >= ALIVE_BEATS * self.heartbeat_s:
             why = (
                 f"prefill rank {self.rank} said nothing to the barrier service for {silent_s:.1f}s (stopped or "
@@ -168,6 +188,7 @@ class PrefillDaemon(GroupDaemon):
     # -- inbound ----------------------------------------------------------------------
 
     def handle(self, identity: bytes, msg: Message, now: float) -> None:
+        self.fence()  # the process may have stopped between two messages of one read
         self._sender = identity  # problems found while handling msg are answered to its sender
         try:
             self._engine_message(identity, msg, now)

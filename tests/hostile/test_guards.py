@@ -2,35 +2,27 @@
 that raises (a broken invariant) fails every request in flight, then its daemon exits non-zero.
 
 Nothing outside the process can make a correct handler raise on purpose, so these tests run
-the real services in threads of the test process and break a method of theirs; everything
-else (sockets, clients, the other daemons) is what production runs.
+the real services in threads (:mod:`tests.threads`) and break a method of theirs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import shutil
-import tempfile
-import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import zmq
 
 from kvxferd import security
 from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, credentials, status
-from kvxferd.config import Config, loads
-from kvxferd.errors import DaemonError
+from kvxferd.config import Config
 from kvxferd.kvcache import HostKVCache, KVShape
 from kvxferd.protocol import CacheInfo, Error, ErrorCode, Hello, SlotChunk, Status, StatusQuery, decode, encode
 from kvxferd.runtime.barrier import BarrierService
 from kvxferd.runtime.decode import DecodeDaemon
 from kvxferd.runtime.guard import unguarded
 from kvxferd.runtime.prefill import PrefillDaemon
-from kvxferd.runtime.service import BROKEN_EXIT, Service
+from kvxferd.runtime.service import BROKEN_EXIT
+from tests.threads import Running, ready, run_dir
 
 ONE_BY_ONE = """
 groups:
@@ -39,56 +31,6 @@ groups:
 kv: {num_layers: 2, kv_heads: 2, head_dim: 16, block_tokens: 4, num_blocks: 16, dtype: float32}
 timeouts: {pending_s: 20, progress_s: 20, verdict_s: 40, peer_s: 10, startup_s: 20, shutdown_s: 2}
 """
-
-
-class Running:
-    """A service's ``run`` in a thread; ``code`` is what it returned."""
-
-    def __init__(self, service: Service) -> None:
-        self.service = service
-        self.code: int | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.code = self.service.run(announce=False)
-        except BaseException as exc:  # reported by stop()
-            self.error = exc
-
-    def wait(self, timeout_s: float = 20.0) -> int | None:
-        self.thread.join(timeout_s)
-        assert not self.thread.is_alive(), f"{self.service.role} did not stop within {timeout_s}s"
-        assert self.error is None, self.error
-        return self.code
-
-    def stop(self) -> int | None:
-        if self.thread.is_alive():
-            self.service.request_stop()
-        return self.wait()
-
-
-def ready(config: Config, endpoint: str, timeout_s: float = 20.0) -> None:
-    """The readiness handshake: a status query answered (retried until the deadline)."""
-    last: Exception | None = None
-    creds = security.credentials(config, "daemon" if endpoint == config.barrier_endpoint() else "engine")
-    for _ in range(int(timeout_s / 0.5)):
-        try:
-            status(endpoint, 0.5, credentials=creds)
-            return
-        except DaemonError as exc:
-            last = exc
-    raise AssertionError(f"{endpoint} never answered: {last}")
-
-
-@contextlib.contextmanager
-def run_dir() -> Iterator[Config]:
-    path = Path(tempfile.mkdtemp(prefix="kvx-g-", dir="/tmp"))
-    try:
-        yield dataclasses.replace(loads(ONE_BY_ONE), run_dir=str(path))
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def ask(config: Config, endpoint: str, frame: bytes, identity: bytes = b"") -> object:
@@ -108,7 +50,7 @@ def ask(config: Config, endpoint: str, frame: bytes, identity: bytes = b"") -> o
 
 
 def test_a_handler_that_raises_costs_one_message_and_is_answered_as_internal() -> None:
-    with run_dir() as config:
+    with run_dir(ONE_BY_ONE) as config:
         service = BarrierService(config)
         real = service._apply
 
@@ -131,7 +73,7 @@ def test_a_handler_that_raises_costs_one_message_and_is_answered_as_internal() -
 
 
 def test_a_core_that_raises_fails_every_request_in_flight_then_exits_non_zero() -> None:
-    with run_dir() as config:
+    with run_dir(ONE_BY_ONE) as config:
         pgroup, dgroup = config.group(role="prefill"), config.group(role="decode")
         barrier = Running(BarrierService(config))
         prefill = PrefillDaemon(config, pgroup, 0)
@@ -183,7 +125,7 @@ def test_a_core_that_raises_fails_every_request_in_flight_then_exits_non_zero() 
 
 @pytest.mark.parametrize(("times", "code"), [(1, 0), (2, 0), (3, BROKEN_EXIT)])
 def test_timers_that_raise_now_and_then_are_survived_but_not_forever(times: int, code: int) -> None:
-    with run_dir() as config:
+    with run_dir(ONE_BY_ONE) as config:
         service = BarrierService(config)
         left = [times]
         real_tick, real_wakeup = service.tick, service.next_wakeup

@@ -1,0 +1,99 @@
+"""A prefill rank that did not run for 3 heartbeats writes nothing it held, wherever it stopped.
+
+The barrier service counts a rank it has not heard from for 3 heartbeats as stopped, ends the
+rounds waiting for it and tells its decode rank those requests failed; the engine may reuse the
+blocks at once. So a rank back from such a stop must stop writing what it holds before it writes
+anything, whatever line it was on when the process stopped: inside ``poll`` (the common case), or
+anywhere else in its loop, for instance about to send its heartbeat (after which the barrier
+service hears it again, and nothing in the loop looks late any more).
+
+SIGSTOP cannot choose the line, so the services run in threads (:mod:`tests.threads`) and the
+prefill daemon's heartbeat is made to block, which is what a stop on that line looks like to the
+rest of the group: its messages queue in its socket, the barrier service hears nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+
+from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, credentials, status
+from kvxferd.kvcache import HostKVCache, KVShape
+from kvxferd.protocol import CacheInfo, SlotChunk, Status
+from kvxferd.runtime.barrier import BarrierService
+from kvxferd.runtime.decode import DecodeDaemon
+from kvxferd.runtime.prefill import PrefillDaemon
+from tests.threads import Running, ready, run_dir
+
+ONE_BY_ONE = """
+groups:
+  - {name: prefill, role: prefill, world_size: 1, endpoint: "ipc://{run_dir}/p-{rank}.sock", memory: host}
+  - {name: decode, role: decode, world_size: 1, endpoint: "ipc://{run_dir}/d-{rank}.sock", memory: host}
+kv: {num_layers: 4, kv_heads: 2, head_dim: 16, block_tokens: 4, num_blocks: 16, dtype: float32}
+timeouts: {pending_s: 20, progress_s: 20, verdict_s: 40, peer_s: 10, startup_s: 20, shutdown_s: 2,
+           heartbeat_s: 0.25}
+"""
+
+
+def test_a_rank_stopped_just_before_its_heartbeat_writes_nothing_into_blocks_decode_may_reuse() -> None:
+    with run_dir(ONE_BY_ONE) as config:
+        pgroup, dgroup = config.group(role="prefill"), config.group(role="decode")
+        prefill = PrefillDaemon(config, pgroup, 0)
+        services = [Running(BarrierService(config)), Running(prefill), Running(DecodeDaemon(config, dgroup, 0))]
+        shape = KVShape.from_config(config, 1)
+        src, dst = HostKVCache.create(shape), HostKVCache.create(shape)
+        clients: list = []
+        thaw, frozen = threading.Event(), threading.Event()
+        try:
+            for endpoint in (config.endpoint(pgroup, 0), config.endpoint(dgroup, 0)):
+                ready(config, endpoint)
+            creds = credentials(config)
+            dec = DecodeEngine([config.endpoint(dgroup, 0)], credentials=creds)
+            worker = PrefillWorker(config.endpoint(pgroup, 0), credentials=creds)
+            sched = PrefillScheduler([config.endpoint(pgroup, 0)], credentials=creds)
+            clients += [dec, worker, sched]
+            dec.register([dst])
+            worker.register(src)
+            src.raw()[...] = 7
+            sched.submit(CacheInfo("r", 0, 1, 4, (1,), (2,), dgroup.name, dst_generations=dec.generations))
+            worker.layer_ready(1, 0, [SlotChunk(0, 0, 4, 1)])
+            deadline = time.monotonic() + 10
+            while not np.all(dst.raw()[0, :, 2] == 7):  # layer 0 landed: the request is writing
+                assert time.monotonic() < deadline, "layer 0 never landed"
+                time.sleep(0.01)
+
+            hello = prefill.barrier.hello
+
+            def stopped_here() -> None:  # the process stops on the line that sends its heartbeat
+                frozen.set()
+                assert thaw.wait(30), "never thawed"
+                hello()
+
+            prefill.barrier.hello = stopped_here  # type: ignore[method-assign]
+            assert frozen.wait(5), "no heartbeat within 5 s"
+            for layer in range(1, 4):  # the rest of its signals wait in its socket
+                worker.layer_ready(1, layer)
+            told = dec.wait("r", 10.0)  # the barrier service counts the rank stopped
+            assert told.reusable and not told.ready, told
+            dst.raw()[:, :, 2] = 99  # the engine reuses the block
+            prefill.barrier.hello = hello  # type: ignore[method-assign]
+            thaw.set()
+            outcome = sched.wait("r", 10.0)
+            assert outcome.status is Status.FAILED, outcome
+            deadline = time.monotonic() + 10
+            while json.loads(status(config.endpoint(pgroup, 0), credentials=creds).report)["tables"]["requests"]:
+                assert time.monotonic() < deadline, "the request stayed in the prefill rank's table"
+                time.sleep(0.01)
+            assert np.all(dst.raw()[:, :, 2] == 99), "the rank wrote into a block its decode rank was told is free"
+        finally:
+            thaw.set()
+            for client in clients:
+                client.close()
+            codes = [s.stop() for s in services]
+            for cache in (src, dst):
+                cache.close()
+                cache.unlink()
+        assert codes == [0, 0, 0]
