@@ -9,7 +9,8 @@ from kvxferd import security
 from kvxferd.client import PrefillScheduler, credentials
 from kvxferd.config import Config
 from kvxferd.protocol import CacheInfo, Status, TransferResult, decode, encode
-from tests.hostile.test_guards import run_dir
+from tests.hostile.test_guards import ONE_BY_ONE
+from tests.threads import run_dir
 
 ANSWER_MS = 5000
 
@@ -19,7 +20,7 @@ def test_each_decided_outcome_is_returned_once_when_results_come_between_submits
     handed out at the next collect, once. (It was added to the scheduler's list of early outcomes
     together with that whole list, doubling it at every submit: a flood of refused requests grew
     the scheduler to gigabytes within seconds, and CI killed the run.)"""
-    with run_dir() as config:
+    with run_dir(ONE_BY_ONE) as config:
         _one_rank_answering_every_cache_info_at_once(config)
 
 
