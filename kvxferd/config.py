@@ -22,9 +22,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvxferd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kvxferd.core.rankmap import RankMap
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1}
 TRANSPORT_CHOICES = ("auto", "shm", "cuda_ipc", "rdma")
@@ -292,6 +295,32 @@ class Config:
                         "supported by this version; give both groups the same world_size",
                         key="groups",
                     )
+
+    def rank_map(self, prefill: GroupConfig, decode: GroupConfig) -> RankMap:
+        """Which rank of ``prefill`` writes which heads of which rank of ``decode``."""
+        from kvxferd.core.rankmap import Group, rank_map
+
+        return rank_map(
+            Group(prefill.name, prefill.world_size), Group(decode.name, decode.world_size), self.kv.kv_heads
+        )
+
+    def targets(self) -> dict[tuple[str, str], dict[int, tuple[int, ...]]]:
+        """(prefill group, decode group) -> prefill rank -> the decode ranks it writes into."""
+        out: dict[tuple[str, str], dict[int, tuple[int, ...]]] = {}
+        for p in (g for g in self.groups if g.role == "prefill"):
+            for d in (g for g in self.groups if g.role == "decode"):
+                m = self.rank_map(p, d)
+                out[(p.name, d.name)] = {r: tuple(s.decode for s in m.writes_of(r)) for r in range(p.world_size)}
+        return out
+
+    def writers(self, decode: GroupConfig, rank: int) -> dict[bytes, str]:
+        """The identity of every prefill rank that writes into rank ``rank`` of ``decode`` -> its group."""
+        return {
+            f"{p.name}:{w}".encode(): p.name
+            for p in self.groups
+            if p.role == "prefill"
+            for w in self.rank_map(p, decode).writers_of(rank)
+        }
 
     # -- lookups ------------------------------------------------------------
 

@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvxferd.core import verdicts
 from kvxferd.core.deadlines import Deadlines
@@ -149,6 +149,7 @@ class BarrierState:
         decode_of: dict[str, str] | None = None,
         groups: dict[str, int] | None = None,
         remember_s: float = 0.0,
+        targets: dict[tuple[str, str], dict[int, tuple[int, ...]]] | None = None,
     ) -> None:
         self.timeout_s = timeout_s
         #: how long a final verdict is remembered: at least a round's timeout, and as long as the
@@ -167,6 +168,9 @@ class BarrierState:
         self._alone: dict[tuple[str, int], dict[RoundKey, None]] = {}  # insertion order: oldest first
         #: what a verdict's ``peer`` may say -> the decode group it names (from the config)
         self.decode_of = dict(decode_of or {})
+        #: (prefill group, decode group) -> prefill rank -> the decode ranks it writes into (the
+        #: rank map, from the config; a pair not listed: rank r writes decode rank r only)
+        self.targets = dict(targets or {})
         #: ranks whose process ended (stopped serving, or a new one started) and that have not
         #: served again: the decode rank they write hears their verdicts from here
         self._absent: set[tuple[str, int]] = set()
@@ -322,7 +326,14 @@ class BarrierState:
             size = self._groups.get(decode or "")
             if decode is None or size is None:
                 continue  # no decode group named, or none of it said Hello yet: nobody to tell
-            out += [ToRank(decode, r, v) for r in ranks if r < size]
+            writes = self.targets.get((group, decode))
+            absent: dict[int, list[int]] = {}  # decode rank -> its absent writers
+            for r in ranks:
+                for d in writes.get(r, ()) if writes is not None else (r,):
+                    absent.setdefault(d, []).append(r)
+            out += [
+                ToRank(decode, d, replace(v, absent=tuple(sorted(ws)))) for d, ws in sorted(absent.items()) if d < size
+            ]
         return out
 
     def _tell_others(self, peers: set[str], verdict: Release | Diverged | Expired) -> list[BarrierEffect]:
@@ -334,8 +345,13 @@ class BarrierState:
         for peer in sorted(peers):
             decode = self.decode_of.get(peer)
             size = self._groups.get(decode or "")
-            if decode is not None and size is not None:
-                out += [ToRank(decode, r, verdict) for r in range(size)]
+            if decode is None or size is None:
+                continue
+            writes = self.targets.get((verdict.group, decode))
+            for d in range(size):  # every writer of each rank: none of them wrote (admission refused)
+                writers = (d,) if writes is None else tuple(sorted(p for p, ds in writes.items() if d in ds))
+                if writers:
+                    out.append(ToRank(decode, d, replace(verdict, absent=writers)))
         return out
 
     def _joined(self, group: str, now: float) -> list[BarrierEffect]:

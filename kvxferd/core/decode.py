@@ -1,4 +1,4 @@
-"""A decode rank's core: notices from its prefill ranks, each handed to its one engine once.
+"""A decode rank's core: notices from its prefill ranks, one per request instance to its engine.
 
 Theory of operation
 -------------------
@@ -8,21 +8,32 @@ engine registered, then send one *notice* per request instance, a KVReady
 result. This core decides what becomes of each notice:
 
 * it must name this decode rank (a notice naming another is dropped);
+* a decode rank may have several *writers* in one prefill group (the group
+  has more ranks than decode, each writing its heads into a slice of every
+  block; see :mod:`kvxferd.core.rankmap`): their notices for an instance are
+  *gathered*, and the engine is told once, only when every writer's notice is
+  here, so only once no writer writes into the blocks any more. The one
+  notice is a KVReady (bytes summed) if every writer sent one naming the same
+  registration, else the first failure (the group's verdict, the same on
+  every rank). A gathering is bounded (``max_held``): one dropped is counted,
+  and its writers, still unconfirmed, send their notices again;
 * a repeat (a prefill rank sends the notices it has no confirmation for again
-  when its connection comes back) is confirmed again, as the first was, and
-  never handed on twice: the last ``max_seen`` notices are remembered, each
-  for ``seen_s`` (as long as a repeat or a relayed verdict may still come);
+  when its connection comes back, or after a while) is confirmed again, as the
+  first was, and never handed on twice: the last ``max_seen`` instances told
+  are remembered per prefill group, each for ``seen_s`` (as long as a repeat
+  or a relayed verdict may still come);
 * while no engine is registered, a notice is *held* (at most ``max_held``,
   oldest dropped first and counted) for the engine that registers next;
 * a KVReady that names another generation than the current registration is
   handed on as the failure it is (its bytes are in a cache the engine no
-  longer has), and its sender is given the current PeerInfo, at most once per
-  ``push_every_s``, so its next writes go to the new cache;
+  longer has), and its writers are given the current PeerInfo, at most once
+  per ``push_every_s`` each, so their next writes go to the new cache;
 * anything else is handed on (:class:`Deliver`); once the shell reports it
-  handed (:meth:`DecodeCore.delivered`), it is confirmed to its sender
-  (:class:`Confirm`), which stops keeping it; the confirmation says how the
-  engine was told (``ok`` for a KVReady, else the failure and its reason), and
-  a prefill rank reports ``ok`` to its scheduler only on an ``ok`` one;
+  handed (:meth:`DecodeCore.delivered`), it is confirmed to each of its
+  writers (:class:`Confirm`), which stop keeping it; the confirmation says how
+  the engine was told (``ok`` for a KVReady, else the failure and its
+  reason), and a prefill rank reports ``ok`` to its scheduler only on an
+  ``ok`` one;
 * a notice the engine could not be handed (:meth:`DecodeCore.undelivered`: its
   connection is gone, or it does not read) is held like one that came before
   any registration, and so is every later one while the engine stays
@@ -34,16 +45,15 @@ result. This core decides what becomes of each notice:
 
 A prefill rank whose process ended (it stopped serving, or a new process
 started in its place) may have died before it sent its notices: the barrier
-service then sends this core the verdicts of its group (:meth:`DecodeCore.
-writer_gone`), and each becomes that rank's failure notice, handed on unless
-the rank's own notice came first (and its own one, if it comes later, is
-only confirmed). So the engine hears of every request such a rank held, once.
+service then sends this core the verdicts of its group, naming the absent
+writers (:meth:`DecodeCore.writer_gone`), and each becomes that writer's
+failure notice in its gathering, unless the writer's own notice came first
+(its own one, if it comes later than the engine was told, is only confirmed).
+So the engine hears of every request such a rank held, once.
 
 A registration (:meth:`DecodeCore.registered`) starts a new generation,
 pushes the new PeerInfo to every prefill rank of the deployment (they hold
 the old one, if any) and hands on every held notice, checked against it.
-Once every decode rank reported a request, no prefill rank writes into its
-blocks any more: a prefill rank notifies only after its own writes stopped.
 Nothing here reads a clock or touches a socket.
 """
 
@@ -51,7 +61,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvxferd.core.effects import Problem
 from kvxferd.core.memory import Memory
@@ -63,12 +73,13 @@ Notice = KVReady | TransferResult
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """Hand ``notice`` to the engine; report with ``delivered`` or ``undelivered``
-    (``confirm``: its sender is told once it is handed on; not for what the barrier relayed)."""
+    """Hand ``notice``, prefill group ``source``'s one notice for the instance, to the engine;
+    report with ``delivered`` or ``undelivered``. ``confirm``: the writers told once it is handed
+    on (not those the barrier spoke for)."""
 
-    sender: bytes
+    source: str
     notice: Notice
-    confirm: bool = True
+    confirm: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +99,8 @@ class Push:
 
 DecodeEffect = Deliver | Confirm | Push | Problem
 
-
-@dataclass(frozen=True, slots=True)
-class _Held:
-    sender: bytes
-    notice: Notice
+#: a gathering: writer -> its notice, and whether it is to be confirmed (False: the barrier spoke for it)
+Parts = dict[bytes, tuple[Notice, bool]]
 
 
 class DecodeCore:
@@ -107,14 +115,21 @@ class DecodeCore:
         push_every_s: float = 1.0,
         retry_s: float = 1.0,
     ) -> None:
+        """``prefills``: the identity of every prefill rank that writes into this decode rank ->
+        its group (a group's writers are the identities naming it)."""
         self.rank = rank
-        self.prefills = dict(prefills)  # the identities our prefill ranks connect with -> their group
+        self.prefills = dict(prefills)
+        self.writers: dict[str, frozenset[bytes]] = {}
+        for sender, group in self.prefills.items():
+            self.writers[group] = self.writers.get(group, frozenset()) | {sender}
         self.push_every_s = push_every_s
         self.generation = ""  # the current registration's name; "" while none
-        #: (sender, request instance) -> how it was confirmed once handed to the engine (OK for
-        #: the common case, kept small: the Received is rebuilt from the notice), or None: held
-        self.seen: Memory[tuple[bytes, Key], Received | bool | None] = Memory(limit=max_seen, ttl_s=seen_s)
-        self.held: Memory[tuple[bytes, Key], _Held] = Memory(limit=max_held)
+        #: (prefill group, request instance) -> the notices of its writers so far (not all here yet)
+        self.gathering: Memory[tuple[str, Key], Parts] = Memory(limit=max_held)
+        #: (prefill group, request instance) -> how it was confirmed once handed to the engine (OK
+        #: for the common case, kept small: the Received is rebuilt from the notice), or None: held
+        self.seen: Memory[tuple[str, Key], Received | bool | None] = Memory(limit=max_seen, ttl_s=seen_s)
+        self.held: Memory[tuple[str, Key], Deliver] = Memory(limit=max_held)
         self.pushed: dict[bytes, float] = {}  # sender -> when it was last given our PeerInfo unasked
         self.retry_s = retry_s
         #: when the held notices are next tried on the registered engine (None: it is reachable)
@@ -127,82 +142,126 @@ class DecodeCore:
 
     def notice(self, sender: bytes, msg: Notice, now: float) -> list[DecodeEffect]:
         """A notice from the prefill daemon ``sender`` (the shell checked it is one of ours)."""
-        if msg.rank != self.rank:
+        group = self.prefills.get(sender)
+        if msg.rank != self.rank or group is None:
             self.counts["refused_peer"] += 1
             return [
                 Problem(
                     ErrorCode.WRONG_ROLE, f"refused a notice from {show(sender)} naming rank {msg.rank}", reply=False
                 )
             ]
-        if (sender, msg.key) in self.seen:
+        return self._part(group, sender, msg, True, now)
+
+    def _part(self, group: str, sender: bytes, msg: Notice, confirm: bool, now: float) -> list[DecodeEffect]:
+        """Writer ``sender``'s notice for its gathering; the engine is told once all are here."""
+        key = (group, msg.key)
+        if key in self.seen:  # told to the engine already (or held for it)
             self.counts["notice_repeated"] += 1
-            confirmed = self.seen.get((sender, msg.key))
-            if confirmed is None:
-                return []  # held: confirmed once handed on
+            confirmed = self.seen.get(key)
+            if confirmed is None or not confirm:
+                return []  # held: confirmed once handed on (or the barrier's word: nobody to confirm)
             if confirmed is True:
                 return [Confirm(sender, Received(msg.request_id, msg.rank, msg.instance))]
             assert isinstance(confirmed, Received)
             return [Confirm(sender, confirmed)]
+        parts = self.gathering.get(key)
+        if parts is None:
+            parts = {}
+        elif sender in parts:
+            self.counts["notice_repeated"] += 1
+            if not confirm or parts[sender][1]:
+                return []  # a repeat, or the barrier's word for a writer whose own notice came
+        parts[sender] = (msg, confirm)
+        if len(parts) < len(self.writers[group]):
+            if self.gathering.put(key, parts) is not None:  # its writers send theirs again
+                self.counts["gatherings_dropped"] += 1
+            return []
+        self.gathering.pop(key)
+        told = Deliver(group, self._one(group, parts), tuple(s for s, (_, c) in sorted(parts.items()) if c))
         if not self.registered_engine or self.retry_at is not None:
             # sent again (or queued) while this daemon restarted: kept for the engine that registers
             # next (they name an earlier registration, so it hears them as failures: blocks free again)
             # (or, while the engine is unreachable, for it or the next one)
-            self._hold(sender, msg, now)
+            self._hold(told, now)
             return []
-        return self._deliver(sender, msg, now)
+        return self._deliver(told, now)
+
+    def _one(self, group: str, parts: Parts) -> Notice:
+        """The one notice of a gathering: a KVReady if every writer sent one into the same
+        registration (bytes summed), else the first failure (with this rank's number)."""
+        notices = [n for _, (n, _) in sorted(parts.items())]
+        if len(notices) == 1:
+            return notices[0]
+        first = notices[0]
+        failures = [n for n in notices if isinstance(n, TransferResult)]
+        total = sum(n.bytes for n in notices)
+        if failures:
+            return replace(failures[0], rank=self.rank, bytes=total)
+        generations = sorted({n.generation for n in notices if isinstance(n, KVReady)})
+        if len(generations) > 1:
+            reason = (
+                f"prefill {group}'s ranks wrote it into different registrations of decode rank {self.rank} "
+                f"({', '.join(map(show, generations))})"
+            )
+            return TransferResult(
+                first.request_id, Status.FAILED, reason, self.rank, total, instance=first.instance,
+                code=ErrorCode.NOT_REGISTERED.value,
+            )  # fmt: skip
+        return KVReady(first.request_id, self.rank, total, first.instance, generations[0])
 
     def writer_gone(self, verdict: Release | Diverged | Expired, now: float) -> list[DecodeEffect]:
-        """The barrier's ``verdict`` for a request of prefill group ``verdict.group``, whose rank
-        writing to us is absent: its failure notice (a Release too: the rank that would vouch for
-        its bytes is gone before it said so), unless that rank's own notice came first."""
-        sender = f"{verdict.group}:{self.rank}".encode()
-        if sender not in self.prefills:
-            return [
-                Problem(
-                    ErrorCode.WRONG_ROLE,
-                    f"a verdict of {show(verdict.group)}: not a group that writes here",
-                    reply=False,
+        """The barrier's ``verdict`` for a request of prefill group ``verdict.group``, whose writers
+        ``verdict.absent`` (empty: our own rank number) are absent: each one's failure notice (a
+        Release too: the rank that would vouch for its bytes is gone before it said so), unless its
+        own notice came first."""
+        effects: list[DecodeEffect] = []
+        for writer in verdict.absent or (self.rank,):
+            sender = f"{verdict.group}:{writer}".encode()
+            if self.prefills.get(sender) != verdict.group:
+                effects.append(
+                    Problem(
+                        ErrorCode.WRONG_ROLE,
+                        f"a verdict of {show(verdict.group)} for rank {writer}: not a prefill rank that writes here",
+                        reply=False,
+                    )
                 )
-            ]
-        if isinstance(verdict, Release):
-            reason = (
-                f"prefill {verdict.group} rank {self.rank}: its process ended before it told decode rank {self.rank}"
-            )
-            status, code = Status.FAILED, ErrorCode.UNAVAILABLE.value  # decided here, not by the group
-        else:
-            reason, status, code = verdict.reason, verdict.status, ""
-        self.counts["notices_from_barrier"] += 1
-        failure = TransferResult(verdict.key, status, reason, self.rank, 0, instance=verdict.instance, code=code)
-        return [
-            Deliver(e.sender, e.notice, confirm=False) if isinstance(e, Deliver) else e
-            for e in self.notice(sender, failure, now)
-            if not isinstance(e, Confirm)
-        ]
+                continue
+            if isinstance(verdict, Release):
+                reason = (
+                    f"prefill {verdict.group} rank {writer}: its process ended before it told decode rank {self.rank}"
+                )
+                status, code = Status.FAILED, ErrorCode.UNAVAILABLE.value  # decided here, not by the group
+            else:
+                reason, status, code = verdict.reason, verdict.status, ""
+            self.counts["notices_from_barrier"] += 1
+            failure = TransferResult(verdict.key, status, reason, self.rank, 0, instance=verdict.instance, code=code)
+            effects += self._part(verdict.group, sender, failure, False, now)
+        return effects
 
-    def _hold(self, sender: bytes, msg: Notice, now: float) -> None:
-        dropped = self.held.put((sender, msg.key), _Held(sender, msg))
-        if dropped is not None:  # its sender keeps it unconfirmed, and sends it on a reconnect
+    def _hold(self, told: Deliver, now: float) -> None:
+        key = (told.source, told.notice.key)
+        dropped = self.held.put(key, told)
+        if dropped is not None:  # its writers keep it unconfirmed, and send it again
             self.counts["notices_dropped"] += 1
             self.seen.pop(dropped[0])
-        self.seen.put((sender, msg.key), None, now)
+        self.seen.put(key, None, now)
 
-    def delivered(self, sender: bytes, msg: Notice, now: float, confirm: bool = True) -> list[DecodeEffect]:
-        """The engine was handed ``msg``: remember it, and confirm it to its sender (if the engine
-        was unreachable until now, what was held for it follows)."""
-        confirmed = self._confirm(sender, msg)
-        told = confirmed.message
-        self.seen.put((sender, msg.key), True if told.status is Status.OK else told, now)
-        effects: list[DecodeEffect] = [confirmed] if confirm else []
+    def delivered(self, told: Deliver, now: float) -> list[DecodeEffect]:
+        """The engine was handed ``told``: remember it, and confirm it to its writers (if the
+        engine was unreachable until now, what was held for it follows)."""
+        received = self._received(told.notice)
+        self.seen.put((told.source, told.notice.key), True if received.status is Status.OK else received, now)
+        effects: list[DecodeEffect] = [Confirm(sender, received) for sender in told.confirm]
         if self.retry_at is not None:
             self.retry_at = None
             effects += self._release(now)
         return effects
 
-    def undelivered(self, sender: bytes, msg: Notice, now: float) -> None:
-        """The engine could not be handed ``msg`` (not connected, or not reading): held, and
+    def undelivered(self, told: Deliver, now: float) -> None:
+        """The engine could not be handed ``told`` (not connected, or not reading): held, and
         tried again in ``retry_s`` (with every notice that comes meanwhile)."""
         self.counts["notices_undelivered"] += 1
-        self._hold(sender, msg, now)
+        self._hold(told, now)
         self.retry_at = now + self.retry_s
 
     def next_deadline(self) -> float | None:
@@ -216,9 +275,9 @@ class DecodeCore:
         if self.retry_at is None or now < self.retry_at or not self.held or not self.registered_engine:
             return []
         self.retry_at = now + self.retry_s  # until the shell reports this try
-        key, item = next(iter(self.held.items()))
+        key, told = next(iter(self.held.items()))
         self.held.pop(key)
-        return self._deliver(item.sender, item.notice, now)
+        return self._deliver(told, now)
 
     def registered(self, generation: str, now: float) -> list[DecodeEffect]:
         """An engine registered a cache, named ``generation``: every prefill rank hears the new
@@ -236,17 +295,17 @@ class DecodeCore:
         held = self.held.values()
         self.held.clear()
         effects: list[DecodeEffect] = []
-        for item in held:
-            effects += self._deliver(item.sender, item.notice, now)
+        for told in held:
+            effects += self._deliver(told, now)
         return effects
 
-    def _deliver(self, sender: bytes, msg: Notice, now: float) -> list[DecodeEffect]:
+    def _deliver(self, told: Deliver, now: float) -> list[DecodeEffect]:
+        msg = told.notice
         if not isinstance(msg, KVReady) or msg.generation == self.generation:
-            return [Deliver(sender, msg)]
+            return [told]
         self.counts["stale_generation"] += 1
-        source = self.prefills.get(sender, "?")
         reason = (
-            f"prefill {source} rank {msg.rank} wrote it into registration {show(msg.generation)} of "
+            f"prefill group {show(told.source)} wrote it into registration {show(msg.generation)} of "
             f"decode rank {self.rank}; the engine's cache is registration {show(self.generation)} now"
         )
         failure = TransferResult(
@@ -256,14 +315,15 @@ class DecodeCore:
         effects: list[DecodeEffect] = [
             Problem(ErrorCode.NOT_REGISTERED, f"request {msg.request_id}: {reason}", reply=False)
         ]
-        if now - self.pushed.get(sender, -1e18) >= self.push_every_s:
-            self.pushed[sender] = now  # a flood of stale notices needs one answer
-            effects.append(Push(sender))  # so its next writes go to the current cache
-        return [*effects, Deliver(sender, failure)]
+        for sender in told.confirm:
+            if now - self.pushed.get(sender, -1e18) >= self.push_every_s:
+                self.pushed[sender] = now  # a flood of stale notices needs one answer
+                effects.append(Push(sender))  # so its next writes go to the current cache
+        return [*effects, replace(told, notice=failure)]
 
     @staticmethod
-    def _confirm(sender: bytes, msg: Notice) -> Confirm:
-        """How ``msg`` was told to the engine, for its sender."""
+    def _received(msg: Notice) -> Received:
+        """How ``msg`` was told to the engine, for its writers."""
         if isinstance(msg, KVReady):
-            return Confirm(sender, Received(msg.request_id, msg.rank, msg.instance))
-        return Confirm(sender, Received(msg.request_id, msg.rank, msg.instance, msg.status, msg.reason, msg.code))
+            return Received(msg.request_id, msg.rank, msg.instance)
+        return Received(msg.request_id, msg.rank, msg.instance, msg.status, msg.reason, msg.code)

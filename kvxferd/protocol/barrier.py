@@ -193,7 +193,7 @@ class Hello(Message):
 
     ``serving``: empty while the rank starts; once it serves, the fingerprint of its config,
     sent again every ``heartbeat_s`` (so the service knows the group runs, and with which
-    config, and a rank that restarts can join it). Wire: ``[4, "hello", "prefill", 0, 2,
+    config, and a rank that restarts can join it). Wire: ``[5, "hello", "prefill", 0, 2,
     "prefill", "9f2c..."]``.
     """
 
@@ -218,7 +218,7 @@ class Admit(Message):
     """Rank→service: this rank holds the cache_info of ``key`` (instance ``instance``), with these terms.
 
     Sent the moment the rank accepted the cache_info; it never waits for the
-    answer. Wire: ``[4, "admit", "prefill", "req-7", 0, 1, [200, 3, 17, "13 blocks #9f2c...",
+    answer. Wire: ``[5, "admit", "prefill", "req-7", 0, 1, [200, 3, 17, "13 blocks #9f2c...",
     "13 blocks #0e4d...", "ipc:///run/kvxferd/decode-{rank}.sock", "auto"]]``.
     """
 
@@ -242,7 +242,7 @@ class Admit(Message):
 class Admitted(Message):
     """Service→ranks: every rank admitted ``key`` with equal terms; writing may begin.
 
-    Not an ending: the completion round follows. Wire: ``[4, "admitted", "prefill", "req-7", 0]``.
+    Not an ending: the completion round follows. Wire: ``[5, "admitted", "prefill", "req-7", 0]``.
     """
 
     TAG: ClassVar[str] = "admitted"
@@ -263,7 +263,7 @@ class Arrive(Message):
     stay open if this arrival opens it; 0 means the service's default.
     ``peer``: the decode peer the request's cache_info named (as in
     :class:`Withdraw`), so a round a restarted service reopens from arrivals
-    still names whom to tell. Wire: ``[4, "arrive", "prefill", "req-7", 0, 1,
+    still names whom to tell. Wire: ``[5, "arrive", "prefill", "req-7", 0, 1,
     [32, 13, 27262976, "9f2c..."], 0.0, "decode"]``.
     """
 
@@ -298,7 +298,7 @@ class Withdraw(Message):
     ``Admitted``, so this is a word of the completion round (a service that
     restarted learns from it which round it lost). ``peer``: the decode peer its
     cache_info named ("" if it never held one), so a verdict of withdrawals only
-    still names whom to tell. Wire: ``[4, "withdraw", "prefill", "req-7", 0, 1,
+    still names whom to tell. Wire: ``[5, "withdraw", "prefill", "req-7", 0, 1,
     "aborted", "client cancelled", true, "decode"]``.
     """
 
@@ -329,8 +329,11 @@ class Release(Message):
 
     ``peer``: the decode endpoint template named at admission (as in :class:`Diverged`), so
     a rank that restarted after the release, and never held the request, can tell its decode
-    rank that its predecessor's notice may be lost. Wire: ``[4, "release", "prefill", "req-7",
-    0, [32, 13, 27262976, "9f2c..."], "ipc:///run/kvx/decode-{rank}-peer.sock"]``.
+    rank that its predecessor's notice may be lost. ``absent``: only in a verdict the service
+    relays to a decode rank (see :meth:`kvxferd.core.decode.DecodeCore.writer_gone`), the ranks
+    of ``group`` that write into that decode rank and whose process ended; the decode rank takes
+    the verdict as each one's failure notice. Wire: ``[5, "release", "prefill", "req-7", 0, [32,
+    13, 27262976, "9f2c..."], "ipc:///run/kvx/decode-{rank}-peer.sock", []]``.
     """
 
     TAG: ClassVar[str] = "release"
@@ -341,12 +344,14 @@ class Release(Message):
     instance: int
     digest: Digest
     peer: str = ""
+    absent: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _key("Release", self.group, self.key, self.instance)
         if not isinstance(self.digest, Digest):
             raise f.fail("Release", "digest", "expected a Digest")
         f.text("Release", "peer", self.peer, limit=f.MAX_NAME)
+        store(self, "absent", f.uints("Release", "absent", self.absent, limit=4096))
 
     @property
     def status(self) -> Status:
@@ -364,9 +369,9 @@ class Diverged(Message):
     ``status`` and ``reason`` are what every rank reports; ``views`` holds each
     rank's terms, digest or withdrawal; ``peer`` the decode endpoint template
     from the admissions, so a rank that never held the cache_info can still
-    tell its decode rank. Wire: ``[4, "diverged", "prefill", "req-7", 0,
-    "aborted", "aborted: client cancelled", [[0, "ok", [...], null, ""], [1,
-    "aborted", null, null, "client cancelled"]], "ipc:///run/kvxferd/decode-{rank}.sock"]``.
+    tell its decode rank; ``absent`` as in :class:`Release`. Wire: ``[5, "diverged", "prefill",
+    "req-7", 0, "aborted", "aborted: client cancelled", [[0, "ok", [...], null, ""], [1,
+    "aborted", null, null, "client cancelled"]], "ipc:///run/kvxferd/decode-{rank}.sock", []]``.
     """
 
     TAG: ClassVar[str] = "diverged"
@@ -380,10 +385,12 @@ class Diverged(Message):
     reason: str
     views: tuple[RankView, ...] = ()
     peer: str = ""
+    absent: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _ending("Diverged", self)
         store(self, "views", f.items_of("Diverged", "views", self.views, RankView, limit=4096))
+        store(self, "absent", f.uints("Diverged", "absent", self.absent, limit=4096))
 
     def describe(self) -> str:
         return "; ".join(v.describe() for v in self.views)
@@ -393,9 +400,9 @@ class Diverged(Message):
 class Expired(Message):
     """Service→ranks: ``key``'s open round timed out; ``missing`` lists the ranks never heard from.
 
-    ``status``, ``reason`` and ``peer`` as in :class:`Diverged`. Wire:
-    ``[4, "expired", "prefill", "req-7", 0, [1], 30.0, "failed",
-    "ranks [1] of group prefill did not report within 30s", ""]``.
+    ``status``, ``reason``, ``peer`` and ``absent`` as in :class:`Diverged`. Wire:
+    ``[5, "expired", "prefill", "req-7", 0, [1], 30.0, "failed",
+    "ranks [1] of group prefill did not report within 30s", "", []]``.
     """
 
     TAG: ClassVar[str] = "expired"
@@ -408,10 +415,12 @@ class Expired(Message):
     status: Status
     reason: str
     peer: str = ""
+    absent: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _ending("Expired", self)
         store(self, "missing", f.uints("Expired", "missing", self.missing, limit=4096))
+        store(self, "absent", f.uints("Expired", "absent", self.absent, limit=4096))
         store(self, "waited_s", f.number("Expired", "waited_s", self.waited_s))
 
 

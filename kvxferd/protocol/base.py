@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 #: Wire protocol version. Bumped on any incompatible change to any message;
 #: independent of the package version.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 #: Transport names a request may ask for. ``auto`` lets the daemon choose.
 TRANSPORTS = ("auto", "shm", "cuda_ipc", "rdma")

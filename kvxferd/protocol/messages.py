@@ -1,6 +1,6 @@
 """Messages between engines and daemons, and between prefill and decode daemons.
 
-Wire examples show the msgpack array written as JSON-ish text: ``[4, "abort",
+Wire examples show the msgpack array written as JSON-ish text: ``[5, "abort",
 "req-7", "client cancelled"]`` is version 1, tag ``abort``, then the fields.
 
 Direction legend: W = prefill model worker, S = prefill scheduler, D = decode
@@ -51,9 +51,9 @@ class LayerSignal(Message):
     the slots named at layer 0 of the same step. Step ids increase and are never
     reused, which is how a stale signal is told apart from a slot's new occupant.
 
-    Wire: ``[4, "layer", 17, 0, [[3, 0, 128, 17], [5, 512, 64, 15]]]`` (slot 3
+    Wire: ``[5, "layer", 17, 0, [[3, 0, 128, 17], [5, 512, 64, 15]]]`` (slot 3
     starts a request; slot 5 computes the second chunk of one begun in step 15),
-    then ``[4, "layer", 17, 1, []]`` ...
+    then ``[5, "layer", 17, 1, []]`` ...
     """
 
     TAG: ClassVar[str] = "layer"
@@ -103,7 +103,7 @@ class CacheInfo(Message):
     the decode rank holds when the bytes are written (only safe for an engine
     that never registers again while requests are in flight).
 
-    Wire: ``[4, "cache_info", "req-7", 3, 17, 200, [10, 11], [40, 41],
+    Wire: ``[5, "cache_info", "req-7", 3, 17, 200, [10, 11], [40, 41],
     "ipc:///run/kvxferd/decode-{rank}.sock", "auto", 0, ["5d0c9e2a71b4", "a1c3f09b2e77"]]``
     """
 
@@ -154,7 +154,7 @@ class Abort(Message):
 
     An Abort that reaches a rank before the instance's cache_info is kept (for
     ``timeouts.pending_s``), and the cache_info then ends as aborted at once.
-    Wire: ``[4, "abort", "req-7", "client cancelled", 0]``
+    Wire: ``[5, "abort", "req-7", "client cancelled", 0]``
     """
 
     TAG: ClassVar[str] = "abort"
@@ -187,7 +187,7 @@ class TransferResult(Message):
     confirmed write, ``total_ms`` from cache_info to the end, ``admit_ms`` from
     cache_info to the admission verdict.
 
-    Wire: ``[4, "result", "req-7", "ok", "", 0, 1048576, "shm", 0.4, 2.1, 2.9, 0, "", 0.2]``
+    Wire: ``[5, "result", "req-7", "ok", "", 0, 1048576, "shm", 0.4, 2.1, 2.9, 0, "", 0.2]``
     """
 
     TAG: ClassVar[str] = "result"
@@ -233,7 +233,7 @@ class KVReady(Message):
     """P→Q→D: every prefill rank's KV for ``request_id`` is in the decode cache.
 
     Sent only after the prefill group's barrier released the request. Wire:
-    ``[4, "kv_ready", "req-7", 0, 1048576, 0, "5d0c9e2a71b4"]`` (instance 0,
+    ``[5, "kv_ready", "req-7", 0, 1048576, 0, "5d0c9e2a71b4"]`` (instance 0,
     reported by prefill rank 0, which wrote 1 MiB into the decode cache
     registration named by ``generation``; see :class:`PeerInfo`).
     """
@@ -266,7 +266,7 @@ class Received(Message):
     that died with notices unread loses none). ``status``, ``reason`` and ``code``: how the
     engine was told (a KVReady naming a registration the engine no longer holds is told as
     ``failed``, code ``not_registered``); a prefill rank reports ``ok`` to its scheduler only once
-    it is told ``ok`` here. Wire: ``[4, "received", "req-7", 0, 4, "ok", "", ""]``.
+    it is told ``ok`` here. Wire: ``[5, "received", "req-7", 0, 4, "ok", "", ""]``.
     """
 
     TAG: ClassVar[str] = "received"
@@ -384,7 +384,7 @@ def _check_regions(owner: str, layout: CacheLayout, regions: object) -> tuple[Re
 class RegisterCache(Message):
     """W/D→daemon: the engine's KV memory for this rank. The daemon never allocates it.
 
-    Wire: ``[4, "register", "host", [2, 64, 4096], [[0, 0, "kvx-p0", 0, 0],
+    Wire: ``[5, "register", "host", [2, 64, 4096], [[0, 0, "kvx-p0", 0, 0],
     [0, 1, "kvx-p0", 262144, 0], ...]]``. Answered with :class:`Ack`.
     """
 
@@ -404,7 +404,7 @@ class RegisterCache(Message):
 
 @dataclass(frozen=True, slots=True)
 class PeerQuery(Message):
-    """P→Q: ask a decode daemon for its :class:`PeerInfo`. Wire: ``[4, "peer_query", "prefill", 0]``."""
+    """P→Q: ask a decode daemon for its :class:`PeerInfo`. Wire: ``[5, "peer_query", "prefill", 0]``."""
 
     TAG: ClassVar[str] = "peer_query"
 
@@ -428,7 +428,7 @@ class PeerInfo(Message):
     new engine process, so bytes written into one registration are never
     reported as ready for another (:class:`KVReady` names the generation it
     wrote into, a :class:`CacheInfo` the ones its blocks were reserved in).
-    Wire: ``[4, "peer_info", "decode", 0, "host-a1b2", "host", [2, 64, 4096],
+    Wire: ``[5, "peer_info", "decode", 0, "host-a1b2", "host", [2, 64, 4096],
     [[0, 0, "kvx-d0", 0, 0], ...], {"rdma": b"..."}, "5d0c9e2a71b4"]``.
     """
 
@@ -460,7 +460,7 @@ class PeerInfo(Message):
 class Ack(Message):
     """Daemon→client: the message named by ``ref`` was accepted. A decode daemon's Ack of a cache
     registration names it (``generation``, what a :class:`CacheInfo`'s ``dst_generations`` carry).
-    Wire: ``[4, "ack", "register", "5d0c9e2a71b4"]``."""
+    Wire: ``[5, "ack", "register", "5d0c9e2a71b4"]``."""
 
     TAG: ClassVar[str] = "ack"
 
@@ -476,7 +476,7 @@ class Ack(Message):
 class Error(Message):
     """Any→sender: the sender's message was refused. ``ref`` names what it was about.
 
-    Wire: ``[4, "error", "out_of_range", "src block 9000 >= 4096 blocks", "req-7"]``
+    Wire: ``[5, "error", "out_of_range", "src block 9000 >= 4096 blocks", "req-7"]``
     """
 
     TAG: ClassVar[str] = "error"
@@ -501,7 +501,7 @@ class Attach(Message):
     """S→P: this connection is a prefill scheduler: besides cache_infos, it may abort a request
     whose cache_info has not reached the rank yet. Answered with :class:`Ack`.
 
-    Wire: ``[4, "attach", "scheduler"]``.
+    Wire: ``[5, "attach", "scheduler"]``.
     """
 
     TAG: ClassVar[str] = "attach"
@@ -514,7 +514,7 @@ class Attach(Message):
 
 @dataclass(frozen=True, slots=True)
 class StatusQuery(Message):
-    """Anyone→daemon: ask what the daemon is doing. Wire: ``[4, "status"]``."""
+    """Anyone→daemon: ask what the daemon is doing. Wire: ``[5, "status"]``."""
 
     TAG: ClassVar[str] = "status"
 
@@ -524,7 +524,7 @@ class StatusReply(Message):
     """Daemon→asker: its identity, state (``starting``, ``serving``, ``draining``) and a JSON report
     (table sizes, live requests with what each waits for, peers, counters).
 
-    Wire: ``[4, "status_reply", "prefill", "prefill", 0, "serving", "{\\"requests\\": []}"]``.
+    Wire: ``[5, "status_reply", "prefill", "prefill", 0, "serving", "{\\"requests\\": []}"]``.
     """
 
     TAG: ClassVar[str] = "status_reply"
@@ -550,7 +550,7 @@ class BlockOffer(Message):
     tokens, and those blocks may be written from now on, in the cache registration ``generation``
     names. The prefill scheduler puts the blocks into the transfer's CacheInfo once every decode
     rank offered the same ones, and each rank's generation into its ``dst_generations``.
-    Wire: ``[4, "block_offer", "xfer-7", "decode", 0, 200, [40, 41], "5d0c9e2a71b4"]``.
+    Wire: ``[5, "block_offer", "xfer-7", "decode", 0, 200, [40, 41], "5d0c9e2a71b4"]``.
     """
 
     TAG: ClassVar[str] = "block_offer"
@@ -580,7 +580,7 @@ class BlockOffer(Message):
 class OfferDeclined(Message):
     """S→D, engine to engine: the prefill side will not write transfer ``request_id`` (it gave
     up waiting, failed the prompt, or found the offer wrong); the decode engine may reuse the
-    blocks it offered at once. Wire: ``[4, "offer_declined", "xfer-7", "the prompt was aborted"]``.
+    blocks it offered at once. Wire: ``[5, "offer_declined", "xfer-7", "the prompt was aborted"]``.
     """
 
     TAG: ClassVar[str] = "offer_declined"

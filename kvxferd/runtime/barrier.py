@@ -64,6 +64,7 @@ class BarrierService(Service):
             decode_of={
                 name: g.name for g in config.groups if g.role == "decode" for name in (g.name, config.peer_template(g))
             },
+            targets=config.targets(),
         )
         self.barrier = guarded(state, "barrier core")
         #: the words and verdicts of late, kept across a restart (see runtime.journal); a file holds

@@ -77,10 +77,9 @@ class DecodeDaemon(GroupDaemon):
         self.engine: bytes | None = None  # the connection that registered the cache: the one engine told
         self.peer_router: zmq.Socket[bytes] | None = None
         self.peer_endpoint = ""
-        #: the identities prefill daemons of this deployment connect with, for our rank
-        self.prefills = {
-            f"{g.name}:{rank}".encode(): g.name for g in config.groups if g.role == "prefill" and rank < g.world_size
-        }
+        #: the identities of the prefill ranks of this deployment that write into our rank (the rank
+        #: maps of the config): the only ones that may speak on the peer socket
+        self.prefills = config.writers(group, rank)
         # the barrier service may relay, for a prefill rank that died, any verdict it remembers (up to
         # max_keys per group): the notices seen must reach back as far, or one its rank did send
         # would be handed on again as a failure
@@ -147,7 +146,7 @@ class DecodeDaemon(GroupDaemon):
         if identity not in self.prefills:
             self.counters["refused_peer"] += 1
             log.warning(
-                "refused %s from %s: not a prefill rank %d of this deployment",
+                "refused %s from %s: not a prefill rank writing into decode rank %d of this deployment",
                 type(msg).__name__,
                 show(identity),
                 self.rank,
@@ -155,7 +154,9 @@ class DecodeDaemon(GroupDaemon):
             self.answer(
                 self.peer_router,
                 identity,
-                Error(ErrorCode.WRONG_ROLE, f"only prefill ranks {self.rank} may speak here"),
+                Error(
+                    ErrorCode.WRONG_ROLE, f"only the prefill ranks writing into decode rank {self.rank} may speak here"
+                ),
             )
             return
         if isinstance(msg, PeerQuery):
@@ -198,10 +199,10 @@ class DecodeDaemon(GroupDaemon):
             if isinstance(eff, Deliver):
                 assert self.engine is not None, "the core delivers only once an engine registered"
                 if not failed and self.reply(self.engine, eff.notice):
-                    queue[:0] = self.core.delivered(eff.sender, eff.notice, now, eff.confirm)
+                    queue[:0] = self.core.delivered(eff, now)
                 else:
                     failed = True
-                    self.core.undelivered(eff.sender, eff.notice, now)
+                    self.core.undelivered(eff, now)
             elif isinstance(eff, Confirm):
                 self.answer(self.peer_router, eff.sender, eff.message)
             elif isinstance(eff, Push):

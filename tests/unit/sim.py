@@ -591,7 +591,7 @@ class GroupSim:
                 confirms.append(eff)
             elif isinstance(eff, Deliver):
                 self.told[d][eff.notice.key].append(eff.notice)
-                confirms += [e for e in decoder.delivered(eff.sender, eff.notice, self.now) if isinstance(e, Confirm)]
+                confirms += [e for e in decoder.delivered(eff, self.now) if isinstance(e, Confirm)]
         for confirm in confirms:  # to whichever process of that rank runs now
             self._send(("c", d), "confirmed", d, confirm.message)
 
@@ -615,7 +615,7 @@ class GroupSim:
             if isinstance(eff, Deliver):
                 self.told[d][eff.notice.key].append(eff.notice)
                 self.sources[id(eff.notice)] = None
-                decoder.delivered(eff.sender, eff.notice, self.now, eff.confirm)
+                decoder.delivered(eff, self.now)
 
     def _on_heartbeat(self, seq: int, r: int, n: int) -> None:
         p = self.procs[r]

@@ -599,9 +599,9 @@ def test_a_round_whose_ranks_all_died_around_a_restart_is_recalled_and_its_decod
     new.hello(Hello("d", 0, 2, "decode", "fp"), now)  # the decode group serves; no prefill rank does
     new.hello(Hello("d", 1, 2, "decode", "fp"), now)
     out = new.on_timer(now + 1.0)  # alive_s on: neither prefill rank was heard, the round ends
-    (v,) = {e.message for e in out}
+    (v,) = {replace(e.message, absent=()) for e in out}
     assert isinstance(v, Expired) and v.status is Status.FAILED and v.missing == (0,)
-    assert {(e.group, e.rank) for e in out if e.group == "d"} == {("d", 0), ("d", 1)}
+    assert {(e.group, e.rank, e.message.absent) for e in out if e.group == "d"} == {("d", 0, (0,)), ("d", 1, (1,))}
 
 
 def test_a_recalled_round_keeps_its_deadline_and_a_rank_that_says_its_word_again_completes_it() -> None:
@@ -623,11 +623,11 @@ def test_a_service_that_knows_its_groups_takes_a_word_before_any_hello_and_decod
     out = b.handle(Withdraw("g", "k", 0, 1, Status.FAILED, "exiting", True, "dq"), 0.0)
     assert out == [] and b.sizes()["open"] == 1
     out = b.on_timer(1.0)  # alive_s on, rank 0 was never heard: absent and silent, the round ends
-    (v,) = {e.message for e in out}
+    (v,) = {replace(e.message, absent=()) for e in out}
     assert isinstance(v, Expired) and v.status is Status.FAILED and v.missing == (0,)
     assert sorted((e.group, e.rank) for e in out) == [("d", 0), ("g", 0), ("g", 1)]
     # rank 1 (heard only by its word) falls silent too: its decode rank hears what is remembered
-    assert [(e.group, e.rank, e.message) for e in b.on_timer(1.1)] == [("d", 1, v)]
+    assert [(e.group, e.rank, e.message) for e in b.on_timer(1.1)] == [("d", 1, replace(v, absent=(1,)))]
 
 
 def test_every_decode_group_a_divergent_cache_info_named_hears_the_verdict() -> None:
@@ -636,12 +636,47 @@ def test_every_decode_group_a_divergent_cache_info_named_hears_the_verdict() -> 
     b = BarrierState(timeout_s=10.0, groups={"g": 2, "d": 2, "e": 2}, decode_of={"dq": "d", "eq": "e"})
     b.handle(Admit("g", "k", 0, 0, replace(T, peer="eq")), 0.0)
     out = b.handle(Admit("g", "k", 0, 1, replace(T, peer="dq")), 0.1)
-    (v,) = {e.message for e in out}
+    (v,) = {replace(e.message, absent=()) for e in out}
     assert isinstance(v, Diverged) and v.peer == "eq"
     assert sorted((e.group, e.rank) for e in out) == [("d", 0), ("d", 1), ("g", 0), ("g", 1)]
     # a word naming yet another peer after the verdict: that group hears it too
     b2 = BarrierState(timeout_s=10.0, groups={"g": 2, "d": 2, "e": 2}, decode_of={"dq": "d", "eq": "e"})
     b2.handle(Admit("g", "k", 0, 0, replace(T, peer="eq")), 0.0)
-    (expired,) = {e.message for e in b2.on_timer(10.0)}
+    (expired,) = {e.message for e in b2.on_timer(10.0) if e.group == "g"}
     out = b2.handle(Admit("g", "k", 0, 1, replace(T, peer="dq")), 11.0)
-    assert out == [ToRank("g", 1, expired), ToRank("d", 0, expired), ToRank("d", 1, expired)]
+    assert out == [
+        ToRank("g", 1, expired),
+        ToRank("d", 0, replace(expired, absent=(0,))),  # every writer of each decode rank: none wrote
+        ToRank("d", 1, replace(expired, absent=(1,))),
+    ]
+
+
+def test_a_decode_rank_with_several_writers_hears_which_of_them_are_absent() -> None:
+    """Prefill group "g" of 4 writes into decode group "d" of 2 (ranks 0, 1 into decode 0; 2, 3
+    into decode 1). Rank 3 dies: only decode rank 1 hears, naming rank 3, so it knows its other
+    writer (rank 2) is still to be heard from before it may tell its engine."""
+    targets = {("g", "d"): {0: (0,), 1: (0,), 2: (1,), 3: (1,)}}
+    b = BarrierState(timeout_s=10.0, alive_s=3.0, groups={"g": 4, "d": 2}, decode_of={"dq": "d"}, targets=targets)
+    for r in range(4):
+        b.hello(Hello("g", r, 4, "prefill", serving="fp"), 0.0)
+    for d in range(2):
+        b.hello(Hello("d", d, 2, "decode", serving="fq"), 0.0)
+    for r in range(4):
+        b.handle(Admit("g", "k", 0, r, replace(T, peer="dq")), 0.5)
+    for r in range(3):
+        b.hello(Hello("g", r, 4, "prefill", serving="fp"), 3.0)
+    for d in range(2):
+        b.hello(Hello("d", d, 2, "decode", serving="fq"), 3.0)
+    out = b.on_timer(3.6)  # rank 3 last heard at 0.5
+    to_decode = [(e.rank, e.message.absent) for e in out if e.group == "d"]
+    assert to_decode == [(1, (3,))]
+    # the other decode group named by a divergent cache_info hears it for every writer of each rank
+    two = {0: (0,), 1: (0,)}  # prefill "g" of 2 into decode groups of 1
+    b2 = BarrierState(
+        timeout_s=10.0, groups={"g": 2, "d": 1, "e": 1}, decode_of={"dq": "d", "eq": "e"},
+        targets={("g", "d"): two, ("g", "e"): two},
+    )  # fmt: skip
+    b2.handle(Admit("g", "k", 0, 0, replace(T, peer="eq")), 0.0)
+    out = b2.handle(Admit("g", "k", 0, 1, replace(T, peer="dq")), 0.1)
+    # (the verdict names "eq": its ranks' writers tell it themselves; "d" hears it from here)
+    assert [(e.group, e.rank, e.message.absent) for e in out if e.group != "g"] == [("d", 0, (0, 1))]

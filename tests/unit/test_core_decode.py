@@ -36,7 +36,7 @@ def hand(c: DecodeCore, effects: list[DecodeEffect], engine: list[object]) -> li
         out.append(eff)
         if isinstance(eff, Deliver):
             engine.append(eff.notice)
-            queue[:0] = c.delivered(eff.sender, eff.notice, 0.0, eff.confirm)
+            queue[:0] = c.delivered(eff, 0.0)
     return out
 
 
@@ -100,13 +100,13 @@ def test_an_undelivered_notice_is_held_and_tried_again_until_the_engine_takes_it
     c.registered("g1", 0.0)
     (deliver,) = c.notice(P0, ready("a"), 1.0)
     assert isinstance(deliver, Deliver)
-    c.undelivered(deliver.sender, deliver.notice, 1.0)  # the engine does not read, or is gone
+    c.undelivered(deliver, 1.0)  # the engine does not read, or is gone
     # while it is unreachable, later notices and resends are held, untried, never handed twice
     assert c.notice(P0, ready("b"), 1.5) == [] and c.notice(P0, ready("a"), 1.6) == []
     assert len(c.held) == 2 and c.next_deadline() == 2.0 and c.on_timer(1.9) == []
     (probe,) = c.on_timer(2.0)  # one try, the oldest
-    assert probe == Deliver(P0, ready("a"))
-    c.undelivered(probe.sender, probe.notice, 2.0)
+    assert probe == Deliver("prefill", ready("a"), (P0,))
+    c.undelivered(probe, 2.0)
     (probe,) = c.on_timer(3.0)  # (the one tried last goes behind the others)
     out = hand(c, [probe], engine)  # it took it: the rest follows, each confirmed
     assert engine == [ready("b"), ready("a")] and not c.held and c.next_deadline() is None
@@ -118,7 +118,7 @@ def test_a_dead_engines_successor_hears_what_was_held_for_it_and_every_sender_is
     c, engine = core(), []
     c.registered("g1", 0.0)
     (deliver,) = c.notice(P0, ready("a"), 1.0)
-    c.undelivered(deliver.sender, deliver.notice, 1.0)
+    c.undelivered(deliver, 1.0)
     assert c.notice(P1, failed("b"), 1.1) == []
     out = hand(c, c.registered("g2", 5.0), engine)
     (stale, told_b) = engine  # "a" was written into the dead engine's cache: a failure for this one
@@ -177,7 +177,7 @@ def test_through_any_restarts_and_resends_each_notice_reaches_the_engine_at_most
                 continue
             out = c.notice(P0, send.notice, 0.0)
             if action == "resend" and n % 2 and out and isinstance(out[0], Deliver):
-                c.undelivered(out[0].sender, out[0].notice, 0.0)  # the engine was not reachable this time
+                c.undelivered(out[0], 0.0)  # the engine was not reachable this time
                 continue
             for eff in hand(c, out, engine):
                 if isinstance(eff, Confirm):
@@ -333,3 +333,143 @@ def test_a_registration_is_named_by_its_engine_and_its_cache() -> None:
     assert registration_name(b"engine-a", cache("/kvx-1")) == first
     assert registration_name(b"engine-a", cache("/kvx-2")) != first
     assert registration_name(b"engine-b", cache("/kvx-1")) != first
+
+
+# -- several writers: a prefill group with more ranks than decode (issue 24) ------------------
+
+W0, W1, W2 = b"wide:0", b"wide:1", b"wide:2"
+
+
+def gathering(writers: int = 2, **kw: object) -> DecodeCore:
+    """Decode rank 0, written by ranks 0..writers-1 of prefill group "wide" (a P > D map)."""
+    return DecodeCore(0, {f"wide:{p}".encode(): "wide" for p in range(writers)}, **kw)  # type: ignore[arg-type]
+
+
+def test_a_decode_rank_with_two_writers_tells_its_engine_once_both_wrote() -> None:
+    c, engine = gathering(), []
+    c.registered("g1", 0.0)
+    assert hand(c, c.notice(W0, ready("a"), 1.0), engine) == [], "one writer of two: nothing yet"
+    assert engine == [] and len(c.gathering) == 1
+    out = hand(c, c.notice(W1, KVReady("a", 0, 1000, 0, "g1"), 2.0), engine)
+    assert engine == [KVReady("a", 0, 4096 + 1000, 0, "g1")], "one KVReady, bytes of both"
+    assert {e.sender for e in out if isinstance(e, Confirm)} == {W0, W1}, "each writer is confirmed"
+    assert not c.gathering
+    # a repeat from either is confirmed again, never handed on
+    assert hand(c, c.notice(W0, ready("a"), 3.0), engine) == [Confirm(W0, Received("a", 0, 0))]
+    assert len(engine) == 1
+
+
+def test_a_failure_of_one_writer_waits_until_every_writer_stopped() -> None:
+    """Writer 0 fails early; writer 1 may still be writing into the blocks: the engine must not
+    hear anything (it would reuse them) before writer 1's notice says it stopped."""
+    c, engine = gathering(), []
+    c.registered("g1", 0.0)
+    assert hand(c, c.notice(W0, failed("a"), 1.0), engine) == []
+    assert engine == []
+    out = hand(c, c.notice(W1, failed("a"), 2.0), engine)
+    (told,) = engine
+    assert isinstance(told, TransferResult) and told.status is Status.FAILED and told.reason == failed("a").reason
+    assert {e.sender for e in out if isinstance(e, Confirm)} == {W0, W1}
+    # a KVReady of one writer and a failure of the other: a failure
+    hand(c, c.notice(W0, ready("b"), 3.0), engine)
+    hand(c, c.notice(W1, failed("b"), 3.1), engine)
+    assert engine[-1].request_id == "b" and engine[-1].status is Status.FAILED
+    # two registrations: a failure naming both
+    hand(c, c.notice(W0, ready("c", "g1"), 4.0), engine)
+    hand(c, c.notice(W1, ready("c", "g0"), 4.1), engine)
+    assert engine[-1].status is Status.FAILED and "different registrations" in engine[-1].reason
+    assert len(engine) == 3
+
+
+def test_an_absent_writer_is_spoken_for_by_the_barrier_and_only_the_others_are_confirmed() -> None:
+    c, engine = gathering(3), []
+    c.registered("g1", 0.0)
+    hand(c, c.notice(W0, failed("a"), 1.0), engine)
+    expired = Expired("wide", "a", 0, (2,), 3.0, Status.FAILED, "rank 2 of group wide stopped serving", "d", (2,))
+    assert hand(c, c.writer_gone(expired, 2.0), engine) == [], "writer 1 has not said it stopped"
+    out = hand(c, c.notice(W1, failed("a"), 3.0), engine)
+    assert len(engine) == 1 and engine[0].status is Status.FAILED
+    assert {e.sender for e in out if isinstance(e, Confirm)} == {W0, W1}, "nobody to confirm to for rank 2"
+    # rank 2 was only stopped: its own notice, later, is confirmed as the engine was told
+    (again,) = hand(c, c.notice(W2, failed("a"), 4.0), engine)
+    assert isinstance(again, Confirm) and again.sender == W2 and again.message.status is Status.FAILED
+    assert len(engine) == 1
+    # the barrier speaks for one rank that is not a writer here: refused, nothing told
+    digest = Digest(4, 1, 4096, "x")
+    (p,) = c.writer_gone(Release("wide", "b", 0, digest, "d", (7,)), 5.0)
+    assert isinstance(p, Problem) and "rank 7" in p.detail
+    # a writer's own notice that came before the barrier's word wins over it
+    hand(c, c.notice(W0, ready("c"), 6.0), engine)
+    hand(c, c.notice(W1, ready("c"), 6.0), engine)
+    hand(c, c.writer_gone(Release("wide", "c", 0, digest, "d", (1,)), 6.1), engine)
+    assert engine[-1].request_id == "a", "writer 1's KVReady stands; rank 2 is still awaited"
+    hand(c, c.notice(W2, ready("c"), 7.0), engine)
+    assert engine[-1] == KVReady("c", 0, 3 * 4096, 0, "g1")
+
+
+def test_gatherings_are_bounded_and_one_dropped_is_gathered_again_from_the_writers_resends() -> None:
+    c, engine = gathering(max_held=2), []
+    c.registered("g1", 0.0)
+    for rid in ("a", "b", "c"):
+        hand(c, c.notice(W0, ready(rid), 1.0), engine)
+    assert len(c.gathering) == 2 and c.counts["gatherings_dropped"] == 1
+    hand(c, c.notice(W1, ready("a"), 2.0), engine)
+    assert engine == [], "a's gathering was dropped: writer 0's notice is still unconfirmed"
+    hand(c, c.notice(W0, ready("a"), 3.0), engine)  # writer 0 sends it again (its ledger's retry)
+    assert [n.request_id for n in engine] == ["a"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    writers=st.integers(1, 4),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["ok", "fail", "gone", "register", "lose", "retry"]), st.integers(0, 3), st.integers(0, 3)
+        ),
+        max_size=60,
+    ),
+)
+def test_with_several_writers_the_engine_hears_each_instance_once_and_only_after_every_writer(
+    writers: int, steps: list
+) -> None:
+    """Writers' notices (repeated, in any order), the barrier's word for absent writers, an engine
+    that registers late or cannot be reached for a while: the engine is told of an instance at most
+    once, and only once every writer's notice (its own, or the barrier's for it) is here; a writer
+    is confirmed only after the engine was told."""
+    c, engine = gathering(writers), []
+    said: dict[str, set[int]] = {}  # request -> writers whose notice (or the barrier's word) came
+    confirmed: set[tuple[bytes, str]] = set()
+    registered = False
+
+    def carry(effects: list[DecodeEffect], lose: bool = False) -> None:
+        queue = list(effects)
+        while queue:
+            eff = queue.pop(0)
+            if isinstance(eff, Deliver):
+                rid = eff.notice.request_id
+                if lose:
+                    c.undelivered(eff, 0.0)
+                    continue
+                assert len(said.get(rid, ())) == writers, f"{rid} told before every writer stopped"
+                engine.append(rid)
+                queue[:0] = c.delivered(eff, 0.0)
+            elif isinstance(eff, Confirm):
+                assert eff.message.request_id in engine, "confirmed before the engine was told"
+                confirmed.add((eff.sender, eff.message.request_id))
+
+    for action, w, n in steps:
+        rid, writer = f"r{n}", w % writers
+        if action in ("ok", "fail", "lose"):
+            said.setdefault(rid, set()).add(writer)
+            notice = ready(rid) if action == "ok" else failed(rid)
+            carry(c.notice(f"wide:{writer}".encode(), notice, 0.0), lose=action == "lose")
+        elif action == "gone":
+            said.setdefault(rid, set()).add(writer)
+            verdict = Expired("wide", rid, 0, (writer,), 1.0, Status.FAILED, "gone", "d", (writer,))
+            carry(c.writer_gone(verdict, 0.0))
+        elif action == "register" and not registered:
+            registered = True
+            carry(c.registered("g1", 0.0))
+        elif action == "retry":
+            carry(c.on_timer(1e9))
+    assert len(engine) == len(set(engine)), f"told twice: {engine}"
