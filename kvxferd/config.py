@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from kvxferd.errors import ConfigError
 
 if TYPE_CHECKING:
-    from kvxferd.core.rankmap import RankMap
+    from kvxferd.core.rankmap import Cut, RankMap
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1}
 TRANSPORT_CHOICES = ("auto", "shm", "cuda_ipc", "rdma")
@@ -113,6 +113,9 @@ class KVConfig:
     # split: each layer keeps K and V in two regions of blocks; packed: one region per layer whose
     # blocks hold K and V together (vLLM's CPU backend)
     layout: str = "split"
+    # the cache is the same on every rank (a latent, MLA-style cache): not split by heads; each
+    # decode rank gets it from one prefill rank
+    replicated: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "num_layers", "kv_heads", "head_dim", "block_tokens", "num_blocks")
@@ -125,15 +128,31 @@ class KVConfig:
         return 2 if self.layout == "split" else 1
 
     def heads_per_rank(self, world_size: int) -> int:
+        """KV heads each of ``world_size`` ranks holds: an even share, or one head (replicated on
+        ``world_size / kv_heads`` ranks) above the head count, or all of a replicated cache."""
+        if self.replicated:
+            return self.kv_heads
+        if world_size > self.kv_heads:
+            if world_size % self.kv_heads:
+                raise ConfigError(
+                    f"{world_size} ranks, more than the {self.kv_heads} KV heads but not a multiple of them: "
+                    "each head must be held by the same number of ranks",
+                    key="kv.kv_heads",
+                )
+            return 1
         if self.kv_heads % world_size:
             raise ConfigError(f"{self.kv_heads} KV heads do not split over {world_size} ranks", key="kv.kv_heads")
         return self.kv_heads // world_size
 
+    @property
+    def head_bytes(self) -> int:
+        """Bytes of one head in one block of one region (K or V when split, both when packed)."""
+        return self.block_tokens * self.head_dim * DTYPE_BYTES[self.dtype] * (3 - self.planes)
+
     def block_bytes(self, world_size: int) -> int:
         """Bytes of one block of one region of one layer on one rank: K (or V) when split,
         K and V together when packed."""
-        per_plane = self.heads_per_rank(world_size) * self.block_tokens * self.head_dim * DTYPE_BYTES[self.dtype]
-        return per_plane * (3 - self.planes)
+        return self.heads_per_rank(world_size) * self.head_bytes
 
 
 @dataclass(frozen=True)
@@ -266,10 +285,8 @@ class Config:
         for i, group in enumerate(self.groups):
             try:
                 self.kv.heads_per_rank(group.world_size)
-            except ConfigError:
-                raise ConfigError(
-                    f"{self.kv.kv_heads} KV heads do not split over {group.world_size} ranks", key=f"groups[{i}]"
-                ) from None
+            except ConfigError as exc:
+                raise ConfigError(f"group {group.name!r}: {exc.problem}", key=f"groups[{i}]") from None
         self._check_rank_maps()
         # a rank gives up waiting for a verdict after verdict_s; the service decides within its round
         # timeout: a rank must never give up first, or it may end a request the others end otherwise
@@ -283,16 +300,16 @@ class Config:
     def _check_rank_maps(self) -> None:
         """Every prefill group can write to every decode group: the map between their ranks is
         decided here, at load, and one this build cannot serve is refused naming both groups."""
-        from kvxferd.core.rankmap import Group, rank_map  # (pure; kept out of the import of config)
-
         for p in (g for g in self.groups if g.role == "prefill"):
             for d in (g for g in self.groups if g.role == "decode"):
-                m = rank_map(Group(p.name, p.world_size), Group(d.name, d.world_size), self.kv.kv_heads)
-                if not m.identity:
+                m = self.rank_map(p, d)
+                gpu = [g.name for g in (p, d) if g.memory == "gpu"]
+                if not m.identity and gpu:
                     raise ConfigError(
                         f"prefill group {p.name!r} has {p.world_size} ranks and decode group {d.name!r} has "
-                        f"{d.world_size}: writing between groups of different sizes (slicing KV heads) is not "
-                        "supported by this version; give both groups the same world_size",
+                        f"{d.world_size}: writing between groups of different sizes slices KV heads, which this "
+                        f"version does for host memory only (shm, rdma), and {', '.join(map(repr, gpu))} keeps its "
+                        "cache in GPU memory (cuda_ipc); give both groups the same world_size",
                         key="groups",
                     )
 
@@ -301,8 +318,20 @@ class Config:
         from kvxferd.core.rankmap import Group, rank_map
 
         return rank_map(
-            Group(prefill.name, prefill.world_size), Group(decode.name, decode.world_size), self.kv.kv_heads
+            Group(prefill.name, prefill.world_size),
+            Group(decode.name, decode.world_size),
+            self.kv.kv_heads,
+            replicated=self.kv.replicated,
         )
+
+    def cuts(self, prefill: GroupConfig, rank: int, decode: GroupConfig) -> dict[int, Cut | None]:
+        """What rank ``rank`` of ``prefill`` writes into ``decode``: decode rank -> the bytes of
+        each block (None: whole blocks)."""
+        from kvxferd.core.rankmap import cut_of
+
+        src, dst = self.kv.block_bytes(prefill.world_size), self.kv.block_bytes(decode.world_size)
+        head = src if self.kv.replicated else self.kv.head_bytes
+        return {s.decode: cut_of(s, head, src, dst) for s in self.rank_map(prefill, decode).writes_of(rank)}
 
     def targets(self) -> dict[tuple[str, str], dict[int, tuple[int, ...]]]:
         """(prefill group, decode group) -> prefill rank -> the decode ranks it writes into."""

@@ -48,6 +48,25 @@ class Slice:
 
 
 @dataclass(frozen=True, slots=True)
+class Cut:
+    """Where a slice lies inside one block of one region, in bytes: the prefill rank copies bytes
+    ``src .. src + length`` of each source block into bytes ``dst .. dst + length`` of its
+    destination block (heads are the outermost dimension inside a block, so a run of heads is
+    one contiguous range on both sides)."""
+
+    src: int
+    dst: int
+    length: int
+
+
+def cut_of(piece: Slice, head_bytes: int, src_block: int, dst_block: int) -> Cut | None:
+    """The bytes of ``piece`` inside a block, for blocks whose heads take ``head_bytes`` each
+    (None: the whole block on both sides, the common case, copied as is)."""
+    cut = Cut(piece.src[0] * head_bytes, piece.dst[0] * head_bytes, piece.heads * head_bytes)
+    return None if cut == Cut(0, 0, src_block) and src_block == dst_block else cut
+
+
+@dataclass(frozen=True, slots=True)
 class RankMap:
     prefill: Group
     decode: Group

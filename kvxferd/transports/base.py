@@ -26,6 +26,7 @@ import numpy as np
 
 from kvxferd.config import TransportConfig
 from kvxferd.core.effects import Run
+from kvxferd.core.rankmap import Cut
 from kvxferd.errors import TransportError
 from kvxferd.protocol import CacheLayout, PeerInfo, Region, RegisterCache
 
@@ -77,11 +78,27 @@ def check_runs(table: RunTable, local: CacheLayout, remote: CacheLayout, layer: 
     return None
 
 
-def check_compatible(local: CacheLayout, remote: CacheLayout) -> None:
-    if local.num_layers != remote.num_layers or local.block_bytes != remote.block_bytes:
+def check_compatible(local: CacheLayout, remote: CacheLayout, cut: Cut | None = None) -> None:
+    """Refuse a peer whose cache cannot take this one's blocks (or, with ``cut``, that slice of
+    each block into that place of each of its blocks)."""
+    if local.num_layers != remote.num_layers or local.planes != remote.planes:
         raise TransportError(
-            f"cache layouts differ: local {local.num_layers} layers x {local.block_bytes} B blocks, "
-            f"peer {remote.num_layers} layers x {remote.block_bytes} B blocks"
+            f"cache layouts differ: local {local.num_layers} layers x {local.planes} regions, "
+            f"peer {remote.num_layers} layers x {remote.planes} regions"
+        )
+    if cut is None and local.block_bytes != remote.block_bytes:
+        raise TransportError(
+            f"cache layouts differ: local {local.block_bytes} B blocks, peer {remote.block_bytes} B blocks"
+        )
+    if cut is not None and (
+        min(cut.src, cut.dst) < 0
+        or cut.length <= 0
+        or cut.src + cut.length > local.block_bytes
+        or cut.dst + cut.length > remote.block_bytes
+    ):
+        raise TransportError(
+            f"bytes {cut.src}..{cut.src + cut.length} of each {local.block_bytes} B block into bytes "
+            f"{cut.dst}..{cut.dst + cut.length} of each of the peer's {remote.block_bytes} B blocks do not fit"
         )
 
 
@@ -93,11 +110,14 @@ class Transport(ABC):
     """Base class of every transport. Subclasses implement the underscore methods."""
 
     name: ClassVar[str]
+    #: whether it writes a slice of each block (KV heads) as well as whole blocks
+    slices: ClassVar[bool] = False
 
     def __init__(self, config: TransportConfig, local: RegisterCache) -> None:
         self.config = config
         self.local = local
         self._peers: dict[str, CacheLayout] = {}
+        self._cuts: dict[str, Cut] = {}  # peers written a slice of each block (the others: whole blocks)
 
     def prepare(self) -> None:  # noqa: B027 - optional hook
         """Do the local set-up now (map or register the local cache) rather than at the first write."""
@@ -110,9 +130,17 @@ class Transport(ABC):
 
     # -- initiator side (prefill) -------------------------------------------------
 
-    def open_peer(self, key: str, peer: PeerInfo) -> None:
-        """Prepare to write into ``peer``'s cache; raises TransportError with the reason."""
-        check_compatible(self.local.layout, peer.layout)
+    def open_peer(self, key: str, peer: PeerInfo, cut: Cut | None = None) -> None:
+        """Prepare to write into ``peer``'s cache (``cut``: bytes ``cut.src ..`` of each source
+        block into bytes ``cut.dst ..`` of each destination block, the heads this rank writes
+        there; None: whole blocks); raises TransportError with the reason."""
+        check_compatible(self.local.layout, peer.layout, cut)
+        if cut is not None and not self.slices:
+            raise TransportError(f"{self.name} does not write slices of blocks (KV heads) in this version")
+        if cut is None:
+            self._cuts.pop(key, None)
+        else:
+            self._cuts[key] = cut
         self._open_peer(key, peer)
         self._peers[key] = peer.layout
 
@@ -147,6 +175,7 @@ class Transport(ABC):
         return 0
 
     def close_peer(self, key: str) -> None:
+        self._cuts.pop(key, None)
         if self._peers.pop(key, None) is not None:
             self._close_peer(key)
 

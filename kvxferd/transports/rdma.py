@@ -170,13 +170,18 @@ def _span(region: object) -> tuple[int, int, int, int]:
     return layer, kv, address, device
 
 
-def _rows(layout: CacheLayout, address: dict[tuple[int, int], int], device: int) -> np.ndarray[Any, Any]:
-    """A strided descriptor list: one row per (layer, kv) region, one descriptor per block.
+def _rows(
+    layout: CacheLayout, address: dict[tuple[int, int], int], device: int, part: tuple[int, int] | None = None
+) -> np.ndarray[Any, Any]:
+    """A strided descriptor list: one row per (layer, kv) region, one descriptor per block
+    (``part``: only bytes ``offset .. offset + length`` of each block, a slice of its heads).
 
     Block ``b`` of layer ``l``, region ``kv``, is descriptor ``(planes * l + kv) * num_blocks + b``.
+    NIXL's strided rows are (address, length, device, stride, count).
     """
+    offset, length = part if part is not None else (0, layout.block_bytes)
     rows = [
-        (address[(layer, kv)], layout.block_bytes, device, layout.block_bytes, layout.num_blocks)
+        (address[(layer, kv)] + offset, length, device, layout.block_bytes, layout.num_blocks)
         for layer in range(layout.num_layers)
         for kv in range(layout.planes)
     ]
@@ -198,10 +203,12 @@ def _indices(layout: CacheLayout, layer: int, runs: RunTable, side: int) -> np.n
 class _Remote:
     name: str
     prepped: Any
+    local: Any = None  # the local list of a peer written a slice of each block (None: the whole-block one)
 
 
 class RdmaTransport(Transport):
     name = "rdma"
+    slices = True  # a slice of each block is one descriptor per block, as a whole block is
 
     def __init__(self, config: TransportConfig, local: RegisterCache) -> None:
         super().__init__(config, local)
@@ -271,10 +278,18 @@ class RdmaTransport(Transport):
                 self._agent.remove_remote_agent(info.agent)
                 name = self._agent.add_remote_agent(info.metadata)
             name = name.decode() if isinstance(name, bytes) else str(name)
-            prepped = self._agent.prep_xfer_dlist(name, _rows(peer.layout, address, 0), "DRAM")
+            cut = self._cuts.get(key)
+            there = None if cut is None else (cut.dst, cut.length)
+            prepped = self._agent.prep_xfer_dlist(name, _rows(peer.layout, address, 0, there), "DRAM")
+            local = None
+            if cut is not None:
+                assert self._mapped is not None
+                mine = {k: v.ctypes.data for k, v in self._mapped.views.items()}
+                rows = _rows(self.local.layout, mine, 0, (cut.src, cut.length))
+                local = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", rows, "DRAM")
         except self._errors as exc:
             raise TransportError(f"NIXL could not open peer {key}: {type(exc).__name__}: {exc}") from None
-        self._remotes[key] = _Remote(name, prepped)
+        self._remotes[key] = _Remote(name, prepped, local)
         self._infos[key] = peer
 
     def _post(self, write_id: int, key: str, layer: int, runs: RunTable) -> Completion | None:
@@ -285,7 +300,7 @@ class RdmaTransport(Transport):
         try:
             handle = self._agent.make_prepped_xfer(
                 "WRITE",
-                self._prepped,
+                self._prepped if remote.local is None else remote.local,
                 _indices(layout, layer, runs, 0),
                 remote.prepped,
                 _indices(self._peers[key], layer, runs, 1),
@@ -348,6 +363,8 @@ class RdmaTransport(Transport):
             del self._remotes[key]
             with contextlib.suppress(*self._errors):
                 remote.prepped.release()
+                if remote.local is not None:
+                    remote.local.release()
         for wid, (handle, _, peer) in list(self._inflight.items()):
             if peer == key:
                 del self._inflight[wid]
@@ -388,6 +405,8 @@ class RdmaTransport(Transport):
         if remote is not None:
             try:
                 remote.prepped.release()
+                if remote.local is not None:
+                    remote.local.release()
                 self._agent.remove_remote_agent(remote.name)
             except self._errors as exc:
                 log.warning("closing NIXL peer %s: %s", key, exc)

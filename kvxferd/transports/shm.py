@@ -5,7 +5,9 @@ segments (:mod:`kvxferd.kvcache`). The prefill daemon maps its own cache read
 only and each decode rank's cache read-write, once per peer, as numpy byte
 views of ``[num_blocks, block_bytes]`` per layer and K/V. A write copies each
 run of consecutive blocks with one ``numpy.copyto`` for K and one for V and
-completes synchronously. Before each write the peer's segments are checked
+completes synchronously; a peer written a slice of each block (the KV heads
+this rank writes there, see :mod:`kvxferd.core.rankmap`) gets a strided copy
+of those bytes of every block of the run, still one call per run. Before each write the peer's segments are checked
 (``fstat``): a segment its engine unlinked means the peer is gone, and the
 write fails instead of filling orphaned memory. A peer whose segments are the
 local cache's own files (by inode, whatever the name) is refused at open.
@@ -79,6 +81,7 @@ class MappedCache:
 
 class ShmTransport(Transport):
     name = "shm"
+    slices = True
 
     def __init__(self, config: TransportConfig, local: RegisterCache) -> None:
         super().__init__(config, local)
@@ -113,8 +116,12 @@ class ShmTransport(Transport):
             return self.completion(write_id, key, f"peer {key} is gone: its segment {gone!r} was removed")
         src = self._source()
         rows = runs.tolist()
+        cut = self._cuts.get(key)
         for kv in range(self.local.layout.planes):
             s, d = src.views[(layer, kv)], dst.views[(layer, kv)]
+            if cut is not None:  # the same bytes of every block: one strided copy per run
+                s = s[:, cut.src : cut.src + cut.length]
+                d = d[:, cut.dst : cut.dst + cut.length]
             for a, b, n in rows:
                 np.copyto(d[b : b + n], s[a : a + n])
         return self.completion(write_id, key)

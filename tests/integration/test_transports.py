@@ -98,6 +98,46 @@ def test_runs_land_byte_for_byte_and_nothing_else(name: str, caches: tuple[HostK
         target.close()
 
 
+@pytest.mark.parametrize(("src_heads", "dst_heads", "first", "at"), [(2, 1, 1, 0), (1, 2, 0, 1), (4, 2, 2, 0)])
+def test_a_slice_of_heads_of_each_block_lands_in_its_place_of_the_peers_blocks(
+    name: str, src_heads: int, dst_heads: int, first: int, at: int
+) -> None:
+    """Groups of different sizes (issue 24): heads ``first ..`` of each source block go to heads
+    ``at ..`` of each destination block (as many as the smaller side holds); every other byte of
+    the peer's cache is untouched."""
+    from kvxferd.core.rankmap import Cut
+
+    heads = min(src_heads, dst_heads)
+    src = HostKVCache.create(replace(SHAPE, kv_heads=src_heads))
+    dst = HostKVCache.create(replace(SHAPE, kv_heads=dst_heads))
+    rng = np.random.default_rng(11)
+    src.raw()[:] = rng.integers(0, 256, size=src.raw().shape, dtype=np.uint8)
+    dst.raw()[:] = 0
+    cls = load(name)
+    target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
+    try:
+        head = src.shape.block_bytes // src_heads
+        init.open_peer("peer", _peer_info(name, dst, target), Cut(first * head, at * head, heads * head))
+        runs = [Run(0, 5, 3), Run(9, 30, 2)]
+        assert _wait(init, init.post(1, "peer", 2, runs)).error is None
+        s, d = src.numpy().view(np.uint8), dst.numpy().view(np.uint8)  # [layer, K|V, block, head, token, bytes]
+        expect = np.zeros_like(d)
+        for r in runs:
+            expect[2, :, r.dst : r.dst + r.length, at : at + heads] = s[
+                2, :, r.src : r.src + r.length, first : first + heads
+            ]
+        assert np.array_equal(d, expect)
+        # a slice that does not fit the peer's blocks is refused at open, never at a write
+        with pytest.raises(Exception, match="do not fit"):
+            init.open_peer("bad", _peer_info(name, dst, target), Cut(0, dst.shape.block_bytes - head, 2 * head))
+    finally:
+        init.close()
+        target.close()
+        for c in (src, dst):
+            c.close()
+            c.unlink()
+
+
 @pytest.mark.parametrize(
     ("layer", "runs", "why"),
     [

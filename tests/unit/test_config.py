@@ -81,10 +81,16 @@ def test_fingerprint_ignores_logging_but_not_layout() -> None:
         ("groups: [{name: a, role: decode, world_size: 3, endpoint: 'ipc://a{rank}'}]", "groups[0]", "do not split"),
         ("groups: {name: a}", "groups", "expected a list"),
         (
-            "groups: [{name: p, role: prefill, world_size: 2, endpoint: 'ipc://p{rank}'},"
-            " {name: d, role: decode, world_size: 4, endpoint: 'ipc://d{rank}'}]",
+            "groups: [{name: p, role: prefill, world_size: 2, endpoint: 'ipc://p{rank}', memory: gpu},"
+            " {name: d, role: decode, world_size: 4, endpoint: 'ipc://d{rank}', memory: gpu}]",
             "groups",
-            "prefill group 'p' has 2 ranks and decode group 'd' has 4",
+            "prefill group 'p' has 2 ranks and decode group 'd' has 4: writing between groups of different "
+            "sizes slices KV heads, which this version does for host memory only",
+        ),
+        (
+            "kv: {kv_heads: 4}\ngroups: [{name: p, role: prefill, world_size: 6, endpoint: 'ipc://p{rank}'}]",
+            "groups[0]",
+            "6 ranks, more than the 4 KV heads but not a multiple of them",
         ),
         ("groups: [{name: a, role: decode}]", "groups[0].world_size", "missing"),
         ("barrier: {endpoint: 'http://x'}", "barrier.endpoint", "is not an ipc"),
