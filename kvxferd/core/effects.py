@@ -30,9 +30,10 @@ class Write:
 
     The shell reports the outcome with ``core.write_done(write_id, now, error, transport,
     generation)``. ``requests`` names every request instance the write serves; ``nbytes``
-    counts K and V. ``generation``: the decode registration the destination blocks were
-    reserved in (the cache_info's ``dst_generations`` entry for this rank's decode rank); the
-    write may go only into that one. "": into whichever the decode rank holds.
+    counts K and V. ``generations``: the decode registration the destination blocks were
+    reserved in, per decode rank (the cache_info's ``dst_generations``); the shell writes into
+    each decode rank only in its own, and sets ``generation`` to it on the write it hands a
+    link (see :mod:`kvxferd.runtime.peers`). Empty, or "": into whichever the rank holds.
     """
 
     write_id: int
@@ -42,6 +43,7 @@ class Write:
     runs: tuple[Run, ...]
     requests: tuple[Key, ...]
     nbytes: int
+    generations: tuple[str, ...] = ()
     generation: str = ""
 
 

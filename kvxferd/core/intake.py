@@ -77,11 +77,6 @@ class Intake:
                 f"request {rid}: {info.num_tokens} tokens need {need} blocks of {s.block_tokens} tokens, "
                 f"cache_info names {len(info.src_blocks)}"
             )
-        if info.dst_generations and s.rank >= len(info.dst_generations):
-            return ErrorCode.BAD_LAYOUT, (
-                f"request {rid}: dst_generations names the registrations of {len(info.dst_generations)} decode "
-                f"ranks; rank {s.rank} writes to decode rank {s.rank}"
-            )
         top = max(info.src_blocks)
         if top >= s.num_blocks:
             return (

@@ -45,7 +45,7 @@ class Writes:
     ) -> tuple[list[Write], list[Request]]:
         """The writes for ``items`` (those of requests that may write, each layer once), and the
         requests some of whose layers counted as written at once (a chunk with no blocks)."""
-        groups: dict[tuple[str, str, str, int], tuple[list[Run], list[Part]]] = {}
+        groups: dict[tuple[str, str, tuple[str, ...], int], tuple[list[Run], list[Part]]] = {}
         finished: dict[Key, Request] = {}
         unit = self.unit
         for key, index, layer in items:
@@ -62,19 +62,18 @@ class Writes:
                 continue
             nbytes = chunk.blocks * unit
             info = req.info
-            generation = info.dst_generations[self.rank] if info.dst_generations else ""
-            runs, parts = groups.setdefault((info.peer, info.transport, generation, layer), ([], []))
+            runs, parts = groups.setdefault((info.peer, info.transport, info.dst_generations, layer), ([], []))
             runs.extend(chunk.runs)
             parts.append(Part(key, index, layer, nbytes))
             req.inflight += 1
         writes = []
-        for (peer, transport, generation, layer), (runs, parts) in groups.items():
+        for (peer, transport, generations, layer), (runs, parts) in groups.items():
             write_id = next(self._ids)
             self._parts[write_id] = tuple(parts)
             keys = tuple(dict.fromkeys(p.key for p in parts))
             nbytes = sum(p.nbytes for p in parts)
             merged = merge_runs(runs)
-            writes.append(Write(write_id, peer, transport, layer, merged, keys, nbytes, generation))
+            writes.append(Write(write_id, peer, transport, layer, merged, keys, nbytes, generations))
         return writes, list(finished.values())
 
     def complete(

@@ -12,14 +12,17 @@ scheduler sends a request's cache_info to each rank at a random point of the
 step: before the layer-0 signal, after some layer, or after the step, a
 different point per rank.
 
-Each token row of block ``b`` of layer ``l``, K or V, on rank ``r`` of request
-``i`` holds one 64-bit value derived from ``(r, i, l, kv, b)``; no two requests
-share a value, so whatever a decode block held before cannot pass for it.
-When the first KVReady for a request arrives, every decode rank's blocks of
-that request are compared with the values (all rows of full blocks, the
-valid rows of the last one): a block sent before all its tokens were
-written, to the wrong place, or not at all, fails. Blocks return to the
-pools only once every rank reported the request.
+Each token row of KV head ``h`` (the model's numbering) of block ``b`` of
+layer ``l``, K or V, of request ``i`` holds one 64-bit value derived from
+``(h, i, l, kv, b)``; no two requests share a value, so whatever a decode
+block held before cannot pass for it. A prefill rank writes the heads it
+holds; the groups may differ in size (the config's rank map then slices
+heads), and each decode rank is checked against the heads it holds. When a
+request is decided, every decode rank's blocks of it are compared with the
+values (all rows of full blocks, the valid rows of the last one): a block
+sent before all its tokens were written, a head written to the wrong place,
+or one not written at all, fails. Blocks return to the pools only once every
+decode rank reported the request.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 
 from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, credentials
 from kvxferd.config import Config, GroupConfig
+from kvxferd.core.rankmap import Group, held
 from kvxferd.errors import DaemonError
 from kvxferd.kvcache import HostKVCache, KVShape
 from kvxferd.protocol import CacheInfo, SlotChunk
@@ -65,7 +69,7 @@ class DemoRequest:
     transports: set[str] = field(default_factory=set)
     lost: str = ""  # given up on (see DemoEngine.lost_s): the sides that never decided
     nbytes: int = 0
-    expect: np.ndarray[Any, Any] | None = None  # [rank, layer, kv, block] -> value of every row
+    expect: np.ndarray[Any, Any] | None = None  # [head, layer, kv, block] -> value of every row
 
     @property
     def finished(self) -> bool:
@@ -90,9 +94,9 @@ class BlockPool:
         self.free.extend(blocks)
 
 
-def expected_values(index: int, world: int, layers: int, nblocks: int) -> np.ndarray[Any, Any]:
-    """``[rank, layer, kv, block]``: the 64-bit value every row of that block must hold."""
-    rank = np.arange(world, dtype=np.uint64)[:, None, None, None] << np.uint64(56)
+def expected_values(index: int, heads: int, layers: int, nblocks: int) -> np.ndarray[Any, Any]:
+    """``[head, layer, kv, block]``: the 64-bit value every row of that head of that block must hold."""
+    rank = np.arange(heads, dtype=np.uint64)[:, None, None, None] << np.uint64(56)
     layer = np.arange(layers, dtype=np.uint64)[None, :, None, None] << np.uint64(40)
     kv = np.arange(2, dtype=np.uint64)[None, None, :, None] << np.uint64(32)
     block = np.arange(nblocks, dtype=np.uint64)[None, None, None, :] * np.uint64(0xBF58476D1CE4E5B9)
@@ -118,20 +122,23 @@ class DemoEngine:
     def __init__(
         self, config: Config, prefill: GroupConfig, decode: GroupConfig, *, seed: int, transport: str, layer_s: float
     ) -> None:
-        if prefill.world_size != decode.world_size:
-            raise DaemonError("the demo pairs prefill rank r with decode rank r: the groups need equal sizes")
         if prefill.memory != "host" or decode.memory != "host":
             raise DaemonError("the demo runs host-memory caches (set memory: host on both groups)")
-        self.config, self.world = config, prefill.world_size
+        self.config, self.world, self.dworld = config, prefill.world_size, decode.world_size
         self.transport = transport
         self.layer_s = layer_s
         self.rng = random.Random(seed)
         self.shape = KVShape.from_config(config, self.world)
+        dshape = KVShape.from_config(config, self.dworld)
         self.bt = self.shape.block_tokens
         self.layers = self.shape.num_layers
+        self.heads = config.kv.kv_heads
+        #: the model's heads [first, end) each rank holds, prefill then decode
+        self.pheads = [self._held(prefill, r) for r in range(self.world)]
+        self.dheads = [self._held(decode, r) for r in range(self.dworld)]
         self.peer = decode.name
         self.pcaches = [HostKVCache.create(self.shape) for _ in range(self.world)]
-        self.dcaches = [HostKVCache.create(self.shape) for _ in range(self.world)]
+        self.dcaches = [HostKVCache.create(dshape) for _ in range(self.dworld)]
         self.pviews = [u64_view(c) for c in self.pcaches]
         self.dviews = [u64_view(c) for c in self.dcaches]
         self.src_pool = BlockPool(self.shape.num_blocks)
@@ -139,7 +146,7 @@ class DemoEngine:
         creds = credentials(config)
         self.workers = [PrefillWorker(config.endpoint(prefill, r), credentials=creds) for r in range(self.world)]
         self.sched = PrefillScheduler([config.endpoint(prefill, r) for r in range(self.world)], credentials=creds)
-        self.decode = DecodeEngine([config.endpoint(decode, r) for r in range(self.world)], credentials=creds)
+        self.decode = DecodeEngine([config.endpoint(decode, r) for r in range(self.dworld)], credentials=creds)
         self.requests: list[DemoRequest] = []
         self.by_id: dict[str, DemoRequest] = {}
         self.step = 0
@@ -147,6 +154,11 @@ class DemoEngine:
         #: a started request no notice decided within this long is given up ("lost") and its blocks
         #: are reused (None: wait for every notice, as the demo does)
         self.lost_s: float | None = None
+
+    def _held(self, group: GroupConfig, rank: int) -> tuple[int, int]:
+        if self.config.kv.replicated:
+            return 0, self.heads
+        return held(Group(group.name, group.world_size), self.heads, rank)
 
     def close(self) -> None:
         for w in self.workers:
@@ -217,7 +229,7 @@ class DemoEngine:
                 return
             waiting.popleft()
             req.src, req.dst, req.slot = src, dst, slots.pop(0)
-            req.expect = expected_values(req.index, self.world, self.layers, need)
+            req.expect = expected_values(req.index, self.heads, self.layers, need)
             active.append(req)
 
     def _schedule(self, active: list[DemoRequest]) -> list[tuple[DemoRequest, int, int]]:
@@ -285,15 +297,16 @@ class DemoEngine:
         first, last = off // bt, (off + n - 1) // bt
         src = np.asarray(req.src[first : last + 1])
         lo, hi = off - first * bt, off + n - last * bt  # rows written in the first and the last block
+        h0, h1 = self.pheads[rank]
         for kv in (0, 1):
-            vals = req.expect[rank, layer, kv, first : last + 1]
+            vals = req.expect[h0:h1, layer, kv, first : last + 1].T  # [block, head]
             if first == last:
-                view[layer, kv, src[0], :, lo:hi] = vals[0]
+                view[layer, kv, src[0], :, lo:hi] = vals[0, :, None, None]
                 continue
-            view[layer, kv, src[0], :, lo:] = vals[0]
-            view[layer, kv, src[-1], :, :hi] = vals[-1]
+            view[layer, kv, src[0], :, lo:] = vals[0, :, None, None]
+            view[layer, kv, src[-1], :, :hi] = vals[-1, :, None, None]
             if last - first > 1:
-                view[layer, kv, src[1:-1]] = vals[1:-1, None, None, None]
+                view[layer, kv, src[1:-1]] = vals[1:-1, :, None, None]
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -367,11 +380,12 @@ class DemoEngine:
         dst = np.asarray(req.dst)
         tail = req.num_tokens - (nb - 1) * bt  # valid rows of the last block
         for rank, view in enumerate(self.dviews):
-            want = req.expect[rank]  # [layer, kv, block]
+            h0, h1 = self.dheads[rank]
+            want = req.expect[h0:h1].transpose(1, 2, 3, 0)  # [layer, kv, block, head]
             got = view[:, :, dst[:-1]]  # every row of the full blocks
-            if not np.array_equal(got, np.broadcast_to(want[:, :, :-1, None, None, None], got.shape)):
+            if not np.array_equal(got, np.broadcast_to(want[:, :, :-1, :, None, None], got.shape)):
                 return False
             last = view[:, :, dst[-1], :, :tail]  # the valid rows of the last block
-            if not np.array_equal(last, np.broadcast_to(want[:, :, -1, None, None, None], last.shape)):
+            if not np.array_equal(last, np.broadcast_to(want[:, :, -1, :, None, None], last.shape)):
                 return False
         return True

@@ -1,11 +1,24 @@
 """A prefill daemon's decode peers: the shell around :class:`kvxferd.core.peer.PeerLink`.
 
-Theory of operation: a peer is a decode rank's daemon: the rank of ours in a
-decode group of the config, which a request's ``peer`` names (by the group's
-name or its endpoint template; anything else is refused, so a cache_info can
-never send writes or notices anywhere the config does not list). There is at
-most one link per decode group, and a ``peer`` string is resolved to its link
-once. What a link knows and when it asks (the PeerInfo, the question out, the
+Theory of operation: a peer is a decode rank's daemon, in a decode group of
+the config, which a request's ``peer`` names (by the group's name or its
+endpoint template; anything else is refused, so a cache_info can never send
+writes or notices anywhere the config does not list). Which ranks of that
+group this rank writes into, and which bytes of each block, is the config's
+rank map (:mod:`kvxferd.core.rankmap`): rank r of ours alone when both groups
+have the same size; several (a slice of each block, its heads, into each)
+when the decode group is larger; one (its heads into a slice of each decode
+block) when it is smaller; none when another replica of its heads writes
+them. There is one link per decode rank written, and a ``peer`` string is
+resolved to its targets once.
+
+**Fan-out.** A write of the core goes to every target: one transport write
+per link, each with an id of its own, and the core hears of its write once,
+when the last of them completed (failed if any failed, naming it). A notice
+goes to every target too, each with that decode rank's number, and an ok
+result waits for every one of them to confirm (:mod:`kvxferd.core.ledger`).
+
+What a link knows and when it asks (the PeerInfo, the question out, the
 writes waiting for the answer, idleness) is the pure state machine in
 :mod:`kvxferd.core.peer`; this module owns its DEALER socket and the
 transports, feeds the machine events with ``now`` and carries out what it
@@ -34,7 +47,7 @@ import logging
 import socket as pysocket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 
@@ -46,11 +59,13 @@ from kvxferd.core import Problem, ToEngine, Write
 from kvxferd.core.ledger import LedgerEffect, Notice, NoticeLedger, Report, as_failed
 from kvxferd.core.memory import Memory
 from kvxferd.core.peer import Ask, Close, Drop, Fail, LinkEffect, LinkSettings, Note, PeerLink, Start, Warm
+from kvxferd.core.rankmap import Cut
 from kvxferd.errors import TransportError, TransportUnavailable
 from kvxferd.protocol import (
     CacheLayout,
     Error,
     ErrorCode,
+    KVReady,
     Message,
     PeerInfo,
     PeerQuery,
@@ -72,8 +87,10 @@ RETRY_S = 0.02  # a peer that is up but has no cache registered yet is asked aga
 RENEW_S = 1.0
 #: notices kept until their decode daemon confirms them (the oldest is given up past this)
 MAX_UNCONFIRMED = 8192
-#: route keys remembered (a few per decode group: one per registration of its cache lately)
-MAX_ROUTE_KEYS = 64
+#: route keys remembered (a few per decode rank: one per registration of its cache lately)
+MAX_ROUTE_KEYS = 256
+#: transport write ids of fanned-out writes start here (the core's own ids stay far below)
+FIRST_PART_ID = 1 << 62
 
 
 @cache
@@ -99,12 +116,14 @@ class Route:
 
 @dataclass
 class Link:
-    """One decode group's link: the machine, and the plumbing it drives."""
+    """The link to one decode rank: the machine, and the plumbing it drives."""
 
     endpoint: str
     sock: zmq.Socket[bytes]
     group: GroupConfig
-    layout: CacheLayout  # what the group's PeerInfo must describe
+    rank: int  # the decode rank
+    cut: Cut | None  # the bytes of each block this rank writes there (None: whole blocks)
+    layout: CacheLayout  # what its PeerInfo must describe
     machine: PeerLink
     monitor: zmq.Socket[bytes] | None = None  # connection events of ``sock``
     gone: bool = False  # the peer's connection closed and has not come back
@@ -114,8 +133,24 @@ class Link:
     routes: dict[str, Route] = field(default_factory=dict)  # requested transport -> route, for that PeerInfo
 
     @property
+    def name(self) -> str:
+        """``group:rank``: the key of its link, its ledger entries and its status."""
+        return f"{self.group.name}:{self.rank}"
+
+    @property
     def gone_text(self) -> str:
         return f"{self.machine.s.name} is gone (its connection closed)"
+
+
+@dataclass
+class _Fan:
+    """A write of the core fanned out to several links: what is left of it."""
+
+    parts: int
+    left: int
+    error: str | None = None
+    transport: str | None = None
+    generations: dict[int, str] = field(default_factory=dict)  # decode rank -> registration written
 
 
 class Peers:
@@ -124,8 +159,14 @@ class Peers:
         self.config = config
         self.group, self.rank, self.memory = group, rank, memory
         self.max_frame = config.limits.max_frame_bytes
-        self.links: dict[str, Link] = {}  # decode group name -> its rank of ours
+        self.links: dict[str, Link] = {}  # group:rank -> the link to that decode rank
         self.names: dict[str, str] = {}  # a request's peer -> the decode group it names (valid ones only)
+        #: decode group -> the decode ranks this rank writes into, and what of each block
+        self.targets: dict[str, dict[int, Cut | None]] = {}
+        #: fanned-out writes: transport write id -> the core's, and the core's -> what is left
+        self.parts: dict[int, tuple[int, int]] = {}
+        self.fans: dict[int, _Fan] = {}
+        self._next_part = FIRST_PART_ID
         #: route key (endpoint#generation) -> (link, generation): where a completion's write went (the
         #: keys of earlier registrations stay a while, for writes that complete after a new one)
         self.opened: Memory[str, tuple[Link, str]] = Memory(limit=MAX_ROUTE_KEYS)
@@ -185,30 +226,85 @@ class Peers:
         if group is None:
             names = ", ".join(g.name for g in self.config.groups if g.role == "decode") or "none"
             raise TransportError(f"peer {show(peer)} names no decode group of this deployment (decode groups: {names})")
-        if self.rank >= group.world_size:
-            raise TransportError(f"decode group {group.name!r} has no rank {self.rank}")
         return group
 
+    def targets_of(self, group: GroupConfig) -> dict[int, Cut | None]:
+        """The decode ranks of ``group`` this rank writes into, and what of each block (the rank
+        map, decided by the config at load)."""
+        found = self.targets.get(group.name)
+        if found is None:
+            prefill = self.config.group(self.group)
+            found = self.targets[group.name] = self.config.cuts(prefill, self.rank, group)
+        return found
+
     def write(self, w: Write, now: float) -> list[Completion]:
+        """Post ``w`` to every decode rank this rank writes into; its completion comes once all
+        of them completed (at once, if it goes nowhere: another replica writes those heads)."""
         try:
-            link = self._link(w.peer, now)
+            links = self._links(w.peer, now)
         except TransportError as exc:
             return [Completion(w.write_id, str(exc))]
+        if len(links) == 1:  # the common case: the core's write is the transport's
+            return self._joined(self._post(links[0], w, w.write_id, now))
+        if not links:
+            return [Completion(w.write_id)]
+        self.fans[w.write_id] = _Fan(len(links), len(links))
+        done: list[Completion] = []
+        for link in links:
+            part, self._next_part = self._next_part, self._next_part + 1
+            self.parts[part] = (w.write_id, link.rank)
+            done += self._post(link, w, part, now)
+        return self._joined(done)
+
+    def _post(self, link: Link, w: Write, write_id: int, now: float) -> list[Completion]:
+        """Write ``w`` (as transport write ``write_id``) to ``link``'s decode rank, into the
+        registration its blocks were reserved in there."""
+        generation = w.generations[link.rank] if link.rank < len(w.generations) else ""
         if link.gone:
-            return [Completion(w.write_id, link.gone_text)]
-        return self._carry(link, link.machine.want(w, now), now)
+            return [Completion(write_id, link.gone_text)]
+        mine = replace(w, write_id=write_id, generation=generation)
+        return self._carry(link, link.machine.want(mine, now), now)
+
+    def _joined(self, done: list[Completion]) -> list[Completion]:
+        """Completions as the core knows its writes: the parts of a fanned-out write become one
+        completion once the last of them came (its error the first part's that failed)."""
+        if not self.parts:
+            return done
+        out: list[Completion] = []
+        for c in done:
+            part = self.parts.pop(c.write_id, None)
+            if part is None:
+                out.append(c)
+                continue
+            write_id, rank = part
+            fan = self.fans[write_id]
+            fan.left -= 1
+            if c.error is not None and fan.error is None:
+                fan.error = c.error
+            fan.transport = fan.transport or c.transport
+            generation = self.generation_of(c)
+            if generation is not None:
+                fan.generations[rank] = generation
+            if fan.left == 0:
+                del self.fans[write_id]
+                out.append(Completion(write_id, fan.error, False, fan.transport, _fanned(fan)))
+        return out
 
     def warm(self, peer: str, now: float) -> None:
         """Discover a peer now and open it on the preferred transport, before any request needs it."""
         try:
-            link = self._link(peer, now)
+            links = self._links(peer, now)
         except TransportError as exc:
             log.warning("%s", exc)
             return
-        self._carry(link, link.machine.want(None, now), now)
+        for link in links:
+            self._carry(link, link.machine.want(None, now), now)
 
     def poll(self, now: float) -> list[Completion]:
         """Completions from transports that finish asynchronously."""
+        return self._joined(self._poll(now))
+
+    def _poll(self, now: float) -> list[Completion]:
         if self._next_poll is None or now < self._next_poll:
             return []
         done: list[Completion] = []
@@ -224,7 +320,11 @@ class Peers:
         return self._settled(done, now)
 
     def generation_of(self, done: Completion) -> str | None:
-        """The decode registration a completed write went into (None: it never reached a route)."""
+        """The decode registration a completed write went into (None: it never reached a route);
+        for a fanned-out write, each decode rank's in rank order, joined by commas (``notify``
+        gives each decode rank its own)."""
+        if done.peer is not None and done.peer.startswith(FANNED):
+            return done.peer[len(FANNED) :] or None
         found = self.opened.get(done.peer) if done.peer is not None else None
         return found[1] if found is not None else None
 
@@ -254,7 +354,7 @@ class Peers:
             transport = self.transport(name)
             key = f"{link.endpoint}#{info.generation}"
             if name not in link.open_on:
-                transport.open_peer(key, info)
+                transport.open_peer(key, info, link.cut)
                 link.key = key
                 link.open_on.add(name)
                 self.opened.put(key, (link, info.generation))
@@ -331,24 +431,33 @@ class Peers:
             link.monitor = None
         self.service.unwatch(link.sock)
         link.sock.close()
-        if self.links.get(link.group.name) is link:
-            del self.links[link.group.name]
+        if self.links.get(link.name) is link:
+            del self.links[link.name]
         self.answers = [(lk, m) for lk, m in self.answers if lk is not link]
 
     # -- notices to decode daemons ----------------------------------------------------
 
     def notify(self, peer: str, msg: Notice, now: float, then: ToEngine | None = None) -> None:
-        """Send a request's notice to its decode rank, kept until that rank confirms it; ``then``,
-        the ok result of a KVReady, goes to ``on_report`` once it does (see core.ledger)."""
+        """Send a request's notice to every decode rank this rank writes into (each with its own
+        rank number, and the registration its bytes went into there), kept until each confirms
+        it; ``then``, the ok result of a KVReady, goes to ``on_report`` once all did (see
+        core.ledger)."""
         try:
-            link = self._link(peer, now)
+            links = self._links(peer, now)
         except TransportError as exc:
             log.error("%s; dropped %s", exc, msg)
             if then is not None:
                 self.on_report(as_failed(then, f"{exc}: decode was not told", ErrorCode.UNAVAILABLE))
             return
-        link.machine.last_used = now
-        self._send(self.ledger.tell(link.group.name, msg, now, then))
+        generations = msg.generation.split(",") if isinstance(msg, KVReady) else []
+        notices: list[tuple[str, Notice]] = []
+        for i, link in enumerate(links):
+            link.machine.last_used = now
+            notice = replace(msg, rank=link.rank)
+            if isinstance(notice, KVReady) and len(generations) == len(links) > 1:
+                notice = replace(notice, generation=generations[i])
+            notices.append((link.name, notice))
+        self._send(self.ledger.tell_all(notices, now, then))
 
     def _send(self, effects: list[LedgerEffect]) -> None:
         for eff in effects:
@@ -371,7 +480,7 @@ class Peers:
     # -- discovery -------------------------------------------------------------------------
 
     def report(self) -> dict[str, dict[str, object]]:
-        """Each link's state, for the status reply."""
+        """Each link's state (by ``group:rank``), for the status reply."""
         return {
             name: {
                 "state": link.machine.state.value,
@@ -384,35 +493,35 @@ class Peers:
             for name, link in self.links.items()
         }
 
-    def _link(self, peer: str, now: float) -> Link:
-        """The link to our rank of the decode group ``peer`` names (one per group, so at most as
-        many links as the config has decode groups); a peer string is resolved once."""
+    def _links(self, peer: str, now: float) -> list[Link]:
+        """The links to the decode ranks of the group ``peer`` names that this rank writes into,
+        in rank order (one per decode rank, so at most as many links as the config has decode
+        ranks); a peer string is resolved once."""
         name = self.names.get(peer)
         if name is None:
             name = self.names[peer] = self.group_of(peer).name  # only names that resolve are kept
-        link = self.links.get(name)
-        if link is None:
-            link = self._open_link(self.group_of(peer), now)
-        return link
+        group = self.group_of(peer)
+        links = []
+        for rank, cut in self.targets_of(group).items():
+            link = self.links.get(f"{name}:{rank}")
+            links.append(link if link is not None else self._open_link(group, rank, cut, now))
+        return links
 
-    def _open_link(self, group: GroupConfig, now: float) -> Link:
-        endpoint = self.config.peer_endpoint(group, self.rank)
+    def _open_link(self, group: GroupConfig, rank: int, cut: Cut | None, now: float) -> Link:
+        endpoint = self.config.peer_endpoint(group, rank)
         try:
             sock = self.service.client_socket(endpoint, f"{self.group}:{self.rank}")
         except zmq.ZMQError as exc:
-            raise TransportError(
-                f"cannot connect to decode {group.name!r} rank {self.rank} at {endpoint}: {exc}"
-            ) from None
+            raise TransportError(f"cannot connect to decode {group.name!r} rank {rank} at {endpoint}: {exc}") from None
         kv, t = self.config.kv, self.config.timeouts
         layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size), kv.planes)
-        settings = LinkSettings(
-            f"decode {group.name!r} rank {self.rank} at {endpoint}", t.peer_s, RETRY_S, t.peer_idle_s
-        )
-        link = self.links[group.name] = Link(endpoint, sock, group, layout, PeerLink(settings, now))
+        settings = LinkSettings(f"decode {group.name!r} rank {rank} at {endpoint}", t.peer_s, RETRY_S, t.peer_idle_s)
+        link = Link(endpoint, sock, group, rank, cut, layout, PeerLink(settings, now))
+        self.links[link.name] = link
         self.service.watch(sock, lambda: self._on_link(link))
         link.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.service.watch(link.monitor, lambda: self._on_monitor(link))
-        self._send(self.ledger.reconnected(group.name))  # notices kept from an earlier link (it closed idle)
+        self._send(self.ledger.reconnected(link.name))  # notices kept from an earlier link (it closed idle)
         return link
 
     def _on_monitor(self, link: Link) -> None:
@@ -427,7 +536,7 @@ class Peers:
                 link.gone, link.renew_at = False, None
                 log.info("%s connected again", link.machine.s.name)
                 self._carry(link, link.machine.reconnected(time.monotonic()), time.monotonic())
-                again = self.ledger.reconnected(link.group.name)
+                again = self.ledger.reconnected(link.name)
                 if again:
                     log.info("sending %d unconfirmed notices to %s again", len(again), link.machine.s.name)
                 self._send(again)
@@ -441,12 +550,15 @@ class Peers:
 
     def handle_answers(self, now: float) -> list[Completion]:
         """Act on what peers said since the last call."""
+        return self._joined(self._answers(now))
+
+    def _answers(self, now: float) -> list[Completion]:
         done: list[Completion] = []
         answers, self.answers = self.answers, []
         for link, msg in answers:
             machine = link.machine
             if isinstance(msg, Received):
-                told = self.ledger.confirmed(link.group.name, msg)
+                told = self.ledger.confirmed(link.name, msg)
                 if told is None:
                     log.debug("confirmation of %s from %s: nothing kept for it", msg, link.endpoint)
                 self._send(told or [])
@@ -471,7 +583,7 @@ class Peers:
             if link.gone and link.renew_at is not None and now >= link.renew_at:
                 self._renew(link, now)
         self._send(self.ledger.due(now))  # notices unconfirmed too long: dropped somewhere, again
-        return done + self.poll(now)
+        return self._joined(done + self._poll(now))
 
     def next_wakeup(self) -> float | None:
         times = [self._next_poll] if self._next_poll is not None else []
@@ -504,7 +616,7 @@ class Peers:
 
     def _mismatch(self, link: Link, info: PeerInfo) -> str | None:
         """Why a PeerInfo is not what the config says this peer holds, if it is not."""
-        if info.group != link.group.name or info.rank != self.rank:
+        if info.group != link.group.name or info.rank != link.rank:
             return f"answered as {show(info.group)} rank {info.rank}"
         if info.memory != link.group.memory:
             return f"its cache is in {info.memory} memory; the config says {link.group.memory}"
@@ -517,3 +629,15 @@ class Peers:
         for link in list(self.links.values()):
             self._close_link(link, 0.0)
         self.links.clear()
+
+
+#: the ``peer`` of the completion of a fanned-out write: this, then the registrations it went into
+FANNED = "fanned:"
+
+
+def _fanned(fan: _Fan) -> str:
+    """The completion's ``peer`` of a fanned-out write: the registration of each decode rank, in
+    rank order, joined by commas (empty where one part never reached a route)."""
+    if len(fan.generations) < fan.parts:
+        return FANNED
+    return FANNED + ",".join(fan.generations[r] for r in sorted(fan.generations))

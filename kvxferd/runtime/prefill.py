@@ -207,9 +207,16 @@ class PrefillDaemon(GroupDaemon):
                 refusal = (ErrorCode.NOT_REGISTERED, detail)
             else:
                 try:
-                    self.peers.group_of(msg.peer)
+                    targets = self.peers.targets_of(self.peers.group_of(msg.peer))
                 except TransportError as exc:
                     refusal = (ErrorCode.UNKNOWN_PEER, f"request {msg.request_id}: {exc}")
+                else:
+                    if msg.dst_generations and targets and max(targets) >= len(msg.dst_generations):
+                        refusal = (ErrorCode.BAD_LAYOUT, (
+                            f"request {msg.request_id}: dst_generations names the registrations of "
+                            f"{len(msg.dst_generations)} decode ranks; {self.group.name} rank {self.rank} writes "
+                            f"into decode ranks {sorted(targets)}"
+                        ))  # fmt: skip
             self._apply(self.core.on_cache_info(msg, now, refusal, origin=identity), now)
         elif isinstance(msg, LayerSignal):
             if identity != self.worker:

@@ -48,6 +48,36 @@ def test_demo_over_rdma_runs_50_requests_all_ok_and_verified() -> None:
     assert set(summary["daemons"].values()) == {0}
 
 
+MAPS = sorted((Path(__file__).parents[2] / "configs" / "maps").glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", MAPS, ids=[p.stem for p in MAPS])
+def test_every_example_deployment_of_different_group_sizes_runs_with_every_head_verified(config: Path) -> None:
+    """Issue 24: prefill and decode groups of different sizes (2->4, 4->2, 1->2, 4->1, TP above
+    the head count, a replicated cache). The demo checks each decode rank's heads of every block
+    against what the prefill ranks holding those heads wrote."""
+    done = run("demo", "--config", str(config), "--requests", "40", "--json", "--timeout", "150", timeout=200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["requests"] == summary["ok"] == summary["verified"] == 40
+    assert set(summary["daemons"].values()) == {0}
+
+
+@pytest.mark.slow
+@pytest.mark.rdma
+@pytest.mark.parametrize("name", ["p2-d4", "p4-d2"])
+def test_heads_are_sliced_over_rdma_too(name: str) -> None:
+    pytest.importorskip("nixl_cu12", reason="the rdma extra (NIXL) is not installed")
+    config = Path(__file__).parents[2] / "configs" / "maps" / f"{name}.yaml"
+    args = ("demo", "--config", str(config), "--transport", "rdma", "--requests", "40", "--json", "--timeout", "150")
+    done = run(*args, timeout=200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["requests"] == summary["ok"] == summary["verified"] == 40
+    assert summary["transports"] == {"rdma": 40}
+
+
 @pytest.mark.parametrize("command", ["serve", "barrier", "demo", "status"])
 def test_help_explains_every_option(command: str) -> None:
     cmd = main.commands[command]

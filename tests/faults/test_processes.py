@@ -479,7 +479,7 @@ def test_notices_unread_by_a_killed_decode_daemon_reach_the_engine_through_its_s
         traffic.ok(2)
 
         def unconfirmed() -> int:
-            return int(dep.status(1)["peers"][dep.decode.name]["unconfirmed"])
+            return int(dep.status(1)["peers"][f"{dep.decode.name}:1"]["unconfirmed"])
 
         dep.wait_until("decode rank 1 to confirm every notice so far", lambda: unconfirmed() == 0)
         victim = dep.cluster.daemon(_name(dep, "decode", 1))
@@ -529,7 +529,7 @@ def test_notices_for_a_dead_decode_engine_reach_its_successor_and_no_prefill_ran
         world = range(dep.prefill.world_size)
 
         def unconfirmed() -> list[int]:
-            return [int(dep.status(r)["peers"][dep.decode.name]["unconfirmed"]) for r in world]
+            return [int(dep.status(r)["peers"][f"{dep.decode.name}:{r}"]["unconfirmed"]) for r in world]
 
         dep.wait_until("every notice so far to be confirmed", lambda: unconfirmed() == [0, 0])
         dep.dec.close()  # the engine dies
@@ -993,7 +993,7 @@ def test_after_a_decode_daemon_restarts_nothing_is_written_into_its_old_registra
         _restart(dep, _name(dep, "decode", 1), record)
         dep.wait_until(
             "prefill rank 1's link to decode rank 1 to connect again",
-            lambda: dep.status(1)["peers"].get(dep.decode.name, {}).get("connected") is True,
+            lambda: dep.status(1)["peers"].get(f"{dep.decode.name}:1", {}).get("connected") is True,
         )
         info, src, dst = traffic.info()
         fault = time.monotonic()

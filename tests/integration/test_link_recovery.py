@@ -70,7 +70,7 @@ def test_a_link_ended_by_an_oversize_frame_comes_back_by_itself_and_asks_before_
         pump("the first PeerQuery", lambda: len(queries) == 1)
         too_big = b"x" * (config.limits.max_frame_bytes + ENVELOPE + 64)
         peer.send_multipart([queries[0], too_big])  # the peer misbehaves once: the session ends
-        link = peers.links["decode"]
+        link = peers.links["decode:0"]  # (decode rank 0: the link of prefill rank 0)
         pump("the link to be gone", lambda: link.gone)
         # the peer behaves from now on: the link must connect again and ask again by itself
         # (if the old socket reconnects before the peer saw its session end, the peer's ROUTER drops

@@ -47,7 +47,7 @@ def test_a_decode_engine_with_a_new_cache_is_written_there_without_restarting_pr
             c.close()
             c.unlink()
     for r in range(dep.prefill.world_size):
-        assert dep.status(r)["peers"][dep.decode.name]["state"] == "ready"
+        assert dep.status(r)["peers"][f"{dep.decode.name}:{r}"]["state"] == "ready"
 
 
 IDLE = HOSTILE.replace("peer_s: 10,", "peer_s: 10, peer_idle_s: 0.5,")
@@ -59,8 +59,8 @@ def test_an_idle_link_is_closed_and_the_next_request_opens_it_again() -> None:
         assert isinstance(d, Hostile)
         d.legit("first")
         for r in range(d.prefill.world_size):
-            d.wait_until(f"rank {r}'s link to close", lambda r=r: d.decode.name not in d.status(r)["peers"])
+            d.wait_until(f"rank {r}'s link to close", lambda r=r: f"{d.decode.name}:{r}" not in d.status(r)["peers"])
         d.still_fine("second")
         for r in range(d.prefill.world_size):
-            link = d.status(r)["peers"].get(d.decode.name)
+            link = d.status(r)["peers"].get(f"{d.decode.name}:{r}")
             assert link is None or link["waiting"] == link["inflight"] == 0

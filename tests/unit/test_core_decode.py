@@ -473,3 +473,35 @@ def test_with_several_writers_the_engine_hears_each_instance_once_and_only_after
         elif action == "retry":
             carry(c.on_timer(1e9))
     assert len(engine) == len(set(engine)), f"told twice: {engine}"
+
+
+def test_an_ok_result_written_into_several_decode_ranks_waits_for_every_confirmation() -> None:
+    """A prefill rank writing into two decode ranks (a larger decode group) is ok only once both
+    told their engines KVReady; one that told a failure makes it that failure."""
+    ledger = NoticeLedger(limit=8, retry_s=2.0, confirm_s=10.0)
+    sent = ledger.tell_all([("d:0", ready("a")), ("d:1", ready("a", rank=1))], 0.0, then=ok_result("a"))
+    assert sent == [Send("d:0", ready("a")), Send("d:1", ready("a", rank=1))] and ledger.holding == 1
+    assert ledger.confirmed("d:0", Received("a", 0)) == [], "decode rank 1 has not confirmed"
+    assert ledger.confirmed("d:1", Received("a", 1)) == [Report(ok_result("a"))]
+    assert ledger.holding == 0 and len(ledger) == 0
+    # one of them told its engine a failure: so is the scheduler, once the other answered too
+    ledger.tell_all([("d:0", ready("b")), ("d:1", ready("b", rank=1))], 1.0, then=ok_result("b"))
+    stale = Received("b", 1, 0, Status.FAILED, "written into registration 'g0'", ErrorCode.NOT_REGISTERED.value)
+    assert ledger.confirmed("d:1", stale) == []
+    (report,) = ledger.confirmed("d:0", Received("b", 0)) or []
+    assert isinstance(report, Report) and report.result.result.code == "not_registered"
+    # a rank that writes into no decode rank (replicas: another one writes its heads) is ok at once
+    assert ledger.tell_all([], 2.0, then=ok_result("c")) == [Report(ok_result("c"))]
+    assert ledger.holding == 0
+
+
+def test_a_result_told_failed_for_want_of_one_confirmation_makes_every_rank_hear_the_failure() -> None:
+    ledger = NoticeLedger(limit=8, retry_s=2.0, confirm_s=5.0)
+    ledger.tell_all([("d:0", ready("a")), ("d:1", ready("a", rank=1))], 0.0, then=ok_result("a"))
+    ledger.confirmed("d:0", Received("a", 0))
+    out = ledger.due(2.0) + ledger.due(6.0)
+    reports = [e for e in out if isinstance(e, Report)]
+    assert len(reports) == 1 and reports[0].result.result.code == "unavailable"
+    (send,) = [e for e in out if isinstance(e, Send) and isinstance(e.notice, TransferResult)]
+    assert send.link == "d:1" and send.notice.rank == 1 and send.notice.status is Status.FAILED
+    assert ledger.holding == 0 and ledger.confirmed("d:1", Received("a", 1)) == []
