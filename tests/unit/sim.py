@@ -41,6 +41,7 @@ from kvxferd.core.barrier import ALIVE_BEATS
 from kvxferd.core.blocks import blocks_needed
 from kvxferd.core.decode import Confirm, DecodeCore, Deliver
 from kvxferd.core.ledger import as_failed
+from kvxferd.core.rankmap import Group, rank_map
 from kvxferd.protocol import (
     STARTUP_KEY,
     Abort,
@@ -345,10 +346,18 @@ class GroupSim:
         timing: Timing | None = None,
         faults: Faults | None = None,
         quiesce: bool = True,
+        decode_world: int = 0,
         **settings: float,
     ) -> None:
         assert len(scenario.schedulers) == world_size
         self.sc, self.rng, self.world = scenario, rng, world_size
+        #: the decode group: as large as the prefill group, or smaller (then each decode rank has
+        #: several writers, each writing its heads into a slice of every block: the rank map)
+        self.dworld = decode_world or world_size
+        heads = world_size  # one head per prefill rank: every prefill rank writes, none writes twice
+        rmap = rank_map(Group(GROUP, world_size), Group(DECODE, self.dworld), heads)
+        self.targets = {r: tuple(piece.decode for piece in rmap.writes_of(r)) for r in range(world_size)}
+        self.writers = {d: rmap.writers_of(d) for d in range(self.dworld)}
         self.timing = timing or Timing()
         self.faults = faults or Faults()
         self.quiesce = quiesce  # a verdict never comes while any rank still writes (no deadline cut it short)
@@ -372,11 +381,11 @@ class GroupSim:
         self.history = list(self.procs)  # every process that ever ran, in order of start
         for p in self.procs:
             self._route(self.barrier.hello(self._hello(p), 0.0), None)
-        self.decoders = [DecodeCore(d, {identity(d): GROUP}) for d in range(world_size)]
+        self.decoders = [DecodeCore(d, {identity(w): GROUP for w in self.writers[d]}) for d in range(self.dworld)]
         for d in self.decoders:
             d.registered(GENERATION, 0.0)
         #: per decode rank, what its engine was told, by instance
-        self.told: list[dict[Key, list[KVReady | TransferResult]]] = [defaultdict(list) for _ in range(world_size)]
+        self.told: list[dict[Key, list[KVReady | TransferResult]]] = [defaultdict(list) for _ in range(self.dworld)]
         self.decode: dict[tuple[int, int, int], int] = {}  # (rank, layer, dst block) -> src block written there
         self.notices: dict[Key, list[tuple[int, KVReady | TransferResult]]] = defaultdict(list)
         #: id of a notice -> the process that sent it (None: the barrier relayed it for an absent one)
@@ -584,16 +593,36 @@ class GroupSim:
             self.complete_write(p, wid)
 
     def _on_to_decode(self, seq: int, d: int, sender: bytes, msg: KVReady | TransferResult) -> None:
+        self._to_decode_engine(d, self.decoders[d].notice(sender, msg, self.now))
+
+    def _to_decode_engine(self, d: int, effects: list) -> None:
+        """What decode rank ``d``'s core decided: notices handed to its engine, confirmations sent
+        to the prefill rank each names (a notice gathered from several writers confirms each)."""
         decoder = self.decoders[d]
         confirms: list[Confirm] = []
-        for eff in decoder.notice(sender, msg, self.now):
+        for eff in effects:
             if isinstance(eff, Confirm):  # a repeat: confirmed as the first was told
                 confirms.append(eff)
             elif isinstance(eff, Deliver):
-                self.told[d][eff.notice.key].append(eff.notice)
+                key = eff.notice.key
+                # (a stopped writer's writes in flight are the one exception: the barrier service
+                # speaks for it once it counts it stopped; see the README on SIGSTOP)
+                busy = [
+                    w
+                    for w in self.writers[d]
+                    if self.procs[w].stalled_until <= self.now
+                    for x in self.procs[w].writes.values()
+                    if key in x.requests
+                ]
+                assert not busy, f"decode rank {d}'s engine told {key} ended while ranks {busy} still write into it"
+                self.told[d][key].append(eff.notice)
+                if id(eff.notice) not in self.sources:  # gathered from several writers (or the barrier's word)
+                    sole = isinstance(eff.notice, KVReady) and len(eff.confirm) == len(self.writers[d])
+                    self.sources[id(eff.notice)] = self.procs[self.writers[d][0]] if sole else None
                 confirms += [e for e in decoder.delivered(eff, self.now) if isinstance(e, Confirm)]
         for confirm in confirms:  # to whichever process of that rank runs now
-            self._send(("c", d), "confirmed", d, confirm.message)
+            r = int(confirm.sender.decode().rpartition(":")[2])
+            self._send(("c", r), "confirmed", r, confirm.message)
 
     def _on_confirmed(self, seq: int, r: int, received: Received) -> None:
         """Decode rank ``r`` confirmed a notice: the ok result its prefill rank held goes now, as
@@ -610,12 +639,11 @@ class GroupSim:
         self._exit_if_idle(p)
 
     def _on_verdict_to_decode(self, seq: int, d: int, msg: Release | Diverged | Expired) -> None:
-        decoder = self.decoders[d]
-        for eff in decoder.writer_gone(msg, self.now):
-            if isinstance(eff, Deliver):
-                self.told[d][eff.notice.key].append(eff.notice)
-                self.sources[id(eff.notice)] = None
-                decoder.delivered(eff, self.now)
+        effects = self.decoders[d].writer_gone(msg, self.now)
+        for eff in effects:
+            if isinstance(eff, Deliver) and len(eff.confirm) == 0:
+                self.sources[id(eff.notice)] = None  # the barrier spoke for every writer
+        self._to_decode_engine(d, effects)
 
     def _on_heartbeat(self, seq: int, r: int, n: int) -> None:
         p = self.procs[r]
@@ -711,12 +739,13 @@ class GroupSim:
             epoch=str(self.epochs),
             alive_s=alive_s,
             decode_of={PEER: DECODE},
-            groups={GROUP: self.world, DECODE: self.world},  # from the config, as the service
+            groups={GROUP: self.world, DECODE: self.dworld},  # from the config, as the service
+            targets={(GROUP, DECODE): self.targets},
             remember_s=float(self.settings.get("pending_timeout_s", 30.0))
             + float(self.settings.get("verdict_timeout_s", 60.0)),
         )
-        for d in range(self.world):  # the decode group (its heartbeats are not simulated)
-            barrier.hello(Hello(DECODE, d, self.world, "decode", FINGERPRINT), self.now)
+        for d in range(self.dworld):  # the decode group (its heartbeats are not simulated)
+            barrier.hello(Hello(DECODE, d, self.dworld, "decode", FINGERPRINT), self.now)
         self._dirty.add(barrier)
         return barrier
 
@@ -784,7 +813,7 @@ class GroupSim:
         self._dirty.add(p)
         for eff in effects:
             if isinstance(eff, Write):
-                told = [k for k in eff.requests if self.told[r].get(k)]
+                told = [k for k in eff.requests if any(self.told[d].get(k) for d in self.targets[r])]
                 assert not told, f"rank {r} writes for {told} after its decode rank's engine was told they ended"
                 self.check_write(p, eff)
                 p.writes[eff.write_id] = eff
@@ -812,8 +841,10 @@ class GroupSim:
                 if isinstance(eff.message, KVReady):
                     self.check_in_place(key)
                 self.notices[key].append((r, eff.message))
-                self.sources[id(eff.message)] = p
-                self._send(("d", r), "to_decode", r, identity(r), eff.message)
+                for d in self.targets[r]:  # (the shell gives each decode rank its own rank number)
+                    notice = eff.message if d == r else replace(eff.message, rank=d)
+                    self.sources[id(notice)] = p
+                    self._send(("d", r), "to_decode", d, identity(r), notice)
             elif isinstance(eff, Problem):
                 p.problems.append(eff)
             else:
