@@ -59,11 +59,12 @@ class Deployment:
 
     def engines(self) -> None:
         """Create and register every cache (decode first), connect scheduler and workers."""
-        world = self.prefill.world_size
+        world, dworld = self.prefill.world_size, self.decode.world_size
         self.pcaches = [HostKVCache.create(self.shape) for _ in range(world)]
-        self.dcaches = [HostKVCache.create(self.shape) for _ in range(world)]
+        dshape = KVShape.from_config(self.config, dworld)  # (another shape where the groups differ in size)
+        self.dcaches = [HostKVCache.create(dshape) for _ in range(dworld)]
         self.creds = credentials(self.config)
-        self.dec = DecodeEngine([self.config.endpoint(self.decode, r) for r in range(world)], credentials=self.creds)
+        self.dec = DecodeEngine([self.config.endpoint(self.decode, r) for r in range(dworld)], credentials=self.creds)
         self.dec.register(self.dcaches)
         self.workers = [
             PrefillWorker(self.config.endpoint(self.prefill, r), credentials=self.creds) for r in range(world)
