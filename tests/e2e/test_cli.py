@@ -66,10 +66,9 @@ def test_every_example_deployment_of_different_group_sizes_runs_with_every_head_
 
 @pytest.mark.slow
 @pytest.mark.rdma
-@pytest.mark.parametrize("name", ["p2-d4", "p4-d2"])
-def test_heads_are_sliced_over_rdma_too(name: str) -> None:
+@pytest.mark.parametrize("config", MAPS, ids=[p.stem for p in MAPS])
+def test_every_example_deployment_runs_over_rdma_too(config: Path) -> None:
     pytest.importorskip("nixl_cu12", reason="the rdma extra (NIXL) is not installed")
-    config = Path(__file__).parents[2] / "configs" / "maps" / f"{name}.yaml"
     args = ("demo", "--config", str(config), "--transport", "rdma", "--requests", "40", "--json", "--timeout", "150")
     done = run(*args, timeout=200)
     assert done.returncode == 0, done.stdout + done.stderr
