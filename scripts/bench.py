@@ -20,6 +20,12 @@ which the throughput rows amortise over 256 MiB requests; and the same request a
 admitted when its layer signals come, alternating with the first, so the difference is what
 the admission round adds when it is on the critical path (in a real forward pass it overlaps
 the compute of the layers before the first one is written).
+
+Then groups of different sizes (``--maps``): the same requests of the whole model (all its KV
+heads) moved from 2 prefill ranks into 2 decode ranks, then into 4 (each prefill rank writes a
+slice of every block into two decode ranks), then from 4 prefill ranks into 2 (two writers per
+decode block), alternating, through real daemons over the transport; the rows give each map's
+rate against 2 -> 2 on the same bytes (target >= 0.9x).
 """
 
 from __future__ import annotations
@@ -259,6 +265,109 @@ class Deployment:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+# -- groups of different sizes ----------------------------------------------------------------
+
+MAP_BLOCKS = 64  # blocks per request in the map rows (the model's whole KV: every head)
+MAP_SHAPES = ((2, 2), (2, 4), (4, 2))  # (prefill ranks, decode ranks); the first is the baseline
+
+
+class MapDeployment:
+    """A barrier service, ``p`` prefill ranks and ``d`` decode ranks (HEADS heads in all)."""
+
+    def __init__(self, p: int, d: int, transport: str) -> None:
+        self.run_dir = Path(tempfile.mkdtemp(prefix="kvx-", dir="/tmp"))
+        blocks = MAP_BLOCKS * REQUESTS
+        base = loads(
+            f"kv: {{num_layers: {LAYERS}, kv_heads: {HEADS}, head_dim: {DIM}, block_tokens: {TOKENS}, "
+            f"num_blocks: {blocks}, dtype: bfloat16}}\ntransport: {{prefer: {transport}}}"
+        )
+        groups = (
+            GroupConfig("prefill", "prefill", p, "ipc://{run_dir}/p{rank}.sock"),
+            GroupConfig("decode", "decode", d, "ipc://{run_dir}/d{rank}.sock"),
+        )
+        self.config: Config = dataclasses.replace(base, run_dir=str(self.run_dir), groups=groups)
+        path = self.run_dir / "config.yaml"
+        path.write_text(dump(self.config))
+        self.cluster = Cluster(self.config, path, self.run_dir, os.environ.get("BENCH_LOG", "WARNING"))
+        self.cluster.start(60)
+        pg, dg = self.config.groups
+        pshape, dshape = KVShape.from_config(self.config, p), KVShape.from_config(self.config, d)
+        self.src = [HostKVCache.create(pshape) for _ in range(p)]
+        self.dst = [HostKVCache.create(dshape) for _ in range(d)]
+        for cache in self.src:
+            cache.raw()[:] = 3
+        self.creds = credentials(self.config)
+        self.dec = DecodeEngine([self.config.endpoint(dg, r) for r in range(d)], credentials=self.creds)
+        self.dec.register(self.dst)
+        self.workers = [PrefillWorker(self.config.endpoint(pg, r), credentials=self.creds) for r in range(p)]
+        for worker, cache in zip(self.workers, self.src, strict=True):
+            worker.register(cache)
+        self.sched = PrefillScheduler([self.config.endpoint(pg, r) for r in range(p)], credentials=self.creds)
+        self.transport, self.step, self.seq = transport, 0, 0
+
+    def seconds(self) -> float:
+        """REQUESTS requests of MAP_BLOCKS blocks, from the first cache_info to the last result."""
+        self.step += 1
+        ids = []
+        t = time.perf_counter()
+        gens = tuple(self.dec.generations)
+        for slot in range(REQUESTS):
+            self.seq += 1
+            ids.append(rid := f"m{self.seq}")
+            blocks = tuple(range(slot * MAP_BLOCKS, (slot + 1) * MAP_BLOCKS))
+            info = CacheInfo(
+                rid, slot, self.step, MAP_BLOCKS * TOKENS, blocks, blocks, "decode", self.transport,
+                dst_generations=gens,
+            )  # fmt: skip
+            self.sched.submit(info)
+        slots = [SlotChunk(slot, 0, MAP_BLOCKS * TOKENS, self.step) for slot in range(REQUESTS)]
+        for layer in range(LAYERS):
+            for worker in self.workers:
+                worker.layer_ready(self.step, layer, slots if layer == 0 else ())
+        for rid in ids:
+            out = self.sched.wait(rid, 60.0)
+            if not out.ok:
+                raise RuntimeError(f"{rid}: {out.results}")
+        elapsed = time.perf_counter() - t
+        for rid in ids:
+            if not self.dec.wait(rid, 60.0).ready:
+                raise RuntimeError(f"{rid}: not ready at decode")
+        return elapsed
+
+    def close(self) -> None:
+        for c in (*self.workers, self.sched, self.dec):
+            c.close()
+        self.cluster.stop()
+        for cache in self.src + self.dst:
+            cache.close()
+            cache.unlink()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def bench_maps(transport: str, repeat: int) -> list[dict[str, Any]]:
+    """Each map against 2 -> 2 on the same bytes, the deployments measured in turn."""
+    deps = []
+    try:
+        for p, d in MAP_SHAPES:
+            deps.append(MapDeployment(p, d, transport))
+        times: list[list[float]] = [[] for _ in deps]
+        for dep in deps:
+            dep.seconds()  # warm-up, untimed
+        for _ in range(repeat):
+            for i, dep in enumerate(deps):
+                times[i].append(dep.seconds())
+    finally:
+        for dep in deps:
+            dep.close()
+    total = REQUESTS * MAP_BLOCKS * BLOCK * 2 * LAYERS  # every head of the model, K and V
+    rates = [total / statistics.median(t) / 1e9 for t in times]
+    rows = []
+    for (p, d), rate in zip(MAP_SHAPES, rates, strict=True):
+        rows.append({"transport": transport, "map": f"{p}->{d}", "gbps": rate, "ratio": rate / rates[0]})
+        print(f"  {transport:5s} {p}->{d}  {rate:6.2f} GB/s  {rate / rates[0]:5.2f}x of 2->2", file=sys.stderr)
+    return rows
+
+
 # -- driver ------------------------------------------------------------------------------------
 
 
@@ -320,6 +429,9 @@ def main() -> None:
     parser.add_argument("--transports", default="shm,rdma", help="comma-separated: shm, rdma")
     parser.add_argument("--sizes", default="16,64,256,1024,4096", help="run sizes in KiB, comma-separated")
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions of each side (median is shown)")
+    parser.add_argument(
+        "--maps", default="yes", choices=("yes", "no", "only"), help="groups of different sizes: rows too, none, only"
+    )
     parser.add_argument("--nixl-target", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.nixl_target:
@@ -333,10 +445,13 @@ def main() -> None:
     )
     rows = []
     for transport in args.transports.split(","):
-        rows += bench(transport.strip(), sizes, args.repeat)
+        if args.maps != "only":
+            rows += bench(transport.strip(), sizes, args.repeat)
+        if args.maps != "no":
+            rows += bench_maps(transport.strip(), args.repeat)
     print(f"\n{'transport':9s} {'run':>7s} {'raw GB/s':>9s} {'kvxferd GB/s':>13s} {'ratio':>6s} {'target':>7s}")
     for r in rows:
-        if "fixed_ms" in r:
+        if "fixed_ms" in r or "map" in r:
             continue
         goal = TARGETS[r["transport"]]
         mark = "ok" if r["ratio"] >= goal else "BELOW"
@@ -344,6 +459,13 @@ def main() -> None:
             f"{r['transport']:9s} {_size(r['run']):>7s} {r['raw']:9.2f} {r['kvxferd']:13.2f} {r['ratio']:5.2f}x "
             f"{goal:>5.1f}x {mark}"
         )
+    maps = [r for r in rows if "map" in r]
+    if maps:
+        total = REQUESTS * MAP_BLOCKS * BLOCK * 2 * LAYERS
+        print(f"\ngroups of different sizes: {total >> 20} MiB (every head) per measurement, against 2->2")
+        for r in maps:
+            mark = "" if r["map"] == "2->2" else (" ok" if r["ratio"] >= 0.9 else " BELOW")
+            print(f"{r['transport']:9s} {r['map']:>5s} {r['gbps']:7.2f} GB/s {r['ratio']:5.2f}x  0.9x{mark}")
     for r in rows:
         if "fixed_ms" in r:
             print(
