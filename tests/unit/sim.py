@@ -317,6 +317,8 @@ class Process:
     results: dict[Key, list[TransferResult]] = field(default_factory=lambda: defaultdict(list))
     #: ok results told once the decode rank confirms how its engine was told (as the notice ledger)
     held: dict[Key, ToEngine] = field(default_factory=dict)
+    #: per ok result held: the decode ranks still to confirm, and the first failure one told
+    confirming: dict[Key, tuple[set[int], Received | None]] = field(default_factory=dict)
     arrivals: dict[Key, Digest] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     stalled_until: float = 0.0
@@ -354,7 +356,7 @@ class GroupSim:
         #: the decode group: as large as the prefill group, or smaller (then each decode rank has
         #: several writers, each writing its heads into a slice of every block: the rank map)
         self.dworld = decode_world or world_size
-        heads = world_size  # one head per prefill rank: every prefill rank writes, none writes twice
+        heads = max(world_size, self.dworld)  # every rank of both groups holds a head: all write
         rmap = rank_map(Group(GROUP, world_size), Group(DECODE, self.dworld), heads)
         self.targets = {r: tuple(piece.decode for piece in rmap.writes_of(r)) for r in range(world_size)}
         self.writers = {d: rmap.writers_of(d) for d in range(self.dworld)}
@@ -630,11 +632,19 @@ class GroupSim:
         p = self.procs[r]
         if not p.alive or self._deferred(p, seq, "confirmed", r, received):
             return
-        then = p.held.pop(received.key, None)
+        then = p.held.get(received.key)
         if then is None:
             return  # a repeat, or a notice of an earlier process of this rank
-        if received.status is not Status.OK:
-            then = as_failed(then, received.reason, ErrorCode(received.code or ErrorCode.UNAVAILABLE.value))
+        waiting, failure = p.confirming[received.key]
+        waiting.discard(received.rank)  # (a larger decode group: every decode rank written confirms)
+        if received.status is not Status.OK and failure is None:
+            failure = received
+        p.confirming[received.key] = (waiting, failure)
+        if waiting:
+            return
+        del p.held[received.key], p.confirming[received.key]
+        if failure is not None:
+            then = as_failed(then, failure.reason, ErrorCode(failure.code or ErrorCode.UNAVAILABLE.value))
         self._report(p, then)
         self._exit_if_idle(p)
 
@@ -832,6 +842,7 @@ class GroupSim:
                     assert eff.then.result.key not in p.held, f"rank {r} told {eff.then.result.key} twice"
                     assert eff.then.result.status is Status.OK, f"rank {r} held back a failure: {eff}"
                     p.held[eff.then.result.key] = eff.then
+                    p.confirming[eff.then.result.key] = (set(self.targets[r]), None)
                 key = eff.message.key
                 mine = [w.write_id for w in p.writes.values() if key in w.requests]
                 assert not mine, f"rank {r} told decode {key} ended while its writes {mine} are in flight"

@@ -1,8 +1,9 @@
 """Property: any interleaving, any timing and the process faults end every instance once, the same everywhere.
 
-For 2 to 8 prefill ranks, and a decode group of the same size or a smaller one
-(then several prefill ranks write into each decode rank, as the rank map of
-groups of different sizes says), hypothesis draws a scenario (chunked and unchunked requests,
+For 2 to 8 prefill ranks, and a decode group of the same size, a smaller one
+(several prefill ranks write into each decode rank) or a larger one (each
+prefill rank writes into several, and is ok only once each confirmed), as the
+rank map of groups of different sizes says, hypothesis draws a scenario (chunked and unchunked requests,
 slot reuse, aborts, ids reused with new instances; on some ranks a cache_info
 with one field changed, one that must be refused, an abort that overtakes its
 cache_info, late repeats of messages of ended instances), a timing (message
@@ -72,7 +73,8 @@ class Case:
     faults: Faults
     interleave: int  # the seed of the simulation's own choices
     deadlines: int = 0  # which of DEADLINES
-    dworld: int = 0  # the decode group's size (0: the prefill group's); smaller: several writers each
+    dworld: int = 0  # the decode group's size (0: the prefill group's); smaller: several writers each, larger:
+    # each prefill rank writes into several
 
     def sim(self) -> GroupSim:
         args = dict(self.scenario)
@@ -137,8 +139,11 @@ def cases(draw: st.DrawFn) -> Case:
         stalls=tuple(draw(st.lists(st.tuples(rank, at, st.floats(0.01, 0.6)), max_size=2))),
     )
     faults = draw(st.sampled_from([Faults(), Faults(restarts=faults.restarts), faults]))
-    # a decode group of the same size, or a smaller one (issue 24: several writers per decode rank)
-    dworld = draw(st.sampled_from([world, *(d for d in range(1, world) if world % d == 0)]))
+    # a decode group of the same size, a smaller one (several writers per decode rank) or a larger one
+    # (a prefill rank writing into several decode ranks): issue 24
+    smaller = [d for d in range(1, world) if world % d == 0]
+    larger = [d for d in range(world + 1, 9) if d % world == 0]
+    dworld = draw(st.sampled_from([world, *smaller, *larger]))
     return Case(world, scenario, timing, faults, draw(st.integers(0, 2**32 - 1)), deadlines, dworld)
 
 
@@ -167,9 +172,13 @@ def check(case: Case) -> None:
         for p, res in reports:
             assert res.status is not Status.OK or status in (Status.OK, None), f"{key}: {p.rank}.{p.n} {res}"
             # ok on a prefill rank only if its decode rank's engine was told ready (issue 23, item 8)
-            (there,) = sim.targets[p.rank]
-            told_there = sim.told[there].get(key, [])
-            assert res.status is not Status.OK or [type(m) for m in told_there] == [KVReady], (key, p.rank, told_there)
+            for there in sim.targets[p.rank]:  # every decode rank it wrote into
+                told_there = sim.told[there].get(key, [])
+                assert res.status is not Status.OK or [type(m) for m in told_there] == [KVReady], (
+                    key,
+                    there,
+                    told_there,
+                )
         # every rank that ran to the end reported it once
         for r in survivors:
             assert len(sim.procs[r].results.get(key, [])) == 1, f"{key}: rank {r}: {sim.procs[r].results.get(key)}"
