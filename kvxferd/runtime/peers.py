@@ -209,6 +209,8 @@ class Peers:
             link.open_on.clear()
             link.machine.writes_lost()
         self.opened.clear()
+        self.parts.clear()  # (the core ends the writes they were parts of)
+        self.fans.clear()
 
     def transport(self, name: str) -> Transport:
         found = self.transports.get(name)
