@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -207,8 +208,16 @@ def remove_orphan_segments(grace_s: float = 15.0) -> list[str]:
     return removed
 
 
-def start_pd(model: Path, timeout_s: float = 240.0, extra: dict[str, Any] | None = None) -> PD:
+def start_pd(
+    model: Path, timeout_s: float = 240.0, extra: dict[str, Any] | None = None, tp: tuple[int, int] = (1, 1)
+) -> PD:
+    """kvxferd, a prefill and a decode vLLM and the proxy; ``tp``: the two instances' tensor-parallel
+    sizes (each kvxferd group gets that many ranks; the rank map slices heads between them)."""
     base = kvconfig.load(KVX_CONFIG)
+    sizes = {"prefill": tp[0], "decode": tp[1]}
+    base = dataclasses.replace(
+        base, groups=tuple(dataclasses.replace(g, world_size=sizes[g.role]) for g in base.groups)
+    )
     cfg, path, run_dir = prepare(base, prefix="kvx-vllm-")
     t0 = time.monotonic()
     cluster = Cluster(cfg, path, run_dir, "INFO")
@@ -218,8 +227,11 @@ def start_pd(model: Path, timeout_s: float = 240.0, extra: dict[str, Any] | None
     # the connectors read the run's own copy of the config (its run_dir)
     pargs = vllm_args(model, p_uds, role="prefill", kvx_config=path, extra=extra)
     dargs = vllm_args(model, d_uds, role="decode", kvx_config=path, extra=extra)
-    prefill = start_server("prefill-vllm", pargs, run_dir, p_uds, "0", env)
-    decode = start_server("decode-vllm", dargs, run_dir, d_uds, "1", env)
+    pargs += ["--tensor-parallel-size", str(tp[0])]
+    dargs += ["--tensor-parallel-size", str(tp[1])]
+    # one core per instance, shared by its TP workers (vLLM separates each worker's binding with |)
+    prefill = start_server("prefill-vllm", pargs, run_dir, p_uds, "|".join(["0"] * tp[0]), env)
+    decode = start_server("decode-vllm", dargs, run_dir, d_uds, "|".join(["1"] * tp[1]), env)
     proxy_args = [
         sys.executable, "-m", "kvxferd.integrations.vllm.proxy",
         "--prefill", f"unix:{p_uds}", "--decode", f"unix:{d_uds}", "--uds", str(x_uds),
