@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1}
 TRANSPORT_CHOICES = ("auto", "shm", "cuda_ipc", "rdma")
 KV_LAYOUTS = ("split", "packed")
+BLOCK_ORDERS = ("heads", "tokens")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -116,11 +117,15 @@ class KVConfig:
     # the cache is the same on every rank (a latent, MLA-style cache): not split by heads; each
     # decode rank gets it from one prefill rank
     replicated: bool = False
+    # what is outermost inside a block: heads ([heads, tokens, dim], HND) or tokens ([tokens, heads,
+    # dim], NHD); matters only where groups of different sizes slice heads
+    order: str = "heads"
 
     def __post_init__(self) -> None:
         _positive(self, "num_layers", "kv_heads", "head_dim", "block_tokens", "num_blocks")
         _need(self.dtype in DTYPE_BYTES, "dtype", f"{self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
         _need(self.layout in KV_LAYOUTS, "layout", f"{self.layout!r} is not one of {', '.join(KV_LAYOUTS)}")
+        _need(self.order in BLOCK_ORDERS, "order", f"{self.order!r} is not one of {', '.join(BLOCK_ORDERS)}")
 
     @property
     def planes(self) -> int:
@@ -304,6 +309,16 @@ class Config:
             for d in (g for g in self.groups if g.role == "decode"):
                 m = self.rank_map(p, d)
                 gpu = [g.name for g in (p, d) if g.memory == "gpu"]
+                sliced = not m.identity and not self.kv.replicated
+                if sliced and self.kv.order == "tokens" and self.transport.prefer != "shm":
+                    raise ConfigError(
+                        f"prefill group {p.name!r} has {p.world_size} ranks and decode group {d.name!r} has "
+                        f"{d.world_size}, and kv.order is tokens: the heads a rank writes are then "
+                        f"{self.kv.block_tokens} separate pieces of every block, which only shm copies in this "
+                        "version (rdma would need a descriptor per token); set transport.prefer: shm, or use a "
+                        "heads-major cache (kv.order: heads)",
+                        key="kv.order",
+                    )
                 if not m.identity and gpu:
                     raise ConfigError(
                         f"prefill group {p.name!r} has {p.world_size} ranks and decode group {d.name!r} has "
@@ -331,7 +346,8 @@ class Config:
 
         src, dst = self.kv.block_bytes(prefill.world_size), self.kv.block_bytes(decode.world_size)
         head = src if self.kv.replicated else self.kv.head_bytes
-        return {s.decode: cut_of(s, head, src, dst) for s in self.rank_map(prefill, decode).writes_of(rank)}
+        tokens = self.kv.block_tokens if self.kv.order == "tokens" else 1
+        return {s.decode: cut_of(s, head, src, dst, tokens) for s in self.rank_map(prefill, decode).writes_of(rank)}
 
     def targets(self) -> dict[tuple[str, str], dict[int, tuple[int, ...]]]:
         """(prefill group, decode group) -> prefill rank -> the decode ranks it writes into."""

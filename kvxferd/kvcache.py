@@ -1,7 +1,9 @@
 """A rank's KV cache in host shared memory, laid out the way engines use it.
 
 One POSIX shared-memory segment per rank holds, for every layer, a K and a V
-tensor shaped ``[num_blocks, kv_heads, block_tokens, head_dim]``:
+tensor shaped ``[num_blocks, kv_heads, block_tokens, head_dim]`` (heads
+outermost in a block, HND; ``order="tokens"``: ``[num_blocks, block_tokens,
+kv_heads, head_dim]``, NHD):
 
     segment = layer 0 K | layer 0 V | layer 1 K | layer 1 V | ...
 
@@ -45,6 +47,7 @@ class KVShape:
     head_dim: int
     dtype: str = "bfloat16"
     kv_layout: str = "split"  # or "packed": K and V of a block in one region (see the module's doc)
+    order: str = "heads"  # or "tokens": what is outermost inside a block
 
     @classmethod
     def from_config(cls, config: Config, world_size: int) -> KVShape:
@@ -57,6 +60,7 @@ class KVShape:
             kv.head_dim,
             kv.dtype,
             kv.layout,
+            kv.order,
         )
 
     @property
@@ -86,13 +90,15 @@ class KVShape:
 
     @property
     def layout(self) -> CacheLayout:
-        return CacheLayout(self.num_layers, self.num_blocks, self.block_bytes, self.planes)
+        return CacheLayout(self.num_layers, self.num_blocks, self.block_bytes, self.planes, self.order)
 
     @property
     def tensor_shape(self) -> tuple[int, int, int, int, int, int]:
         """``[layer, K|V, num_blocks, kv_heads, block_tokens, head_dim]``; packed:
-        ``[layer, 1, num_blocks, kv_heads, block_tokens, 2 * head_dim]``."""
-        return (self.num_layers, self.planes, self.num_blocks, self.kv_heads, self.block_tokens, self.row_dim)
+        ``[layer, 1, num_blocks, kv_heads, block_tokens, 2 * head_dim]``; token-major: tokens
+        before heads."""
+        inner = (self.kv_heads, self.block_tokens) if self.order == "heads" else (self.block_tokens, self.kv_heads)
+        return (self.num_layers, self.planes, self.num_blocks, *inner, self.row_dim)
 
 
 class HostKVCache:
@@ -131,7 +137,8 @@ class HostKVCache:
         return flat.reshape(s.num_layers, s.planes, s.num_blocks, s.block_bytes)
 
     def numpy(self) -> np.ndarray[Any, Any]:
-        """Elements as ``[layer, K|V, num_blocks, kv_heads, block_tokens, head_dim]``.
+        """Elements as ``[layer, K|V, num_blocks, kv_heads, block_tokens, head_dim]`` (as
+        :attr:`KVShape.tensor_shape`: tokens before heads in a token-major cache).
 
         numpy has no bfloat16: bf16 caches come back as uint16 bit patterns.
         """

@@ -49,21 +49,36 @@ class Slice:
 
 @dataclass(frozen=True, slots=True)
 class Cut:
-    """Where a slice lies inside one block of one region, in bytes: the prefill rank copies bytes
-    ``src .. src + length`` of each source block into bytes ``dst .. dst + length`` of its
-    destination block (heads are the outermost dimension inside a block, so a run of heads is
-    one contiguous range on both sides)."""
+    """Where a slice lies inside one block of one region, in bytes: the prefill rank copies
+    ``count`` pieces of ``length`` bytes, piece ``i`` from ``src + i * src_stride`` of each source
+    block to ``dst + i * dst_stride`` of its destination block. Heads outermost inside a block
+    (HND): a run of heads is one piece (``count`` 1). Tokens outermost (NHD): one piece per token."""
 
     src: int
     dst: int
     length: int
+    count: int = 1
+    src_stride: int = 0
+    dst_stride: int = 0
+
+    def end(self, side: int) -> int:
+        """One past the last byte it touches in a block (``side`` 0: source, 1: destination)."""
+        start, stride = (self.src, self.src_stride) if side == 0 else (self.dst, self.dst_stride)
+        return start + (self.count - 1) * stride + self.length
 
 
-def cut_of(piece: Slice, head_bytes: int, src_block: int, dst_block: int) -> Cut | None:
+def cut_of(piece: Slice, head_bytes: int, src_block: int, dst_block: int, tokens: int = 1) -> Cut | None:
     """The bytes of ``piece`` inside a block, for blocks whose heads take ``head_bytes`` each
-    (None: the whole block on both sides, the common case, copied as is)."""
-    cut = Cut(piece.src[0] * head_bytes, piece.dst[0] * head_bytes, piece.heads * head_bytes)
-    return None if cut == Cut(0, 0, src_block) and src_block == dst_block else cut
+    (``tokens``: the block's tokens when they are outermost inside it; 1: heads are), or None:
+    the whole block on both sides, the common case, copied as is."""
+    if tokens == 1:
+        cut = Cut(piece.src[0] * head_bytes, piece.dst[0] * head_bytes, piece.heads * head_bytes)
+        return None if cut == Cut(0, 0, src_block) and src_block == dst_block else cut
+    row = head_bytes // tokens  # one head of one token
+    src_row, dst_row = src_block // tokens, dst_block // tokens  # one token of all the rank's heads
+    if piece.heads * row == src_row == dst_row:
+        return None
+    return Cut(piece.src[0] * row, piece.dst[0] * row, piece.heads * row, tokens, src_row, dst_row)
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,16 +106,18 @@ def expected_values(index: int, heads: int, layers: int, nblocks: int) -> np.nda
 
 
 def u64_view(cache: HostKVCache) -> np.ndarray[Any, Any]:
-    """``[layer, kv, block, head, token, words]`` as 64-bit words."""
+    """``[layer, kv, block, head, token, words]`` as 64-bit words (a view: a token-major cache's
+    tokens and heads are swapped back)."""
     s = cache.shape
     if s.planes != 2:
         raise DaemonError("the demo engine writes split caches (kv.layout: split), not packed ones")
     row = s.head_dim * s.itemsize
     if row % 8:
         raise DaemonError(f"the demo needs head_dim * itemsize to be a multiple of 8 bytes, got {row}")
-    return np.frombuffer(cache.segment.buffer, dtype=np.uint64, count=s.nbytes // 8).reshape(
-        s.num_layers, 2, s.num_blocks, s.kv_heads, s.block_tokens, row // 8
-    )
+    flat = np.frombuffer(cache.segment.buffer, dtype=np.uint64, count=s.nbytes // 8)
+    if s.order == "tokens":
+        return flat.reshape(s.num_layers, 2, s.num_blocks, s.block_tokens, s.kv_heads, row // 8).swapaxes(3, 4)
+    return flat.reshape(s.num_layers, 2, s.num_blocks, s.kv_heads, s.block_tokens, row // 8)
 
 
 class DemoEngine:

@@ -297,6 +297,10 @@ class Received(Message):
                 raise f.fail("Received", "code", "an ok notice carries no code")
 
 
+#: What is outermost inside a block: the heads (HND) or the tokens (NHD).
+BLOCK_ORDERS = ("heads", "tokens")
+
+
 @dataclass(frozen=True, slots=True)
 class CacheLayout(Struct):
     """Shape of one rank's KV cache, as the transports see it.
@@ -306,21 +310,26 @@ class CacheLayout(Struct):
     one of K or V, this rank's heads). With ``planes`` = 1 (packed) every layer
     has one region (``kv`` = 0) whose blocks hold K and V together, in whatever
     order the engine's kernels keep them (vLLM's CPU backend does so): a block
-    is then ``block_bytes`` of K and V. Either way whole blocks move, so the
-    order inside a block never matters. Wire: ``[32, 1024, 65536]`` (split),
-    ``[32, 1024, 131072, 1]`` (packed).
+    is then ``block_bytes`` of K and V. ``order`` says what is outermost inside
+    a block: ``heads`` (``[heads, tokens, ...]``, vLLM's HND) or ``tokens``
+    (``[tokens, heads, ...]``, NHD). Whole blocks move alike either way; it
+    matters where a rank writes a slice of each block's heads (groups of
+    different sizes). Wire: ``[32, 1024, 65536]`` (split), ``[32, 1024, 131072,
+    1]`` (packed), ``[32, 1024, 65536, 2, "tokens"]``.
     """
 
     num_layers: int
     num_blocks: int
     block_bytes: int
     planes: int = 2
+    order: str = "heads"
 
     def __post_init__(self) -> None:
         f.uint("CacheLayout", "num_layers", self.num_layers, low=1, high=1 << 16)
         f.uint("CacheLayout", "num_blocks", self.num_blocks, low=1, high=1 << 31)
         f.uint("CacheLayout", "block_bytes", self.block_bytes, low=1, high=1 << 40)
         f.uint("CacheLayout", "planes", self.planes, low=1, high=2)
+        f.choice("CacheLayout", "order", self.order, BLOCK_ORDERS)
 
     @property
     def region_bytes(self) -> int:

@@ -45,7 +45,7 @@ class GroupDaemon(Service):
         self.endpoint = ""
         kv = config.kv
         #: what the engine's cache must look like on this rank
-        self.layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size), kv.planes)
+        self.layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size), kv.planes, kv.order)
         self.heartbeat_s = config.timeouts.heartbeat_s
         self._next_beat: float | None = None  # set once serving
 

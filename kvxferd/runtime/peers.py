@@ -516,7 +516,7 @@ class Peers:
         except zmq.ZMQError as exc:
             raise TransportError(f"cannot connect to decode {group.name!r} rank {rank} at {endpoint}: {exc}") from None
         kv, t = self.config.kv, self.config.timeouts
-        layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size), kv.planes)
+        layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(group.world_size), kv.planes, kv.order)
         settings = LinkSettings(f"decode {group.name!r} rank {rank} at {endpoint}", t.peer_s, RETRY_S, t.peer_idle_s)
         link = Link(endpoint, sock, group, rank, cut, layout, PeerLink(settings, now))
         self.links[link.name] = link

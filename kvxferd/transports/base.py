@@ -93,12 +93,15 @@ def check_compatible(local: CacheLayout, remote: CacheLayout, cut: Cut | None = 
     if cut is not None and (
         min(cut.src, cut.dst) < 0
         or cut.length <= 0
-        or cut.src + cut.length > local.block_bytes
-        or cut.dst + cut.length > remote.block_bytes
+        or cut.count < 1
+        or (cut.count > 1 and min(cut.src_stride, cut.dst_stride) < cut.length)
+        or cut.end(0) > local.block_bytes
+        or cut.end(1) > remote.block_bytes
     ):
         raise TransportError(
-            f"bytes {cut.src}..{cut.src + cut.length} of each {local.block_bytes} B block into bytes "
-            f"{cut.dst}..{cut.dst + cut.length} of each of the peer's {remote.block_bytes} B blocks do not fit"
+            f"bytes {cut.src}..{cut.end(0)} of each {local.block_bytes} B block into bytes "
+            f"{cut.dst}..{cut.end(1)} of each of the peer's {remote.block_bytes} B blocks do not fit "
+            f"({cut.count} piece(s) of {cut.length} B)"
         )
 
 

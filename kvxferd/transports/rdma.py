@@ -266,6 +266,13 @@ class RdmaTransport(Transport):
         info = PeerBlob.unpack(blob)
         if info.mem != "DRAM" or peer.memory != "host":
             raise TransportError(f"peer {key} keeps its cache in {info.mem}; rdma here writes host memory only")
+        cut = self._cuts.get(key)
+        if cut is not None and cut.count > 1:
+            raise TransportError(
+                f"peer {key}: the heads this rank writes are {cut.count} separate pieces of every block (a "
+                "token-major cache); rdma would need a descriptor per token, or a staging copy, neither of "
+                "which this version does: use a heads-major cache, or shm"
+            )
         self.prepare()
         address = {(layer, kv): addr for layer, kv, addr, _ in info.regions}
         want = {(layer, kv) for layer in range(peer.layout.num_layers) for kv in range(peer.layout.planes)}
@@ -278,7 +285,6 @@ class RdmaTransport(Transport):
                 self._agent.remove_remote_agent(info.agent)
                 name = self._agent.add_remote_agent(info.metadata)
             name = name.decode() if isinstance(name, bytes) else str(name)
-            cut = self._cuts.get(key)
             there = None if cut is None else (cut.dst, cut.length)
             prepped = self._agent.prep_xfer_dlist(name, _rows(peer.layout, address, 0, there), "DRAM")
             local = None

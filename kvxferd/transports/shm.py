@@ -7,7 +7,8 @@ views of ``[num_blocks, block_bytes]`` per layer and K/V. A write copies each
 run of consecutive blocks with one ``numpy.copyto`` for K and one for V and
 completes synchronously; a peer written a slice of each block (the KV heads
 this rank writes there, see :mod:`kvxferd.core.rankmap`) gets a strided copy
-of those bytes of every block of the run, still one call per run. Before each write the peer's segments are checked
+of those bytes of every block of the run (of every token of every block, for
+a token-major cache), still one call per run. Before each write the peer's segments are checked
 (``fstat``): a segment its engine unlinked means the peer is gone, and the
 write fails instead of filling orphaned memory. A peer whose segments are the
 local cache's own files (by inode, whatever the name) is refused at open.
@@ -119,9 +120,12 @@ class ShmTransport(Transport):
         cut = self._cuts.get(key)
         for kv in range(self.local.layout.planes):
             s, d = src.views[(layer, kv)], dst.views[(layer, kv)]
-            if cut is not None:  # the same bytes of every block: one strided copy per run
+            if cut is not None and cut.count == 1:  # the same bytes of every block: one strided copy per run
                 s = s[:, cut.src : cut.src + cut.length]
                 d = d[:, cut.dst : cut.dst + cut.length]
+            elif cut is not None:  # tokens outermost: those bytes of every token of every block
+                s = s.reshape(len(s), cut.count, cut.src_stride)[:, :, cut.src : cut.src + cut.length]
+                d = d.reshape(len(d), cut.count, cut.dst_stride)[:, :, cut.dst : cut.dst + cut.length]
             for a, b, n in rows:
                 np.copyto(d[b : b + n], s[a : a + n])
         return self.completion(write_id, key)

@@ -138,6 +138,38 @@ def test_a_slice_of_heads_of_each_block_lands_in_its_place_of_the_peers_blocks(
             c.unlink()
 
 
+def test_a_token_major_caches_heads_land_token_by_token_over_shm_and_rdma_refuses_them(name: str) -> None:
+    """Tokens outermost inside a block (NHD): the heads a rank writes are a piece of every token.
+    shm copies them in one strided call per run; rdma refuses at open, saying why."""
+    from kvxferd.core.rankmap import Cut
+
+    src = HostKVCache.create(replace(SHAPE, kv_heads=2, order="tokens"))
+    dst = HostKVCache.create(replace(SHAPE, kv_heads=1, order="tokens"))
+    src.raw()[:] = np.random.default_rng(5).integers(0, 256, size=src.raw().shape, dtype=np.uint8)
+    dst.raw()[:] = 0
+    cls = load(name)
+    target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
+    row = SHAPE.head_dim * SHAPE.itemsize  # one head of one token
+    cut = Cut(row, 0, row, SHAPE.block_tokens, 2 * row, row)  # head 1 of 2 into head 0 of 1
+    try:
+        if name == "rdma":
+            with pytest.raises(Exception, match="separate pieces of every block"):
+                init.open_peer("peer", _peer_info(name, dst, target), cut)
+            return
+        init.open_peer("peer", _peer_info(name, dst, target), cut)
+        assert _wait(init, init.post(1, "peer", 0, [Run(3, 7, 2)])).error is None
+        s, d = src.numpy().view(np.uint8), dst.numpy().view(np.uint8)  # [layer, K|V, block, token, head, bytes]
+        expect = np.zeros_like(d)
+        expect[0, :, 7:9, :, 0] = s[0, :, 3:5, :, 1]
+        assert np.array_equal(d, expect)
+    finally:
+        init.close()
+        target.close()
+        for c in (src, dst):
+            c.close()
+            c.unlink()
+
+
 @pytest.mark.parametrize(
     ("layer", "runs", "why"),
     [

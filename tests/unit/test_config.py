@@ -88,6 +88,13 @@ def test_fingerprint_ignores_logging_but_not_layout() -> None:
             "sizes slices KV heads, which this version does for host memory only",
         ),
         (
+            "kv: {order: tokens}\ngroups: [{name: p, role: prefill, world_size: 2, endpoint: 'ipc://p{rank}'},"
+            " {name: d, role: decode, world_size: 4, endpoint: 'ipc://d{rank}'}]",
+            "kv.order",
+            "only shm copies in this version (rdma would need a descriptor per token); set transport.prefer: shm",
+        ),
+        ("kv: {order: sideways}", "kv.order", "is not one of heads, tokens"),
+        (
             "kv: {kv_heads: 4}\ngroups: [{name: p, role: prefill, world_size: 6, endpoint: 'ipc://p{rank}'}]",
             "groups[0]",
             "6 ranks, more than the 4 KV heads but not a multiple of them",

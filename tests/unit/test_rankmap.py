@@ -77,3 +77,19 @@ def test_a_map_that_cannot_work_is_refused_naming_the_group_and_the_numbers(
         rank_map(Group("prefill", p), Group("decode", d), h)
     for w in words:
         assert w in str(err.value), str(err.value)
+
+
+def test_a_token_major_slice_is_one_piece_per_token_and_a_whole_block_is_no_slice() -> None:
+    """Tokens outermost inside a block (NHD): a run of heads is a piece of every token; where a
+    rank writes every head of the block on both sides, nothing is sliced."""
+    from kvxferd.core.rankmap import Cut, cut_of
+
+    m = rank_map(Group("p", 2), Group("d", 4), 8)  # 4 heads per prefill rank, 2 per decode rank
+    head, tokens = 16 * 64 * 2, 16  # bytes of one head in a block of 16 tokens
+    (first, second) = m.writes_of(1)
+    row = head // tokens
+    assert cut_of(second, head, 4 * head, 2 * head, tokens) == Cut(2 * row, 0, 2 * row, tokens, 4 * row, 2 * row)
+    assert cut_of(first, head, 4 * head, 2 * head, tokens) == Cut(0, 0, 2 * row, tokens, 4 * row, 2 * row)
+    (same,) = rank_map(Group("p", 2), Group("d", 2), 8).writes_of(1)
+    assert cut_of(same, head, 4 * head, 4 * head, tokens) is None
+    assert cut_of(same, head, 4 * head, 4 * head) is None
