@@ -267,7 +267,7 @@ class Deployment:
 
 # -- groups of different sizes ----------------------------------------------------------------
 
-MAP_BLOCKS = 64  # blocks per request in the map rows (the model's whole KV: every head)
+MAP_BLOCKS = 256  # blocks per request in the map rows (the model's whole KV: every head)
 MAP_SHAPES = ((2, 2), (2, 4), (4, 2))  # (prefill ranks, decode ranks); the first is the baseline
 
 
