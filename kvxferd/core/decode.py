@@ -15,8 +15,8 @@ result. This core decides what becomes of each notice:
   here, so only once no writer writes into the blocks any more. The one
   notice is a KVReady (bytes summed) if every writer sent one naming the same
   registration, else the first failure (the group's verdict, the same on
-  every rank). A gathering is bounded (``max_held``): one dropped is counted,
-  and its writers, still unconfirmed, send their notices again;
+  every rank). Gatherings are bounded (``max_gathering``): one dropped is
+  counted, and its writers, still unconfirmed, send their notices again;
 * a repeat (a prefill rank sends the notices it has no confirmation for again
   when its connection comes back, or after a while) is confirmed again, as the
   first was, and never handed on twice: the last ``max_seen`` instances told
@@ -111,6 +111,7 @@ class DecodeCore:
         *,
         max_held: int = 4096,
         max_seen: int = 4096,
+        max_gathering: int = 4096,
         seen_s: float | None = None,
         push_every_s: float = 1.0,
         retry_s: float = 1.0,
@@ -125,7 +126,7 @@ class DecodeCore:
         self.push_every_s = push_every_s
         self.generation = ""  # the current registration's name; "" while none
         #: (prefill group, request instance) -> the notices of its writers so far (not all here yet)
-        self.gathering: Memory[tuple[str, Key], Parts] = Memory(limit=max_held)
+        self.gathering: Memory[tuple[str, Key], Parts] = Memory(limit=max_gathering)
         #: (prefill group, request instance) -> how it was confirmed once handed to the engine (OK
         #: for the common case, kept small: the Received is rebuilt from the notice), or None: held
         self.seen: Memory[tuple[str, Key], Received | bool | None] = Memory(limit=max_seen, ttl_s=seen_s)

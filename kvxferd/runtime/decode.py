@@ -87,7 +87,11 @@ class DecodeDaemon(GroupDaemon):
         # and as long: the barrier remembers a verdict for pending_s + verdict_s; twice that covers
         # a repeat sent on a reconnect just before its confirmation came
         seen_s = 2 * (config.timeouts.pending_s + config.timeouts.verdict_s)
-        self.core = DecodeCore(rank, self.prefills, max_seen=seen, seen_s=seen_s)
+        # a request's notices are gathered while its slowest writer still writes: as many as its
+        # prefill groups may have in flight
+        groups = len(set(self.prefills.values()))
+        gathering = max(4096, config.limits.max_requests * groups)
+        self.core = DecodeCore(rank, self.prefills, max_seen=seen, seen_s=seen_s, max_gathering=gathering)
 
     def start(self) -> None:
         self.peer_router, self.peer_endpoint = self.server_socket(

@@ -408,7 +408,7 @@ def test_an_absent_writer_is_spoken_for_by_the_barrier_and_only_the_others_are_c
 
 
 def test_gatherings_are_bounded_and_one_dropped_is_gathered_again_from_the_writers_resends() -> None:
-    c, engine = gathering(max_held=2), []
+    c, engine = gathering(max_gathering=2), []
     c.registered("g1", 0.0)
     for rid in ("a", "b", "c"):
         hand(c, c.notice(W0, ready(rid), 1.0), engine)
