@@ -63,8 +63,10 @@ def _describe(tensor: Any, what: str) -> tuple[bytes, int, int, int, int]:
     raise TransportError(f"{what} is a {type(tensor).__name__}; pass torch CUDA tensors or CuPy arrays")
 
 
-def registration(kv: Any | Sequence[tuple[Any, Any]]) -> RegisterCache:
-    """The RegisterCache for GPU KV tensors: per layer (K, V), or one ``[L, 2, blocks, ...]`` tensor."""
+def registration(kv: Any | Sequence[tuple[Any, Any]], *, order: str = "heads") -> RegisterCache:
+    """The RegisterCache for GPU KV tensors: per layer (K, V), or one ``[L, 2, blocks, ...]`` tensor
+    (``order``: what is outermost inside a block, ``heads`` for ``[blocks, heads, tokens, dim]``,
+    ``tokens`` for ``[blocks, tokens, heads, dim]``; as the config's ``kv.order``)."""
     pairs: list[tuple[Any, Any]]
     if isinstance(kv, Sequence):
         pairs = [(k, v) for k, v in kv]
@@ -83,4 +85,4 @@ def registration(kv: Any | Sequence[tuple[Any, Any]]) -> RegisterCache:
     if len(sizes) != 1:
         raise TransportError(f"every K and V tensor must have the same shape and dtype, got {sorted(sizes)}")
     ((nbytes, blocks),) = sizes
-    return RegisterCache("gpu", CacheLayout(len(pairs), blocks, nbytes // blocks), tuple(regions))
+    return RegisterCache("gpu", CacheLayout(len(pairs), blocks, nbytes // blocks, order=order), tuple(regions))

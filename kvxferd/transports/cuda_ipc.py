@@ -6,10 +6,13 @@ holds it and its byte offset inside that allocation. The prefill daemon opens
 each distinct handle once (``cudaIpcOpenMemHandle`` with lazy peer access) and
 keeps the mapping until the cache or the peer goes away; the local cache's
 handles likewise. A write copies each run of consecutive blocks, K and V, with
-``cudaMemcpyAsync`` on one dedicated non-blocking stream and records an event
-after the last copy; ``poll`` reports the write when its event completed, or
-the CUDA error that stopped it. Nothing synchronises the engine's streams: a
-layer signal promises the layer's KV is already written.
+``cudaMemcpyAsync`` on one dedicated non-blocking stream (a slice of each
+block, the heads a rank writes into a decode rank of another group size, with
+one ``cudaMemcpy2DAsync`` per run: a row per block, or per token of every block
+when tokens are outermost) and records an event after the last copy; ``poll``
+reports the write when its event completed, or the CUDA error that stopped it.
+Nothing synchronises the engine's streams: a layer signal promises the layer's
+KV is already written.
 
 A handle cannot be opened by the process that exported it, so the daemon and
 the engine must be different processes (they always are). Untested on a GPU
@@ -90,6 +93,7 @@ def _addresses(
 
 class CudaIpcTransport(Transport):
     name = "cuda_ipc"
+    slices = True  # (untested on a GPU here; the config still refuses GPU groups of different sizes)
 
     def __init__(self, config: TransportConfig, local: RegisterCache) -> None:
         super().__init__(config, local)
@@ -118,16 +122,25 @@ class CudaIpcTransport(Transport):
     def _post(self, write_id: int, key: str, layer: int, runs: RunTable) -> Completion | None:
         assert self._src is not None
         cuda = self._cupy.cuda
-        block = self.local.layout.block_bytes
+        block, there = self.local.layout.block_bytes, self._peers[key].block_bytes
         dst = self._dst[key]
+        cut = self._cuts.get(key)
+        rt = cuda.runtime
         try:
             with cuda.Device(self._device):
                 for kv in range(self.local.layout.planes):
                     s, d = self._src[(layer, kv)], dst[(layer, kv)]
                     for a, b, n in runs.tolist():
-                        cuda.runtime.memcpyAsync(
-                            d + b * block, s + a * block, n * block, cuda.runtime.memcpyDefault, self._stream.ptr
-                        )
+                        if cut is None:
+                            rt.memcpyAsync(d + b * there, s + a * block, n * block, rt.memcpyDefault, self._stream.ptr)
+                            continue
+                        # rows of cut.length bytes: one per block (pitch: the blocks), or one per token
+                        # of every block (pitch: the tokens; a block is count tokens on both sides)
+                        spitch, dpitch = (block, there) if cut.count == 1 else (cut.src_stride, cut.dst_stride)
+                        rt.memcpy2DAsync(
+                            d + b * there + cut.dst, dpitch, s + a * block + cut.src, spitch,
+                            cut.length, n * cut.count, rt.memcpyDefault, self._stream.ptr,
+                        )  # fmt: skip
                 event = cuda.Event(disable_timing=True)
                 event.record(self._stream)
         except RuntimeError as exc:
