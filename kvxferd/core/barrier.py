@@ -269,7 +269,12 @@ class BarrierState:
             effects += self._tell_decode(msg.group, [msg.rank], self._remembered(msg.group))
         else:
             # a rank this run never heard serve is starting: words of it in open rounds are its
-            # predecessor's (sent to this run before it died), which the new process does not hold
+            # predecessor's (sent to this run before it died), which the new process does not hold;
+            # and that predecessor may have died before telling its decode rank how they (and what
+            # this run recalled) ended, while the new process hears no verdict until it serves (it
+            # waits at the start-up barrier): absent until then, its decode rank hears them from here
+            self._absent.add((msg.group, msg.rank))
+            effects += self._tell_decode(msg.group, [msg.rank], self._remembered(msg.group))
             spoke = [
                 k
                 for k, e in self._open.items()

@@ -680,3 +680,23 @@ def test_a_decode_rank_with_several_writers_hears_which_of_them_are_absent() -> 
     out = b2.handle(Admit("g", "k", 0, 1, replace(T, peer="dq")), 0.1)
     # (the verdict names "eq": its ranks' writers tell it themselves; "d" hears it from here)
     assert [(e.group, e.rank, e.message.absent) for e in out if e.group != "g"] == [("d", 0, (0, 1))]
+
+
+def test_a_rank_starting_anew_after_a_service_restart_has_its_decode_rank_told_what_it_held() -> None:
+    """Found by the property (seed 1295674083): the service and prefill rank 1 died together; the
+    new service heard rank 1's old Admit again (journal) and then rank 1's new process starting,
+    which waits at the start-up barrier and hears no verdict. Its decode rank must hear from here
+    how the predecessor's round ended (and what the run recalled), or it never does."""
+    b = BarrierState(timeout_s=10.0, alive_s=3.0, groups={"g": 2, "d": 2}, decode_of={"dq": "d"})
+    terms = replace(T, peer="dq")
+    assert b.recall(Admit("g", "k", 0, 1, terms), 0.5, 1.0)  # the predecessor's word, read back
+    assert b.recall(Release("g", "old", 0, D, "dq"), 0.5, 1.0)  # a verdict this run recalled
+    out = b.hello(Hello("g", 1, 2, "prefill"), 1.1)  # its new process starts
+    to_decode = {(e.rank, e.message.key, type(e.message).__name__, e.message.absent) for e in out if e.group == "d"}
+    assert to_decode == {(1, "k", "Expired", (1,)), (1, "old", "Release", (1,))}
+    # once it serves, it tells its decode rank itself: the service no longer speaks for it
+    b.hello(Hello("g", 1, 2, "prefill", serving="fp"), 2.0)
+    assert b.stopped() == [] and b.recall(Release("g", "new", 0, D, "dq"), 0.1, 2.1)
+    b.hello(Hello("g", 0, 2, "prefill", serving="fp"), 2.2)
+    out = b.handle(Admit("g", "k3", 0, 0, terms), 2.3) + b.handle(Admit("g", "k3", 0, 1, terms), 2.3)
+    assert {e.group for e in out} == {"g"}
