@@ -2,7 +2,8 @@
 
 An engine keeps, per layer, a K and a V tensor ``[num_blocks, kv_heads,
 block_tokens, head_dim]`` on a GPU (torch CUDA tensors or CuPy arrays, each
-contiguous), or one tensor ``[num_layers, 2, num_blocks, ...]``.
+block contiguous inside; blocks may be padded), or one tensor ``[num_layers,
+2, num_blocks, ...]``. The layout is read off the tensors' shapes and strides.
 :func:`registration` turns them into a :class:`~kvxferd.protocol.RegisterCache`
 whose regions carry, for each tensor, the 64-byte IPC handle of the CUDA
 allocation that holds it and the tensor's byte offset inside that allocation:
@@ -38,29 +39,32 @@ def _allocation_base(ptr: int) -> int:
     return int(base.value)
 
 
-def _describe(tensor: Any, what: str) -> tuple[bytes, int, int, int, int]:
-    """(IPC handle, offset in its allocation, device, nbytes, leading dimension) of one GPU tensor."""
+def _describe(tensor: Any, what: str) -> tuple[bytes, int, int, tuple[int, int, int]]:
+    """(IPC handle, offset in its allocation, device, (blocks, block bytes, block stride)) of one GPU
+    tensor (blocks contiguous inside, maybe padded: :func:`kvxferd.kvcache.block_layout`)."""
+    from kvxferd.kvcache import block_layout
+
     module = type(tensor).__module__
+    if not module.startswith(("torch", "cupy")):
+        raise TransportError(f"{what} is a {type(tensor).__name__}; pass torch CUDA tensors or CuPy arrays")
+    if module.startswith("torch") and not tensor.is_cuda:
+        raise TransportError(f"{what} is on {tensor.device}, not on a GPU")
+    try:
+        blocks = block_layout(tensor, what)
+    except ValueError as exc:
+        raise TransportError(str(exc)) from None
     if module.startswith("torch"):
-        if not tensor.is_cuda:
-            raise TransportError(f"{what} is on {tensor.device}, not on a GPU")
-        if not tensor.is_contiguous():
-            raise TransportError(f"{what} is not contiguous")
         shared = tensor.untyped_storage()._share_cuda_()  # (device, handle, size, storage offset, ...)
         device, handle, storage_offset = int(shared[0]), bytes(shared[1]), int(shared[3])
         offset = storage_offset + tensor.storage_offset() * tensor.element_size()
-        return handle, offset, device, tensor.numel() * tensor.element_size(), int(tensor.shape[0])
-    if module.startswith("cupy"):
-        import cupy
+        return handle, offset, device, blocks
+    import cupy
 
-        if not tensor.flags.c_contiguous:
-            raise TransportError(f"{what} is not contiguous")
-        ptr = int(tensor.data.ptr)
-        base = _allocation_base(ptr)
-        with cupy.cuda.Device(tensor.device.id):
-            handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base))
-        return handle, ptr - base, int(tensor.device.id), int(tensor.nbytes), int(tensor.shape[0])
-    raise TransportError(f"{what} is a {type(tensor).__name__}; pass torch CUDA tensors or CuPy arrays")
+    ptr = int(tensor.data.ptr)
+    base = _allocation_base(ptr)
+    with cupy.cuda.Device(tensor.device.id):
+        handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base))
+    return handle, ptr - base, int(tensor.device.id), blocks
 
 
 def registration(kv: Any | Sequence[tuple[Any, Any]], *, order: str = "heads") -> RegisterCache:
@@ -76,13 +80,14 @@ def registration(kv: Any | Sequence[tuple[Any, Any]], *, order: str = "heads") -
         pairs = [(kv[layer, 0], kv[layer, 1]) for layer in range(kv.shape[0])]
     if not pairs:
         raise TransportError("no layers given")
-    regions, sizes = [], set()
+    regions, shapes = [], set()
     for layer, (k, v) in enumerate(pairs):
         for index, tensor in enumerate((k, v)):
-            handle, offset, device, nbytes, blocks = _describe(tensor, f"layer {layer} {'KV'[index]}")
-            sizes.add((nbytes, blocks))
+            handle, offset, device, shape = _describe(tensor, f"layer {layer} {'KV'[index]}")
+            shapes.add(shape)
             regions.append(Region(layer, index, handle, offset, device))
-    if len(sizes) != 1:
-        raise TransportError(f"every K and V tensor must have the same shape and dtype, got {sorted(sizes)}")
-    ((nbytes, blocks),) = sizes
-    return RegisterCache("gpu", CacheLayout(len(pairs), blocks, nbytes // blocks, order=order), tuple(regions))
+    if len(shapes) != 1:
+        raise TransportError(f"every K and V tensor must have the same blocks, got {sorted(shapes)}")
+    ((blocks, nbytes, stride),) = shapes
+    layout = CacheLayout(len(pairs), blocks, nbytes, order=order, block_stride=0 if stride == nbytes else stride)
+    return RegisterCache("gpu", layout, tuple(regions))

@@ -48,6 +48,7 @@ class KVShape:
     dtype: str = "bfloat16"
     kv_layout: str = "split"  # or "packed": K and V of a block in one region (see the module's doc)
     order: str = "heads"  # or "tokens": what is outermost inside a block
+    block_pad: int = 0  # bytes of padding after every block (an engine that aligns its blocks)
 
     @classmethod
     def from_config(cls, config: Config, world_size: int) -> KVShape:
@@ -81,8 +82,13 @@ class KVShape:
         return self.kv_heads * self.block_tokens * self.row_dim * self.itemsize
 
     @property
+    def block_stride(self) -> int:
+        """Bytes from one block's start to the next."""
+        return self.block_bytes + self.block_pad
+
+    @property
     def region_bytes(self) -> int:
-        return self.num_blocks * self.block_bytes
+        return self.num_blocks * self.block_stride
 
     @property
     def nbytes(self) -> int:
@@ -90,7 +96,8 @@ class KVShape:
 
     @property
     def layout(self) -> CacheLayout:
-        return CacheLayout(self.num_layers, self.num_blocks, self.block_bytes, self.planes, self.order)
+        stride = self.block_stride if self.block_pad else 0
+        return CacheLayout(self.num_layers, self.num_blocks, self.block_bytes, self.planes, self.order, stride)
 
     @property
     def tensor_shape(self) -> tuple[int, int, int, int, int, int]:
@@ -99,6 +106,33 @@ class KVShape:
         before heads."""
         inner = (self.kv_heads, self.block_tokens) if self.order == "heads" else (self.block_tokens, self.kv_heads)
         return (self.num_layers, self.planes, self.num_blocks, *inner, self.row_dim)
+
+
+def block_layout(tensor: Any, what: str = "the tensor") -> tuple[int, int, int]:
+    """``(num_blocks, block_bytes, block_stride)`` of one KV tensor whose first dimension is the
+    blocks, from its shape and strides (numpy, CuPy or torch, on any device): every block must be
+    contiguous inside; blocks may be padded (a first stride larger than a block). So an engine
+    hands over its tensors, and kvxferd reads the layout off them. Raises ValueError, naming
+    ``what``, for a tensor it cannot describe."""
+    shape = tuple(int(d) for d in tensor.shape)
+    if type(tensor).__module__.startswith("torch"):
+        itemsize = int(tensor.element_size())
+        strides = tuple(int(s) * itemsize for s in tensor.stride())
+    else:  # numpy, CuPy: strides in bytes
+        itemsize, strides = int(tensor.itemsize), tuple(int(s) for s in tensor.strides)
+    if len(shape) < 2 or shape[0] < 1:
+        raise ValueError(f"{what} must be shaped [num_blocks, ...], got {list(shape)}")
+    block = itemsize
+    for dim, stride in zip(reversed(shape[1:]), reversed(strides[1:]), strict=True):
+        if dim > 1 and stride != block:
+            raise ValueError(
+                f"{what} is not contiguous inside a block (shape {list(shape)}, strides {list(strides)} bytes)"
+            )
+        block *= dim
+    stride = strides[0] if shape[0] > 1 else block
+    if stride < block:
+        raise ValueError(f"{what}'s blocks overlap: {stride} bytes apart, each {block} bytes")
+    return shape[0], block, stride
 
 
 class HostKVCache:
@@ -131,18 +165,30 @@ class HostKVCache:
         return RegisterCache("host", s.layout, regions)
 
     def raw(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
-        """Bytes as ``[layer, K|V, num_blocks, block_bytes]`` (``K|V`` has length 1 when packed)."""
+        """Bytes as ``[layer, K|V, num_blocks, block_bytes]`` (``K|V`` has length 1 when packed; a
+        view that skips the padding of padded blocks)."""
         s = self.shape
         flat = np.frombuffer(self.segment.buffer, dtype=np.uint8, count=s.nbytes)
-        return flat.reshape(s.num_layers, s.planes, s.num_blocks, s.block_bytes)
+        out = flat.reshape(s.num_layers, s.planes, s.num_blocks, s.block_stride)
+        return out[..., : s.block_bytes] if s.block_pad else out
 
     def numpy(self) -> np.ndarray[Any, Any]:
         """Elements as ``[layer, K|V, num_blocks, kv_heads, block_tokens, head_dim]`` (as
         :attr:`KVShape.tensor_shape`: tokens before heads in a token-major cache).
 
-        numpy has no bfloat16: bf16 caches come back as uint16 bit patterns.
+        numpy has no bfloat16: bf16 caches come back as uint16 bit patterns. A padded cache
+        comes back as bytes (its last dimension: the bytes of one row), a view that skips the padding.
         """
         s = self.shape
+        if s.block_pad:  # (the padding may not be a whole number of elements)
+            blocks = self.raw()
+            inner = s.tensor_shape[3:5]
+            row = s.row_dim * s.itemsize
+            strides = (*blocks.strides[:3], inner[1] * row, row, 1)
+            out: np.ndarray[Any, Any] = np.lib.stride_tricks.as_strided(
+                blocks, shape=(*s.tensor_shape[:5], row), strides=strides
+            )
+            return out
         dtype = _NUMPY_DTYPES.get(s.dtype, np.uint8)
         flat = np.frombuffer(self.segment.buffer, dtype=dtype, count=s.nbytes // np.dtype(dtype).itemsize)
         if dtype is np.uint8 and s.itemsize != 1:
@@ -154,6 +200,8 @@ class HostKVCache:
         import torch  # lazy: torch is heavy and optional
 
         s = self.shape
+        if s.block_pad:
+            raise ValueError("a padded cache has no torch view here (use numpy(), which gives its bytes)")
         dtype = getattr(torch, s.dtype)
         flat = torch.frombuffer(self.segment.buffer, dtype=dtype, count=s.nbytes // s.itemsize)
         return flat.view(s.tensor_shape)

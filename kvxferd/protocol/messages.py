@@ -314,8 +314,11 @@ class CacheLayout(Struct):
     a block: ``heads`` (``[heads, tokens, ...]``, vLLM's HND) or ``tokens``
     (``[tokens, heads, ...]``, NHD). Whole blocks move alike either way; it
     matters where a rank writes a slice of each block's heads (groups of
-    different sizes). Wire: ``[32, 1024, 65536]`` (split), ``[32, 1024, 131072,
-    1]`` (packed), ``[32, 1024, 65536, 2, "tokens"]``.
+    different sizes). ``block_stride``: bytes from one block's start to the
+    next, where the engine pads its blocks (0: ``block_bytes``, packed blocks);
+    it describes one side's memory only, so two sides may differ in it. Wire:
+    ``[32, 1024, 65536]`` (split), ``[32, 1024, 131072, 1]`` (packed), ``[32,
+    1024, 65536, 2, "tokens", 69632]``.
     """
 
     num_layers: int
@@ -323,6 +326,7 @@ class CacheLayout(Struct):
     block_bytes: int
     planes: int = 2
     order: str = "heads"
+    block_stride: int = 0
 
     def __post_init__(self) -> None:
         f.uint("CacheLayout", "num_layers", self.num_layers, low=1, high=1 << 16)
@@ -330,10 +334,25 @@ class CacheLayout(Struct):
         f.uint("CacheLayout", "block_bytes", self.block_bytes, low=1, high=1 << 40)
         f.uint("CacheLayout", "planes", self.planes, low=1, high=2)
         f.choice("CacheLayout", "order", self.order, BLOCK_ORDERS)
+        f.uint("CacheLayout", "block_stride", self.block_stride, high=1 << 41)
+        if self.block_stride and self.block_stride < self.block_bytes:
+            raise f.fail(
+                "CacheLayout", "block_stride", f"{self.block_stride} is less than block_bytes {self.block_bytes}"
+            )
+
+    @property
+    def stride(self) -> int:
+        """Bytes from one block's start to the next."""
+        return self.block_stride or self.block_bytes
 
     @property
     def region_bytes(self) -> int:
-        return self.num_blocks * self.block_bytes
+        """Bytes of one region, from block 0's start to the last block's end."""
+        return (self.num_blocks - 1) * self.stride + self.block_bytes
+
+    def unpadded(self) -> CacheLayout:
+        """The same layout without its block stride: what two sides' layouts must agree on."""
+        return CacheLayout(self.num_layers, self.num_blocks, self.block_bytes, self.planes, self.order)
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,7 +125,7 @@ class GroupDaemon(Service):
         """Why an engine's cache registration does not fit this daemon's config, if it does not."""
         if msg.memory != self.group.memory:
             return f"group {self.group.name!r} keeps its cache in {self.group.memory} memory, not {msg.memory}"
-        if msg.layout != self.layout:
+        if msg.layout.unpadded() != self.layout:  # (padding between blocks is the engine's own)
             return f"the engine's cache is {msg.layout}, the config describes {self.layout}"
         return check_segments(msg)
 

@@ -122,25 +122,35 @@ class CudaIpcTransport(Transport):
     def _post(self, write_id: int, key: str, layer: int, runs: RunTable) -> Completion | None:
         assert self._src is not None
         cuda = self._cupy.cuda
-        block, there = self.local.layout.block_bytes, self._peers[key].block_bytes
+        local, peer = self.local.layout, self._peers[key]
+        block, here, there = local.block_bytes, local.stride, peer.stride  # (strides: padded blocks)
         dst = self._dst[key]
         cut = self._cuts.get(key)
-        rt = cuda.runtime
+        rt, stream = cuda.runtime, self._stream.ptr
+        dense = here == block == there  # runs of whole blocks are contiguous on both sides
         try:
             with cuda.Device(self._device):
-                for kv in range(self.local.layout.planes):
+                for kv in range(local.planes):
                     s, d = self._src[(layer, kv)], dst[(layer, kv)]
                     for a, b, n in runs.tolist():
-                        if cut is None:
-                            rt.memcpyAsync(d + b * there, s + a * block, n * block, rt.memcpyDefault, self._stream.ptr)
-                            continue
-                        # rows of cut.length bytes: one per block (pitch: the blocks), or one per token
-                        # of every block (pitch: the tokens; a block is count tokens on both sides)
-                        spitch, dpitch = (block, there) if cut.count == 1 else (cut.src_stride, cut.dst_stride)
-                        rt.memcpy2DAsync(
-                            d + b * there + cut.dst, dpitch, s + a * block + cut.src, spitch,
-                            cut.length, n * cut.count, rt.memcpyDefault, self._stream.ptr,
-                        )  # fmt: skip
+                        if cut is None and dense:
+                            rt.memcpyAsync(d + b * there, s + a * here, n * block, rt.memcpyDefault, stream)
+                        elif cut is None:  # a row per block
+                            rt.memcpy2DAsync(
+                                d + b * there, there, s + a * here, here, block, n, rt.memcpyDefault, stream
+                            )
+                        elif cut.count == 1:  # those bytes of every block: a row per block
+                            rt.memcpy2DAsync(
+                                d + b * there + cut.dst, there, s + a * here + cut.src, here,
+                                cut.length, n, rt.memcpyDefault, stream,
+                            )  # fmt: skip
+                        else:  # tokens outermost: a row per token, one copy per block (strides may pad blocks)
+                            for i in range(n):
+                                rt.memcpy2DAsync(
+                                    d + (b + i) * there + cut.dst, cut.dst_stride,
+                                    s + (a + i) * here + cut.src, cut.src_stride,
+                                    cut.length, cut.count, rt.memcpyDefault, stream,
+                                )  # fmt: skip
                 event = cuda.Event(disable_timing=True)
                 event.record(self._stream)
         except RuntimeError as exc:

@@ -181,7 +181,7 @@ def _rows(
     """
     offset, length = part if part is not None else (0, layout.block_bytes)
     rows = [
-        (address[(layer, kv)] + offset, length, device, layout.block_bytes, layout.num_blocks)
+        (address[(layer, kv)] + offset, length, device, layout.stride, layout.num_blocks)
         for layer in range(layout.num_layers)
         for kv in range(layout.planes)
     ]

@@ -58,7 +58,9 @@ class MappedCache:
                         f"of segment {region.handle!r}, which has {seg.size}"
                     )
                 flat = np.frombuffer(seg.buffer, dtype=np.uint8, count=layout.region_bytes, offset=region.offset)
-                self.views[(layer, kv)] = flat.reshape(layout.num_blocks, layout.block_bytes)
+                self.views[(layer, kv)] = np.lib.stride_tricks.as_strided(
+                    flat, shape=(layout.num_blocks, layout.block_bytes), strides=(layout.stride, 1), writeable=writable
+                )  # (blocks padded to block_stride: the padding is never touched)
         except BaseException:
             self.close()
             raise
@@ -78,6 +80,18 @@ class MappedCache:
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
+
+
+def _tokens(blocks: np.ndarray[Any, np.dtype[np.uint8]], count: int, stride: int) -> np.ndarray[Any, Any]:
+    """``[blocks, bytes]`` as ``[blocks, count, stride]``: a view of the same memory (a reshape may
+    copy, and a copy would take the writes)."""
+    out: np.ndarray[Any, Any] = np.lib.stride_tricks.as_strided(
+        blocks,
+        shape=(len(blocks), count, stride),
+        strides=(blocks.strides[0], stride, 1),
+        writeable=blocks.flags.writeable,
+    )
+    return out
 
 
 class ShmTransport(Transport):
@@ -124,8 +138,8 @@ class ShmTransport(Transport):
                 s = s[:, cut.src : cut.src + cut.length]
                 d = d[:, cut.dst : cut.dst + cut.length]
             elif cut is not None:  # tokens outermost: those bytes of every token of every block
-                s = s.reshape(len(s), cut.count, cut.src_stride)[:, :, cut.src : cut.src + cut.length]
-                d = d.reshape(len(d), cut.count, cut.dst_stride)[:, :, cut.dst : cut.dst + cut.length]
+                s = _tokens(s, cut.count, cut.src_stride)[:, :, cut.src : cut.src + cut.length]
+                d = _tokens(d, cut.count, cut.dst_stride)[:, :, cut.dst : cut.dst + cut.length]
             for a, b, n in rows:
                 np.copyto(d[b : b + n], s[a : a + n])
         return self.completion(write_id, key)

@@ -138,6 +138,48 @@ def test_a_slice_of_heads_of_each_block_lands_in_its_place_of_the_peers_blocks(
             c.unlink()
 
 
+@pytest.mark.parametrize(("src_pad", "dst_pad", "sliced"), [(256, 0, False), (0, 192, False), (64, 128, True)])
+def test_blocks_padded_by_their_engine_land_in_place_and_the_padding_is_never_touched(
+    name: str, src_pad: int, dst_pad: int, sliced: bool
+) -> None:
+    """An engine may pad its blocks (block_stride > block_bytes), on either side: whole blocks, or
+    a slice of heads of each, land where they belong, and no byte of padding is written."""
+    from kvxferd.core.rankmap import Cut
+
+    dst_heads = 1 if sliced else 2
+    src = HostKVCache.create(replace(SHAPE, block_pad=src_pad))
+    dst = HostKVCache.create(replace(SHAPE, kv_heads=dst_heads, block_pad=dst_pad))
+    rng = np.random.default_rng(3)
+    np.frombuffer(src.segment.buffer, dtype=np.uint8)[: src.shape.nbytes] = rng.integers(0, 256, src.shape.nbytes)
+    np.frombuffer(dst.segment.buffer, dtype=np.uint8)[:] = 7  # the padding keeps this
+    dst.raw()[:] = 0
+    cls = load(name)
+    target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
+    head = src.shape.block_bytes // 2
+    try:
+        init.open_peer("peer", _peer_info(name, dst, target), Cut(head, 0, head) if sliced else None)
+        runs = [Run(0, 5, 3), Run(9, 30, 2)]
+        assert _wait(init, init.post(1, "peer", 1, runs)).error is None
+        s, d = src.numpy(), dst.numpy()  # bytes: [layer, K|V, block, head, token, row bytes]
+        s = s if src_pad else s.view(np.uint8)
+        d = d if dst_pad else d.view(np.uint8)
+        expect = np.zeros_like(d)
+        for r in runs:
+            heads = slice(1, 2) if sliced else slice(0, 2)
+            expect[1, :, r.dst : r.dst + r.length] = s[1, :, r.src : r.src + r.length, heads]
+        assert np.array_equal(d, expect)
+        if dst_pad:
+            pads = dst.segment.buffer[: dst.shape.nbytes]
+            flat = np.frombuffer(pads, dtype=np.uint8).reshape(-1, dst.shape.block_stride)
+            assert (flat[:, dst.shape.block_bytes :] == 7).all(), "a byte of padding was written"
+    finally:
+        init.close()
+        target.close()
+        for c in (src, dst):
+            c.close()
+            c.unlink()
+
+
 def test_a_token_major_caches_heads_land_token_by_token_over_shm_and_rdma_refuses_them(name: str) -> None:
     """Tokens outermost inside a block (NHD): the heads a rank writes are a piece of every token.
     shm copies them in one strided call per run; rdma refuses at open, saying why."""
