@@ -20,26 +20,32 @@ T = TypeVar("T")
 
 
 class _Guard:
-    __slots__ = ("_inner", "_name")
+    __slots__ = ("_calls", "_inner", "_name")
 
     def __init__(self, inner: object, name: str) -> None:
         self._inner = inner
         self._name = name
+        self._calls: dict[str, Any] = {}  # method name -> its guarded wrapper, built once (hot path)
 
     def __getattr__(self, attr: str) -> Any:
+        cached = self._calls.get(attr)
+        if cached is not None:
+            return cached
         value = getattr(self._inner, attr)
         if not callable(value):
-            return value
+            return value  # (data: read through every time)
+        inner, name = self._inner, self._name
 
         @functools.wraps(value)
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
-                return value(*args, **kwargs)
+                return getattr(inner, attr)(*args, **kwargs)  # (looked up at each call: what the core has now)
             except CoreBroken:
                 raise
             except Exception as exc:
-                raise CoreBroken(f"{self._name}.{attr} raised {type(exc).__name__}: {clip(str(exc), 300)}") from exc
+                raise CoreBroken(f"{name}.{attr} raised {type(exc).__name__}: {clip(str(exc), 300)}") from exc
 
+        self._calls[attr] = call
         return call
 
 

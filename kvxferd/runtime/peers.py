@@ -160,7 +160,9 @@ class Peers:
         self.group, self.rank, self.memory = group, rank, memory
         self.max_frame = config.limits.max_frame_bytes
         self.links: dict[str, Link] = {}  # group:rank -> the link to that decode rank
-        self.names: dict[str, str] = {}  # a request's peer -> the decode group it names (valid ones only)
+        #: a request's peer -> the decode group it names (only strings that name one are kept: at most
+        #: two per decode group of the config, its name and its endpoint template)
+        self.names: dict[str, GroupConfig] = {}
         #: decode group -> the decode ranks this rank writes into, and what of each block
         self.targets: dict[str, dict[int, Cut | None]] = {}
         #: fanned-out writes: transport write id -> the core's, and the core's -> what is left
@@ -224,8 +226,13 @@ class Peers:
 
     def group_of(self, peer: str) -> GroupConfig:
         """The decode group a request's ``peer`` names; TransportError if none does."""
+        group = self.names.get(peer)
+        if group is not None:
+            return group
         group = self.config.decode_group_named(peer)
-        if group is None:
+        if group is not None:
+            self.names[peer] = group
+        else:
             names = ", ".join(g.name for g in self.config.groups if g.role == "decode") or "none"
             raise TransportError(f"peer {show(peer)} names no decode group of this deployment (decode groups: {names})")
         return group
@@ -264,7 +271,8 @@ class Peers:
         generation = w.generations[link.rank] if link.rank < len(w.generations) else ""
         if link.gone:
             return [Completion(write_id, link.gone_text)]
-        mine = replace(w, write_id=write_id, generation=generation)
+        same = write_id == w.write_id and generation == w.generation
+        mine = w if same else replace(w, write_id=write_id, generation=generation)  # (replace costs µs)
         return self._carry(link, link.machine.want(mine, now), now)
 
     def _joined(self, done: list[Completion]) -> list[Completion]:
@@ -499,13 +507,10 @@ class Peers:
         """The links to the decode ranks of the group ``peer`` names that this rank writes into,
         in rank order (one per decode rank, so at most as many links as the config has decode
         ranks); a peer string is resolved once."""
-        name = self.names.get(peer)
-        if name is None:
-            name = self.names[peer] = self.group_of(peer).name  # only names that resolve are kept
         group = self.group_of(peer)
         links = []
         for rank, cut in self.targets_of(group).items():
-            link = self.links.get(f"{name}:{rank}")
+            link = self.links.get(f"{group.name}:{rank}")
             links.append(link if link is not None else self._open_link(group, rank, cut, now))
         return links
 
@@ -622,7 +627,7 @@ class Peers:
             return f"answered as {show(info.group)} rank {info.rank}"
         if info.memory != link.group.memory:
             return f"its cache is in {info.memory} memory; the config says {link.group.memory}"
-        if info.layout != link.layout:
+        if info.layout.unpadded() != link.layout:
             return f"its cache is {info.layout}; the config describes {link.layout}"
         return None
 
