@@ -21,6 +21,12 @@ admitted when its layer signals come, alternating with the first, so the differe
 the admission round adds when it is on the critical path (in a real forward pass it overlaps
 the compute of the layers before the first one is written).
 
+Then short prompts (``--short``): one one-block request alone, and steps of 8 one-block requests,
+through the daemons over shm, each against its bare lower bound measured in the same run: the same
+number of control messages through one CURVE-authenticated ZMQ pair in one process, and the same
+bytes copied with numpy (issue 25's targets: one request within 3x, steps at least 0.4x as many
+requests per second).
+
 Then groups of different sizes (``--maps``): the same requests of the whole model (all its KV
 heads) moved from 2 prefill ranks into 2 decode ranks, then into 4 (each prefill rank writes a
 slice of every block into two decode ranks), then from 4 prefill ranks into 2 (two writers per
@@ -265,6 +271,98 @@ class Deployment:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+# -- short prompts ------------------------------------------------------------------------------
+
+#: control messages of one request through kvxferd, beyond its layer signals: its cache_info, the
+#: admission (Admit, Admitted) and completion (Arrive, Release) rounds, the KVReady to decode and its
+#: Received, the engine's KVReady, the result
+PER_REQUEST_MESSAGES = 9
+
+
+class BareControl:
+    """The lower bound of the control plane: messages through one CURVE DEALER -> ROUTER pair in one
+    process (all sent, then all received: ZMQ's own pipelining, no round trip per message), and the
+    same bytes copied with numpy."""
+
+    def __init__(self) -> None:
+        import zmq
+
+        from kvxferd import security
+
+        self.run_dir = Path(tempfile.mkdtemp(prefix="kvx-", dir="/tmp"))
+        config = dataclasses.replace(loads(""), run_dir=str(self.run_dir))
+        creds = security.credentials(config, "daemon")
+        self.ctx = zmq.Context()
+        self.auth = security.authenticator(self.ctx, creds)
+        self.server = self.ctx.socket(zmq.ROUTER)
+        creds.server(self.server, "engine")
+        self.server.bind(f"ipc://{self.run_dir}/bare.sock")
+        self.client = self.ctx.socket(zmq.DEALER)
+        security.credentials(config, "engine").client(self.client)
+        self.client.connect(f"ipc://{self.run_dir}/bare.sock")
+        self.client.send(b"hello")
+        self.server.recv_multipart()  # the handshake is done: what follows is timed
+        from kvxferd.protocol import LayerSignal, encode
+
+        self.frame = encode(LayerSignal(1, 0, ()))
+        shape = KVShape(LAYERS, 64, HEADS, TOKENS, DIM, "bfloat16")
+        self.src, self.dst = HostKVCache.create(shape), HostKVCache.create(shape)
+
+    def seconds(self, requests: int) -> float:
+        """``requests`` one-block requests of a step: their messages and their bytes."""
+        messages = LAYERS + PER_REQUEST_MESSAGES * requests
+        s, d = self.src.raw(), self.dst.raw()
+        t = time.perf_counter()
+        for _ in range(messages):  # sent as they come, received as they arrive (no round trip each)
+            self.client.send(self.frame)
+        for _ in range(messages):
+            self.server.recv_multipart()
+        for r in range(requests):
+            for layer in range(LAYERS):
+                for kv in (0, 1):
+                    np.copyto(d[layer, kv, r : r + 1], s[layer, kv, r : r + 1])
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        self.client.close(0)
+        self.server.close(0)
+        self.auth.stop()  # type: ignore[attr-defined]
+        self.ctx.term()
+        for cache in (self.src, self.dst):
+            cache.close()
+            cache.unlink()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def bench_short(repeat: int) -> list[dict[str, Any]]:
+    """One one-block request alone, and steps of 8, through kvxferd (shm) and bare, alternating."""
+    dep, bare = Deployment("shm"), BareControl()
+    try:
+        one = [(sb[:1], db[:1]) for sb, db in plan(1, seed=0)][:1]
+        eight = [([i], [100 + i]) for i in range(8)]
+        dep.seconds(one)  # warm-up
+        dep.seconds(eight)
+        bare.seconds(1)
+        ours1, bare1, ours8, bare8 = [], [], [], []
+        for _ in range(max(repeat, 20)):
+            ours1.append(dep.seconds(one))
+            bare1.append(bare.seconds(1))
+            ours8.append(dep.seconds(eight))
+            bare8.append(bare.seconds(8))
+    finally:
+        bare.close()
+        dep.close()
+    one_ms, bare_ms = statistics.median(ours1) * 1e3, statistics.median(bare1) * 1e3
+    rate, bare_rate = 8 / statistics.median(ours8), 8 / statistics.median(bare8)
+    row = {"short": True, "one_ms": one_ms, "bare_ms": bare_ms, "rate": rate, "bare_rate": bare_rate}
+    print(
+        f"  short: one request {one_ms:.2f} ms vs bare {bare_ms:.2f} ms ({one_ms / bare_ms:.1f}x); steps of 8: "
+        f"{rate:.0f} req/s vs bare {bare_rate:.0f} ({rate / bare_rate:.2f}x)",
+        file=sys.stderr,
+    )
+    return [row]
+
+
 # -- groups of different sizes ----------------------------------------------------------------
 
 MAP_BLOCKS = 256  # blocks per request in the map rows (the model's whole KV: every head)
@@ -432,6 +530,7 @@ def main() -> None:
     parser.add_argument(
         "--maps", default="yes", choices=("yes", "no", "only"), help="groups of different sizes: rows too, none, only"
     )
+    parser.add_argument("--short", default="yes", choices=("yes", "no", "only"), help="short prompts: too, none, only")
     parser.add_argument("--nixl-target", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.nixl_target:
@@ -444,20 +543,29 @@ def main() -> None:
         file=sys.stderr,
     )
     rows = []
-    for transport in args.transports.split(","):
+    if args.short != "no":
+        rows += bench_short(args.repeat)
+    for transport in args.transports.split(",") if args.short != "only" else []:
         if args.maps != "only":
             rows += bench(transport.strip(), sizes, args.repeat)
         if args.maps != "no":
             rows += bench_maps(transport.strip(), args.repeat)
     print(f"\n{'transport':9s} {'run':>7s} {'raw GB/s':>9s} {'kvxferd GB/s':>13s} {'ratio':>6s} {'target':>7s}")
     for r in rows:
-        if "fixed_ms" in r or "map" in r:
+        if "fixed_ms" in r or "map" in r or "short" in r:
             continue
         goal = TARGETS[r["transport"]]
         mark = "ok" if r["ratio"] >= goal else "BELOW"
         print(
             f"{r['transport']:9s} {_size(r['run']):>7s} {r['raw']:9.2f} {r['kvxferd']:13.2f} {r['ratio']:5.2f}x "
             f"{goal:>5.1f}x {mark}"
+        )
+    for r in (r for r in rows if "short" in r):
+        print(
+            f"\nshort prompts (shm, {LAYERS} layers, one block): one request alone {r['one_ms']:.2f} ms against "
+            f"{r['bare_ms']:.2f} ms bare: {r['one_ms'] / r['bare_ms']:.1f}x (target <= 3x)\n"
+            f"steps of 8 one-block requests: {r['rate']:.0f} requests/s against {r['bare_rate']:.0f} bare: "
+            f"{r['rate'] / r['bare_rate']:.2f}x (target >= 0.4x)"
         )
     maps = [r for r in rows if "map" in r]
     if maps:
