@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ import pytest
 from kvxferd.config import TransportConfig
 from kvxferd.core.effects import Run
 from kvxferd.errors import TransportUnavailable
-from kvxferd.kvcache import HostKVCache
+from kvxferd.kvcache import HostKVCache, KVShape
 from kvxferd.protocol import PeerInfo, decode
 from kvxferd.runtime.peers import host_id
 from kvxferd.transports import Completion, Transport, load
@@ -98,6 +100,33 @@ def test_runs_land_byte_for_byte_and_nothing_else(name: str, caches: tuple[HostK
         target.close()
 
 
+@contextlib.contextmanager
+def pair(name: str, src_shape: KVShape, dst_shape: KVShape) -> Iterator[tuple[HostKVCache, HostKVCache, Any, Any]]:
+    """Two caches of these shapes (the source filled with random bytes, the destination zeroed, its
+    padding, if any, set to 7) and the transport ``name`` on each: (src, dst, target, initiator)."""
+    src, dst = HostKVCache.create(src_shape), HostKVCache.create(dst_shape)
+    np.frombuffer(src.segment.buffer, dtype=np.uint8)[: src_shape.nbytes] = np.random.default_rng(11).integers(
+        0, 256, src_shape.nbytes
+    )
+    np.frombuffer(dst.segment.buffer, dtype=np.uint8)[:] = 7
+    dst.raw()[:] = 0
+    cls = load(name)
+    target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
+    try:
+        yield src, dst, target, init
+    finally:
+        init.close()
+        target.close()
+        for c in (src, dst):
+            c.close()
+            c.unlink()
+
+
+def _bytes(cache: HostKVCache) -> np.ndarray[Any, Any]:
+    """``[layer, K|V, block, (head, token) or (token, head), row bytes]``, padded or not."""
+    return cache.numpy() if cache.shape.block_pad else cache.numpy().view(np.uint8)
+
+
 @pytest.mark.parametrize(("src_heads", "dst_heads", "first", "at"), [(2, 1, 1, 0), (1, 2, 0, 1), (4, 2, 2, 0)])
 def test_a_slice_of_heads_of_each_block_lands_in_its_place_of_the_peers_blocks(
     name: str, src_heads: int, dst_heads: int, first: int, at: int
@@ -108,19 +137,12 @@ def test_a_slice_of_heads_of_each_block_lands_in_its_place_of_the_peers_blocks(
     from kvxferd.core.rankmap import Cut
 
     heads = min(src_heads, dst_heads)
-    src = HostKVCache.create(replace(SHAPE, kv_heads=src_heads))
-    dst = HostKVCache.create(replace(SHAPE, kv_heads=dst_heads))
-    rng = np.random.default_rng(11)
-    src.raw()[:] = rng.integers(0, 256, size=src.raw().shape, dtype=np.uint8)
-    dst.raw()[:] = 0
-    cls = load(name)
-    target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
-    try:
+    with pair(name, replace(SHAPE, kv_heads=src_heads), replace(SHAPE, kv_heads=dst_heads)) as (src, dst, target, init):
         head = src.shape.block_bytes // src_heads
         init.open_peer("peer", _peer_info(name, dst, target), Cut(first * head, at * head, heads * head))
         runs = [Run(0, 5, 3), Run(9, 30, 2)]
         assert _wait(init, init.post(1, "peer", 2, runs)).error is None
-        s, d = src.numpy().view(np.uint8), dst.numpy().view(np.uint8)  # [layer, K|V, block, head, token, bytes]
+        s, d = _bytes(src), _bytes(dst)
         expect = np.zeros_like(d)
         for r in runs:
             expect[2, :, r.dst : r.dst + r.length, at : at + heads] = s[
@@ -130,12 +152,6 @@ def test_a_slice_of_heads_of_each_block_lands_in_its_place_of_the_peers_blocks(
         # a slice that does not fit the peer's blocks is refused at open, never at a write
         with pytest.raises(Exception, match="do not fit"):
             init.open_peer("bad", _peer_info(name, dst, target), Cut(0, dst.shape.block_bytes - head, 2 * head))
-    finally:
-        init.close()
-        target.close()
-        for c in (src, dst):
-            c.close()
-            c.unlink()
 
 
 @pytest.mark.parametrize(("src_pad", "dst_pad", "sliced"), [(256, 0, False), (0, 192, False), (64, 128, True)])
@@ -146,38 +162,24 @@ def test_blocks_padded_by_their_engine_land_in_place_and_the_padding_is_never_to
     a slice of heads of each, land where they belong, and no byte of padding is written."""
     from kvxferd.core.rankmap import Cut
 
-    dst_heads = 1 if sliced else 2
-    src = HostKVCache.create(replace(SHAPE, block_pad=src_pad))
-    dst = HostKVCache.create(replace(SHAPE, kv_heads=dst_heads, block_pad=dst_pad))
-    rng = np.random.default_rng(3)
-    np.frombuffer(src.segment.buffer, dtype=np.uint8)[: src.shape.nbytes] = rng.integers(0, 256, src.shape.nbytes)
-    np.frombuffer(dst.segment.buffer, dtype=np.uint8)[:] = 7  # the padding keeps this
-    dst.raw()[:] = 0
-    cls = load(name)
-    target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
-    head = src.shape.block_bytes // 2
-    try:
+    shapes = replace(SHAPE, block_pad=src_pad), replace(SHAPE, kv_heads=1 if sliced else 2, block_pad=dst_pad)
+    with pair(name, *shapes) as (src, dst, target, init):
+        head = src.shape.block_bytes // 2
         init.open_peer("peer", _peer_info(name, dst, target), Cut(head, 0, head) if sliced else None)
         runs = [Run(0, 5, 3), Run(9, 30, 2)]
         assert _wait(init, init.post(1, "peer", 1, runs)).error is None
-        s, d = src.numpy(), dst.numpy()  # bytes: [layer, K|V, block, head, token, row bytes]
-        s = s if src_pad else s.view(np.uint8)
-        d = d if dst_pad else d.view(np.uint8)
+        s, d = _bytes(src), _bytes(dst)
         expect = np.zeros_like(d)
         for r in runs:
-            heads = slice(1, 2) if sliced else slice(0, 2)
-            expect[1, :, r.dst : r.dst + r.length] = s[1, :, r.src : r.src + r.length, heads]
+            expect[1, :, r.dst : r.dst + r.length] = s[
+                1, :, r.src : r.src + r.length, slice(1, 2) if sliced else slice(0, 2)
+            ]
         assert np.array_equal(d, expect)
         if dst_pad:
-            pads = dst.segment.buffer[: dst.shape.nbytes]
-            flat = np.frombuffer(pads, dtype=np.uint8).reshape(-1, dst.shape.block_stride)
+            flat = np.frombuffer(dst.segment.buffer[: dst.shape.nbytes], dtype=np.uint8).reshape(
+                -1, dst.shape.block_stride
+            )
             assert (flat[:, dst.shape.block_bytes :] == 7).all(), "a byte of padding was written"
-    finally:
-        init.close()
-        target.close()
-        for c in (src, dst):
-            c.close()
-            c.unlink()
 
 
 def test_a_token_major_caches_heads_land_token_by_token_over_shm_and_rdma_refuses_them(name: str) -> None:
@@ -185,31 +187,20 @@ def test_a_token_major_caches_heads_land_token_by_token_over_shm_and_rdma_refuse
     shm copies them in one strided call per run; rdma refuses at open, saying why."""
     from kvxferd.core.rankmap import Cut
 
-    src = HostKVCache.create(replace(SHAPE, kv_heads=2, order="tokens"))
-    dst = HostKVCache.create(replace(SHAPE, kv_heads=1, order="tokens"))
-    src.raw()[:] = np.random.default_rng(5).integers(0, 256, size=src.raw().shape, dtype=np.uint8)
-    dst.raw()[:] = 0
-    cls = load(name)
-    target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
     row = SHAPE.head_dim * SHAPE.itemsize  # one head of one token
     cut = Cut(row, 0, row, SHAPE.block_tokens, 2 * row, row)  # head 1 of 2 into head 0 of 1
-    try:
+    shapes = replace(SHAPE, kv_heads=2, order="tokens"), replace(SHAPE, kv_heads=1, order="tokens")
+    with pair(name, *shapes) as (src, dst, target, init):
         if name == "rdma":
             with pytest.raises(Exception, match="separate pieces of every block"):
                 init.open_peer("peer", _peer_info(name, dst, target), cut)
             return
         init.open_peer("peer", _peer_info(name, dst, target), cut)
         assert _wait(init, init.post(1, "peer", 0, [Run(3, 7, 2)])).error is None
-        s, d = src.numpy().view(np.uint8), dst.numpy().view(np.uint8)  # [layer, K|V, block, token, head, bytes]
+        s, d = _bytes(src), _bytes(dst)  # [layer, K|V, block, token, head, bytes]
         expect = np.zeros_like(d)
         expect[0, :, 7:9, :, 0] = s[0, :, 3:5, :, 1]
         assert np.array_equal(d, expect)
-    finally:
-        init.close()
-        target.close()
-        for c in (src, dst):
-            c.close()
-            c.unlink()
 
 
 @pytest.mark.parametrize(
