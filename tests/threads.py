@@ -14,9 +14,10 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from kvxferd import security
-from kvxferd.client import status
+from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, credentials, status
 from kvxferd.config import Config, loads
 from kvxferd.errors import DaemonError
 from kvxferd.runtime.service import Service
@@ -71,3 +72,17 @@ def run_dir(config_text: str) -> Iterator[Config]:
         yield dataclasses.replace(loads(config_text), run_dir=str(path))
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def engines(config: Config, clients: list[Any]) -> tuple[DecodeEngine, PrefillWorker, PrefillScheduler]:
+    """Once rank 0 of the prefill and of the decode group answer: a decode engine, a prefill worker
+    and a scheduler for them (also appended to ``clients``, for the caller to close)."""
+    pgroup, dgroup = config.group(role="prefill"), config.group(role="decode")
+    for endpoint in (config.endpoint(pgroup, 0), config.endpoint(dgroup, 0)):
+        ready(config, endpoint)
+    creds = credentials(config)
+    dec = DecodeEngine([config.endpoint(dgroup, 0)], credentials=creds)
+    worker = PrefillWorker(config.endpoint(pgroup, 0), credentials=creds)
+    sched = PrefillScheduler([config.endpoint(pgroup, 0)], credentials=creds)
+    clients += [dec, worker, sched]
+    return dec, worker, sched

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from kvxferd import security
-from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, credentials, status
+from kvxferd.client import credentials, status
 from kvxferd.config import Config
 from kvxferd.kvcache import HostKVCache, KVShape
 from kvxferd.protocol import CacheInfo, Error, ErrorCode, Hello, SlotChunk, Status, StatusQuery, decode, encode
@@ -22,7 +22,7 @@ from kvxferd.runtime.decode import DecodeDaemon
 from kvxferd.runtime.guard import unguarded
 from kvxferd.runtime.prefill import PrefillDaemon
 from kvxferd.runtime.service import BROKEN_EXIT
-from tests.threads import Running, ready, run_dir
+from tests.threads import Running, engines, ready, run_dir
 
 ONE_BY_ONE = """
 groups:
@@ -82,13 +82,8 @@ def test_a_core_that_raises_fails_every_request_in_flight_then_exits_non_zero() 
         caches = [HostKVCache.create(shape), HostKVCache.create(shape)]
         clients: list = []
         try:
-            for endpoint in (config.endpoint(pgroup, 0), config.endpoint(dgroup, 0)):
-                ready(config, endpoint)
+            dec, worker, sched = engines(config, clients)
             creds = credentials(config)
-            dec = DecodeEngine([config.endpoint(dgroup, 0)], credentials=creds)
-            worker = PrefillWorker(config.endpoint(pgroup, 0), credentials=creds)
-            sched = PrefillScheduler([config.endpoint(pgroup, 0)], credentials=creds)
-            clients += [dec, worker, sched]
             dec.register([caches[1]])
             worker.register(caches[0])
             peer = dgroup.name

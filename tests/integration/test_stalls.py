@@ -20,13 +20,13 @@ import time
 
 import numpy as np
 
-from kvxferd.client import DecodeEngine, PrefillScheduler, PrefillWorker, credentials, status
+from kvxferd.client import credentials, status
 from kvxferd.kvcache import HostKVCache, KVShape
 from kvxferd.protocol import CacheInfo, SlotChunk, Status
 from kvxferd.runtime.barrier import BarrierService
 from kvxferd.runtime.decode import DecodeDaemon
 from kvxferd.runtime.prefill import PrefillDaemon
-from tests.threads import Running, ready, run_dir
+from tests.threads import Running, engines, run_dir
 
 ONE_BY_ONE = """
 groups:
@@ -48,13 +48,8 @@ def test_a_rank_stopped_just_before_its_heartbeat_writes_nothing_into_blocks_dec
         clients: list = []
         thaw, frozen = threading.Event(), threading.Event()
         try:
-            for endpoint in (config.endpoint(pgroup, 0), config.endpoint(dgroup, 0)):
-                ready(config, endpoint)
+            dec, worker, sched = engines(config, clients)
             creds = credentials(config)
-            dec = DecodeEngine([config.endpoint(dgroup, 0)], credentials=creds)
-            worker = PrefillWorker(config.endpoint(pgroup, 0), credentials=creds)
-            sched = PrefillScheduler([config.endpoint(pgroup, 0)], credentials=creds)
-            clients += [dec, worker, sched]
             dec.register([dst])
             worker.register(src)
             src.raw()[...] = 7
