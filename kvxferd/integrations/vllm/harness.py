@@ -166,6 +166,9 @@ class PD:
     kvx_path: Path
     timings: dict[str, float] = field(default_factory=dict)
     orphans: list[str] = field(default_factory=list)  # segments the harness removed for dead workers
+    #: vLLM's own shared-memory segments before this deployment started (at TP > 1 its workers'
+    #: segments outlive them when the servers are stopped: the new ones are removed at stop)
+    vllm_segments: set[str] = field(default_factory=set)
 
     @property
     def servers(self) -> list[Server]:
@@ -188,6 +191,10 @@ class PD:
         codes = {s.name: s.stop() for s in self.servers}
         codes.update(self.cluster.stop())
         self.orphans = remove_orphan_segments()
+        for path in Path("/dev/shm").glob("vllm_dist_*"):  # (every server of ours has stopped)
+            if path.name not in self.vllm_segments:
+                path.unlink(missing_ok=True)
+                self.orphans.append(path.name)
         return codes
 
 
@@ -219,6 +226,7 @@ def start_pd(
         base, groups=tuple(dataclasses.replace(g, world_size=sizes[g.role]) for g in base.groups)
     )
     cfg, path, run_dir = prepare(base, prefix="kvx-vllm-")
+    before = {p.name for p in Path("/dev/shm").glob("vllm_dist_*")}
     t0 = time.monotonic()
     cluster = Cluster(cfg, path, run_dir, "INFO")
     cluster.start(60.0)
@@ -237,7 +245,7 @@ def start_pd(
         "--prefill", f"unix:{p_uds}", "--decode", f"unix:{d_uds}", "--uds", str(x_uds),
     ]  # fmt: skip
     proxy = start_server("proxy", proxy_args, run_dir, x_uds, "0", env)
-    pd = PD(run_dir, cluster, prefill, decode, proxy, path)
+    pd = PD(run_dir, cluster, prefill, decode, proxy, path, vllm_segments=before)
     try:
         asyncio.run(wait_healthy([prefill, decode, proxy], timeout_s))
     except BaseException:
