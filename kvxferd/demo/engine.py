@@ -17,9 +17,9 @@ layer ``l``, K or V, of request ``i`` holds one 64-bit value derived from
 ``(h, i, l, kv, b)``; no two requests share a value, so whatever a decode
 block held before cannot pass for it. A prefill rank writes the heads it
 holds; the groups may differ in size (the config's rank map then slices
-heads), and each decode rank is checked against the heads it holds. When a
-request is decided, every decode rank's blocks of it are compared with the
-values (all rows of full blocks, the valid rows of the last one): a block
+heads), and each decode rank is checked against the heads it holds. Once
+every decode rank reported a request ready, its blocks on every decode rank
+are compared with the values (all rows of full blocks, the valid rows of the last one): a block
 sent before all its tokens were written, a head written to the wrong place,
 or one not written at all, fails. Blocks return to the pools only once every
 decode rank reported the request.
