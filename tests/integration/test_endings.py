@@ -91,11 +91,21 @@ def _out_of_range(x: CacheInfo) -> CacheInfo:
     return replace(x, src_blocks=(64, *x.src_blocks[1:]))  # the cache has blocks 0..63
 
 
+def _too_few_registrations(x: CacheInfo) -> CacheInfo:
+    return replace(x, dst_generations=("a1c3f09b2e77",))  # names decode rank 0's only; rank 1 writes rank 1
+
+
 @pytest.mark.parametrize(
     ("code", "change", "detail"),
     [
         (ErrorCode.BAD_LAYOUT, _bad_layout, "request x: 14 tokens need 4 blocks of 4 tokens, cache_info names 3"),
         (ErrorCode.OUT_OF_RANGE, _out_of_range, "request x: source block 64 is outside this rank's 64 blocks"),
+        (
+            ErrorCode.BAD_LAYOUT,
+            _too_few_registrations,
+            "request x: dst_generations names the registrations of 1 decode ranks; prefill rank 1 writes into "
+            "decode ranks [1]",
+        ),
     ],
 )
 def test_a_cache_info_one_rank_refuses_ends_failed_everywhere_and_decode_can_reuse_its_blocks(

@@ -55,10 +55,14 @@ def test_a_rank_stopped_just_before_its_heartbeat_writes_nothing_into_blocks_dec
             src.raw()[...] = 7
             sched.submit(CacheInfo("r", 0, 1, 4, (1,), (2,), dgroup.name, dst_generations=dec.generations))
             worker.layer_ready(1, 0, [SlotChunk(0, 0, 4, 1)])
+
+            def tables() -> dict:  # a status round trip: each one is a turn of the daemon's loop
+                return json.loads(status(config.endpoint(pgroup, 0), credentials=creds).report)["tables"]
+
             deadline = time.monotonic() + 10
             while not np.all(dst.raw()[0, :, 2] == 7):  # layer 0 landed: the request is writing
                 assert time.monotonic() < deadline, "layer 0 never landed"
-                time.sleep(0.01)
+                tables()
 
             hello = prefill.barrier.hello
 
@@ -79,9 +83,8 @@ def test_a_rank_stopped_just_before_its_heartbeat_writes_nothing_into_blocks_dec
             outcome = sched.wait("r", 10.0)
             assert outcome.status is Status.FAILED, outcome
             deadline = time.monotonic() + 10
-            while json.loads(status(config.endpoint(pgroup, 0), credentials=creds).report)["tables"]["requests"]:
+            while tables()["requests"]:
                 assert time.monotonic() < deadline, "the request stayed in the prefill rank's table"
-                time.sleep(0.01)
             assert np.all(dst.raw()[:, :, 2] == 99), "the rank wrote into a block its decode rank was told is free"
         finally:
             thaw.set()

@@ -7,6 +7,7 @@ to every prompt the tests send, then kvxferd + a prefill and a decode vLLM + the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -65,9 +66,11 @@ def reference(model: Path, bodies: list[dict[str, Any]]) -> dict[str, list[int] 
     return {b["prompt"]: harness.tokens(a) for b, a in zip(bodies, answers, strict=True)}
 
 
-@pytest.fixture(scope="module")
-def pd(model: Path, reference: dict[str, Any]) -> Iterator[harness.PD]:
-    dep = harness.start_pd(model, extra={"wait_s": 20.0, "offer_s": 20.0})
+@contextlib.contextmanager
+def deployed(model: Path, tp: tuple[int, int] = (1, 1)) -> Iterator[harness.PD]:
+    """kvxferd, the two vLLM instances (at tensor-parallel sizes ``tp``) and the proxy; every process
+    must exit cleanly and leave no shared-memory segment behind."""
+    dep = harness.start_pd(model, extra={"wait_s": 20.0, "offer_s": 20.0}, tp=tp)
     try:
         yield dep
     finally:
@@ -76,3 +79,9 @@ def pd(model: Path, reference: dict[str, Any]) -> Iterator[harness.PD]:
         shutil.rmtree(dep.run_dir, ignore_errors=True)
     assert leftovers == [], f"shared-memory segments outlived the deployment: {leftovers}"
     assert set(codes.values()) <= {0, -15}, f"processes did not exit cleanly: {codes}"
+
+
+@pytest.fixture(scope="module")
+def pd(model: Path, reference: dict[str, Any]) -> Iterator[harness.PD]:
+    with deployed(model) as dep:
+        yield dep

@@ -9,21 +9,20 @@ every prefill rank must count an ok transfer for every prompt: the KV came throu
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kvxferd.integrations.vllm import harness
+from tests.vllm.conftest import deployed
 
 
 @pytest.mark.parametrize("tp", [(2, 1), (1, 2)], ids=["prefill-tp2-decode-tp1", "prefill-tp1-decode-tp2"])
 def test_completions_across_different_tp_sizes_equal_the_monolithic_run(
     model: Path, bodies: list[dict[str, Any]], reference: dict[str, Any], tp: tuple[int, int]
 ) -> None:
-    pd = harness.start_pd(model, extra={"wait_s": 20.0, "offer_s": 20.0}, tp=tp)
-    try:
+    with deployed(model, tp) as pd:
         answers = asyncio.run(harness.complete(pd.proxy.uds, bodies))
         for body, answer in zip(bodies, answers, strict=True):
             assert answer["http_status"] == 200, answer
@@ -32,9 +31,3 @@ def test_completions_across_different_tp_sizes_equal_the_monolithic_run(
         assert len(counters) == tp[0]
         for name, ranks in counters.items():
             assert ranks.get("result_ok", 0) == len(bodies), f"{name}: not every prompt's KV came through kvxferd"
-    finally:
-        codes = pd.stop()
-        leftovers = [p.name for p in Path("/dev/shm").glob("kvx-vllm-*")]
-        shutil.rmtree(pd.run_dir, ignore_errors=True)
-    assert leftovers == [], f"shared-memory segments outlived the deployment: {leftovers}"
-    assert set(codes.values()) <= {0, -15}, f"processes did not exit cleanly: {codes}"
