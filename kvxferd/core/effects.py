@@ -26,7 +26,9 @@ class Run(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    """Copy ``runs`` of one layer (K and V) to ``peer`` over ``transport``.
+    """Copy ``runs`` of each of ``layers`` (K and V) to ``peer`` over ``transport``: the layers
+    ready together whose blocks are the same runs go as one write (one request's 32 layers
+    admitted at once are one write, not 32).
 
     The shell reports the outcome with ``core.write_done(write_id, now, error, transport,
     generation)``. ``requests`` names every request instance the write serves; ``nbytes``
@@ -39,7 +41,7 @@ class Write:
     write_id: int
     peer: str
     transport: str
-    layer: int
+    layers: tuple[int, ...]
     runs: tuple[Run, ...]
     requests: tuple[Key, ...]
     nbytes: int

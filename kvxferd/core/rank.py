@@ -58,6 +58,8 @@ class RankCore:
         self.intake = Intake(settings)
         self.writes = Writes(settings)
         self.words = Words(settings, self.life)
+        #: layers that may be written, gathered between ``hold`` and ``flush`` (None: planned at once)
+        self._held: list[Item] | None = None
 
     def handle(self, msg: Message, now: float) -> list[RankEffect]:
         """Dispatch one inbound message."""
@@ -137,8 +139,13 @@ class RankCore:
             return [Problem(ErrorCode.INTERNAL, f"completion for unknown write {write_id}", reply=False)]
         touched, failed = done
         effects: list[RankEffect] = []
+        layers: dict[Key, list[int]] = {}
         for req, layer in failed:
-            why = f"write of layer {layer} to {req.info.peer} failed: {error}"
+            layers.setdefault(req.key, []).append(layer)
+        for key, which in layers.items():
+            req = self._requests[key]
+            what = f"layer {which[0]}" if len(which) == 1 else f"layers {min(which)}..{max(which)}"
+            why = f"write of {what} to {req.info.peer} failed: {error}"
             effects += self._stop(req, Ending(FAILED, why), now)
         for req in touched:
             if req.data is Data.ACTIVE:
@@ -166,6 +173,22 @@ class RankCore:
         self.intake.detach(req)
         self.words.decide(req, ending := self.words.outcome(req, verdict), now, data)
         return self._end(req, ending, now) if req.data is Data.QUIET else []  # else: it drains first
+
+    def hold(self) -> None:
+        """Plan nothing until :meth:`flush`: what becomes writable meanwhile (signals, admissions
+        of a whole wake-up of messages) is gathered and planned together, so a step's requests
+        admitted one verdict after another still share one write per layer, and every layer
+        ready at once goes in as few writes as the runs allow."""
+        if self._held is None:
+            self._held = []
+
+    def flush(self, now: float) -> list[RankEffect]:
+        """Plan what was gathered since :meth:`hold` (the writes, and the arrivals of requests
+        with nothing to send); planning is immediate again. Items of requests that ended or
+        stopped meanwhile are skipped (a request that may no longer write plans nothing)."""
+        items, self._held = self._held or [], None
+        live = self._requests
+        return self._post([item for item in items if item[0] in live], now)
 
     def on_timer(self, now: float) -> list[RankEffect]:
         self.words.on_timer(now)
@@ -279,6 +302,9 @@ class RankCore:
         return [problem, *self._stop(req, ending, now)]
 
     def _post(self, items: list[Item], now: float) -> list[RankEffect]:
+        if self._held is not None:  # (see hold)
+            self._held += items
+            return []
         writes, finished = self.writes.plan(items, self._requests, self.intake.steps)
         effects: list[RankEffect] = list(writes)
         for req in finished:

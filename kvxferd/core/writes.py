@@ -6,8 +6,10 @@ Agreement is per request; the data plane is not. When layer L of a step is
 ready, every admitted job with a chunk in that step can write layer L: the
 caller hands :meth:`Writes.plan` those (request, chunk, layer) items and gets
 back one :class:`~kvxferd.core.effects.Write` per (peer, transport, decode
-registration, layer), runs merged across requests, so a step of eight requests is eight requests'
-blocks in one write per layer, not eight writes. Each write names its parts
+registration) and set of blocks: runs merged across requests, so a step of eight requests is eight
+requests' blocks in one write, not eight writes; and the layers ready together whose merged
+runs are the same are one write too (a job admitted after its layers were signalled: one write
+for all of them). Each write names its parts
 (:class:`~kvxferd.core.request.Part`); this table keeps them until the
 transport reports the write (:meth:`Writes.done`), and it is the only record
 of writes in flight a rank keeps: a link or a transport may know a write is
@@ -66,14 +68,19 @@ class Writes:
             runs.extend(chunk.runs)
             parts.append(Part(key, index, layer, nbytes))
             req.inflight += 1
-        writes = []
+        # the layers whose blocks are the same go together
+        together: dict[tuple[str, str, tuple[str, ...], tuple[Run, ...]], tuple[list[int], list[Part]]] = {}
         for (peer, transport, generations, layer), (runs, parts) in groups.items():
+            layers, joined = together.setdefault((peer, transport, generations, merge_runs(runs)), ([], []))
+            layers.append(layer)
+            joined += parts
+        writes = []
+        for (peer, transport, generations, merged), (layers, parts) in together.items():
             write_id = next(self._ids)
             self._parts[write_id] = tuple(parts)
             keys = tuple(dict.fromkeys(p.key for p in parts))
             nbytes = sum(p.nbytes for p in parts)
-            merged = merge_runs(runs)
-            writes.append(Write(write_id, peer, transport, layer, merged, keys, nbytes, generations))
+            writes.append(Write(write_id, peer, transport, tuple(layers), merged, keys, nbytes, generations))
         return writes, list(finished.values())
 
     def complete(

@@ -378,7 +378,7 @@ class Peers:
         except (TransportError, TransportUnavailable) as exc:
             return [Completion(w.write_id, f"transport {w.transport} to {link.endpoint}: {exc}")]
         link.machine.posted(now)
-        done = route.transport.post(w.write_id, route.key, w.layer, w.runs)
+        done = route.transport.post(w.write_id, route.key, w.layers, w.runs)
         if done is not None:
             return self._settled([done], now)
         self._poll_delay = POLL_MIN_S

@@ -134,6 +134,12 @@ class PrefillDaemon(GroupDaemon):
         self.barrier.silence_s = ALIVE_BEATS * self.heartbeat_s
         self.barrier.on_silence = self.fence
 
+    def begin_batch(self) -> None:
+        self.core.hold()  # every message of the wake-up, then their writes planned together
+
+    def end_batch(self, now: float) -> None:
+        self._apply(self.core.flush(now), now)
+
     def on_stall(self, late_s: float) -> None:
         self.fence()  # before anything that waited is read
         super().on_stall(late_s)

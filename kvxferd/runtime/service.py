@@ -18,6 +18,10 @@ registered in it. ``run`` goes through start → ready → serve → drain → s
   see :mod:`kvxferd.runtime.guard`) means its tables cannot be trusted: the
   service calls ``on_broken`` (fail every request in flight, with the reason)
   and ``run`` returns :data:`BROKEN_EXIT`.
+* One wake-up's reads are a batch: ``begin_batch`` before the sockets that
+  ``poll`` reported are read, ``end_batch`` after (a prefill daemon plans the
+  writes of every message of the batch together there: a step admitted verdict
+  by verdict, or layers signalled while their job waited, go as one write).
 * A loop that wakes more than :data:`STALL_S` after its next deadline (the
   process was stopped, or starved of CPU) first reads what waited on its
   sockets (:meth:`Service._catch_up`) and only then runs its timers: a word
@@ -223,6 +227,13 @@ class Service:
         first (a daemon says it is alive; a prefill daemon stops writing what its peers may have
         given up on). Called often: keep it a few comparisons unless there is work."""
 
+    def begin_batch(self) -> None:
+        """A wake-up's reads begin: what they make ready may wait for :meth:`end_batch` (a prefill
+        daemon plans the writes of every message read in one go)."""
+
+    def end_batch(self, now: float) -> None:
+        """The wake-up's reads are done: carry out what waited for them."""
+
     def handle_on(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, now: float) -> None:
         """One message from the server socket ``sock`` (a service with more than one overrides this)."""
         self.handle(identity, msg, now)
@@ -319,7 +330,7 @@ class Service:
             late = 0.0 if wake is None else time.monotonic() - wake
             if late > 0:  # before anything that waited is read (a stop may have ended just now)
                 self._guard(functools.partial(self.on_stall, late), "telling peers it runs again")
-            self._read(ready, wake_fd)
+            self._read_batch(ready, wake_fd)
             if late > STALL_S:
                 self._catch_up(wake_fd, late)
             failures = 0 if self._guard(lambda: self.tick(time.monotonic()), "running timers") else failures + 1
@@ -342,7 +353,13 @@ class Service:
             ready = self.poller.poll(int(CATCH_UP_POLL_S * 1000))
             if not ready:
                 return
-            self._read(ready, wake_fd)
+            self._read_batch(ready, wake_fd)
+
+    def _read_batch(self, ready: list[tuple[Any, int]], wake_fd: int) -> None:
+        """Read what ``ready`` names as one batch (see begin_batch)."""
+        self.begin_batch()
+        self._read(ready, wake_fd)
+        self._guard(lambda: self.end_batch(time.monotonic()), "carrying out what the reads made ready")
 
     def _guard(self, step: Handler, what: str) -> bool:
         """Run one step of the loop; an exception other than CoreBroken is logged, not fatal."""

@@ -55,10 +55,14 @@ def run_table(runs: Sequence[Run]) -> RunTable:
     return flat.reshape(-1, 3)
 
 
-def check_runs(table: RunTable, local: CacheLayout, remote: CacheLayout, layer: int) -> str | None:
-    """Why these runs may not be copied, or None if they may."""
-    if layer >= local.num_layers or layer >= remote.num_layers:
-        return f"layer {layer} is outside the registered caches ({local.num_layers} / {remote.num_layers} layers)"
+def check_runs(table: RunTable, local: CacheLayout, remote: CacheLayout, layers: Sequence[int]) -> str | None:
+    """Why these runs of these layers may not be copied, or None if they may."""
+    if not layers:
+        return "no layers"
+    low, top = min(layers), max(layers)
+    if low < 0 or top >= local.num_layers or top >= remote.num_layers:
+        bad = low if low < 0 else top
+        return f"layer {bad} is outside the registered caches ({local.num_layers} / {remote.num_layers} layers)"
     if not len(table):
         return "no runs"
     # Few numpy calls: their fixed cost, not the run count, dominates small writes.
@@ -147,8 +151,8 @@ class Transport(ABC):
         self._open_peer(key, peer)
         self._peers[key] = peer.layout
 
-    def post(self, write_id: int, key: str, layer: int, runs: Sequence[Run]) -> Completion | None:
-        """Start writing ``runs`` of ``layer`` (K and V) to peer ``key``.
+    def post(self, write_id: int, key: str, layers: Sequence[int], runs: Sequence[Run]) -> Completion | None:
+        """Start writing ``runs`` of each of ``layers`` (K and V) to peer ``key``, as one write.
 
         Returns a Completion at once if the write was refused or finished
         synchronously; otherwise the completion comes from :meth:`poll`.
@@ -157,11 +161,11 @@ class Transport(ABC):
         if remote is None:
             return self.completion(write_id, key, f"peer {key} is not open")
         table = run_table(runs)
-        problem = check_runs(table, self.local.layout, remote, layer)
+        problem = check_runs(table, self.local.layout, remote, layers)
         if problem is not None:
             return self.completion(write_id, key, f"refused before writing: {problem}", refused=True)
         try:
-            return self._post(write_id, key, layer, table)
+            return self._post(write_id, key, layers, table)
         except TransportError as exc:
             return self.completion(write_id, key, str(exc))
 
@@ -198,8 +202,17 @@ class Transport(ABC):
     def _open_peer(self, key: str, peer: PeerInfo) -> None: ...
 
     @abstractmethod
-    def _post(self, write_id: int, key: str, layer: int, runs: RunTable) -> Completion | None:
-        """Copy ``runs`` (already checked against both layouts) of ``layer``, K and V."""
+    def _post(self, write_id: int, key: str, layers: Sequence[int], runs: RunTable) -> Completion | None:
+        """Copy ``runs`` (already checked against both layouts) of each of ``layers``, K and V."""
 
     def _close_peer(self, key: str) -> None:  # noqa: B027 - optional hook
         pass
+
+
+def span(layers: Sequence[int]) -> str:
+    """``layers`` for a message: "3", or "0..31" when they are consecutive, else as listed."""
+    if len(layers) == 1:
+        return str(layers[0])
+    if list(layers) == list(range(layers[0], layers[0] + len(layers))):
+        return f"{layers[0]}..{layers[-1]}"
+    return ",".join(map(str, layers))

@@ -22,6 +22,7 @@ here: see the project notes.
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 from collections.abc import Sequence
 from types import ModuleType
@@ -30,7 +31,7 @@ from typing import Any
 from kvxferd.config import TransportConfig
 from kvxferd.errors import TransportError, TransportUnavailable
 from kvxferd.protocol import CacheLayout, PeerInfo, Region, RegisterCache
-from kvxferd.transports.base import Completion, RunTable, Transport, region_map
+from kvxferd.transports.base import Completion, RunTable, Transport, region_map, span
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class CudaIpcTransport(Transport):
         self.prepare()
         self._dst[key] = _addresses(self._handles, peer.layout, peer.regions, key)
 
-    def _post(self, write_id: int, key: str, layer: int, runs: RunTable) -> Completion | None:
+    def _post(self, write_id: int, key: str, layers: Sequence[int], runs: RunTable) -> Completion | None:
         assert self._src is not None
         cuda = self._cupy.cuda
         local, peer = self.local.layout, self._peers[key]
@@ -130,7 +131,7 @@ class CudaIpcTransport(Transport):
         dense = here == block == there  # runs of whole blocks are contiguous on both sides
         try:
             with cuda.Device(self._device):
-                for kv in range(local.planes):
+                for layer, kv in itertools.product(layers, range(local.planes)):
                     s, d = self._src[(layer, kv)], dst[(layer, kv)]
                     for a, b, n in runs.tolist():
                         if cut is None and dense:
@@ -154,7 +155,7 @@ class CudaIpcTransport(Transport):
                 event = cuda.Event(disable_timing=True)
                 event.record(self._stream)
         except RuntimeError as exc:
-            return self.completion(write_id, key, f"CUDA copy of layer {layer} to {key} failed: {exc}")
+            return self.completion(write_id, key, f"CUDA copy of layers {span(layers)} to {key} failed: {exc}")
         self._events[write_id] = (event, key)
         return None
 

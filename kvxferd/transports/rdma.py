@@ -38,6 +38,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -188,14 +189,16 @@ def _rows(
     return np.array(rows, dtype=np.uint64)
 
 
-def _indices(layout: CacheLayout, layer: int, runs: RunTable, side: int) -> np.ndarray[Any, Any]:
-    """Descriptor indices of every block of ``runs`` (``side`` 0: sources, 1: destinations), K then V
-    (one region only when packed)."""
+def _indices(layout: CacheLayout, layers: Sequence[int], runs: RunTable, side: int) -> np.ndarray[Any, Any]:
+    """Descriptor indices of every block of ``runs`` (``side`` 0: sources, 1: destinations) in each
+    of ``layers``, K then V (one region only when packed), layer after layer."""
     starts, lengths = runs[:, side], runs[:, 2]
     before = np.cumsum(lengths) - lengths  # blocks of the runs ahead of each run
     blocks = np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()))
-    base = layout.planes * layer * layout.num_blocks
-    out: np.ndarray[Any, Any] = np.concatenate([base + kv * layout.num_blocks + blocks for kv in range(layout.planes)])
+    n = layout.num_blocks
+    out: np.ndarray[Any, Any] = np.concatenate(
+        [(layout.planes * layer + kv) * n + blocks for layer in layers for kv in range(layout.planes)]
+    )
     return out
 
 
@@ -298,7 +301,7 @@ class RdmaTransport(Transport):
         self._remotes[key] = _Remote(name, prepped, local)
         self._infos[key] = peer
 
-    def _post(self, write_id: int, key: str, layer: int, runs: RunTable) -> Completion | None:
+    def _post(self, write_id: int, key: str, layers: Sequence[int], runs: RunTable) -> Completion | None:
         if key not in self._remotes:  # its agent was removed to stop a failed write: add it again
             self._open_peer(key, self._infos[key])
         remote = self._remotes[key]
@@ -307,9 +310,9 @@ class RdmaTransport(Transport):
             handle = self._agent.make_prepped_xfer(
                 "WRITE",
                 self._prepped if remote.local is None else remote.local,
-                _indices(layout, layer, runs, 0),
+                _indices(layout, layers, runs, 0),
                 remote.prepped,
-                _indices(self._peers[key], layer, runs, 1),
+                _indices(self._peers[key], layers, runs, 1),
                 b"",
             )
         except self._errors as exc:

@@ -16,7 +16,9 @@ local cache's own files (by inode, whatever the name) is refused at open.
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -124,7 +126,7 @@ class ShmTransport(Transport):
                 )
         self._dst[key] = dst
 
-    def _post(self, write_id: int, key: str, layer: int, runs: RunTable) -> Completion:
+    def _post(self, write_id: int, key: str, layers: Sequence[int], runs: RunTable) -> Completion:
         dst = self._dst[key]
         gone = dst.gone()
         if gone is not None:
@@ -132,7 +134,7 @@ class ShmTransport(Transport):
         src = self._source()
         rows = runs.tolist()
         cut = self._cuts.get(key)
-        for kv in range(self.local.layout.planes):
+        for layer, kv in itertools.product(layers, range(self.local.layout.planes)):
             s, d = src.views[(layer, kv)], dst.views[(layer, kv)]
             if cut is not None and cut.count == 1:  # the same bytes of every block: one strided copy per run
                 s = s[:, cut.src : cut.src + cut.length]

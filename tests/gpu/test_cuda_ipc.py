@@ -52,7 +52,7 @@ def gpu_engine(*args: str) -> Iterator[tuple[subprocess.Popen[str], RegisterCach
 def write_and_check(engine: subprocess.Popen[str], transport: Transport, layer: int, runs: list[Run]) -> None:
     """Write ``runs`` of ``layer`` to the open peer, wait for the completion, have the engine check."""
     assert engine.stdin is not None and engine.stdout is not None
-    assert transport.post(1, "peer", layer, runs) is None
+    assert transport.post(1, "peer", (layer,), runs) is None
     done = []
     while not done:
         done = transport.poll()
@@ -70,7 +70,7 @@ def test_cuda_ipc_copies_runs_between_processes_on_one_gpu() -> None:
         transport = load("cuda_ipc")(TransportConfig(), src)
         transport.open_peer("peer", PeerInfo("decode", 0, "h", "gpu", dst.layout, dst.regions, {}))
         write_and_check(engine, transport, 1, [Run(0, 5, 3), Run(9, 30, 2)])
-        refused = transport.post(2, "peer", 0, [Run(0, 31, 2)])
+        refused = transport.post(2, "peer", (0,), [Run(0, 31, 2)])
         assert refused is not None and "refused before writing" in (refused.error or "")
         transport.close()
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -80,19 +81,22 @@ def _wait(t: Transport, first: Completion | None, timeout_s: float = 30.0) -> Co
     return done
 
 
-def test_runs_land_byte_for_byte_and_nothing_else(name: str, caches: tuple[HostKVCache, HostKVCache]) -> None:
+@pytest.mark.parametrize("layers", [(1,), (0, 2)], ids=["one-layer", "several-layers"])
+def test_runs_land_byte_for_byte_and_nothing_else(
+    name: str, caches: tuple[HostKVCache, HostKVCache], layers: tuple[int, ...]
+) -> None:
     src, dst = caches
     cls = load(name)
     target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
     try:
         init.open_peer("peer", _peer_info(name, dst, target))
         runs = [Run(0, 5, 3), Run(9, 30, 2), Run(31, 0, 1)]
-        done = _wait(init, init.post(1, "peer", 1, runs))
+        done = _wait(init, init.post(1, "peer", layers, runs))
         assert done == Completion(1, transport=name, peer="peer")
         s, d = src.raw(), dst.raw()
         expect = np.zeros_like(d)
-        for r in runs:
-            expect[1, :, r.dst : r.dst + r.length] = s[1, :, r.src : r.src + r.length]
+        for layer, r in itertools.product(layers, runs):
+            expect[layer, :, r.dst : r.dst + r.length] = s[layer, :, r.src : r.src + r.length]
         assert np.array_equal(d, expect)
         assert init.pending() == 0
     finally:
@@ -141,7 +145,7 @@ def test_a_slice_of_heads_of_each_block_lands_in_its_place_of_the_peers_blocks(
         head = src.shape.block_bytes // src_heads
         init.open_peer("peer", _peer_info(name, dst, target), Cut(first * head, at * head, heads * head))
         runs = [Run(0, 5, 3), Run(9, 30, 2)]
-        assert _wait(init, init.post(1, "peer", 2, runs)).error is None
+        assert _wait(init, init.post(1, "peer", (2,), runs)).error is None
         s, d = _bytes(src), _bytes(dst)
         expect = np.zeros_like(d)
         for r in runs:
@@ -167,7 +171,7 @@ def test_blocks_padded_by_their_engine_land_in_place_and_the_padding_is_never_to
         head = src.shape.block_bytes // 2
         init.open_peer("peer", _peer_info(name, dst, target), Cut(head, 0, head) if sliced else None)
         runs = [Run(0, 5, 3), Run(9, 30, 2)]
-        assert _wait(init, init.post(1, "peer", 1, runs)).error is None
+        assert _wait(init, init.post(1, "peer", (1,), runs)).error is None
         s, d = _bytes(src), _bytes(dst)
         expect = np.zeros_like(d)
         for r in runs:
@@ -196,7 +200,7 @@ def test_a_token_major_caches_heads_land_token_by_token_over_shm_and_rdma_refuse
                 init.open_peer("peer", _peer_info(name, dst, target), cut)
             return
         init.open_peer("peer", _peer_info(name, dst, target), cut)
-        assert _wait(init, init.post(1, "peer", 0, [Run(3, 7, 2)])).error is None
+        assert _wait(init, init.post(1, "peer", (0,), [Run(3, 7, 2)])).error is None
         s, d = _bytes(src), _bytes(dst)  # [layer, K|V, block, token, head, bytes]
         expect = np.zeros_like(d)
         expect[0, :, 7:9, :, 0] = s[0, :, 3:5, :, 1]
@@ -204,23 +208,25 @@ def test_a_token_major_caches_heads_land_token_by_token_over_shm_and_rdma_refuse
 
 
 @pytest.mark.parametrize(
-    ("layer", "runs", "why"),
+    ("layers", "runs", "why"),
     [
-        (0, [Run(0, 31, 2)], "destination blocks 31..32 exceed the peer's 32"),
-        (0, [Run(31, 0, 2)], "source blocks 31..32 exceed the 32 registered"),
-        (3, [Run(0, 0, 1)], "layer 3 is outside the registered caches"),
-        (0, [Run(0, 0, 1), Run(5, 100, 1)], "destination blocks 100..100"),
+        ((0,), [Run(0, 31, 2)], "destination blocks 31..32 exceed the peer's 32"),
+        ((0,), [Run(31, 0, 2)], "source blocks 31..32 exceed the 32 registered"),
+        ((3,), [Run(0, 0, 1)], "layer 3 is outside the registered caches"),
+        ((0, 1, 3), [Run(0, 0, 1)], "layer 3 is outside the registered caches"),  # (the valid ones neither)
+        ((), [Run(0, 0, 1)], "no layers"),
+        ((0,), [Run(0, 0, 1), Run(5, 100, 1)], "destination blocks 100..100"),
     ],
 )
 def test_out_of_range_is_refused_before_any_write(
-    name: str, caches: tuple[HostKVCache, HostKVCache], layer: int, runs: list[Run], why: str
+    name: str, caches: tuple[HostKVCache, HostKVCache], layers: tuple[int, ...], runs: list[Run], why: str
 ) -> None:
     src, dst = caches
     cls = load(name)
     target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
     try:
         init.open_peer("peer", _peer_info(name, dst, target))
-        done = init.post(9, "peer", layer, runs)
+        done = init.post(9, "peer", layers, runs)
         assert done is not None and done.write_id == 9
         assert done.error is not None and "refused before writing" in done.error and why in done.error
         assert not dst.raw().any(), "nothing may be written, not even the valid first run"
@@ -254,7 +260,7 @@ def test_a_peer_that_goes_away_fails_the_write_with_a_reason_in_time(name: str, 
     segment = next(r.handle for r in info.regions)
     try:
         init.open_peer("peer", info)
-        assert _wait(init, init.post(1, "peer", 0, [Run(0, 0, 4)])).error is None
+        assert _wait(init, init.post(1, "peer", (0,), [Run(0, 0, 4)])).error is None
         if how == "hung":
             proc.send_signal(signal.SIGSTOP)
         elif name == "shm":
@@ -266,7 +272,7 @@ def test_a_peer_that_goes_away_fails_the_write_with_a_reason_in_time(name: str, 
         started = time.monotonic()
         error = None
         for wid in range(2, 50):  # a disconnect may take a write or two to surface
-            done = _wait(init, init.post(wid, "peer", 0, [Run(0, 0, 4)]), timeout_s=CONFIG.write_timeout_s + 5)
+            done = _wait(init, init.post(wid, "peer", (0,), [Run(0, 0, 4)]), timeout_s=CONFIG.write_timeout_s + 5)
             if done.error is not None:
                 error = done.error
                 break
@@ -297,9 +303,9 @@ def test_closing_a_peer_ends_its_writes_in_flight_as_failed_at_the_next_poll(nam
     segment = next(r.handle for r in info.regions)
     try:
         init.open_peer("peer", info)
-        assert _wait(init, init.post(1, "peer", 0, [Run(0, 0, 4)])).error is None
+        assert _wait(init, init.post(1, "peer", (0,), [Run(0, 0, 4)])).error is None
         proc.send_signal(signal.SIGSTOP)  # the peer hangs: writes stay in flight
-        inflight = [wid for wid in range(2, 6) if init.post(wid, "peer", 0, [Run(0, 0, 4)]) is None]
+        inflight = [wid for wid in range(2, 6) if init.post(wid, "peer", (0,), [Run(0, 0, 4)]) is None]
         inflight = [w for w in inflight if w not in {c.write_id for c in init.poll()}]
         assert inflight, "no write stayed in flight to a stopped peer"
         init.close_peer("peer")
@@ -341,7 +347,7 @@ def test_close_releases_everything(name: str, caches: tuple[HostKVCache, HostKVC
     before = _resources()
     target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
     init.open_peer("peer", _peer_info(name, dst, target))
-    _wait(init, init.post(1, "peer", 0, [Run(0, 0, 8)]))
+    _wait(init, init.post(1, "peer", (0,), [Run(0, 0, 8)]))
     during = _resources()
     init.close()
     target.close()
@@ -393,7 +399,7 @@ def test_a_packed_layout_moves_whole_blocks_of_k_and_v_together(name: str) -> No
         target, init = cls(CONFIG, dst.registration()), cls(CONFIG, src.registration())
         init.open_peer("peer", _peer_info(name, dst, target))
         runs = [Run(2, 7, 3), Run(20, 0, 1)]
-        assert _wait(init, init.post(1, "peer", 2, runs)) == Completion(1, transport=name, peer="peer")
+        assert _wait(init, init.post(1, "peer", (2,), runs)) == Completion(1, transport=name, peer="peer")
         s, d = src.raw(), dst.raw()
         expect = np.zeros_like(d)
         for r in runs:

@@ -32,6 +32,7 @@ core, so what each decode engine is told is checked too.
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -282,6 +283,9 @@ class Timing:
     write_s: float = 0.003  # a write, at most
     slow: tuple[float, ...] = ()  # per rank: its worker runs this many times slower (missing: 1)
     heartbeat_s: float = 0.05
+    #: a process's wake-up: what it reads within this long is planned together (RankCore.hold, as the
+    #: daemon does for each poll wake-up), so its writes are planned late; 0: each message at once
+    batch_s: float = 0.0
 
     def pace(self, rank: int) -> float:
         return self.slow[rank] if rank < len(self.slow) else 1.0
@@ -324,6 +328,7 @@ class Process:
     stalled_until: float = 0.0
     last_said: float = 0.0  # when it last sent the barrier service anything
     stop_at: float | None = None  # draining: when what is left is forced
+    holding: bool = False  # a wake-up's batch is open: writes are planned at its flush
     back_after: float = 0.0  # draining: how long after it exits the next process starts
 
     @property
@@ -535,7 +540,24 @@ class GroupSim:
 
     def _signal(self, p: Process, msg: LayerSignal) -> None:
         p.ready_layers.add((msg.step, msg.layer))
+        self._wake(p)
         self.apply(p, p.core.handle(msg, self.now))
+
+    def _wake(self, p: Process) -> None:
+        """A message reaches ``p``: with batching on, it joins the open wake-up or opens one, whose
+        writes are planned when it ends (within ``batch_s``)."""
+        if self.timing.batch_s <= 0 or p.holding:
+            return
+        p.holding = True
+        p.core.hold()
+        self._at(self.now + self.rng.uniform(0, self.timing.batch_s), "flush", p.rank, p.n)
+
+    def _on_flush(self, seq: int, r: int, n: int) -> None:
+        p = self.procs[r]
+        if p.n != n or not p.alive or self._deferred(p, seq, "flush", r, n):
+            return
+        p.holding = False
+        self.apply(p, p.core.flush(self.now))
 
     def _on_scheduler(self, seq: int, r: int, i: int) -> None:
         if i + 1 < len(self.sc.schedulers[r]):
@@ -549,8 +571,10 @@ class GroupSim:
             msg = self._waiting[r].pop(0)
             if isinstance(msg, CacheInfo) and p.state == "draining":
                 refusal = (ErrorCode.UNAVAILABLE, "the prefill daemon is shutting down")
+                self._wake(p)
                 self.apply(p, p.core.on_cache_info(msg, self.now, refusal))
             else:
+                self._wake(p)
                 self.apply(p, p.core.handle(msg, self.now))
         if p.stalled_until > self.now and self._waiting[r]:
             self._at(p.stalled_until, "serve", r)
@@ -587,6 +611,7 @@ class GroupSim:
             return
         if isinstance(msg, Admitted):
             p.admitted.add((msg.key, msg.instance))
+        self._wake(p)
         self.apply(p, p.core.handle(msg, self.now))
 
     def _on_done(self, seq: int, r: int, n: int, wid: int) -> None:
@@ -871,12 +896,10 @@ class GroupSim:
     def complete_write(self, p: Process, wid: int, error: str | None = None) -> None:
         write = p.writes.pop(wid)
         if error is None:
-            for run in write.runs:
+            for layer, run in itertools.product(write.layers, write.runs):
                 for i in range(run.length):
-                    where = (p.rank, write.layer, run.dst + i)
-                    assert where not in self.decode, (
-                        f"rank {p.rank} wrote layer {write.layer} block {run.dst + i} twice"
-                    )
+                    where = (p.rank, layer, run.dst + i)
+                    assert where not in self.decode, f"rank {p.rank} wrote layer {layer} block {run.dst + i} twice"
                     self.decode[where] = run.src + i
         self.apply(p, p.core.write_done(wid, self.now, error, "shm", GENERATION))
 
@@ -894,9 +917,10 @@ class GroupSim:
                 assert plan.dst[b] == run.dst + i, f"{key} block {b} sent to {run.dst + i}, belongs at {plan.dst[b]}"
                 step = self.block_step.get((key, b))
                 assert step is not None, f"rank {r} sent block {b} of {key}, which no step completed"
-                assert (step, write.layer) in p.ready_layers, (
-                    f"rank {r} sent layer {write.layer} of {key} block {b} before step {step} wrote it"
-                )
+                for layer in write.layers:
+                    assert (step, layer) in p.ready_layers, (
+                        f"rank {r} sent layer {layer} of {key} block {b} before step {step} wrote it"
+                    )
 
     def check_in_place(self, key: Key) -> None:
         """A KVReady may only be sent once every rank's data is in the decode cache."""

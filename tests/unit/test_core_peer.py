@@ -37,7 +37,7 @@ def info(tag: str = "seg") -> PeerInfo:
 
 def write(generation: str = "") -> Write:
     wid = next(_ids)
-    return Write(wid, "d", "auto", 0, (Run(0, 0, 1),), ((f"r{wid}", 0),), 128, generation=generation)
+    return Write(wid, "d", "auto", (0,), (Run(0, 0, 1),), ((f"r{wid}", 0),), 128, generation=generation)
 
 
 def kinds(effects: list[LinkEffect]) -> list[type]:

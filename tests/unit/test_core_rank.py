@@ -147,9 +147,13 @@ def test_published_deadlock_ranks_see_cache_info_before_and_after_layer0_yet_agr
     out0 += feed(r0, [Admitted("prefill", "A", 0), Admitted("prefill", "B", 0), *step])
     out1 = feed(r1, [*step, a, b])
 
-    # rank 0 wrote each layer of A and B together; rank 1 wrote them request by request
+    # rank 0 wrote each layer of A and B together; rank 1 wrote them request by request, each
+    # request's layers (all ready when it was admitted) in one write
     assert [w.requests for w in of(out0, Write)] == [(("A", 0), ("B", 0))] * LAYERS
-    assert [w.requests for w in of(out1, Write)] == [(("A", 0),)] * LAYERS + [(("B", 0),)] * LAYERS
+    assert [(w.requests, w.layers) for w in of(out1, Write)] == [
+        ((("A", 0),), tuple(range(LAYERS))),
+        ((("B", 0),), tuple(range(LAYERS))),
+    ]
     # ... yet both produced the same single-request arrivals
     arrivals0 = {m.key: m.digest for m in messages(out0, Arrive)}
     arrivals1 = {m.key: m.digest for m in messages(out1, Arrive)}
@@ -178,11 +182,78 @@ def test_pipelining_a_step_of_eight_requests_posts_one_write_per_layer() -> None
     infos = [info(f"r{i}", i, 1, 32, [2 * i, 2 * i + 1], [40 - 2 * i, 41 - 2 * i]) for i in range(8)]
     out = feed(c, [*infos, *layers(1, *(SlotChunk(i, 0, 32, 1) for i in range(8)))], complete=False)
     writes = of(out, Write)
-    assert [w.layer for w in writes] == list(range(LAYERS))
+    assert [w.layers for w in writes] == [(layer,) for layer in range(LAYERS)]  # each as it came
     for w in writes:
         assert w.requests == tuple((f"r{i}", 0) for i in range(8))
         assert sum(r.length for r in w.runs) == 16
         assert w.nbytes == 16 * 1024 * 2
+
+
+def test_a_step_admitted_verdict_by_verdict_in_one_wake_up_is_one_write() -> None:
+    """The barrier's Admitted come one per request; read in one wake-up (hold ... flush), the
+    eight requests' blocks go together (before, one request after another), and so do the layers
+    ready: one write, not 8 x LAYERS."""
+    c = core()
+    infos = [info(f"r{i}", i, 1, 16, [i], [40 + i]) for i in range(8)]
+    out = feed(c, [*infos, *layers(1, *(SlotChunk(i, 0, 16, 1) for i in range(8)))], admit=False)
+    assert not of(out, Write)
+    c.hold()
+    for i in range(8):
+        assert c.handle(Admitted("prefill", f"r{i}", 0), 1.0) == []  # planned at the flush
+    writes = of(c.flush(1.0), Write)
+    assert [w.layers for w in writes] == [tuple(range(LAYERS))]  # and the layers ready: one write
+    assert all(w.requests == tuple((f"r{i}", 0) for i in range(8)) for w in writes)
+    assert all(w.runs == (Run(0, 40, 8),) for w in writes)
+    assert c.flush(1.0) == []  # planning is immediate again, and nothing is planned twice
+
+
+def test_layers_go_together_only_where_their_blocks_are_the_same() -> None:
+    c = core()
+    a, b = info("a", 0, 1, 16, [1], [9]), info("b", 1, 1, 16, [2], [10])
+    feed(c, [a, b], admit=False)
+    feed(c, [LayerSignal(1, 0, (SlotChunk(0, 0, 16, 1), SlotChunk(1, 0, 16, 1))), LayerSignal(1, 1)])
+    c.hold()
+    c.handle(Admitted("prefill", "a", 0), 1.0)
+    c.handle(Admitted("prefill", "b", 0), 1.0)
+    c.handle(LayerSignal(1, 2), 1.0)
+    writes = of(c.flush(1.0), Write)
+    assert [(w.layers, w.runs) for w in writes] == [((0, 1, 2), (Run(1, 9, 2),))]
+    a2, b2 = info("a2", 0, 2, 16, [3], [11]), info("b2", 1, 2, 16, [5], [12])
+    feed(c, [a2, b2], admit=False)
+    feed(c, [LayerSignal(2, 0, (SlotChunk(0, 0, 16, 2), SlotChunk(1, 0, 16, 2))), LayerSignal(2, 1)])
+    c.hold()
+    c.handle(Admitted("prefill", "a2", 0), 2.0)  # a2 has layers 0 and 1 ready ...
+    c.handle(LayerSignal(2, 2), 2.0)  # ... and 2, which b2 (admitted next wake-up) will not share
+    writes = of(c.flush(2.0), Write)
+    assert [(w.layers, w.runs) for w in writes] == [((0, 1, 2), (Run(3, 11, 1),))]
+    writes = of(c.handle(Admitted("prefill", "b2", 0), 2.1), Write)
+    assert [(w.layers, w.runs) for w in writes] == [((0, 1, 2), (Run(5, 12, 1),))]
+
+
+def test_a_write_of_several_layers_that_fails_stops_its_requests_once_naming_the_layers() -> None:
+    c = core()
+    feed(c, [info("x", 0, 1, 16, [1], [9]), *layers(1, SlotChunk(0, 0, 16, 1))], admit=False)
+    (w,) = of(c.handle(Admitted("prefill", "x", 0), 1.0), Write)
+    out = c.write_done(w.write_id, 1.1, "peer went away")
+    (said,) = messages(out, Withdraw)
+    assert said.reason == f"write of layers 0..{LAYERS - 1} to d failed: peer went away"
+
+
+def test_a_request_that_stops_or_ends_within_a_held_wake_up_plans_nothing() -> None:
+    c = core()
+    x, y = info("x", 0, 1, 16, [1], [9]), info("y", 1, 1, 16, [2], [10])
+    feed(c, [x, y, *layers(1, SlotChunk(0, 0, 16, 1), SlotChunk(1, 0, 16, 1))], admit=False)
+    c.hold()
+    c.handle(Admitted("prefill", "x", 0), 1.0)
+    c.handle(Admitted("prefill", "y", 0), 1.0)
+    said = c.handle(Abort("x", "the engine gave up", 0), 1.0)  # nothing of x in flight: withdrawn at once
+    assert [type(m).__name__ for m in messages(said, Withdraw)] == ["Withdraw"]
+    writes = of(c.flush(1.0), Write)
+    assert {k for w in writes for k in w.requests} == {("y", 0)}
+    c.hold()
+    c.close("the worker registered a new cache", 2.0)  # every request ends while items are held
+    c.handle(LayerSignal(2, 0, ()), 2.0)
+    assert of(c.flush(2.0), Write) == []
 
 
 def test_requests_reserved_in_different_decode_registrations_never_share_a_write() -> None:
@@ -197,7 +268,7 @@ def test_requests_reserved_in_different_decode_registrations_never_share_a_write
     ]
     writes = of(feed(c, msgs, complete=False), Write)
     assert len(writes) == 3 * LAYERS
-    by = {w.generations: w for w in writes if w.layer == 0}
+    by = {w.generations: w for w in writes if 0 in w.layers}
     assert {g: w.requests for g, w in by.items()} == {
         ("g0", "old"): (("a", 0),),
         ("g0", "new"): (("b", 0),),
@@ -227,7 +298,7 @@ def test_nothing_is_written_before_admission_and_everything_ready_is_posted_at_i
     assert not of(out, Write), "a byte left before every rank held the same cache_info"
     assert c.snapshot(0.0)[0]["waiting_for"].startswith("admission")
     out = c.handle(Admitted("prefill", "x", 0), 0.5)
-    assert [w.layer for w in of(out, Write)] == list(range(LAYERS))
+    assert [w.layers for w in of(out, Write)] == [tuple(range(LAYERS))]  # one write for all
     assert c.handle(Admitted("prefill", "x", 0), 0.6) == []  # a repeat posts nothing twice
 
 
@@ -235,7 +306,7 @@ def test_admission_before_the_signal_lets_layers_go_as_they_come() -> None:
     c = core()
     feed(c, [info("x", 2, 1, 16, [1], [9])], admit=True)
     out = feed(c, [LayerSignal(1, 0, (SlotChunk(2, 0, 16, 1),))], complete=False)
-    assert [w.layer for w in of(out, Write)] == [0]
+    assert [w.layers for w in of(out, Write)] == [(0,)]
 
 
 def test_terms_cover_every_field_ranks_must_agree_on() -> None:
@@ -305,7 +376,7 @@ def test_later_layers_that_arrive_before_recovery_are_posted_at_recovery() -> No
     assert not of(out, Write)
     assert c.sizes()["parked_signals"] == 1
     out = feed(c, [info("x", 2, 1, 16, [1], [9])], complete=False)
-    assert [w.layer for w in of(out, Write)] == list(range(LAYERS))
+    assert [w.layers for w in of(out, Write)] == [tuple(range(LAYERS))]
 
 
 def test_chunked_prefill_sends_each_chunks_completed_blocks_and_finishes_after_the_last() -> None:
@@ -329,7 +400,7 @@ def test_chunks_parked_before_the_cache_info_are_all_claimed_at_recovery() -> No
     assert c.sizes()["parked_signals"] == 2
     out = feed(c, [info("x", 4, 10, 32, [1, 2], [7, 8])])
     # both chunks' blocks of a layer leave in one write, merged into one run
-    assert [(w.layer, w.runs) for w in of(out, Write)] == [(layer, (Run(1, 7, 2),)) for layer in range(LAYERS)]
+    assert [(w.layers, w.runs) for w in of(out, Write)] == [(tuple(range(LAYERS)), (Run(1, 7, 2),))]
     assert len(messages(out, Arrive)) == 1
     assert c.sizes()["parked_signals"] == 0
 
@@ -365,7 +436,7 @@ def test_a_repeated_layer_signal_posts_nothing_twice() -> None:
     c = core()
     out = feed(c, [info("x", 0, 1, 16, [1], [2]), LayerSignal(1, 0, (SlotChunk(0, 0, 16, 1),))], complete=False)
     out += c.handle(LayerSignal(1, 1), 0.0) + c.handle(LayerSignal(1, 1), 0.0)
-    assert [w.layer for w in of(out, Write)] == [0, 1]
+    assert [w.layers for w in of(out, Write)] == [(0,), (1,)]
 
 
 def test_step_ids_must_increase_and_unknown_later_layers_are_refused() -> None:
@@ -847,7 +918,7 @@ def test_after_a_barrier_restart_each_rank_says_its_open_words_again_and_request
     assert sorted(words[3:]) == [("Admit", "B"), ("Arrive", "A"), ("Withdraw", "C")]
     out = relay(new, [r0, r1], {0: said0, 1: said1})
     # rank 1 hears B was admitted (rank 0 arrived for it), writes it, arrives: B is released
-    assert [w.requests for w in of(out[1], Write)] == [(("B", 0),)] * LAYERS
+    assert [(w.requests, w.layers) for w in of(out[1], Write)] == [((("B", 0),), tuple(range(LAYERS)))]
     results = {(e.result.request_id, q): e.result.status for q in (0, 1) for e in of(out[q], ToEngine)}
     expected = {"A": Status.OK, "B": Status.OK, "C": Status.ABORTED}
     assert results == {(k, q): v for k, v in expected.items() for q in (0, 1)}

@@ -119,6 +119,7 @@ def cases(draw: st.DrawFn) -> Case:
         sched_gap_s=draw(st.sampled_from([0.001, 0.008, 0.03])),
         write_s=draw(st.sampled_from([0.0005, 0.003, 0.02])),
         slow=tuple(slow if r == world - 1 else 1.0 for r in range(world)),
+        batch_s=draw(st.sampled_from([0.0, 0.0, 0.001, 0.005])),
     )
     # faults fall within the run: about as long as the slowest worker's stream
     steps = int(scenario["num_steps"]) * int(scenario["num_layers"])
