@@ -76,6 +76,9 @@ STALL_S = 0.5
 #: how long a catch-up waits for more of what queued meanwhile, per read and at most
 CATCH_UP_POLL_S = 0.02
 CATCH_UP_MAX_S = 1.0
+#: a deadline closer than this is not left to ``zmq_poll`` (whole milliseconds) but waited for in naps
+FINE_S = 1e-3
+FINE_NAP_S = 50e-6
 
 
 class Service:
@@ -325,8 +328,7 @@ class Service:
             wake = self.next_wakeup()
             if drain_deadline is not None:
                 wake = drain_deadline if wake is None else min(wake, drain_deadline)
-            timeout = None if wake is None else max(0, math.ceil((wake - now) * 1000.0))
-            ready = self.poller.poll(timeout)
+            ready = self._wait(wake, now)
             late = 0.0 if wake is None else time.monotonic() - wake
             if late > 0:  # before anything that waited is read (a stop may have ended just now)
                 self._guard(functools.partial(self.on_stall, late), "telling peers it runs again")
@@ -336,6 +338,22 @@ class Service:
             failures = 0 if self._guard(lambda: self.tick(time.monotonic()), "running timers") else failures + 1
             if failures >= TICK_FAILURES:
                 raise CoreBroken(f"timers failed {failures} times in a row")
+
+    def _wait(self, wake: float | None, now: float) -> list[tuple[Any, int]]:
+        """Poll until something is readable or ``wake``. ``zmq_poll`` counts whole milliseconds, so
+        a deadline closer than that (a transport's completions are polled from 50 µs on) is waited
+        for in naps of at most FINE_NAP_S between non-blocking polls: a completion is noticed tens
+        of microseconds after it is due, not a millisecond, and a message within a nap of coming."""
+        if wake is None:
+            return self.poller.poll(None)
+        left = wake - now
+        if left >= FINE_S:
+            return self.poller.poll(math.ceil(left * 1000.0))
+        ready = self.poller.poll(0)
+        while not ready and (left := wake - time.monotonic()) > 0:
+            time.sleep(min(left, FINE_NAP_S))
+            ready = self.poller.poll(0)
+        return ready
 
     def _read(self, ready: list[tuple[Any, int]], wake_fd: int) -> None:
         for sock, _ in ready:
