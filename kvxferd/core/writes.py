@@ -8,8 +8,8 @@ caller hands :meth:`Writes.plan` those (request, chunk, layer) items and gets
 back one :class:`~kvxferd.core.effects.Write` per (peer, transport, decode
 registration) and set of blocks: runs merged across requests, so a step of eight requests is eight
 requests' blocks in one write, not eight writes; and the layers ready together whose merged
-runs are the same are one write too (a job admitted after its layers were signalled: one write
-for all of them). Each write names its parts
+runs are the same are one write too, up to :data:`JOINED_BYTES` (a short job admitted after its
+layers were signalled: one write for all of them). Each write names its parts
 (:class:`~kvxferd.core.request.Part`); this table keeps them until the
 transport reports the write (:meth:`Writes.done`), and it is the only record
 of writes in flight a rank keeps: a link or a transport may know a write is
@@ -32,6 +32,10 @@ from kvxferd.protocol import Key
 
 #: the generation a KVReady names when its request's writes went into more than one registration
 MIXED = "several registrations"
+#: most bytes of one write that joins several layers: joining saves a write's fixed cost (Python,
+#: a NIXL transfer, a completion), which only matters for small ones; a large write stays one
+#: layer, so no single post holds the loop (NIXL may copy inline) much longer than one layer's
+JOINED_BYTES = 4 << 20
 
 
 class Writes:
@@ -68,19 +72,23 @@ class Writes:
             runs.extend(chunk.runs)
             parts.append(Part(key, index, layer, nbytes))
             req.inflight += 1
-        # the layers whose blocks are the same go together
-        together: dict[tuple[str, str, tuple[str, ...], tuple[Run, ...]], tuple[list[int], list[Part]]] = {}
+        # the layers whose blocks are the same go together, up to JOINED_BYTES a write
+        together: dict[tuple[str, str, tuple[str, ...], tuple[Run, ...]], list[tuple[int, list[Part]]]] = {}
         for (peer, transport, generations, layer), (runs, parts) in groups.items():
-            layers, joined = together.setdefault((peer, transport, generations, merge_runs(runs)), ([], []))
-            layers.append(layer)
-            joined += parts
+            together.setdefault((peer, transport, generations, merge_runs(runs)), []).append((layer, parts))
         writes = []
-        for (peer, transport, generations, merged), (layers, parts) in together.items():
-            write_id = next(self._ids)
-            self._parts[write_id] = tuple(parts)
-            keys = tuple(dict.fromkeys(p.key for p in parts))
-            nbytes = sum(p.nbytes for p in parts)
-            writes.append(Write(write_id, peer, transport, tuple(layers), merged, keys, nbytes, generations))
+        for (peer, transport, generations, merged), layers in together.items():
+            per_layer = sum(p.nbytes for p in layers[0][1])  # (the same blocks in every one of them)
+            step = max(1, JOINED_BYTES // per_layer)
+            for first in range(0, len(layers), step):
+                joined = layers[first : first + step]
+                carried = tuple(p for _, ps in joined for p in ps)
+                write_id = next(self._ids)
+                self._parts[write_id] = carried
+                keys = tuple(dict.fromkeys(p.key for p in carried))
+                nbytes = per_layer * len(joined)
+                layer_ids = tuple(layer for layer, _ in joined)
+                writes.append(Write(write_id, peer, transport, layer_ids, merged, keys, nbytes, generations))
         return writes, list(finished.values())
 
     def complete(

@@ -9,6 +9,7 @@ import pytest
 
 from kvxferd.core import BarrierState, Problem, RankCore, RankSettings, Run, ToBarrier, ToEngine, ToPeer, Write
 from kvxferd.core.request import terms_of
+from kvxferd.core.writes import JOINED_BYTES
 from kvxferd.protocol import (
     Abort,
     Admit,
@@ -228,6 +229,17 @@ def test_layers_go_together_only_where_their_blocks_are_the_same() -> None:
     assert [(w.layers, w.runs) for w in writes] == [((0, 1, 2), (Run(3, 11, 1),))]
     writes = of(c.handle(Admitted("prefill", "b2", 0), 2.1), Write)
     assert [(w.layers, w.runs) for w in writes] == [((0, 1, 2), (Run(5, 12, 1),))]
+
+
+def test_layers_are_joined_only_while_the_write_stays_small() -> None:
+    """Joining saves a small write's fixed cost; a large one stays a layer (or a few), so that no
+    single post holds the loop much longer than a layer's (NIXL may copy inline)."""
+    c = core(block_bytes=JOINED_BYTES // 4)  # a block of a layer, K and V: half of JOINED_BYTES
+    feed(c, [info("x", 0, 1, 16, [1], [9]), *layers(1, SlotChunk(0, 0, 16, 1))], admit=False)
+    writes = of(c.handle(Admitted("prefill", "x", 0), 1.0), Write)
+    assert [w.layers for w in writes] == [(0, 1), (2,)]
+    assert [w.nbytes for w in writes] == [JOINED_BYTES, JOINED_BYTES // 2]
+    assert sum(c.write_done(w.write_id, 1.1) != [] for w in writes) == 1  # the last one arrives
 
 
 def test_a_write_of_several_layers_that_fails_stops_its_requests_once_naming_the_layers() -> None:
