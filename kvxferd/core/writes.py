@@ -51,7 +51,7 @@ class Writes:
     ) -> tuple[list[Write], list[Request]]:
         """The writes for ``items`` (those of requests that may write, each layer once), and the
         requests some of whose layers counted as written at once (a chunk with no blocks)."""
-        groups: dict[tuple[str, str, tuple[str, ...], int], tuple[list[Run], list[Part]]] = {}
+        groups: dict[tuple[str, str, tuple[str, ...], int], list[tuple[tuple[Run, ...], Part]]] = {}
         finished: dict[Key, Request] = {}
         unit = self.unit
         for key, index, layer in items:
@@ -68,14 +68,16 @@ class Writes:
                 continue
             nbytes = chunk.blocks * unit
             info = req.info
-            runs, parts = groups.setdefault((info.peer, info.transport, info.dst_generations, layer), ([], []))
-            runs.extend(chunk.runs)
-            parts.append(Part(key, index, layer, nbytes))
+            group = groups.setdefault((info.peer, info.transport, info.dst_generations, layer), [])
+            group.append((chunk.runs, Part(key, index, layer, nbytes)))
             req.inflight += 1
-        # the layers whose blocks are the same go together, up to JOINED_BYTES a write
+        # the requests of a layer share writes of up to JOINED_BYTES (a short request is never tied
+        # to a large one's write), and the layers whose blocks are the same go together, up to
+        # JOINED_BYTES a write too
         together: dict[tuple[str, str, tuple[str, ...], tuple[Run, ...]], list[tuple[int, list[Part]]]] = {}
-        for (peer, transport, generations, layer), (runs, parts) in groups.items():
-            together.setdefault((peer, transport, generations, merge_runs(runs)), []).append((layer, parts))
+        for (peer, transport, generations, layer), group in groups.items():
+            for runs, parts in _packs(group):
+                together.setdefault((peer, transport, generations, merge_runs(runs)), []).append((layer, parts))
         writes = []
         for (peer, transport, generations, merged), layers in together.items():
             per_layer = sum(p.nbytes for p in layers[0][1])  # (the same blocks in every one of them)
@@ -89,6 +91,7 @@ class Writes:
                 nbytes = per_layer * len(joined)
                 layer_ids = tuple(layer for layer, _ in joined)
                 writes.append(Write(write_id, peer, transport, layer_ids, merged, keys, nbytes, generations))
+        writes.sort(key=lambda w: w.nbytes)  # the short ones first: a large one may be slow to post
         return writes, list(finished.values())
 
     def complete(
@@ -147,3 +150,17 @@ class Writes:
 
     def __len__(self) -> int:
         return len(self._parts)
+
+
+def _packs(group: list[tuple[tuple[Run, ...], Part]]) -> list[tuple[list[Run], list[Part]]]:
+    """The parts of one layer in writes of up to JOINED_BYTES (one larger than that alone)."""
+    packs: list[tuple[list[Run], list[Part]]] = []
+    size = 0
+    for runs, part in group:
+        if not packs or size + part.nbytes > JOINED_BYTES:
+            packs.append(([], []))
+            size = 0
+        packs[-1][0].extend(runs)
+        packs[-1][1].append(part)
+        size += part.nbytes
+    return packs

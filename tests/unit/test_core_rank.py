@@ -237,9 +237,24 @@ def test_layers_are_joined_only_while_the_write_stays_small() -> None:
     c = core(block_bytes=JOINED_BYTES // 4)  # a block of a layer, K and V: half of JOINED_BYTES
     feed(c, [info("x", 0, 1, 16, [1], [9]), *layers(1, SlotChunk(0, 0, 16, 1))], admit=False)
     writes = of(c.handle(Admitted("prefill", "x", 0), 1.0), Write)
-    assert [w.layers for w in writes] == [(0, 1), (2,)]
-    assert [w.nbytes for w in writes] == [JOINED_BYTES, JOINED_BYTES // 2]
+    assert [(w.layers, w.nbytes) for w in writes] == [((2,), JOINED_BYTES // 2), ((0, 1), JOINED_BYTES)]  # small first
     assert sum(c.write_done(w.write_id, 1.1) != [] for w in writes) == 1  # the last one arrives
+
+
+def test_a_short_request_never_shares_a_write_with_a_large_one() -> None:
+    """Requests of a layer share a write up to JOINED_BYTES: a short request signalled with a large
+    one's layers goes in a write of its own, posted first, not in the large write's tail (a
+    transport copying the large one a slice at a time would hold it back until the end)."""
+    c = core(block_bytes=JOINED_BYTES // 8)  # a block of a layer, K and V: a quarter of it
+    big = info("big", 0, 1, 16 * 5, [1, 2, 3, 4, 5], [11, 12, 13, 14, 15])
+    small, other = info("small", 1, 1, 16, [6], [16]), info("other", 2, 1, 16, [7], [17])
+    feed(c, [big, small, other], admit=True)
+    chunks = (SlotChunk(0, 0, 80, 1), SlotChunk(1, 0, 16, 1), SlotChunk(2, 0, 16, 1))
+    writes = of(feed(c, [LayerSignal(1, 0, chunks)], complete=False), Write)
+    assert [(w.requests, w.runs) for w in writes] == [
+        ((("small", 0), ("other", 0)), (Run(6, 16, 2),)),  # the short ones together, first
+        ((("big", 0),), (Run(1, 11, 5),)),
+    ]
 
 
 def test_a_write_of_several_layers_that_fails_stops_its_requests_once_naming_the_layers() -> None:
