@@ -322,9 +322,10 @@ class Peers:
         for transport in self.transports.values():
             done += transport.poll()
             pending += transport.pending()
-        if pending:
-            self._poll_delay = POLL_MIN_S if done else min(self._poll_delay * 2, POLL_MAX_S)
-            self._next_poll = now + self._poll_delay
+        if pending:  # a transport copying a slice at a time (busy) is polled again at the next turn
+            busy = any(transport.busy() for transport in self.transports.values())
+            self._poll_delay = POLL_MIN_S if done or busy else min(self._poll_delay * 2, POLL_MAX_S)
+            self._next_poll = now if busy else now + self._poll_delay
         else:
             self._next_poll = None
         return self._settled(done, now)
@@ -382,7 +383,7 @@ class Peers:
         if done is not None:
             return self._settled([done], now)
         self._poll_delay = POLL_MIN_S
-        self._next_poll = now + POLL_MIN_S
+        self._next_poll = now if route.transport.busy() else now + POLL_MIN_S
         return []
 
     def _drop(self, link: Link, now: float) -> None:

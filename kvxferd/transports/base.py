@@ -181,6 +181,11 @@ class Transport(ABC):
         """Writes posted and not yet returned by :meth:`poll` (0 for synchronous transports)."""
         return 0
 
+    def busy(self) -> bool:
+        """Whether :meth:`poll` has work of its own to do now (a copy it moves a slice at a time):
+        the loop then polls again at its next turn instead of backing off."""
+        return False
+
     def close_peer(self, key: str) -> None:
         self._cuts.pop(key, None)
         if self._peers.pop(key, None) is not None:

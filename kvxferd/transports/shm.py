@@ -8,7 +8,18 @@ run of consecutive blocks with one ``numpy.copyto`` for K and one for V and
 completes synchronously; a peer written a slice of each block (the KV heads
 this rank writes there, see :mod:`kvxferd.core.rankmap`) gets a strided copy
 of those bytes of every block of the run (of every token of every block, for
-a token-major cache), still one call per run. Before each write the peer's segments are checked
+a token-major cache), still one call per run.
+
+A write of up to :data:`SLICE_BYTES` is copied at once and completes synchronously. A larger one
+is queued and copied by :meth:`ShmTransport.poll` a slice of each queued write in turn for
+about :data:`POLL_S` per call, and the loop polls again at its next turn while any is
+left (:meth:`ShmTransport.busy`): between two slices it reads what came (layer signals,
+verdicts, its heartbeat), so a 256 MiB request never stops the daemon from taking the next
+request's signals for longer than a slice takes, and a short write posted meanwhile is not
+queued behind the large one's remaining bytes. Closing a peer drops its queued writes (they
+complete as failed at the next poll; nothing more of them lands).
+
+Before each write the peer's segments are checked
 (``fstat``): a segment its engine unlinked means the peer is gone, and the
 write fails instead of filling orphaned memory. A peer whose segments are the
 local cache's own files (by inode, whatever the name) is refused at open.
@@ -16,9 +27,13 @@ local cache's own files (by inode, whatever the name) is refused at open.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
+import time
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +45,76 @@ from kvxferd.shm import Segment
 from kvxferd.transports.base import Completion, RunTable, Transport, region_map
 
 Views = dict[tuple[int, int], np.ndarray[Any, np.dtype[np.uint8]]]
+Pairs = list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]
+Row = tuple[int, int, int]
+
+#: a write up to this many bytes is copied at once; a larger one a slice of this size at a time
+SLICE_BYTES = 1 << 20
+#: one poll copies slices (of each queued write in turn) until this long has passed, or POLL_BYTES:
+#: long enough that a turn of the loop costs little beside it, short enough that what comes
+#: meanwhile (a layer signal, a verdict) waits no longer than that
+POLL_S = 0.5e-3
+POLL_BYTES = 32 << 20
+
+
+@dataclass
+class _Copy:
+    """A write being copied a slice at a time: the runs ``rows`` of each (destination, source) view
+    pair (one per layer and K/V), and how far it got (view ``v``, row ``r``, blocks ``off`` of it)."""
+
+    write_id: int
+    key: str
+    views: Pairs
+    rows: list[Row]
+    v: int = 0
+    r: int = 0
+    off: int = 0
+    error: str | None = None  # set when its peer was closed: it completes as failed
+    blocks: list[int] = field(default_factory=list)  # blocks in rows[:i], for each i (set on creation)
+
+    def __post_init__(self) -> None:
+        self.blocks = [0, *itertools.accumulate(n for _, _, n in self.rows)]
+
+    @property
+    def done(self) -> bool:
+        return self.v >= len(self.views)
+
+    def slice(self, most: int) -> int:
+        """Copy about ``most`` bytes from where it got to (at least one block); the bytes copied.
+        (Runs of one block are common: the whole runs that fit go in a plain loop.)"""
+        copied, rows, views, blocks = 0, self.rows, self.views, self.blocks
+        nrows = len(rows)
+        while self.v < len(views) and copied < most:
+            d, s = views[self.v]
+            per = d[0].nbytes  # bytes of one block in this view
+            r, off = self.r, self.off
+            if off:  # the rest of a run copied in part
+                a, b, n = rows[r]
+                take = min(n - off, max(1, (most - copied) // per))
+                np.copyto(d[b + off : b + off + take], s[a + off : a + off + take])
+                copied += take * per
+                off += take
+                if off == n:
+                    r, off = r + 1, 0
+            if not off and r < nrows and copied < most:  # every whole run that fits, then a part
+                k = bisect.bisect_right(blocks, blocks[r] + (most - copied) // per, r) - 1
+                for a, b, n in rows[r:k]:
+                    np.copyto(d[b : b + n], s[a : a + n])
+                copied += (blocks[k] - blocks[r]) * per
+                r = k
+                if r < nrows and copied < most:
+                    a, b, n = rows[r]
+                    take = min(n, max(1, (most - copied) // per))
+                    np.copyto(d[b : b + take], s[a : a + take])
+                    copied += take * per
+                    off = take
+                    if off == n:
+                        r, off = r + 1, 0
+            if r >= nrows:
+                self.v, self.r, self.off = self.v + 1, 0, 0
+            else:
+                self.r, self.off = r, off
+        return copied
 
 
 class MappedCache:
@@ -104,6 +189,7 @@ class ShmTransport(Transport):
         super().__init__(config, local)
         self._src: MappedCache | None = None
         self._dst: dict[str, MappedCache] = {}
+        self._queue: deque[_Copy] = deque()  # large writes, copied a slice at a time by poll
 
     def prepare(self) -> None:
         self._source()
@@ -126,7 +212,7 @@ class ShmTransport(Transport):
                 )
         self._dst[key] = dst
 
-    def _post(self, write_id: int, key: str, layers: Sequence[int], runs: RunTable) -> Completion:
+    def _post(self, write_id: int, key: str, layers: Sequence[int], runs: RunTable) -> Completion | None:
         dst = self._dst[key]
         gone = dst.gone()
         if gone is not None:
@@ -134,6 +220,7 @@ class ShmTransport(Transport):
         src = self._source()
         rows = runs.tolist()
         cut = self._cuts.get(key)
+        views: Pairs = []
         for layer, kv in itertools.product(layers, range(self.local.layout.planes)):
             s, d = src.views[(layer, kv)], dst.views[(layer, kv)]
             if cut is not None and cut.count == 1:  # the same bytes of every block: one strided copy per run
@@ -142,11 +229,42 @@ class ShmTransport(Transport):
             elif cut is not None:  # tokens outermost: those bytes of every token of every block
                 s = _tokens(s, cut.count, cut.src_stride)[:, :, cut.src : cut.src + cut.length]
                 d = _tokens(d, cut.count, cut.dst_stride)[:, :, cut.dst : cut.dst + cut.length]
-            for a, b, n in rows:
-                np.copyto(d[b : b + n], s[a : a + n])
-        return self.completion(write_id, key)
+            views.append((d, s))
+        per_block = cut.length * cut.count if cut is not None else self.local.layout.block_bytes
+        if int(runs[:, 2].sum()) * per_block * len(views) <= SLICE_BYTES:
+            for d, s in views:
+                for a, b, n in rows:
+                    np.copyto(d[b : b + n], s[a : a + n])
+            return self.completion(write_id, key)
+        self._queue.append(_Copy(write_id, key, views, rows))
+        return None
+
+    def poll(self) -> list[Completion]:
+        """Copy a slice of each queued write in turn, up to POLL_BYTES; the writes that finished."""
+        done: list[Completion] = []
+        budget, until = POLL_BYTES, time.monotonic() + POLL_S
+        while self._queue and budget > 0:
+            job = self._queue.popleft()
+            if job.error is None:
+                budget -= job.slice(min(SLICE_BYTES, budget))
+            if job.error is not None or job.done:
+                done.append(self.completion(job.write_id, job.key, job.error))
+            else:
+                self._queue.append(job)
+            if time.monotonic() >= until:
+                break
+        return done
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def busy(self) -> bool:
+        return bool(self._queue)
 
     def _close_peer(self, key: str) -> None:
+        for job in self._queue:  # nothing more of them lands; they fail at the next poll
+            if job.key == key and job.error is None:
+                job.error = f"peer {key} was closed while the write was being copied"
         mapped = self._dst.pop(key, None)
         if mapped is not None:
             mapped.close()

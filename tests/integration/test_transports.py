@@ -412,3 +412,70 @@ def test_a_packed_layout_moves_whole_blocks_of_k_and_v_together(name: str) -> No
         for c in (src, dst):
             c.close()
             c.unlink()
+
+
+# -- shm: large writes a slice at a time -------------------------------------------------------
+
+
+def test_a_large_shm_write_is_copied_a_slice_per_poll_and_small_ones_pass_it(
+    caches: tuple[HostKVCache, HostKVCache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above SLICE_BYTES a write is queued and each poll copies at most POLL_BYTES of it, so the
+    loop reads between slices; a small write posted meanwhile completes at once, not behind it."""
+    from kvxferd.transports import shm
+
+    src, dst = caches
+    target, init = shm.ShmTransport(CONFIG, dst.registration()), shm.ShmTransport(CONFIG, src.registration())
+    try:
+        init.open_peer("peer", _peer_info("shm", dst, target))
+        block = SHAPE.block_bytes
+        monkeypatch.setattr(shm, "SLICE_BYTES", 3 * block)
+        monkeypatch.setattr(shm, "POLL_BYTES", 3 * block)
+        monkeypatch.setattr(shm, "POLL_S", 60.0)  # (the byte budget decides here)
+        big = [Run(0, 0, 10), Run(12, 20, 4)]  # 2 layers x K,V x 14 blocks: 56 blocks, 19 polls of 3
+        assert init.post(1, "peer", (1, 2), big) is None
+        assert init.busy() and init.pending() == 1
+        assert init.post(2, "peer", (0,), [Run(30, 30, 1)]) == Completion(2, transport="shm", peer="peer")
+        polls, done = 0, []
+        while not done:
+            before = int(np.count_nonzero(dst.raw()[1:3]))
+            done = init.poll()
+            polls += 1
+            grown = int(np.count_nonzero(dst.raw()[1:3])) - before
+            assert grown <= 3 * block, "one poll copied more than its budget"  # (raw: bytes)
+        assert done == [Completion(1, transport="shm", peer="peer")]
+        assert polls == 19 and not init.busy() and init.pending() == 0
+        s, d = src.raw(), dst.raw()
+        expect = np.zeros_like(d)
+        expect[0, :, 30:31] = s[0, :, 30:31]
+        for layer, r in itertools.product((1, 2), big):
+            expect[layer, :, r.dst : r.dst + r.length] = s[layer, :, r.src : r.src + r.length]
+        assert np.array_equal(d, expect)
+    finally:
+        init.close()
+        target.close()
+
+
+def test_closing_a_peer_stops_its_large_write_between_slices_and_fails_it(
+    caches: tuple[HostKVCache, HostKVCache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvxferd.transports import shm
+
+    src, dst = caches
+    target, init = shm.ShmTransport(CONFIG, dst.registration()), shm.ShmTransport(CONFIG, src.registration())
+    try:
+        init.open_peer("peer", _peer_info("shm", dst, target))
+        monkeypatch.setattr(shm, "SLICE_BYTES", SHAPE.block_bytes)
+        monkeypatch.setattr(shm, "POLL_BYTES", SHAPE.block_bytes)
+        monkeypatch.setattr(shm, "POLL_S", 60.0)
+        assert init.post(4, "peer", (0,), [Run(0, 0, 8)]) is None
+        assert init.poll() == []  # one block of K landed
+        landed = dst.raw().copy()
+        init.close_peer("peer")
+        (done,) = init.poll()
+        assert done.write_id == 4 and done.error is not None and "closed while" in done.error
+        assert np.array_equal(dst.raw(), landed), "bytes landed after the write was given up"
+        assert init.pending() == 0
+    finally:
+        init.close()
+        target.close()
