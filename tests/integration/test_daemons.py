@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvxferd.protocol import CacheInfo, ErrorCode, SlotChunk, Status
-from tests.integration.conftest import Deployment, fill
+from tests.integration.conftest import Deployment, deploy, fill
 
 
 def _info(dep: Deployment, rid: str, slot: int, step: int, tokens: int, src: list[int], dst: list[int]) -> CacheInfo:
@@ -121,3 +121,36 @@ def test_status_reports_tables_and_counters(deployment: Deployment) -> None:
     assert st["state"] == "serving" and st["registered"] is True
     assert set(st["tables"].values()) == {0}
     assert dep.status(0, role="decode")["engine"] is True
+
+
+LARGE = """
+kv: {num_layers: 4, kv_heads: 2, head_dim: 128, block_tokens: 16, num_blocks: 320, dtype: float32}
+timeouts: {pending_s: 20, progress_s: 20, verdict_s: 40, peer_s: 10, startup_s: 30, shutdown_s: 5}
+"""
+
+
+def test_a_large_write_copied_in_slices_and_a_short_one_passing_it_both_land() -> None:
+    """Each rank's layer of the large request is 4 MiB (K and V): shm copies it a slice per turn
+    of the loop. A one-block request signalled right after it is written on its own (never in the
+    large write's tail) while the large one moves; both end ok once, every byte in place."""
+    with deploy(LARGE) as dep:
+        layers = dep.config.kv.num_layers
+        big_src, big_dst = list(range(256)), list(range(319, 63, -1))  # reversed: one run per block
+        assert 256 * dep.shape.block_bytes * 2 > (1 << 20)  # (more than a slice)
+        for r in range(2):
+            fill(dep.pcaches[r], [*big_src, 300], seed=20 + r)
+        assert dep.sched is not None and dep.dec is not None
+        dep.sched.submit(_info(dep, "big", 0, 1, 256 * 16, big_src, big_dst))
+        dep.sched.submit(_info(dep, "short", 0, 2, 16, [300], [0]))
+        for layer in range(layers):
+            for w in dep.workers:
+                w.layer_ready(1, layer, (SlotChunk(0, 0, 256 * 16, 1),) if layer == 0 else ())
+        for layer in range(layers):
+            for w in dep.workers:
+                w.layer_ready(2, layer, (SlotChunk(0, 0, 16, 2),) if layer == 0 else ())
+        for rid in ("short", "big"):
+            outcome = dep.sched.wait(rid, 30.0)
+            assert outcome.ok, outcome.results
+            assert dep.dec.wait(rid, 30.0).ready
+        _check_bytes(dep, [*big_src, 300], [*big_dst, 0])
+        assert dep.workers[0].errors() == [] and dep.workers[1].errors() == []
