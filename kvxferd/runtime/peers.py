@@ -219,8 +219,14 @@ class Peers:
         if found is None:
             assert self.local is not None, "writes exist only once a cache is registered"
             found = self.transports[name] = load(name)(self.config.transport, self.local)
+            found.interrupted = self._waiting
             log.info("transport %s ready", name)
         return found
+
+    def _waiting(self) -> bool:
+        """Whether any socket of the daemon has something to read (a transport copying in poll
+        stops for it)."""
+        return bool(self.service.poller.poll(0))
 
     # -- writes --------------------------------------------------------------------
 

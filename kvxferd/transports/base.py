@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -180,6 +180,10 @@ class Transport(ABC):
     def pending(self) -> int:
         """Writes posted and not yet returned by :meth:`poll` (0 for synchronous transports)."""
         return 0
+
+    #: set by the transport's owner: whether anything waits for its loop (a transport that works in
+    #: poll stops then; None: it stops after a slice of its own)
+    interrupted: Callable[[], bool] | None = None
 
     def busy(self) -> bool:
         """Whether :meth:`poll` has work of its own to do now (a copy it moves a slice at a time):

@@ -11,8 +11,8 @@ of those bytes of every block of the run (of every token of every block, for
 a token-major cache), still one call per run.
 
 A write of up to :data:`SLICE_BYTES` is copied at once and completes synchronously. A larger one
-is queued and copied by :meth:`ShmTransport.poll` a slice of each queued write in turn for
-about :data:`POLL_S` per call, and the loop polls again at its next turn while any is
+is queued and copied by :meth:`ShmTransport.poll` a slice of each queued write in turn, until
+something waits to be read (asked every :data:`POLL_S`), and the loop polls again at its next turn while any is
 left (:meth:`ShmTransport.busy`): between two slices it reads what came (layer signals,
 verdicts, its heartbeat), so a 256 MiB request never stops the daemon from taking the next
 request's signals for longer than a slice takes, and a short write posted meanwhile is not
@@ -50,11 +50,14 @@ Row = tuple[int, int, int]
 
 #: a write up to this many bytes is copied at once; a larger one a slice of this size at a time
 SLICE_BYTES = 1 << 20
-#: one poll copies slices (of each queued write in turn) until this long has passed, or POLL_BYTES:
-#: long enough that a turn of the loop costs little beside it, short enough that what comes
-#: meanwhile (a layer signal, a verdict) waits no longer than that
+#: one poll copies slices (of each queued write in turn) and every POLL_S asks its owner whether
+#: anything waits to be read (Transport.interrupted): it returns then, else it goes on, so what
+#: comes meanwhile (a layer signal, a verdict) waits no longer than that, and a loop with nothing
+#: else to do does not pay a turn every POLL_S; at most POLL_MAX_S or POLL_BYTES in one call (the
+#: loop's timers, its heartbeat, run between two calls)
 POLL_S = 0.5e-3
-POLL_BYTES = 32 << 20
+POLL_MAX_S = 20e-3
+POLL_BYTES = 256 << 20
 
 
 @dataclass
@@ -242,7 +245,8 @@ class ShmTransport(Transport):
     def poll(self) -> list[Completion]:
         """Copy a slice of each queued write in turn, up to POLL_BYTES; the writes that finished."""
         done: list[Completion] = []
-        budget, until = POLL_BYTES, time.monotonic() + POLL_S
+        start = time.monotonic()
+        budget, until, last = POLL_BYTES, start + POLL_S, start + POLL_MAX_S
         while self._queue and budget > 0:
             job = self._queue.popleft()
             if job.error is None:
@@ -251,8 +255,11 @@ class ShmTransport(Transport):
                 done.append(self.completion(job.write_id, job.key, job.error))
             else:
                 self._queue.append(job)
-            if time.monotonic() >= until:
-                break
+            now = time.monotonic()
+            if now >= until:
+                if now >= last or self.interrupted is None or self.interrupted():
+                    break
+                until = now + POLL_S
         return done
 
     def pending(self) -> int:

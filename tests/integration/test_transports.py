@@ -479,3 +479,29 @@ def test_closing_a_peer_stops_its_large_write_between_slices_and_fails_it(
     finally:
         init.close()
         target.close()
+
+
+def test_a_large_shm_write_goes_on_while_nothing_waits_and_stops_for_what_does(
+    caches: tuple[HostKVCache, HostKVCache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between slices poll asks its owner whether anything waits to be read: while nothing does it
+    goes on (no turn of the loop per slice), and it returns as soon as something does."""
+    from kvxferd.transports import shm
+
+    src, dst = caches
+    target, init = shm.ShmTransport(CONFIG, dst.registration()), shm.ShmTransport(CONFIG, src.registration())
+    try:
+        init.open_peer("peer", _peer_info("shm", dst, target))
+        monkeypatch.setattr(shm, "SLICE_BYTES", SHAPE.block_bytes)
+        monkeypatch.setattr(shm, "POLL_S", 0.0)  # ask after every slice
+        asked: list[bool] = []
+        init.interrupted = lambda: asked.append(len(asked) >= 5) or asked[-1]
+        assert init.post(1, "peer", (0,), [Run(0, 0, 16)]) is None  # 2 x 16 blocks: 32 slices
+        assert init.poll() == []  # stopped once something waited: after the 6th slice
+        assert len(asked) == 6 and asked[-1]
+        init.interrupted = lambda: False
+        assert [c.write_id for c in init.poll()] == [1]  # nothing waits: the rest in one call
+        assert np.array_equal(dst.raw()[0, :, :16], src.raw()[0, :, :16])
+    finally:
+        init.close()
+        target.close()
