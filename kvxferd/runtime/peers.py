@@ -223,6 +223,13 @@ class Peers:
             log.info("transport %s ready", name)
         return found
 
+    def cancel(self, reason: str) -> None:
+        """No more bytes of the writes in flight, where a transport can stop them (see
+        Transport.cancel); they complete as failed with ``reason``."""
+        for transport in self.transports.values():
+            transport.cancel(reason)
+        self._next_poll = time.monotonic()  # (their failures at the next turn)
+
     def _waiting(self) -> bool:
         """Whether any socket of the daemon has something to read (a transport copying in poll
         stops for it)."""

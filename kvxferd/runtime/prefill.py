@@ -169,6 +169,7 @@ class PrefillDaemon(GroupDaemon):
                 f"prefill rank {self.rank} said nothing to the barrier service for {silent_s:.1f}s (stopped or "
                 "starved): its decode rank may have been told the request failed, so it writes no more of it"
             )
+            self.peers.cancel(why)  # not one more byte of a large copy still queued (shm)
             self._apply(self.core.stalled(why, now), now)
 
     def on_broken(self, reason: str, now: float) -> None:

@@ -185,6 +185,10 @@ class Transport(ABC):
     #: poll stops then; None: it stops after a slice of its own)
     interrupted: Callable[[], bool] | None = None
 
+    def cancel(self, reason: str) -> None:  # noqa: B027 - optional hook
+        """Stop what is in flight from landing any more bytes, where this transport can (each
+        write then completes as failed with ``reason``); one that cannot leaves them be."""
+
     def busy(self) -> bool:
         """Whether :meth:`poll` has work of its own to do now (a copy it moves a slice at a time):
         the loop then polls again at its next turn instead of backing off."""

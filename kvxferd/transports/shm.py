@@ -17,7 +17,9 @@ left (:meth:`ShmTransport.busy`): between two slices it reads what came (layer s
 verdicts, its heartbeat), so a 256 MiB request never stops the daemon from taking the next
 request's signals for longer than a slice takes, and a short write posted meanwhile is not
 queued behind the large one's remaining bytes. Closing a peer drops its queued writes (they
-complete as failed at the next poll; nothing more of them lands).
+complete as failed at the next poll; nothing more of them lands), and so does :meth:`cancel`,
+which the daemon calls when it finds it did not run for a while (its fence): a poll that sees two
+of its slices :data:`STOPPED_S` apart returns before the next one, so it is asked first.
 
 Before each write the peer's segments are checked
 (``fstat``): a segment its engine unlinked means the peer is gone, and the
@@ -58,6 +60,9 @@ SLICE_BYTES = 1 << 20
 POLL_S = 0.5e-3
 POLL_MAX_S = 20e-3
 POLL_BYTES = 256 << 20
+#: a gap this long between two slices means the process did not run (SIGSTOP): poll returns at
+#: once, so the loop's fence decides whether what is queued may still be written (see cancel)
+STOPPED_S = 0.1
 
 
 @dataclass
@@ -245,9 +250,11 @@ class ShmTransport(Transport):
     def poll(self) -> list[Completion]:
         """Copy a slice of each queued write in turn, up to POLL_BYTES; the writes that finished."""
         done: list[Completion] = []
-        start = time.monotonic()
+        start = before = time.monotonic()
         budget, until, last = POLL_BYTES, start + POLL_S, start + POLL_MAX_S
         while self._queue and budget > 0:
+            if time.monotonic() - before >= STOPPED_S:  # stopped meanwhile: no more before the loop looked
+                break
             job = self._queue.popleft()
             if job.error is None:
                 budget -= job.slice(min(SLICE_BYTES, budget))
@@ -255,7 +262,7 @@ class ShmTransport(Transport):
                 done.append(self.completion(job.write_id, job.key, job.error))
             else:
                 self._queue.append(job)
-            now = time.monotonic()
+            now = before = time.monotonic()
             if now >= until:
                 if now >= last or self.interrupted is None or self.interrupted():
                     break
@@ -264,6 +271,13 @@ class ShmTransport(Transport):
 
     def pending(self) -> int:
         return len(self._queue)
+
+    def cancel(self, reason: str) -> None:
+        """No more bytes of any queued write land: each completes as failed with ``reason`` at
+        the next poll (a prefill rank back from a stop its peers may have taken for death)."""
+        for job in self._queue:
+            if job.error is None:
+                job.error = reason
 
     def busy(self) -> bool:
         return bool(self._queue)

@@ -19,6 +19,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from kvxferd.client import credentials, status
 from kvxferd.kvcache import HostKVCache, KVShape
@@ -86,6 +87,62 @@ def test_a_rank_stopped_just_before_its_heartbeat_writes_nothing_into_blocks_dec
             while tables()["requests"]:
                 assert time.monotonic() < deadline, "the request stayed in the prefill rank's table"
             assert np.all(dst.raw()[:, :, 2] == 99), "the rank wrote into a block its decode rank was told is free"
+        finally:
+            thaw.set()
+            for client in clients:
+                client.close()
+            codes = [s.stop() for s in services]
+            for cache in (src, dst):
+                cache.close()
+                cache.unlink()
+        assert codes == [0, 0, 0]
+
+
+def test_a_rank_stopped_between_two_slices_of_a_large_copy_copies_no_more_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """shm copies a large write a slice per step of its poll; a process stopped between two of them
+    (here: frozen where the poll asks whether anything waits) must not copy the next one once it
+    runs again, when its decode rank may have been told the request failed: the poll sees the gap
+    and returns, the fence cancels what is queued, and the block the engine reused stays its own."""
+    from kvxferd.transports import shm
+
+    monkeypatch.setattr(shm, "SLICE_BYTES", 1)  # (at least a block: one block a slice)
+    monkeypatch.setattr(shm, "POLL_S", 0.0)  # ask after every slice
+    with run_dir(ONE_BY_ONE) as config:
+        pgroup, dgroup = config.group(role="prefill"), config.group(role="decode")
+        prefill = PrefillDaemon(config, pgroup, 0)
+        services = [Running(BarrierService(config)), Running(prefill), Running(DecodeDaemon(config, dgroup, 0))]
+        shape = KVShape.from_config(config, 1)
+        src, dst = HostKVCache.create(shape), HostKVCache.create(shape)
+        clients: list = []
+        thaw, frozen = threading.Event(), threading.Event()
+        try:
+            dec, worker, sched = engines(config, clients)
+            dec.register([dst])
+            worker.register(src)
+            src.raw()[...] = 7
+            copier = prefill.peers.transports["shm"]
+            asked = copier.interrupted
+
+            def stopped_here() -> bool:  # the process stops between two slices of layer 0's copy
+                frozen.set()
+                assert thaw.wait(30), "never thawed"
+                return asked() if asked is not None else False
+
+            copier.interrupted = stopped_here
+            blocks = (1, 2, 3, 4)
+            sched.submit(CacheInfo("r", 0, 1, 16, blocks, (2, 3, 4, 5), dgroup.name, dst_generations=dec.generations))
+            worker.layer_ready(1, 0, [SlotChunk(0, 0, 16, 1)])
+            assert frozen.wait(10), "layer 0 was not copied in slices"
+            told = dec.wait("r", 10.0)  # the barrier service counts the rank stopped
+            assert told.reusable and not told.ready, told
+            dst.raw()[:, :, 2:6] = 99  # the engine reuses the blocks
+            copier.interrupted = asked
+            thaw.set()
+            outcome = sched.wait("r", 10.0)
+            assert outcome.status is Status.FAILED, outcome
+            assert np.all(dst.raw()[:, :, 2:6] == 99), "the rank copied into blocks its decode rank was told are free"
         finally:
             thaw.set()
             for client in clients:

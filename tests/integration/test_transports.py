@@ -505,3 +505,31 @@ def test_a_large_shm_write_goes_on_while_nothing_waits_and_stops_for_what_does(
     finally:
         init.close()
         target.close()
+
+
+def test_a_large_shm_write_lands_no_more_once_cancelled_or_once_its_process_was_stopped(
+    caches: tuple[HostKVCache, HostKVCache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll that finds two slices far apart (the process was stopped) returns before the next
+    one, so the daemon's fence can cancel: every queued write then fails and lands nothing more."""
+    from kvxferd.transports import shm
+
+    src, dst = caches
+    target, init = shm.ShmTransport(CONFIG, dst.registration()), shm.ShmTransport(CONFIG, src.registration())
+    try:
+        init.open_peer("peer", _peer_info("shm", dst, target))
+        monkeypatch.setattr(shm, "SLICE_BYTES", SHAPE.block_bytes)
+        init.interrupted = lambda: False
+        assert init.post(1, "peer", (0,), [Run(0, 0, 16)]) is None
+        clock = iter([0.0, 0.0, 5.0])  # the start, one slice, then a slice 5 s later: stopped
+        monkeypatch.setattr(shm.time, "monotonic", lambda: next(clock, 10.0))
+        assert init.poll() == []
+        landed = dst.raw().copy()
+        assert int(np.count_nonzero(landed[0])) <= 2 * SHAPE.block_bytes  # two slices, no more
+        init.cancel("the rank was stopped")
+        (done,) = init.poll()
+        assert done.write_id == 1 and done.error == "the rank was stopped"
+        assert np.array_equal(dst.raw(), landed) and init.pending() == 0
+    finally:
+        init.close()
+        target.close()
