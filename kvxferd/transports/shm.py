@@ -277,7 +277,7 @@ class ShmTransport(Transport):
         the next poll (a prefill rank back from a stop its peers may have taken for death)."""
         for job in self._queue:
             if job.error is None:
-                job.error = reason
+                job.error, job.views = reason, []  # (its views kept the peer's mapping alive)
 
     def busy(self) -> bool:
         return bool(self._queue)
@@ -285,13 +285,14 @@ class ShmTransport(Transport):
     def _close_peer(self, key: str) -> None:
         for job in self._queue:  # nothing more of them lands; they fail at the next poll
             if job.key == key and job.error is None:
-                job.error = f"peer {key} was closed while the write was being copied"
+                job.error, job.views = f"peer {key} was closed while the write was being copied", []
         mapped = self._dst.pop(key, None)
         if mapped is not None:
             mapped.close()
 
     def close(self) -> None:
-        super().close()
+        super().close()  # (every peer closed: whatever was queued is given up, lands no more)
+        self._queue.clear()
         if self._src is not None:
             self._src.close()
             self._src = None
