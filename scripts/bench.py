@@ -192,23 +192,29 @@ def nixl_target() -> None:
 # -- through kvxferd ----------------------------------------------------------------------------
 
 
+def start(transport: str, p: int, d: int, blocks: int) -> tuple[Path, Config, Cluster]:
+    """A barrier service, ``p`` prefill and ``d`` decode ranks of the bench's model (``blocks``
+    blocks a cache) preferring ``transport``, running in a run directory of their own."""
+    run_dir = Path(tempfile.mkdtemp(prefix="kvx-", dir="/tmp"))
+    base = loads(
+        f"kv: {{num_layers: {LAYERS}, kv_heads: {HEADS}, head_dim: {DIM}, block_tokens: {TOKENS}, "
+        f"num_blocks: {blocks}, dtype: bfloat16}}\ntransport: {{prefer: {transport}}}"
+    )
+    groups = (
+        GroupConfig("prefill", "prefill", p, "ipc://{run_dir}/p{rank}.sock"),
+        GroupConfig("decode", "decode", d, "ipc://{run_dir}/d{rank}.sock"),
+    )
+    config = dataclasses.replace(base, run_dir=str(run_dir), groups=groups)
+    path = run_dir / "config.yaml"
+    path.write_text(dump(config))
+    cluster = Cluster(config, path, run_dir, os.environ.get("BENCH_LOG", "WARNING"))
+    cluster.start(60)
+    return run_dir, config, cluster
+
+
 class Deployment:
     def __init__(self, transport: str) -> None:
-        self.run_dir = Path(tempfile.mkdtemp(prefix="kvx-", dir="/tmp"))
-        base = loads(
-            f"kv: {{num_layers: {LAYERS}, kv_heads: {HEADS}, head_dim: {DIM}, block_tokens: {TOKENS}, "
-            f"num_blocks: {SHAPE.num_blocks}, dtype: bfloat16}}\n"
-            f"transport: {{prefer: {transport}}}"  # a deployment for the transport under test
-        )
-        groups = (
-            GroupConfig("prefill", "prefill", 1, "ipc://{run_dir}/p{rank}.sock"),
-            GroupConfig("decode", "decode", 1, "ipc://{run_dir}/d{rank}.sock"),
-        )
-        self.config: Config = dataclasses.replace(base, run_dir=str(self.run_dir), groups=groups)
-        path = self.run_dir / "config.yaml"
-        path.write_text(dump(self.config))
-        self.cluster = Cluster(self.config, path, self.run_dir, os.environ.get("BENCH_LOG", "WARNING"))
-        self.cluster.start(60)
+        self.run_dir, self.config, self.cluster = start(transport, 1, 1, SHAPE.num_blocks)
         p, d = self.config.groups
         self.src, self.dst = HostKVCache.create(SHAPE), HostKVCache.create(SHAPE)
         self.creds = credentials(self.config)
@@ -499,21 +505,7 @@ class MapDeployment:
     """A barrier service, ``p`` prefill ranks and ``d`` decode ranks (HEADS heads in all)."""
 
     def __init__(self, p: int, d: int, transport: str) -> None:
-        self.run_dir = Path(tempfile.mkdtemp(prefix="kvx-", dir="/tmp"))
-        blocks = MAP_BLOCKS * REQUESTS
-        base = loads(
-            f"kv: {{num_layers: {LAYERS}, kv_heads: {HEADS}, head_dim: {DIM}, block_tokens: {TOKENS}, "
-            f"num_blocks: {blocks}, dtype: bfloat16}}\ntransport: {{prefer: {transport}}}"
-        )
-        groups = (
-            GroupConfig("prefill", "prefill", p, "ipc://{run_dir}/p{rank}.sock"),
-            GroupConfig("decode", "decode", d, "ipc://{run_dir}/d{rank}.sock"),
-        )
-        self.config: Config = dataclasses.replace(base, run_dir=str(self.run_dir), groups=groups)
-        path = self.run_dir / "config.yaml"
-        path.write_text(dump(self.config))
-        self.cluster = Cluster(self.config, path, self.run_dir, os.environ.get("BENCH_LOG", "WARNING"))
-        self.cluster.start(60)
+        self.run_dir, self.config, self.cluster = start(transport, p, d, MAP_BLOCKS * REQUESTS)
         pg, dg = self.config.groups
         pshape, dshape = KVShape.from_config(self.config, p), KVShape.from_config(self.config, d)
         self.src = [HostKVCache.create(pshape) for _ in range(p)]
