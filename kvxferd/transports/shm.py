@@ -3,12 +3,15 @@
 Theory of operation: the engines create their caches as shared-memory
 segments (:mod:`kvxferd.kvcache`). The prefill daemon maps its own cache read
 only and each decode rank's cache read-write, once per peer, as numpy byte
-views of ``[num_blocks, block_bytes]`` per layer and K/V. A write copies each
-run of consecutive blocks with one ``numpy.copyto`` for K and one for V and
-completes synchronously; a peer written a slice of each block (the KV heads
-this rank writes there, see :mod:`kvxferd.core.rankmap`) gets a strided copy
-of those bytes of every block of the run (of every token of every block, for
-a token-major cache), still one call per run.
+views of ``[num_blocks, block_bytes]`` per layer and K/V, and, where the
+registration puts every region in one segment at a fixed distance from the
+last (every engine we know does), as one ``[layers, K|V, blocks, bytes]`` view
+besides. A short write copies each run of consecutive blocks with one
+``numpy.copyto`` for all its consecutive layers, K and V together (else one per
+layer and K/V) and completes synchronously; a peer written a slice of each
+block (the KV heads this rank writes there, see :mod:`kvxferd.core.rankmap`)
+gets a strided copy of those bytes of every block of the run (of every token of
+every block, for a token-major cache: one call per layer and K/V).
 
 A write of up to :data:`SLICE_BYTES` is copied at once and completes synchronously. A larger one
 is queued and copied by :meth:`ShmTransport.poll` a slice of each queued write in turn, until
@@ -42,7 +45,7 @@ import numpy as np
 
 from kvxferd.config import TransportConfig
 from kvxferd.errors import TransportError
-from kvxferd.protocol import CacheLayout, PeerInfo, RegisterCache
+from kvxferd.protocol import CacheLayout, PeerInfo, Region, RegisterCache
 from kvxferd.shm import Segment
 from kvxferd.transports.base import Completion, RunTable, Transport, region_map
 
@@ -138,6 +141,10 @@ class MappedCache:
         self.segments: dict[str, Segment] = {}
         self.fds: list[int] = []
         self.views: Views = {}
+        #: ``[layers, planes, blocks, block_bytes]`` over the same bytes as ``views``, where every
+        #: region is in one segment at a fixed distance from the last (one copy call moves a run of
+        #: every layer ready together, K and V; else None, and copies go view by view)
+        self.grid: np.ndarray[Any, np.dtype[np.uint8]] | None = None
         try:
             for (layer, kv), region in regions.items():
                 if not isinstance(region.handle, str):
@@ -156,6 +163,7 @@ class MappedCache:
                 self.views[(layer, kv)] = np.lib.stride_tricks.as_strided(
                     flat, shape=(layout.num_blocks, layout.block_bytes), strides=(layout.stride, 1), writeable=writable
                 )  # (blocks padded to block_stride: the padding is never touched)
+            self.grid = _grid(layout, regions, self.segments, writable)
         except BaseException:
             self.close()
             raise
@@ -175,6 +183,45 @@ class MappedCache:
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
+
+
+def _grid(
+    layout: CacheLayout, regions: dict[tuple[int, int], Region], segments: dict[str, Segment], writable: bool
+) -> np.ndarray[Any, np.dtype[np.uint8]] | None:
+    """One view of every region, ``[layers, planes, blocks, block_bytes]``, if the registration puts
+    region (layer, kv) at ``base + layer * L + kv * P`` of one segment (as every engine we know
+    does); None otherwise. Each region was checked to lie within its segment, so the view does."""
+    if len(segments) != 1:
+        return None
+    at = {key: region.offset for key, region in regions.items()}
+    base = at[(0, 0)]
+    step_l = at[(1, 0)] - base if layout.num_layers > 1 else 0
+    step_p = at[(0, 1)] - base if layout.planes > 1 else 0
+    if step_l < 0 or step_p < 0:
+        return None
+    if any(off != base + layer * step_l + kv * step_p for (layer, kv), off in at.items()):
+        return None
+    seg = next(iter(segments.values()))
+    span = step_l * (layout.num_layers - 1) + step_p * (layout.planes - 1) + layout.region_bytes
+    flat = np.frombuffer(seg.buffer, dtype=np.uint8, count=span, offset=base)
+    grid: np.ndarray[Any, np.dtype[np.uint8]] = np.lib.stride_tricks.as_strided(
+        flat,
+        shape=(layout.num_layers, layout.planes, layout.num_blocks, layout.block_bytes),
+        strides=(step_l, step_p, layout.stride, 1),
+        writeable=writable,
+    )
+    return grid
+
+
+def _spans(layers: Sequence[int]) -> list[tuple[int, int]]:
+    """``layers`` (ascending) as ranges [lo, hi) of consecutive layers."""
+    spans: list[tuple[int, int]] = []
+    for layer in layers:
+        if spans and spans[-1][1] == layer:
+            spans[-1] = (spans[-1][0], layer + 1)
+        else:
+            spans.append((layer, layer + 1))
+    return spans
 
 
 def _tokens(blocks: np.ndarray[Any, np.dtype[np.uint8]], count: int, stride: int) -> np.ndarray[Any, Any]:
@@ -228,6 +275,17 @@ class ShmTransport(Transport):
         src = self._source()
         rows = runs.tolist()
         cut = self._cuts.get(key)
+        per_block = cut.length * cut.count if cut is not None else self.local.layout.block_bytes
+        small = int(runs[:, 2].sum()) * per_block * len(layers) * self.local.layout.planes <= SLICE_BYTES
+        if small and src.grid is not None and dst.grid is not None and (cut is None or cut.count == 1):
+            # one call per run and span of consecutive layers, K and V together
+            sg, dg = src.grid, dst.grid
+            if cut is not None:
+                sg, dg = sg[..., cut.src : cut.src + cut.length], dg[..., cut.dst : cut.dst + cut.length]
+            for lo, hi in _spans(layers):
+                for a, b, n in rows:
+                    np.copyto(dg[lo:hi, :, b : b + n], sg[lo:hi, :, a : a + n])
+            return self.completion(write_id, key)
         views: Pairs = []
         for layer, kv in itertools.product(layers, range(self.local.layout.planes)):
             s, d = src.views[(layer, kv)], dst.views[(layer, kv)]
@@ -238,8 +296,7 @@ class ShmTransport(Transport):
                 s = _tokens(s, cut.count, cut.src_stride)[:, :, cut.src : cut.src + cut.length]
                 d = _tokens(d, cut.count, cut.dst_stride)[:, :, cut.dst : cut.dst + cut.length]
             views.append((d, s))
-        per_block = cut.length * cut.count if cut is not None else self.local.layout.block_bytes
-        if int(runs[:, 2].sum()) * per_block * len(views) <= SLICE_BYTES:
+        if small:
             for d, s in views:
                 for a, b, n in rows:
                     np.copyto(d[b : b + n], s[a : a + n])

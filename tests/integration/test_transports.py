@@ -81,7 +81,7 @@ def _wait(t: Transport, first: Completion | None, timeout_s: float = 30.0) -> Co
     return done
 
 
-@pytest.mark.parametrize("layers", [(1,), (0, 2)], ids=["one-layer", "several-layers"])
+@pytest.mark.parametrize("layers", [(1,), (0, 2), (0, 1, 2)], ids=["one-layer", "several-layers", "every-layer"])
 def test_runs_land_byte_for_byte_and_nothing_else(
     name: str, caches: tuple[HostKVCache, HostKVCache], layers: tuple[int, ...]
 ) -> None:
@@ -99,6 +99,38 @@ def test_runs_land_byte_for_byte_and_nothing_else(
             expect[layer, :, r.dst : r.dst + r.length] = s[layer, :, r.src : r.src + r.length]
         assert np.array_equal(d, expect)
         assert init.pending() == 0
+    finally:
+        init.close()
+        target.close()
+
+
+def test_regions_in_any_order_are_read_and_written_where_the_registration_says(
+    name: str, caches: tuple[HostKVCache, HostKVCache]
+) -> None:
+    """A registration need not put layer l at a fixed distance from layer l-1: the source's layers
+    1 and 2 swap places and the destination's V comes before its K, and each lands where it says."""
+    src, dst = caches
+    reg_s, reg_d = src.registration(), dst.registration()
+    at_s = {(r.layer, r.kv): r.offset for r in reg_s.regions}
+    swapped = tuple(replace(r, offset=at_s[({1: 2, 2: 1}.get(r.layer, r.layer), r.kv)]) for r in reg_s.regions)
+    at_d = {(r.layer, r.kv): r.offset for r in reg_d.regions}
+    flipped = tuple(replace(r, offset=at_d[(r.layer, 1 - r.kv)]) for r in reg_d.regions)
+    cls = load(name)
+    target, init = cls(CONFIG, replace(reg_d, regions=flipped)), cls(CONFIG, replace(reg_s, regions=swapped))
+    try:
+        reg = replace(reg_d, regions=flipped)
+        blob = target.publish()
+        peer = PeerInfo("decode", 0, host_id(), "host", reg.layout, reg.regions, {name: blob} if blob else {})
+        init.open_peer("peer", peer)
+        runs, layers = [Run(0, 5, 3), Run(31, 0, 1)], (0, 1, 2)
+        assert _wait(init, init.post(1, "peer", layers, runs)).error is None
+        s, d = src.raw(), dst.raw()
+        expect = np.zeros_like(d)
+        for layer, r in itertools.product(layers, runs):
+            from_layer = {1: 2, 2: 1}.get(layer, layer)
+            for kv in (0, 1):
+                expect[layer, 1 - kv, r.dst : r.dst + r.length] = s[from_layer, kv, r.src : r.src + r.length]
+        assert np.array_equal(d, expect)
     finally:
         init.close()
         target.close()
