@@ -83,6 +83,18 @@ def _to_wire(obj: Struct) -> list[Any]:
     return out
 
 
+#: per struct class: (position, name, what it holds) of each field holding structs (cached)
+_NESTED: dict[type, tuple[tuple[int, str, Any], ...]] = {}
+
+
+def _nested(cls: Any) -> tuple[tuple[int, str, Any], ...]:
+    found = _NESTED.get(cls)
+    if found is None:
+        names = _schema(cls)[0]
+        found = _NESTED[cls] = tuple((i, n, cls.NESTED[n]) for i, n in enumerate(names) if n in cls.NESTED)
+    return found
+
+
 def _from_wire(cls: type[Any], items: Any, where: str) -> Any:
     if not isinstance(items, (list, tuple)):
         raise RemoteProtocolError(f"{where}: expected an array for {cls.__name__}, got {type(items).__name__}")
@@ -92,9 +104,8 @@ def _from_wire(cls: type[Any], items: Any, where: str) -> Any:
             f"{where}: {cls.__name__} takes {required}..{len(names)} fields ({', '.join(names)}), got {len(items)}"
         )
     values = list(items)
-    for i, name in enumerate(names[: len(values)]):
-        kind = cls.NESTED.get(name)
-        if kind is None or values[i] is None:
+    for i, name, kind in _nested(cls):
+        if i >= len(values) or values[i] is None:
             continue
         if isinstance(kind, list):
             if not isinstance(values[i], (list, tuple)):
@@ -139,6 +150,24 @@ def encode(msg: Message) -> bytes:
     return frame
 
 
+#: a frame up to this long is first parsed in one call (most of a request's messages are layer
+#: signals of about 12 bytes): it cannot hold more items than bytes, so the field-by-field parse
+#: of the general path, which counts a long list before building any of it, has nothing to bound
+#: here. Only what that parse accepts is taken; anything else goes the general way, which says
+#: what is wrong in its own words.
+SMALL_FRAME = 256
+_SMALL = {
+    "raw": False,
+    "use_list": True,
+    "strict_map_key": True,
+    "max_str_len": fields.MAX_BLOB,
+    "max_bin_len": fields.MAX_BLOB,
+    "max_array_len": fields.MAX_BLOCKS,
+    "max_map_len": 64,
+    "max_ext_len": 0,
+}
+
+
 def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME) -> Message:
     """Parse and validate one frame; raises RemoteProtocolError on anything wrong."""
     if not isinstance(frame, (bytes, bytearray, memoryview)):
@@ -147,6 +176,31 @@ def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME) -> Message:
         raise RemoteProtocolError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
     if not frame:
         raise RemoteProtocolError("empty frame")
+    if len(frame) <= SMALL_FRAME:
+        msg = _small(frame)
+        if msg is not None:
+            return msg
+    return _general(frame)
+
+
+def _small(frame: bytes) -> Message | None:
+    """A short frame parsed in one call and built, or None if anything about it is not as it
+    should be (the general path then finds what, and says so)."""
+    try:
+        items = msgpack.unpackb(frame, **_SMALL)
+        if type(items) is not list or len(items) < 2 or items[0] != PROTOCOL_VERSION or type(items[0]) is not int:
+            return None
+        cls = REGISTRY.get(items[1]) if type(items[1]) is str else None
+        if cls is None or len(items) - 2 > len(_schema(cls)[0]):
+            return None
+        msg: Message = _from_wire(cls, items[2:], items[1])
+    except Exception:
+        return None
+    return msg
+
+
+def _general(frame: bytes) -> Message:
+    """Parse ``frame`` field by field, counting each list of structs before building any of it."""
     unpacker = msgpack.Unpacker(
         raw=False,
         use_list=True,

@@ -125,6 +125,11 @@ def blob(owner: str, field: str, value: Any, *, limit: int = MAX_BLOB) -> bytes:
 
 
 def sequence(owner: str, field: str, value: Any, *, limit: int = MAX_ITEMS) -> tuple[Any, ...]:
+    kind = type(value)
+    if kind is tuple or kind is list:  # (what the codec builds: the abstract check below is slower)
+        if len(value) > limit:
+            raise fail(owner, field, f"{len(value)} items, at most {limit} allowed")
+        return value if kind is tuple else tuple(value)
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise fail(owner, field, f"expected a list, got {type(value).__name__}")
     if len(value) > limit:

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvxferd.errors import RemoteProtocolError
-from kvxferd.protocol import Error, ErrorCode, Message, decode, encode
+from kvxferd.protocol import Error, ErrorCode, Message, codec, decode, encode
 from tests.unit.test_protocol import EXAMPLES
 
 FRAMES = [encode(msg) for _, msg in sorted(EXAMPLES.items())]
@@ -105,3 +105,23 @@ def test_structural_mutations_decode_or_fail_cleanly(frame: bytes) -> None:
 @given(byte_level())
 def test_byte_mutations_decode_or_fail_cleanly(frame: bytes) -> None:
     _decodes_cleanly(frame)
+
+
+def _outcome(parse: Any, frame: bytes) -> Any:
+    try:
+        return parse(frame)
+    except RemoteProtocolError as exc:
+        return str(exc)
+
+
+@FUZZ
+@given(st.one_of(structural(), byte_level()))
+def test_a_short_frame_parsed_at_once_ends_as_the_field_by_field_parse_does(frame: bytes) -> None:
+    """Frames up to SMALL_FRAME take a quicker parse: what it accepts, and every error text, is
+    the general parse's own."""
+    quick = _outcome(decode, frame)
+    small, codec.SMALL_FRAME = codec.SMALL_FRAME, 0  # every frame the general way
+    try:
+        assert quick == _outcome(decode, frame)
+    finally:
+        codec.SMALL_FRAME = small
