@@ -168,6 +168,10 @@ class TransportConfig:
     rdma_tls: str = "tcp"  # UCX transports (UCX_TLS); e.g. rc,ud,cuda_copy on RDMA NICs
     rdma_log_level: str = "WARN"
     rdma_wake_ms: int = 100  # decode: longest sleep of NIXL's progress thread between UCX events
+    #: prefill: host memory (MiB) through which a slice of each block (the KV heads a decode rank
+    #: with fewer of them takes) is gathered into one contiguous run, so the write is one RDMA
+    #: operation per run instead of one per block; 0: no staging (one operation per block)
+    rdma_staging_mb: int = 64
     write_timeout_s: float = 10.0  # a write not done by then fails (a hung peer is otherwise never noticed)
 
     def __post_init__(self) -> None:
@@ -179,6 +183,11 @@ class TransportConfig:
             f"{self.rdma_log_level!r} is not one of TRACE, DEBUG, INFO, WARN, ERROR",
         )
         _positive(self, "rdma_wake_ms", "write_timeout_s")
+        _need(
+            type(self.rdma_staging_mb) is int and 0 <= self.rdma_staging_mb <= 1 << 16,
+            "rdma_staging_mb",
+            f"{self.rdma_staging_mb!r} is not a whole number of MiB in 0..65536",
+        )
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,19 @@ NIXL merges consecutive indices, so a run costs one UCX operation. Writes
 are polled to completion; errors (remote disconnect, not found, backend
 error) and writes older than ``write_timeout_s`` fail with a reason.
 
+A rank writing a slice of each block (the KV heads of a decode rank that holds fewer heads than
+it does: 2 prefill ranks into 4) would be one UCX operation per block, its slices being apart in
+its own cache though side by side in the peer's. Such a write is first gathered (numpy, in the
+loop) into a staging buffer registered once (``rdma_staging_mb``), so each run is one operation
+again. The staging bytes of a write are taken back when none of them can be read any more (the
+same moment its failure may be reported, below). A write that finds too little free staging
+waits, in order, until enough is back: it is in flight all the while, and completes, or fails
+when ``write_timeout_s`` passes, as any other; closing its peer or
+:meth:`RdmaTransport.cancel` fails it before a byte of it left. One larger than the whole
+staging is sent block by block. A rank writing whole blocks into a slice of each of the peer's
+blocks (4 prefill ranks into 2) is one operation per block: gathering cannot join those, only
+scattering on the decode side could, which this version does not do.
+
 A failed write is reported only once none of its bytes can land any more: its
 handle was released (NIXL cancels what it has not done), or, if NIXL will not
 release it, the peer's agent was removed, which tears its connections down
@@ -202,6 +215,59 @@ def _indices(layout: CacheLayout, layers: Sequence[int], runs: RunTable, side: i
     return out
 
 
+class _Staging:
+    """Host memory, registered with NIXL, into which slices of blocks are gathered: byte ranges
+    handed out first fit, each aligned to its slice length (so slot ``start // length`` of a list
+    over the buffer in slots of that length), taken back by :meth:`give`."""
+
+    def __init__(self, agent: Any, nbytes: int) -> None:
+        self.agent = agent
+        self.buf = np.zeros(nbytes, dtype=np.uint8)
+        self.reg = agent.register_memory([(self.buf.ctypes.data, nbytes, 0, "")], "DRAM")
+        self.free: list[tuple[int, int]] = [(0, nbytes)]  # (start, end), sorted, never adjacent
+        self.lists: dict[int, Any] = {}  # slice length -> the buffer as slots of that length
+
+    def slots(self, length: int) -> Any:
+        """The buffer as a descriptor list of ``length``-byte slots (prepared once per length)."""
+        prepped = self.lists.get(length)
+        if prepped is None:
+            row = (self.buf.ctypes.data, length, 0, length, len(self.buf) // length)
+            prepped = self.lists[length] = self.agent.prep_xfer_dlist(
+                "NIXL_INIT_AGENT", np.array([row], dtype=np.uint64), "DRAM"
+            )
+        return prepped
+
+    def take(self, nbytes: int, align: int) -> int | None:
+        """The start of ``nbytes`` free bytes at a multiple of ``align``, now taken; None if no
+        free range holds them."""
+        for i, (start, end) in enumerate(self.free):
+            at = -(-start // align) * align
+            if at + nbytes <= end:
+                pieces = [(a, b) for a, b in ((start, at), (at + nbytes, end)) if a < b]
+                self.free[i : i + 1] = pieces
+                return at
+        return None
+
+    def give(self, start: int, nbytes: int) -> None:
+        """Bytes ``start .. start + nbytes`` are free again (merged with their free neighbours)."""
+        end = start + nbytes
+        i = 0
+        while i < len(self.free) and self.free[i][1] < start:
+            i += 1
+        if i < len(self.free) and self.free[i][1] == start:
+            start = self.free.pop(i)[0]
+        if i < len(self.free) and self.free[i][0] == end:
+            end = self.free.pop(i)[1]
+        self.free.insert(i, (start, end))
+
+    def close(self) -> None:
+        for prepped in self.lists.values():
+            with contextlib.suppress(Exception):
+                prepped.release()
+        self.lists.clear()
+        self.agent.deregister_memory(self.reg)
+
+
 @dataclass
 class _Remote:
     name: str
@@ -228,6 +294,10 @@ class RdmaTransport(Transport):
         #: failed writes NIXL would neither release nor cut off: write id -> (handle, peer, error)
         self._stuck: dict[int, tuple[Any, str, str]] = {}
         self._done: list[Completion] = []
+        self._staging: _Staging | None = None  # made at the first write that gathers slices
+        self._staged: dict[int, tuple[int, int]] = {}  # write id -> (start, bytes) of its staging
+        #: writes waiting for staging, in order: write id -> (peer, layers, runs, deadline)
+        self._waiting: dict[int, tuple[str, Sequence[int], RunTable, float]] = {}
 
     # -- local memory ----------------------------------------------------------------------
 
@@ -302,24 +372,106 @@ class RdmaTransport(Transport):
         self._infos[key] = peer
 
     def _post(self, write_id: int, key: str, layers: Sequence[int], runs: RunTable) -> Completion | None:
+        deadline = time.monotonic() + self.config.write_timeout_s
+        if self._waiting or not self._start(write_id, key, layers, runs, deadline):
+            self._waiting[write_id] = (key, layers, runs, deadline)  # (behind those already waiting)
+            return None
+        return self._check(write_id, starting=True)
+
+    def _start(self, write_id: int, key: str, layers: Sequence[int], runs: RunTable, deadline: float) -> bool:
+        """Hand write ``write_id`` to NIXL (in flight from then on, or failed at once: in
+        ``_done``); False if it waits for staging."""
         if key not in self._remotes:  # its agent was removed to stop a failed write: add it again
             self._open_peer(key, self._infos[key])
         remote = self._remotes[key]
-        layout = self.local.layout
+        layout, peer = self.local.layout, self._peers[key]
+        src_list, src_idx = self._prepped if remote.local is None else remote.local, None
+        cut = self._cuts.get(key)
+        if cut is not None and cut.count == 1 and cut.length == peer.stride and self.config.rdma_staging_mb:
+            staged = self._gather(write_id, layers, runs, cut.src, cut.length)
+            if staged is False:
+                return False
+            if isinstance(staged, tuple):
+                src_list, src_idx = staged
         try:
             handle = self._agent.make_prepped_xfer(
                 "WRITE",
-                self._prepped if remote.local is None else remote.local,
-                _indices(layout, layers, runs, 0),
+                src_list,
+                _indices(layout, layers, runs, 0) if src_idx is None else src_idx,
                 remote.prepped,
-                _indices(self._peers[key], layers, runs, 1),
+                _indices(peer, layers, runs, 1),
                 b"",
             )
         except self._errors as exc:
-            return self.completion(write_id, key, f"NIXL refused the write to {key}: {type(exc).__name__}: {exc}")
-        deadline = time.monotonic() + self.config.write_timeout_s
+            self._unstage(write_id)
+            error = f"NIXL refused the write to {key}: {type(exc).__name__}: {exc}"
+            self._done.append(self.completion(write_id, key, error))
+            return True
         self._inflight[write_id] = (handle, deadline, key)
-        return self._check(write_id, starting=True)
+        return True
+
+    def _start_waiting(self) -> list[Completion]:
+        """Start the writes waiting for staging, in order, while it has room; fail those whose
+        time ran out (none of their bytes left). What finished at once is returned."""
+        done: list[Completion] = []
+        now = time.monotonic()
+        for wid, (key, layers, runs, deadline) in list(self._waiting.items()):
+            if now > deadline:
+                del self._waiting[wid]
+                waited = self.config.write_timeout_s
+                done.append(self.completion(wid, key, f"write to {key} found no free staging in {waited:g}s"))
+                continue
+            try:
+                started = self._start(wid, key, layers, runs, deadline)
+            except TransportError as exc:
+                del self._waiting[wid]
+                done.append(self.completion(wid, key, str(exc)))
+                continue
+            if not started:
+                break  # (in order: a later one does not pass it)
+            del self._waiting[wid]
+            if wid in self._inflight and (c := self._check(wid, starting=True)) is not None:
+                done.append(c)
+        return done
+
+    def _gather(
+        self, write_id: int, layers: Sequence[int], runs: RunTable, offset: int, length: int
+    ) -> tuple[Any, np.ndarray[Any, Any]] | bool | None:
+        """Copy bytes ``offset .. offset + length`` of every block of ``runs`` in ``layers`` (K then
+        V, layer after layer: the order of the peer's indices) side by side into staging; the
+        staging's list and the write's slots in it, False if too little staging is free now, None
+        if the staging could never hold it."""
+        if self._staging is None:
+            try:
+                self._staging = _Staging(self._agent, self.config.rdma_staging_mb << 20)
+            except self._errors as exc:
+                what = f"{type(exc).__name__}: {exc}"
+                raise TransportError(f"NIXL could not register the staging memory: {what}") from None
+        assert self._mapped is not None
+        planes = self.local.layout.planes
+        count = int(runs[:, 2].sum()) * len(layers) * planes
+        if count * length > len(self._staging.buf) - length:  # (room for it, whatever the alignment)
+            return None
+        start = self._staging.take(count * length, length)
+        if start is None:
+            return False
+        self._staged[write_id] = (start, count * length)
+        stage = self._staging.buf[start : start + count * length].reshape(count, length)
+        at = 0
+        for layer in layers:
+            for kv in range(planes):
+                view = self._mapped.views[(layer, kv)]
+                for a, _, n in runs.tolist():
+                    np.copyto(stage[at : at + n], view[a : a + n, offset : offset + length])
+                    at += n
+        first = start // length
+        return self._staging.slots(length), np.arange(first, first + count, dtype=np.int64)
+
+    def _unstage(self, write_id: int) -> None:
+        """Write ``write_id`` reads its staging no more: the bytes are free again."""
+        taken = self._staged.pop(write_id, None)
+        if taken is not None and self._staging is not None:
+            self._staging.give(*taken)
 
     def _check(self, write_id: int, *, starting: bool = False) -> Completion | None:
         handle, deadline, key = self._inflight[write_id]
@@ -347,12 +499,14 @@ class RdmaTransport(Transport):
                 log.warning("releasing a finished NIXL transfer handle failed: %s", exc)
             else:
                 return self._stop_landing(write_id, handle, key, error, exc)
+        self._unstage(write_id)
         return self.completion(write_id, key, error)
 
     def _stop_landing(self, write_id: int, handle: Any, key: str, error: str, exc: BaseException) -> Completion | None:
         """A failed write NIXL will not release may still be moving bytes: remove the peer's agent
         (its connections go with it) before saying it failed; if that fails too, keep it."""
         if self._cut(key):
+            self._unstage(write_id)
             why = f"NIXL would not release it ({type(exc).__name__}), so the connection to {key} was torn down"
             return self.completion(write_id, key, f"{error}; {why}: nothing more of it can land")
         log.error("write %d to %s failed and can be neither released nor cut off; retrying", write_id, key)
@@ -379,6 +533,7 @@ class RdmaTransport(Transport):
                 del self._inflight[wid]
                 with contextlib.suppress(*self._errors):
                     handle.release()
+                self._unstage(wid)
                 self._done.append(self.completion(wid, key, f"the connection to {key} was torn down"))
         return True
 
@@ -393,19 +548,33 @@ class RdmaTransport(Transport):
                     continue
                 why = f"the connection to {key} was torn down"
             del self._stuck[wid]
+            self._unstage(wid)
             out.append(self.completion(wid, key, f"{error}; {why}: nothing more of it can land"))
         return out
 
     def poll(self) -> list[Completion]:
         done = self._unstick() if self._stuck else []
         checked = [c for wid in list(self._inflight) if wid in self._inflight and (c := self._check(wid)) is not None]
+        if self._waiting:
+            checked += self._start_waiting()
         done, self._done = done + self._done, []  # (writes ended by closing or cutting their peer)
         return done + checked
 
     def pending(self) -> int:
-        return len(self._inflight) + len(self._done) + len(self._stuck)
+        return len(self._inflight) + len(self._done) + len(self._stuck) + len(self._waiting)
+
+    def cancel(self, reason: str) -> None:
+        """The writes waiting for staging fail now (none of their bytes left); those NIXL has
+        are left to finish or time out."""
+        for wid, (key, *_) in list(self._waiting.items()):
+            del self._waiting[wid]
+            self._done.append(self.completion(wid, key, reason))
 
     def _close_peer(self, key: str) -> None:
+        for wid, (peer, *_) in list(self._waiting.items()):
+            if peer == key:
+                del self._waiting[wid]
+                self._done.append(self.completion(wid, key, f"peer {key} was closed"))
         for wid, (_, _, peer) in list(self._inflight.items()):
             if peer == key and wid in self._inflight and (c := self._finish(wid, f"peer {key} was closed")):
                 self._done.append(c)
@@ -426,15 +595,19 @@ class RdmaTransport(Transport):
             if wid in self._inflight:
                 self._finish(wid, "transport closed")
         self._stuck.clear()  # the agent goes below: its connections, and what moved on them, with it
+        self._staged.clear()
+        self._waiting.clear()
         if self._agent is not None:
             try:
+                if self._staging is not None:
+                    self._staging.close()
                 if self._prepped is not None:
                     self._prepped.release()
                 if self._reg is not None:
                     self._agent.deregister_memory(self._reg)
             except self._errors as exc:
                 log.warning("releasing NIXL registrations: %s", exc)
-        self._prepped = self._reg = self._agent = None
+        self._prepped = self._reg = self._agent = self._staging = None
         if self._mapped is not None:
             self._mapped.close()
             self._mapped = None

@@ -190,6 +190,85 @@ def test_a_slice_of_heads_of_each_block_lands_in_its_place_of_the_peers_blocks(
             init.open_peer("bad", _peer_info(name, dst, target), Cut(0, dst.shape.block_bytes - head, 2 * head))
 
 
+def _note(seen: list[int], write_id: int, gathered: Any) -> Any:
+    """(records the writes whose slices went through staging)"""
+    if gathered is not None:
+        seen.append(write_id)
+    return gathered
+
+
+@pytest.mark.parametrize("staging_mb", [2, 0], ids=["staged", "block-by-block"])
+def test_rdma_gathers_slices_through_staging_it_takes_back_and_goes_block_by_block_without(staging_mb: int) -> None:
+    """A head slice into a peer that holds only those heads (2 prefill ranks into 4) is gathered
+    into staging and sent run by run; the staging comes back when the write is done, so writes
+    that together need more of it than there is all land; a write larger than the staging, or
+    none configured, goes block by block. The bytes are the same every way."""
+    from kvxferd.core.rankmap import Cut
+
+    available("rdma")
+    big = replace(SHAPE, num_blocks=64, block_tokens=64, head_dim=64)  # 16 KiB a head a block
+    with pair("rdma", replace(big, kv_heads=2), replace(big, kv_heads=1)) as (src, dst, target, init):
+        init.config = replace(CONFIG, rdma_staging_mb=staging_mb)
+        head = src.shape.block_bytes // 2
+        init.open_peer("peer", _peer_info("rdma", dst, target), Cut(head, 0, head))
+        gathered = []
+        gather = init._gather
+        init._gather = lambda wid, *args: _note(gathered, wid, gather(wid, *args))
+        posts = [((0, 1, 2), [Run(0, 5, 20)]), ((1,), [Run(30, 0, 10), Run(50, 40, 14)])] * 4  # 1.875, 0.75 MiB
+        posts.append(((0, 1, 2), [Run(0, 0, 64)]))  # 6 MiB: more than the staging holds
+        for wid, (layers, runs) in enumerate(posts, 1):
+            dst.raw()[:] = 0
+            assert _wait(init, init.post(wid, "peer", layers, runs)).error is None
+            s, d = _bytes(src), _bytes(dst)
+            expect = np.zeros_like(d)
+            for layer, r in itertools.product(layers, runs):
+                expect[layer, :, r.dst : r.dst + r.length, 0] = s[layer, :, r.src : r.src + r.length, 1]
+            assert np.array_equal(d, expect), f"write {wid}"
+            assert not init._staged  # nothing of it is still held
+        if staging_mb:  # each of the first eight fits only once the one before gave its staging back
+            assert gathered == list(range(1, 9))
+            assert init._staging is not None and init._staging.free == [(0, staging_mb << 20)]
+        else:
+            assert not gathered and init._staging is None
+
+
+@pytest.mark.parametrize("how", ["polled", "cancelled", "closed"])
+def test_rdma_writes_that_find_the_staging_taken_wait_in_order_and_fail_before_a_byte_if_stopped(how: str) -> None:
+    """Three writes of 1.9 MiB each posted at once through 2 MiB of staging: the first goes, the
+    others wait their turn and land as it comes back. Cancelled or closed meanwhile, the waiting
+    ones fail at the next poll and nothing of them reaches the peer."""
+    from kvxferd.core.rankmap import Cut
+
+    available("rdma")
+    big = replace(SHAPE, num_blocks=64, block_tokens=64, head_dim=64)  # 16 KiB a head a block
+    with pair("rdma", replace(big, kv_heads=2), replace(big, kv_heads=1)) as (src, dst, target, init):
+        init.config = replace(CONFIG, rdma_staging_mb=2)
+        head = src.shape.block_bytes // 2
+        init.open_peer("peer", _peer_info("rdma", dst, target), Cut(head, 0, head))
+        firsts = [init.post(layer + 1, "peer", (layer,), [Run(0, 2, 60)]) for layer in range(3)]
+        assert all(f is None for f in firsts) and init.pending() == 3
+        if how == "cancelled":
+            init.cancel("the rank was stopped")
+        elif how == "closed":
+            init.close_peer("peer")
+        done: dict[int, Any] = {}
+        deadline = time.monotonic() + 30
+        while len(done) < 3:
+            assert time.monotonic() < deadline, f"writes never completed: {done}"
+            done.update((c.write_id, c) for c in init.poll())
+        s, d = _bytes(src), _bytes(dst)
+        expect = np.zeros_like(d)
+        landed = [1, 2, 3] if how == "polled" else [] if how == "closed" else [1]
+        for wid in landed:
+            expect[wid - 1, :, 2:62, 0] = s[wid - 1, :, 0:60, 1]
+        if how != "closed":  # (a closed peer's first write may or may not have landed: NIXL had it)
+            assert np.array_equal(d, expect)
+        assert [w for w, c in sorted(done.items()) if c.error is None] == landed
+        reason = {"cancelled": "the rank was stopped", "closed": "was closed"}.get(how)
+        assert all(reason in c.error for w, c in done.items() if w in (2, 3) and reason)
+        assert init.pending() == 0 and not init._staged
+
+
 @pytest.mark.parametrize(("src_pad", "dst_pad", "sliced"), [(256, 0, False), (0, 192, False), (64, 128, True)])
 def test_blocks_padded_by_their_engine_land_in_place_and_the_padding_is_never_touched(
     name: str, src_pad: int, dst_pad: int, sliced: bool
