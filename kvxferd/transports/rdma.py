@@ -376,6 +376,8 @@ class RdmaTransport(Transport):
         if self._waiting or not self._start(write_id, key, layers, runs, deadline):
             self._waiting[write_id] = (key, layers, runs, deadline)  # (behind those already waiting)
             return None
+        if write_id not in self._inflight:  # NIXL refused it: its completion waits in _done
+            return self._done.pop()
         return self._check(write_id, starting=True)
 
     def _start(self, write_id: int, key: str, layers: Sequence[int], runs: RunTable, deadline: float) -> bool:

@@ -33,7 +33,11 @@ class Agent:
         self.removed: list[str] = []
         self.added = 0
 
+    refuse = False
+
     def make_prepped_xfer(self, *args: Any) -> Handle:
+        if self.refuse:
+            raise NixlError("invalid descriptor")
         return Handle(self)
 
     def transfer(self, handle: Handle) -> str:
@@ -133,3 +137,21 @@ def test_staging_is_handed_out_aligned_first_fit_and_merged_back_whole() -> None
     assert s.free == [(0, 30), (50, 100)]
     s.give(30, 20)
     assert s.free == [(0, 100)]
+
+
+def test_a_write_nixl_refuses_fails_at_once_and_leaves_nothing_behind() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from kvxferd.protocol import CacheLayout
+
+    agent = Agent()
+    agent.refuse = True
+    t = transport(agent)
+    t._inflight.clear()
+    layout = CacheLayout(2, 8, 64)
+    t.local, t._peers, t._cuts = SimpleNamespace(layout=layout), {"d#g": layout}, {}
+    done = t._post(7, "d#g", (0, 1), np.array([[0, 2, 3]], dtype=np.int64))
+    assert done is not None and done.write_id == 7 and "NIXL refused the write" in (done.error or "")
+    assert t.pending() == 0 and t.poll() == []
