@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kvxferd.core.blocks import blocks_complete, blocks_needed, runs_of
+from kvxferd.core.blocks import blocks_complete, blocks_needed, merge_runs, runs_of
 from kvxferd.core.deadlines import Deadlines
 from kvxferd.core.effects import Problem
 from kvxferd.core.memory import Memory
@@ -215,7 +215,8 @@ class Intake:
             return f"step {step}, slot {chunk.slot}: {reason}", []
         end_block = blocks_complete(end_token, info.num_tokens, s.block_tokens)
         first = req.blocks_assigned
-        runs = tuple(runs_of(info.src_blocks[first:end_block], info.dst_blocks[first:end_block]))
+        # merged once here (sorted, joined), so a write of this chunk alone uses them as they are
+        runs = merge_runs(runs_of(info.src_blocks[first:end_block], info.dst_blocks[first:end_block]))
         req.chunks.append(Chunk(step, chunk.token_offset, chunk.token_count, first, end_block, runs, end_block - first))
         req.next_token, req.blocks_assigned = end_token, end_block
         record = self.steps.get(step)

@@ -39,7 +39,7 @@ class Chunk:
     token_count: int
     first_block: int
     end_block: int
-    runs: tuple[Run, ...]
+    runs: tuple[Run, ...]  # merged (blocks.merge_runs): sorted by source, neighbours joined
     blocks: int = 0  # blocks its runs cover (what one layer of it writes, per region)
     posted: set[int] = field(default_factory=set)
     confirmed: set[int] = field(default_factory=set)

@@ -77,7 +77,8 @@ class Writes:
         together: dict[tuple[str, str, tuple[str, ...], tuple[Run, ...]], list[tuple[int, list[Part]]]] = {}
         for (peer, transport, generations, layer), group in groups.items():
             for runs, parts in _packs(group):
-                together.setdefault((peer, transport, generations, merge_runs(runs)), []).append((layer, parts))
+                merged = tuple(runs) if len(parts) == 1 else merge_runs(runs)  # (a chunk's own are merged)
+                together.setdefault((peer, transport, generations, merged), []).append((layer, parts))
         writes = []
         for (peer, transport, generations, merged), layers in together.items():
             per_layer = sum(p.nbytes for p in layers[0][1])  # (the same blocks in every one of them)
