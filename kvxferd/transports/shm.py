@@ -179,6 +179,7 @@ class MappedCache:
 
     def close(self) -> None:
         self.views.clear()
+        self.grid = None  # (a view keeps its mapping alive)
         for seg in self.segments.values():
             seg.close()
         self.segments.clear()
