@@ -59,9 +59,10 @@ SLICE_BYTES = 1 << 20
 #: anything waits to be read (Transport.interrupted): it returns then, else it goes on, so what
 #: comes meanwhile (a layer signal, a verdict) waits no longer than that, and a loop with nothing
 #: else to do does not pay a turn every POLL_S; at most POLL_MAX_S or POLL_BYTES in one call (the
-#: loop's timers, its heartbeat, run between two calls). Measured in turn against 0.5 ms: a short
-#: request's signal to its bytes at decode while 256 MiB move, p50 0.56 vs 0.72-0.80 ms and p99
-#: 1.7-2.0 vs 2.7-4.2 ms; the 256 MiB rows the same (asking costs a poll of the daemon's sockets)
+#: loop's timers, its heartbeat, run between two calls). Against 0.5 ms, in turn on one build: a
+#: short request's signal to its bytes at decode while 256 MiB move, p50 0.56 vs 0.72-0.80 ms (the
+#: p99, 1.7-3.9 ms either way, moves more between runs than between the two); the 256 MiB rows
+#: the same (asking costs a poll of the daemon's sockets)
 POLL_S = 0.2e-3
 POLL_MAX_S = 20e-3
 POLL_BYTES = 256 << 20
