@@ -373,7 +373,7 @@ class RdmaTransport(Transport):
 
     def _post(self, write_id: int, key: str, layers: Sequence[int], runs: RunTable) -> Completion | None:
         deadline = time.monotonic() + self.config.write_timeout_s
-        if self._waiting or not self._start(write_id, key, layers, runs, deadline):
+        if (self._waiting and self._stages(key)) or not self._start(write_id, key, layers, runs, deadline):
             self._waiting[write_id] = (key, layers, runs, deadline)  # (behind those already waiting)
             return None
         if write_id not in self._inflight:  # NIXL refused it: its completion waits in _done
@@ -389,7 +389,7 @@ class RdmaTransport(Transport):
         layout, peer = self.local.layout, self._peers[key]
         src_list, src_idx = self._prepped if remote.local is None else remote.local, None
         cut = self._cuts.get(key)
-        if cut is not None and cut.count == 1 and cut.length == peer.stride and self.config.rdma_staging_mb:
+        if cut is not None and self._stages(key):
             staged = self._gather(write_id, layers, runs, cut.src, cut.length)
             if staged is False:
                 return False
@@ -411,6 +411,18 @@ class RdmaTransport(Transport):
             return True
         self._inflight[write_id] = (handle, deadline, key)
         return True
+
+    def _stages(self, key: str) -> bool:
+        """Whether writes to peer ``key`` are gathered through staging: a slice of each block that
+        fills the peer's blocks (the peer's side is then contiguous, ours is not). Only those may
+        wait for staging; a write to any other peer never waits behind them."""
+        cut = self._cuts.get(key)
+        return (
+            cut is not None
+            and cut.count == 1
+            and cut.length == self._peers[key].stride
+            and self.config.rdma_staging_mb > 0
+        )
 
     def _start_waiting(self) -> list[Completion]:
         """Start the writes waiting for staging, in order, while it has room; fail those whose

@@ -247,12 +247,32 @@ def test_rdma_writes_that_find_the_staging_taken_wait_in_order_and_fail_before_a
         init.open_peer("peer", _peer_info("rdma", dst, target), Cut(head, 0, head))
         firsts = [init.post(layer + 1, "peer", (layer,), [Run(0, 2, 60)]) for layer in range(3)]
         assert all(f is None for f in firsts) and init.pending() == 3
+        assert set(init._waiting) == {2, 3}
+        done: dict[int, Any] = {}
+        deadline = time.monotonic() + 30
+        if how == "polled":  # a write of whole blocks to another peer never waits behind them
+            other = HostKVCache.create(replace(big, kv_heads=2))
+            target2 = load("rdma")(CONFIG, other.registration())
+            try:
+                init.open_peer("whole", _peer_info("rdma", other, target2))
+                first = init.post(9, "whole", (0,), [Run(0, 0, 4)])
+                assert 9 not in init._waiting
+                if first is not None:
+                    done[9] = first
+                while 9 not in done:
+                    assert time.monotonic() < deadline, "the whole-block write never completed"
+                    done.update((c.write_id, c) for c in init.poll())
+                assert done.pop(9).error is None
+                assert np.array_equal(other.raw()[0, :, 0:4], src.raw()[0, :, 0:4])
+                init.close_peer("whole")
+            finally:
+                target2.close()
+                other.close()
+                other.unlink()
         if how == "cancelled":
             init.cancel("the rank was stopped")
         elif how == "closed":
             init.close_peer("peer")
-        done: dict[int, Any] = {}
-        deadline = time.monotonic() + 30
         while len(done) < 3:
             assert time.monotonic() < deadline, f"writes never completed: {done}"
             done.update((c.write_id, c) for c in init.poll())
