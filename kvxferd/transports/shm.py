@@ -15,7 +15,8 @@ every block, for a token-major cache: one call per layer and K/V).
 
 A write of up to :data:`SLICE_BYTES` is copied at once and completes synchronously. A larger one
 is queued and copied by :meth:`ShmTransport.poll` a slice of each queued write in turn, until
-something waits to be read (asked every :data:`POLL_S`), and the loop polls again at its next turn while any is
+something waits to be read (asked every :data:`POLL_S`, after giving the CPU up for a moment so
+that ZMQ's I/O thread can hand a message over), and the loop polls again at its next turn while any is
 left (:meth:`ShmTransport.busy`): between two slices it reads what came (layer signals,
 verdicts, its heartbeat), so a 256 MiB request never stops the daemon from taking the next
 request's signals for longer than a slice takes, and a short write posted meanwhile is not
@@ -60,9 +61,10 @@ SLICE_BYTES = 1 << 20
 #: comes meanwhile (a layer signal, a verdict) waits no longer than that, and a loop with nothing
 #: else to do does not pay a turn every POLL_S; at most POLL_MAX_S or POLL_BYTES in one call (the
 #: loop's timers, its heartbeat, run between two calls). Against 0.5 ms, in turn on one build: a
-#: short request's signal to its bytes at decode while 256 MiB move, p50 0.56 vs 0.72-0.80 ms (the
-#: p99, 1.7-3.9 ms either way, moves more between runs than between the two); the 256 MiB rows
-#: the same (asking costs a poll of the daemon's sockets)
+#: short request's signal to its bytes at decode while 256 MiB move, p50 0.56 vs 0.72-0.80 ms; the
+#: 256 MiB rows the same (asking costs a poll of the daemon's sockets). The p99 was set by the
+#: I/O thread (see the yield in poll): 2.3-3.0 ms without the yield, 1.0-1.1 ms with it (idle:
+#: 0.7-0.8 ms), the 256 MiB rows unchanged (0.75-0.87x either way)
 POLL_S = 0.2e-3
 POLL_MAX_S = 20e-3
 POLL_BYTES = 256 << 20
@@ -325,6 +327,10 @@ class ShmTransport(Transport):
                 self._queue.append(job)
             now = before = time.monotonic()
             if now >= until:
+                # give the CPU up for a moment first: ZMQ's I/O thread, woken on this core by a
+                # message, otherwise waits for the copy's time slice to end (up to a few ms) before it
+                # hands the message over and ``interrupted`` can see it
+                os.sched_yield()
                 if now >= last or self.interrupted is None or self.interrupted():
                     break
                 until = now + POLL_S
