@@ -103,6 +103,8 @@ def test_fingerprint_ignores_logging_but_not_layout() -> None:
         ("barrier: {endpoint: 'http://x'}", "barrier.endpoint", "is not an ipc"),
         ("barrier: {timeout_s: 60}", "timeouts.verdict_s", "must exceed barrier.timeout_s (60s <= 60s)"),
         ("transport: {prefer: pigeon}", "transport.prefer", "is not one of"),
+        ("transport: {rdma_staging_mb: -1}", "transport.rdma_staging_mb", "not a whole number of MiB in 0..65536"),
+        ("transport: {rdma_staging_mb: 99999}", "transport.rdma_staging_mb", "not a whole number of MiB"),
         ("version: 2", "version", "not supported"),
         ("- just\n- a list", None, "expected a mapping"),
     ],
