@@ -15,8 +15,7 @@ every block, for a token-major cache: one call per layer and K/V).
 
 A write of up to :data:`SLICE_BYTES` is copied at once and completes synchronously. A larger one
 is queued and copied by :meth:`ShmTransport.poll` a slice of each queued write in turn, until
-something waits to be read (asked every :data:`POLL_S`, after giving the CPU up for a moment so
-that ZMQ's I/O thread can hand a message over), and the loop polls again at its next turn while any is
+something waits to be read (asked every :data:`POLL_S`), and the loop polls again at its next turn while any is
 left (:meth:`ShmTransport.busy`): between two slices it reads what came (layer signals,
 verdicts, its heartbeat), so a 256 MiB request never stops the daemon from taking the next
 request's signals for longer than a slice takes, and a short write posted meanwhile is not
@@ -62,9 +61,11 @@ SLICE_BYTES = 1 << 20
 #: else to do does not pay a turn every POLL_S; at most POLL_MAX_S or POLL_BYTES in one call (the
 #: loop's timers, its heartbeat, run between two calls). Against 0.5 ms, in turn on one build: a
 #: short request's signal to its bytes at decode while 256 MiB move, p50 0.56 vs 0.72-0.80 ms; the
-#: 256 MiB rows the same (asking costs a poll of the daemon's sockets). The p99 was set by the
-#: I/O thread (see the yield in poll): 2.3-3.0 ms without the yield, 1.0-1.1 ms with it (idle:
-#: 0.7-0.8 ms), the 256 MiB rows unchanged (0.75-0.87x either way)
+#: 256 MiB rows the same (asking costs a poll of the daemon's sockets). The p99 (1.7-3.9 ms) is set
+#: by ZMQ's I/O thread: woken on the copying core, it waits for the copy's time slice to end before
+#: it hands the message over. A sched_yield before each ask brought that p99 to 1.0-1.1 ms, but
+#: raised the demo's latency (two prefill ranks copying on two cores: p50 11-15 -> 15-20 ms, also
+#: when yielding once a millisecond), so it is not done.
 POLL_S = 0.2e-3
 POLL_MAX_S = 20e-3
 POLL_BYTES = 256 << 20
@@ -327,10 +328,6 @@ class ShmTransport(Transport):
                 self._queue.append(job)
             now = before = time.monotonic()
             if now >= until:
-                # give the CPU up for a moment first: ZMQ's I/O thread, woken on this core by a
-                # message, otherwise waits for the copy's time slice to end (up to a few ms) before it
-                # hands the message over and ``interrupted`` can see it
-                os.sched_yield()
                 if now >= last or self.interrupted is None or self.interrupted():
                     break
                 until = now + POLL_S
