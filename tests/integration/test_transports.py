@@ -191,8 +191,9 @@ def test_a_slice_of_heads_of_each_block_lands_in_its_place_of_the_peers_blocks(
 
 
 def _note(seen: list[int], write_id: int, gathered: Any) -> Any:
-    """(records the writes whose slices went through staging)"""
-    if gathered is not None:
+    """Record ``write_id`` in ``seen`` if its slices went through staging (``_gather`` returned
+    its slots: not None, never possible, nor False, wait for room)."""
+    if isinstance(gathered, tuple):
         seen.append(write_id)
     return gathered
 
