@@ -139,13 +139,11 @@ class RankCore:
             return [Problem(ErrorCode.INTERNAL, f"completion for unknown write {write_id}", reply=False)]
         touched, failed = done
         effects: list[RankEffect] = []
-        layers: dict[Key, list[int]] = {}
+        lost: dict[Key, tuple[Request, list[int]]] = {}  # (one ending per request, naming its layers)
         for req, layer in failed:
-            layers.setdefault(req.key, []).append(layer)
-        for key, which in layers.items():
-            req = self._requests[key]
-            what = f"layer {which[0]}" if len(which) == 1 else f"layers {min(which)}..{max(which)}"
-            why = f"write of {what} to {req.info.peer} failed: {error}"
+            lost.setdefault(req.key, (req, []))[1].append(layer)
+        for req, which in lost.values():
+            why = f"write of {_layers(sorted(which))} to {req.info.peer} failed: {error}"
             effects += self._stop(req, Ending(FAILED, why), now)
         for req in touched:
             if req.data is Data.ACTIVE:
@@ -359,3 +357,12 @@ class RankCore:
             self.words.decide(req, ending, now)
             return self._end(req, ending, now)
         return self._stop(req, ending, now)  # no signal, no progress: stop, drain, withdraw
+
+
+def _layers(which: list[int]) -> str:
+    """``which`` (sorted) for a reason: "layer 3", "layers 0..31" when consecutive, else listed."""
+    if len(which) == 1:
+        return f"layer {which[0]}"
+    if which[-1] - which[0] == len(which) - 1:
+        return f"layers {which[0]}..{which[-1]}"
+    return "layers " + ",".join(map(str, which))

@@ -266,6 +266,16 @@ def test_a_write_of_several_layers_that_fails_stops_its_requests_once_naming_the
     assert said.reason == f"write of layers 0..{LAYERS - 1} to d failed: peer went away"
 
 
+def test_a_failed_write_of_layers_not_side_by_side_names_each_of_them() -> None:
+    c = core()
+    signals = [LayerSignal(1, 0, (SlotChunk(0, 0, 16, 1),)), LayerSignal(1, 2)]  # layer 1 not yet
+    feed(c, [info("x", 0, 1, 16, [1], [9]), *signals], admit=False)
+    (w,) = of(c.handle(Admitted("prefill", "x", 0), 1.0), Write)
+    assert w.layers == (0, 2)
+    (said,) = messages(c.write_done(w.write_id, 1.1, "peer went away"), Withdraw)
+    assert said.reason == "write of layers 0,2 to d failed: peer went away"
+
+
 def test_a_request_that_stops_or_ends_within_a_held_wake_up_plans_nothing() -> None:
     c = core()
     x, y = info("x", 0, 1, 16, [1], [9]), info("y", 1, 1, 16, [2], [10])
