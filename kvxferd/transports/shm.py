@@ -26,7 +26,8 @@ of its slices :data:`STOPPED_S` apart returns before the next one, so it is aske
 
 Before each write the peer's segments are checked
 (``fstat``): a segment its engine unlinked means the peer is gone, and the
-write fails instead of filling orphaned memory. A peer whose segments are the
+write fails instead of filling orphaned memory; a large write is checked again
+when its last slice is copied, and fails if the segment went meanwhile. A peer whose segments are the
 local cache's own files (by inode, whatever the name) is refused at open.
 """
 
@@ -322,6 +323,9 @@ class ShmTransport(Transport):
             job = self._queue.popleft()
             if job.error is None:
                 budget -= job.slice(min(SLICE_BYTES, budget))
+                mapped = self._dst.get(job.key) if job.done else None  # (closing its peer fails it first)
+                if mapped is not None and (gone := mapped.gone()) is not None:
+                    job.error = f"peer {job.key} is gone: its segment {gone!r} was removed while it was copied"
             if job.error is not None or job.done:
                 done.append(self.completion(job.write_id, job.key, job.error))
             else:

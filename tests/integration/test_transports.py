@@ -613,6 +613,32 @@ def test_closing_a_peer_stops_its_large_write_between_slices_and_fails_it(
         target.close()
 
 
+def test_a_large_shm_write_whose_peer_removes_its_segment_meanwhile_fails(
+    caches: tuple[HostKVCache, HostKVCache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short write fails when the peer's segment is gone when it is posted; a large one, copied
+    over several polls, is checked again once its last slice is in, so it is never reported
+    written into a cache its engine has given up."""
+    from kvxferd.transports import shm
+
+    src, dst = caches
+    target, init = shm.ShmTransport(CONFIG, dst.registration()), shm.ShmTransport(CONFIG, src.registration())
+    try:
+        init.open_peer("peer", _peer_info("shm", dst, target))
+        monkeypatch.setattr(shm, "SLICE_BYTES", SHAPE.block_bytes)
+        monkeypatch.setattr(shm, "POLL_S", 0.0)
+        init.interrupted = lambda: True  # one slice a poll
+        assert init.post(1, "peer", (0,), [Run(0, 0, 16)]) is None
+        assert init.poll() == []  # a slice in
+        dst.unlink()
+        done = _wait(init, None)
+        assert done.write_id == 1 and done.error is not None and "was removed while it was copied" in done.error
+        assert init.pending() == 0
+    finally:
+        init.close()
+        target.close()
+
+
 def test_a_large_shm_write_goes_on_while_nothing_waits_and_stops_for_what_does(
     caches: tuple[HostKVCache, HostKVCache], monkeypatch: pytest.MonkeyPatch
 ) -> None:
