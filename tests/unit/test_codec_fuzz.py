@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvxferd.errors import RemoteProtocolError
-from kvxferd.protocol import Error, ErrorCode, Message, codec, decode, encode
+from kvxferd.protocol import Error, ErrorCode, LayerSignal, Message, codec, decode, encode
 from tests.unit.test_protocol import EXAMPLES
 
 FRAMES = [encode(msg) for _, msg in sorted(EXAMPLES.items())]
@@ -125,3 +125,13 @@ def test_a_short_frame_parsed_at_once_ends_as_the_field_by_field_parse_does(fram
         assert quick == _outcome(decode, frame)
     finally:
         codec.SMALL_FRAME = small
+
+
+def test_every_example_message_short_enough_takes_the_quick_parse() -> None:
+    """(The property above would hold if the quick parse never took anything: every valid example
+    of up to SMALL_FRAME bytes, a layer signal among them, is taken by it, equal to the original.)"""
+    pairs = zip(FRAMES, sorted(EXAMPLES.items()), strict=True)
+    short = [(frame, msg) for frame, (_, msg) in pairs if len(frame) <= codec.SMALL_FRAME]
+    assert any(isinstance(msg, LayerSignal) for _, msg in short)
+    for frame, msg in short:
+        assert codec._small(frame) == msg
