@@ -549,6 +549,20 @@ def test_a_packed_layout_moves_whole_blocks_of_k_and_v_together(name: str) -> No
 # -- shm: large writes a slice at a time -------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _opened(src: HostKVCache, dst: HostKVCache) -> Iterator[Any]:
+    """An shm transport over ``src`` with ``dst`` open as peer "peer" (and ``dst``'s own)."""
+    from kvxferd.transports import shm
+
+    target, init = shm.ShmTransport(CONFIG, dst.registration()), shm.ShmTransport(CONFIG, src.registration())
+    try:
+        init.open_peer("peer", _peer_info("shm", dst, target))
+        yield init
+    finally:
+        init.close()
+        target.close()
+
+
 def test_a_large_shm_write_is_copied_a_slice_per_poll_and_small_ones_pass_it(
     caches: tuple[HostKVCache, HostKVCache], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -557,9 +571,7 @@ def test_a_large_shm_write_is_copied_a_slice_per_poll_and_small_ones_pass_it(
     from kvxferd.transports import shm
 
     src, dst = caches
-    target, init = shm.ShmTransport(CONFIG, dst.registration()), shm.ShmTransport(CONFIG, src.registration())
-    try:
-        init.open_peer("peer", _peer_info("shm", dst, target))
+    with _opened(src, dst) as init:
         block = SHAPE.block_bytes
         monkeypatch.setattr(shm, "SLICE_BYTES", 3 * block)
         monkeypatch.setattr(shm, "POLL_BYTES", 3 * block)
@@ -583,9 +595,6 @@ def test_a_large_shm_write_is_copied_a_slice_per_poll_and_small_ones_pass_it(
         for layer, r in itertools.product((1, 2), big):
             expect[layer, :, r.dst : r.dst + r.length] = s[layer, :, r.src : r.src + r.length]
         assert np.array_equal(d, expect)
-    finally:
-        init.close()
-        target.close()
 
 
 def test_closing_a_peer_stops_its_large_write_between_slices_and_fails_it(
@@ -594,9 +603,7 @@ def test_closing_a_peer_stops_its_large_write_between_slices_and_fails_it(
     from kvxferd.transports import shm
 
     src, dst = caches
-    target, init = shm.ShmTransport(CONFIG, dst.registration()), shm.ShmTransport(CONFIG, src.registration())
-    try:
-        init.open_peer("peer", _peer_info("shm", dst, target))
+    with _opened(src, dst) as init:
         monkeypatch.setattr(shm, "SLICE_BYTES", SHAPE.block_bytes)
         monkeypatch.setattr(shm, "POLL_BYTES", SHAPE.block_bytes)
         monkeypatch.setattr(shm, "POLL_S", 60.0)
@@ -608,9 +615,6 @@ def test_closing_a_peer_stops_its_large_write_between_slices_and_fails_it(
         assert done.write_id == 4 and done.error is not None and "closed while" in done.error
         assert np.array_equal(dst.raw(), landed), "bytes landed after the write was given up"
         assert init.pending() == 0
-    finally:
-        init.close()
-        target.close()
 
 
 def test_a_large_shm_write_whose_peer_removes_its_segment_meanwhile_fails(
@@ -622,9 +626,7 @@ def test_a_large_shm_write_whose_peer_removes_its_segment_meanwhile_fails(
     from kvxferd.transports import shm
 
     src, dst = caches
-    target, init = shm.ShmTransport(CONFIG, dst.registration()), shm.ShmTransport(CONFIG, src.registration())
-    try:
-        init.open_peer("peer", _peer_info("shm", dst, target))
+    with _opened(src, dst) as init:
         monkeypatch.setattr(shm, "SLICE_BYTES", SHAPE.block_bytes)
         monkeypatch.setattr(shm, "POLL_S", 0.0)
         init.interrupted = lambda: True  # one slice a poll
@@ -634,9 +636,6 @@ def test_a_large_shm_write_whose_peer_removes_its_segment_meanwhile_fails(
         done = _wait(init, None)
         assert done.write_id == 1 and done.error is not None and "was removed while it was copied" in done.error
         assert init.pending() == 0
-    finally:
-        init.close()
-        target.close()
 
 
 def test_a_large_shm_write_goes_on_while_nothing_waits_and_stops_for_what_does(
@@ -647,9 +646,7 @@ def test_a_large_shm_write_goes_on_while_nothing_waits_and_stops_for_what_does(
     from kvxferd.transports import shm
 
     src, dst = caches
-    target, init = shm.ShmTransport(CONFIG, dst.registration()), shm.ShmTransport(CONFIG, src.registration())
-    try:
-        init.open_peer("peer", _peer_info("shm", dst, target))
+    with _opened(src, dst) as init:
         monkeypatch.setattr(shm, "SLICE_BYTES", SHAPE.block_bytes)
         monkeypatch.setattr(shm, "POLL_S", 0.0)  # ask after every slice
         asked: list[bool] = []
@@ -660,9 +657,6 @@ def test_a_large_shm_write_goes_on_while_nothing_waits_and_stops_for_what_does(
         init.interrupted = lambda: False
         assert [c.write_id for c in init.poll()] == [1]  # nothing waits: the rest in one call
         assert np.array_equal(dst.raw()[0, :, :16], src.raw()[0, :, :16])
-    finally:
-        init.close()
-        target.close()
 
 
 def test_a_large_shm_write_lands_no_more_once_cancelled_or_once_its_process_was_stopped(
@@ -673,9 +667,7 @@ def test_a_large_shm_write_lands_no_more_once_cancelled_or_once_its_process_was_
     from kvxferd.transports import shm
 
     src, dst = caches
-    target, init = shm.ShmTransport(CONFIG, dst.registration()), shm.ShmTransport(CONFIG, src.registration())
-    try:
-        init.open_peer("peer", _peer_info("shm", dst, target))
+    with _opened(src, dst) as init:
         monkeypatch.setattr(shm, "SLICE_BYTES", SHAPE.block_bytes)
         init.interrupted = lambda: False
         assert init.post(1, "peer", (0,), [Run(0, 0, 16)]) is None
@@ -688,6 +680,3 @@ def test_a_large_shm_write_lands_no_more_once_cancelled_or_once_its_process_was_
         (done,) = init.poll()
         assert done.write_id == 1 and done.error == "the rank was stopped"
         assert np.array_equal(dst.raw(), landed) and init.pending() == 0
-    finally:
-        init.close()
-        target.close()
