@@ -16,6 +16,7 @@ carries out the effects it returns, in order. Nothing here reads a clock.
       |   not registered |   deadline / refused / bad info       |
       |              v  |     (queued writes fail)               |
       +----------- BACKOFF --retry--+                            |
+                     ^  ASKING --unanswered, warm (queued writes fail)
     IDLE / READY / STALE --idle for idle_s--> CLOSED <-----------+
     READY --want, for another registration than the one known--> ASKING
 
@@ -27,7 +28,15 @@ carries out the effects it returns, in order. Nothing here reads a clock.
   complete as they would. An answer that no cache is registered drops it.
 - BACKOFF: the peer answered that its engine has no cache yet, or the query
   could not be sent; it is asked again at ``retry_at``. The deadline set when
-  the first question went out still runs.
+  the first question went out still runs. Also where a *warm* link (one opened
+  ahead of any write, at registration) goes when its question is unanswered: a
+  question can be lost on the way (a peer's ROUTER drops what comes under a
+  name it still holds for a session that ended), and a warm link should not go
+  quiet until a write needs it. It asks again after ``retry_s``, doubling with
+  every unanswered question up to ``answer_s``, as long as the next question
+  goes before the link would idle out; then it gives up as an unused link
+  does. An answer resets the backoff. A link without warm-up goes IDLE and the
+  next write asks.
 - READY: the PeerInfo is known; a write goes at once, unless it names another
   registration than the one known (its blocks were reserved in a cache the
   peer's engine registered before or after this PeerInfo): then the peer is
@@ -83,6 +92,7 @@ class LinkEvent(enum.Enum):
     BLOCKED = "blocked"  # the query could not be sent (the socket would block)
     RETRY = "retry"  # retry_at passed
     DEADLINE = "deadline"  # the answer's deadline passed
+    UNANSWERED = "unanswered"  # the same, on a warm link not yet idle: ask again after a backoff
     WRITE_FAILED = "write_failed"  # a posted write failed for a reason that may be the peer's
     RECONNECTED = "reconnected"  # the connection came back after it closed: the peer may be a new run
     IDLE_OUT = "idle_out"  # unused for idle_s, nothing queued or in flight
@@ -102,6 +112,7 @@ TRANSITIONS: dict[LinkState, dict[LinkEvent, LinkState]] = {
         E.REFUSED: L.IDLE,
         E.BLOCKED: L.BACKOFF,
         E.DEADLINE: L.IDLE,
+        E.UNANSWERED: L.BACKOFF,
     },
     L.BACKOFF: {
         E.WANT: L.BACKOFF,
@@ -111,6 +122,7 @@ TRANSITIONS: dict[LinkState, dict[LinkEvent, LinkState]] = {
         E.REFUSED: L.IDLE,
         E.RETRY: L.ASKING,
         E.DEADLINE: L.IDLE,
+        E.UNANSWERED: L.BACKOFF,
     },
     L.READY: {
         E.WANT: L.READY,
@@ -202,6 +214,7 @@ class PeerLink:
     deadline: float | None = None  # for the answer to the question out
     retry_at: float | None = None
     warm: bool = False  # open the preferred transport as soon as the peer's cache is known
+    misses: int = 0  # questions unanswered in a row (a warm link's backoff doubles with each)
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -243,7 +256,7 @@ class PeerLink:
         effects: list[LinkEffect] = []
         if self.info is not None and self.info != info:
             effects.append(Drop(f"{self.s.name} registered a new cache"))
-        self.info, self.deadline, self.retry_at = info, None, None
+        self.info, self.deadline, self.retry_at, self.misses = info, None, None, 0
         if self.warm:
             effects.append(Warm(info))
         waiting, self.waiting = self.waiting, []
@@ -312,8 +325,17 @@ class PeerLink:
 
     def on_timer(self, now: float) -> list[LinkEffect]:
         """Whatever is due at ``now``: the answer's deadline, a retry, closing when idle."""
-        if self.deadline is not None and now >= self.deadline and self._step(E.DEADLINE):
-            return self._forget(f"{self.s.name} did not answer within {self.s.answer_s:g}s")
+        if self.deadline is not None and now >= self.deadline:
+            reason = f"{self.s.name} did not answer within {self.s.answer_s:g}s"
+            backoff = min(self.s.retry_s * 2**self.misses, self.s.answer_s)
+            if self.warm and now + backoff < self.last_used + self.s.idle_s and self._step(E.UNANSWERED):
+                effects = self._forget(reason)
+                self.misses += 1
+                self.retry_at = now + backoff
+                self.deadline = now + backoff + self.s.answer_s  # the next question's
+                return effects
+            if self._step(E.DEADLINE):
+                return self._forget(reason)
         if self.retry_at is not None and now >= self.retry_at and self._step(E.RETRY):
             return self._ask(now)
         idle_at = self._idle_at()

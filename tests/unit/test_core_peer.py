@@ -107,6 +107,45 @@ def test_no_answer_fails_every_queued_write_at_the_deadline_and_the_next_write_a
     assert link.deadline == 30.0
 
 
+def test_a_warm_link_asks_again_when_unanswered_with_a_doubling_backoff_until_it_idles_out():
+    """A question lost on the way (the peer's ROUTER dropped it while it still held the old session
+    under the same name) must not leave a link warmed at registration silent until a write needs it:
+    it asks again, ever less often, and gives up as an unused link would."""
+    link, a = new_link(), write()
+    assert kinds(link.want(None, 0.0)) == [Ask]
+    link.want(a, 1.0)  # last used at 1.0
+    effects = link.on_timer(10.0)  # unanswered: the queued write fails now, as on any deadline
+    assert failed(effects) == [a.write_id]
+    assert link.state is LinkState.BACKOFF and link.retry_at == 10.5 and link.deadline == 20.5
+    assert kinds(link.on_timer(10.5)) == [Ask] and link.state is LinkState.ASKING
+    link.on_timer(20.5)
+    assert link.retry_at == 21.5  # doubled
+    asks, now = 2, 21.5
+    while link.state is not LinkState.CLOSED:
+        due = link.next_deadline()
+        assert due is not None
+        now = due
+        asks += kinds(link.on_timer(now)).count(Ask)
+    assert now <= 1.0 + SETTINGS.idle_s + SETTINGS.answer_s
+    assert 4 <= asks <= 10  # doubling: a handful of questions in idle_s, not one per retry_s
+    # an answer resets the backoff
+    link = new_link()
+    link.want(None, 0.0)
+    link.on_timer(10.0)
+    link.on_timer(10.5)
+    link.on_timer(20.5)
+    link.on_timer(21.5)
+    link.answered(info(), None, 22.0)
+    assert link.misses == 0
+
+
+def test_a_cold_link_unanswered_stays_quiet_until_a_write_asks():
+    link = new_link()
+    link.want(write(), 0.0)
+    link.on_timer(10.0)
+    assert link.state is LinkState.IDLE and link.retry_at is None
+
+
 def test_not_registered_retries_within_the_first_deadline():
     link, a = new_link(), write()
     link.want(a, 0.0)
