@@ -327,7 +327,7 @@ class PeerLink:
         """Whatever is due at ``now``: the answer's deadline, a retry, closing when idle."""
         if self.deadline is not None and now >= self.deadline:
             reason = f"{self.s.name} did not answer within {self.s.answer_s:g}s"
-            backoff = min(self.s.retry_s * 2**self.misses, self.s.answer_s)
+            backoff = min(self.s.retry_s * 2 ** min(self.misses, 32), self.s.answer_s)  # (no float overflow)
             if self.warm and now + backoff < self.last_used + self.s.idle_s and self._step(E.UNANSWERED):
                 effects = self._forget(reason)
                 self.misses += 1

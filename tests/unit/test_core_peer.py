@@ -139,6 +139,17 @@ def test_a_warm_link_asks_again_when_unanswered_with_a_doubling_backoff_until_it
     assert link.misses == 0
 
 
+def test_a_warm_link_unanswered_for_ever_keeps_its_backoff_at_answer_s():
+    link = PeerLink(LinkSettings("decode 'd' rank 0", answer_s=10.0, retry_s=0.5, idle_s=1e9), 0.0)
+    link.want(None, 0.0)
+    for _ in range(2400):  # a miss every other event: 2**1200 as a float overflows
+        due = link.next_deadline()
+        assert due is not None
+        link.on_timer(due)
+    assert link.state in (LinkState.ASKING, LinkState.BACKOFF)
+    assert link.retry_at is None or link.deadline - link.retry_at == 10.0
+
+
 def test_a_cold_link_unanswered_stays_quiet_until_a_write_asks():
     link = new_link()
     link.want(write(), 0.0)
