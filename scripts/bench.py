@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -398,8 +399,28 @@ class BareControl:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+def daemon_cpu_ns(dep: Deployment) -> dict[str, int]:
+    """CPU time each daemon used so far, every thread (its I/O threads too), in ns: the first field
+    of /proc/PID/task/TID/schedstat (a finer count than the ticks of /proc/PID/stat)."""
+    used: dict[str, int] = {}
+    for daemon in dep.cluster.daemons:
+        task = Path(f"/proc/{daemon.popen.pid}/task")
+        total = 0
+        for tid in task.iterdir() if task.exists() else ():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int((tid / "schedstat").read_text().split()[0])
+        used[daemon.name] = total
+    return used
+
+
+def _charge(totals: dict[str, int], dep: Deployment, before: dict[str, int]) -> None:
+    for name, ns in daemon_cpu_ns(dep).items():
+        totals[name] = totals.get(name, 0) + ns - before.get(name, ns)
+
+
 def bench_short(repeat: int) -> list[dict[str, Any]]:
-    """One one-block request alone, and steps of 8, through kvxferd (shm) and bare, alternating."""
+    """One one-block request alone, and steps of 8, through kvxferd (shm) and bare, alternating;
+    with each daemon's CPU time per request on the way."""
     dep, bare = Deployment("shm"), BareControl()
     try:
         one = [(sb[:1], db[:1]) for sb, db in plan(1, seed=0)][:1]
@@ -408,12 +429,18 @@ def bench_short(repeat: int) -> list[dict[str, Any]]:
         dep.seconds(eight)
         bare.seconds(1)
         ours1, bare1, ready1, bare_ready1, ours8, bare8 = [], [], [], [], [], []
+        cpu1: dict[str, int] = {}
+        cpu8: dict[str, int] = {}
         for _ in range(max(repeat, 20)):
+            before = daemon_cpu_ns(dep)
             ours1.append(dep.seconds(one))
+            _charge(cpu1, dep, before)
             ready1.append(dep.ready_s)
             bare1.append(bare.seconds(1))
             bare_ready1.append(bare.seconds(1, per_request=READY_MESSAGES))
+            before = daemon_cpu_ns(dep)
             ours8.append(dep.seconds(eight))
+            _charge(cpu8, dep, before)
             bare8.append(bare.seconds(8))
         # 64-token prompts (4 blocks), steps of 8 streamed: the largest step rate sustained
         prompts = [(list(range(4 * i, 4 * i + 4)), list(range(200 + 4 * i, 204 + 4 * i))) for i in range(8)]
@@ -426,9 +453,11 @@ def bench_short(repeat: int) -> list[dict[str, Any]]:
     one_ms, bare_ms = statistics.median(ours1) * 1e3, statistics.median(bare1) * 1e3
     ready_ms, bare_ready_ms = statistics.median(ready1) * 1e3, statistics.median(bare_ready1) * 1e3
     rate, bare_rate = 8 / statistics.median(ours8), 8 / statistics.median(bare8)
-    row = {"short": True, "one_ms": one_ms, "bare_ms": bare_ms, "rate": rate, "bare_rate": bare_rate}
+    row: dict[str, Any] = {"short": True, "one_ms": one_ms, "bare_ms": bare_ms, "rate": rate, "bare_rate": bare_rate}
     row["ready_ms"], row["bare_ready_ms"] = ready_ms, bare_ready_ms
     row["steps64"], row["bare_steps64"] = max(streamed), max(bare_streamed)
+    row["cpu_us_one"] = {name: ns / 1e3 / len(ours1) for name, ns in sorted(cpu1.items())}
+    row["cpu_us_eight"] = {name: ns / 1e3 / (8 * len(ours8)) for name, ns in sorted(cpu8.items())}
     print(
         f"  short: one request, KVReady {ready_ms:.2f} ms vs bare {bare_ready_ms:.2f} ms "
         f"({ready_ms / bare_ready_ms:.1f}x), result {one_ms:.2f} ms vs bare {bare_ms:.2f} ms "
@@ -729,7 +758,11 @@ def main() -> None:
             f"{r['rate'] / r['bare_rate']:.2f}x (target >= 0.4x)\n"
             f"64-token prompts, steps of 8 streamed ({STREAM_DEPTH} in flight at most): {r['steps64']:.0f} steps/s "
             f"sustained against {r['bare_steps64']:.0f} in one process with no daemon: "
-            f"{r['steps64'] / r['bare_steps64']:.2f}x"
+            f"{r['steps64'] / r['bare_steps64']:.2f}x\n"
+            "CPU time per request, every thread of each daemon: one alone "
+            + ", ".join(f"{n} {us:.0f} us" for n, us in r["cpu_us_one"].items())
+            + "; in steps of 8 "
+            + ", ".join(f"{n} {us:.0f} us" for n, us in r["cpu_us_eight"].items())
         )
     for r in (r for r in rows if "inflight" in r):
         moving, together = r["moving_p99_ms"] / r["idle_p99_ms"], r["together_p99_ms"] / r["idle_p99_ms"]
