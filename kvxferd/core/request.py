@@ -85,8 +85,9 @@ class Ended:
     word: Withdraw | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Part:
+class Part(NamedTuple):
+    """One (request, chunk, layer) a write carries (a tuple: hundreds are made a step)."""
+
     key: Key
     chunk: int
     layer: int

@@ -75,9 +75,12 @@ class Writes:
         # to a large one's write), and the layers whose blocks are the same go together, up to
         # JOINED_BYTES a write too
         together: dict[tuple[str, str, tuple[str, ...], tuple[Run, ...]], list[tuple[int, list[Part]]]] = {}
+        joins: dict[tuple[Run, ...], tuple[Run, ...]] = {}  # the same requests' runs, layer after layer
         for (peer, transport, generations, layer), group in groups.items():
             for runs, parts in _packs(group):
-                merged = tuple(runs) if len(parts) == 1 else merge_runs(runs)  # (a chunk's own are merged)
+                merged = tuple(runs)  # (a chunk's own are merged)
+                if len(parts) > 1:
+                    merged = joins.get(merged) or joins.setdefault(merged, merge_runs(runs))
                 together.setdefault((peer, transport, generations, merged), []).append((layer, parts))
         writes = []
         for (peer, transport, generations, merged), layers in together.items():

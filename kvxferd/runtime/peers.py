@@ -285,7 +285,13 @@ class Peers:
         if link.gone:
             return [Completion(write_id, link.gone_text)]
         same = write_id == w.write_id and generation == w.generation
-        mine = w if same else replace(w, write_id=write_id, generation=generation)  # (replace costs µs)
+        mine = (
+            w
+            if same
+            else Write(  # (dataclasses.replace costs µs)
+                write_id, w.peer, w.transport, w.layers, w.runs, w.requests, w.nbytes, w.generations, generation
+            )
+        )
         return self._carry(link, link.machine.want(mine, now), now)
 
     def _joined(self, done: list[Completion]) -> list[Completion]:
@@ -477,7 +483,7 @@ class Peers:
         notices: list[tuple[str, Notice]] = []
         for i, link in enumerate(links):
             link.machine.last_used = now
-            notice = replace(msg, rank=link.rank)
+            notice = msg if msg.rank == link.rank else replace(msg, rank=link.rank)
             if isinstance(notice, KVReady) and len(generations) == len(links) > 1:
                 notice = replace(notice, generation=generations[i])
             notices.append((link.name, notice))

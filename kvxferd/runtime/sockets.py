@@ -27,8 +27,8 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import zmq
 
@@ -50,9 +50,9 @@ BATCH = 256
 BATCH_BYTES = 4 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """One frame read off a socket: the message, or ``error`` saying why it is not one."""
+class Inbound(NamedTuple):
+    """One frame read off a socket: the message, or ``error`` saying why it is not one (a tuple:
+    one is made per frame)."""
 
     identity: bytes | None  # the ROUTER's name for the sender; None on a DEALER
     msg: Message | None
