@@ -30,6 +30,7 @@ from kvxferd.protocol import (
     StatusQuery,
     StatusReply,
     Withdraw,
+    encode,
 )
 from kvxferd.protocol.fields import clip
 from kvxferd.runtime.guard import guarded
@@ -130,9 +131,17 @@ class BarrierService(Service):
         self._apply(self.barrier.handle(msg, now), identity)
 
     def _apply(self, effects: list[BarrierEffect], sender: bytes | None) -> None:
+        frames: dict[int, tuple[Message, bytes]] = {}  # a verdict is encoded once: journal, every rank
+
+        def frame(msg: Message) -> bytes:
+            known = frames.get(id(msg))
+            if known is None:
+                known = frames[id(msg)] = (msg, encode(msg))  # (the message kept: its id stays its own)
+            return known[1]
+
         taken = self.barrier.take_journal()
         if taken and self.journal is not None:  # written before anything they caused is sent
-            self.journal.append(taken)
+            self.journal.append(taken, encoded=frame)
         logged: set[int] = set()  # each failed verdict once, not once per rank it goes to
         for eff in effects:
             if isinstance(eff, ToRank):
@@ -144,7 +153,9 @@ class BarrierService(Service):
                 elif isinstance(eff.message, Admitted):
                     self.admissions += 1
                 # a rank that is down is not reachable: counted (status), not logged per message
-                if not self.reply(f"{eff.group}:{eff.rank}".encode(), eff.message, quiet=True):
+                if not self.reply(
+                    f"{eff.group}:{eff.rank}".encode(), eff.message, quiet=True, frame=frame(eff.message)
+                ):
                     self.unreachable += 1
             elif isinstance(eff, Problem):
                 log.warning("%s: %s", eff.code.value, eff.detail)

@@ -204,11 +204,13 @@ class Service:
             detail = f"internal error handling {type(msg).__name__}: {type(exc).__name__}: {clip(str(exc), 512)}"
             self.answer(sock, identity, Error(ErrorCode.INTERNAL, detail))
 
-    def answer(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, *, quiet: bool = False) -> bool:
+    def answer(
+        self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, *, quiet: bool = False, frame: bytes | None = None
+    ) -> bool:
         """Send ``msg`` to ``identity`` on the ROUTER ``sock``; False (logged unless ``quiet``) if it
-        is not reachable."""
+        is not reachable. ``frame``: ``msg`` encoded already (one verdict to every rank of a group)."""
         try:
-            sockets.send(sock, msg, identity)
+            sockets.send(sock, msg, identity, frame)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: not connected (yet, or any more); EAGAIN: not reading
             if not quiet:
                 log.warning("%s unreachable (%s); could not send %s", show(identity), exc.strerror, type(msg).__name__)
@@ -216,11 +218,11 @@ class Service:
         log.log(TRACE, "-> %r %s", identity, msg)
         return True
 
-    def reply(self, identity: bytes, msg: Message, *, quiet: bool = False) -> bool:
+    def reply(self, identity: bytes, msg: Message, *, quiet: bool = False, frame: bytes | None = None) -> bool:
         """Send ``msg`` to ``identity`` on the service's ROUTER; False (logged unless ``quiet``) if it
         is not reachable."""
         assert self.router is not None
-        return self.answer(self.router, identity, msg, quiet=quiet)
+        return self.answer(self.router, identity, msg, quiet=quiet, frame=frame)
 
     # -- hooks for subclasses ---------------------------------------------------------
 

@@ -139,8 +139,10 @@ def socket(
     return sock
 
 
-def send(sock: zmq.Socket[bytes], msg: Message, identity: bytes | None = None) -> None:
-    frame = encode(msg)
+def send(sock: zmq.Socket[bytes], msg: Message, identity: bytes | None = None, frame: bytes | None = None) -> None:
+    """Send ``msg`` (``frame``: its encoding, made already) without blocking."""
+    if frame is None:
+        frame = encode(msg)
     if identity is None:
         sock.send(frame, zmq.NOBLOCK)
     else:
