@@ -562,7 +562,8 @@ class BarrierState:
             entry.peer = named
         elif named and named != entry.peer:
             entry.others.add(named)
-        told: list[BarrierEffect] = early + [ToRank(group, r, Admitted(group, key, instance)) for r in tell]
+        admission = Admitted(group, key, instance)  # (one message for every rank: encoded once)
+        told: list[BarrierEffect] = early + [ToRank(group, r, admission) for r in tell]
         if len(entry.words) < size:
             if self._stopped and key != STARTUP_KEY and any((group, r) in self._stopped for r in self._missing(entry)):
                 self._deadlines.cancel(k)
