@@ -31,58 +31,88 @@ kv: {{num_layers: 2, kv_heads: 2, head_dim: 16, block_tokens: 4, num_blocks: 8, 
 """
 
 
-def test_a_link_ended_by_an_oversize_frame_comes_back_by_itself_and_asks_before_it_writes(tmp_path: Path) -> None:
-    config = loads(CONFIG.format(run_dir=tmp_path))
-    creds = security.credentials(config, "daemon")
-    service = Service(shutdown_s=1.0, max_frame=config.limits.max_frame_bytes, queue=16, creds=creds)
-    peers = Peers(service, config, group="prefill", rank=0, memory="host")
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    auth = security.authenticator(ctx, creds)
-    peer = ctx.socket(zmq.ROUTER)
-    peer.setsockopt(zmq.LINGER, 0)
-    creds.server(peer, "peer")
-    decode_group = config.group("decode")
-    peer.bind(config.peer_endpoint(decode_group, 0))
-    kv = config.kv
-    layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(1), kv.planes)
-    regions = tuple(
-        Region(layer, k, "kvx-peer", (2 * layer + k) * layout.region_bytes) for layer in range(2) for k in (0, 1)
-    )
-    info = PeerInfo("decode", 0, host_id(), "host", layout, regions, {}, "g2")
-    queries: list[bytes] = []
+class Rig:
+    """A prefill rank's ``Peers`` over a real ``Service``'s poller, and a raw ROUTER with the daemon
+    keys standing for decode rank 0; every PeerQuery the ROUTER takes is kept (when, from whom)."""
 
-    def pump(what: str, done: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    def __init__(self, tmp_path: Path, extra: str = "") -> None:
+        self.config = config = loads(CONFIG.format(run_dir=tmp_path) + extra)
+        creds = security.credentials(config, "daemon")
+        self.service = Service(shutdown_s=1.0, max_frame=config.limits.max_frame_bytes, queue=16, creds=creds)
+        self.peers = Peers(self.service, config, group="prefill", rank=0, memory="host")
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.auth = security.authenticator(self.ctx, creds)
+        self.peer = self.ctx.socket(zmq.ROUTER)
+        self.peer.setsockopt(zmq.LINGER, 0)
+        creds.server(self.peer, "peer")
+        self.peer.bind(config.peer_endpoint(config.group("decode"), 0))
+        kv = config.kv
+        layout = CacheLayout(kv.num_layers, kv.num_blocks, kv.block_bytes(1), kv.planes)
+        regions = tuple(
+            Region(layer, k, "kvx-peer", (2 * layer + k) * layout.region_bytes) for layer in range(2) for k in (0, 1)
+        )
+        self.info = PeerInfo("decode", 0, host_id(), "host", layout, regions, {}, "g2")
+        self.queries: list[tuple[float, bytes]] = []
+
+    def pump(self, what: str, done: Callable[[], bool], timeout_s: float = 15.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not done():
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            for sock, _ in service.poller.poll(20):
-                service._handlers[sock]()
+            for sock, _ in self.service.poller.poll(20):
+                self.service._handlers[sock]()
             now = time.monotonic()
-            peers.handle_answers(now)
-            peers.tick(now)
-            while peer.poll(0):
-                identity, frame = peer.recv_multipart()
+            self.peers.handle_answers(now)
+            self.peers.tick(now)
+            while self.peer.poll(0):
+                identity, frame = self.peer.recv_multipart()
                 if isinstance(decode(frame), PeerQuery):
-                    queries.append(identity)
+                    self.queries.append((time.monotonic(), identity))
 
+    def answer(self, frame: bytes) -> None:
+        """Send ``frame`` to whoever asked last."""
+        self.peer.send_multipart([self.queries[-1][1], frame])
+
+    def close(self) -> None:
+        self.peers.close()
+        self.service.shutdown_sockets()
+        self.peer.close()
+        self.auth.stop()
+        self.ctx.term()
+
+
+def test_a_link_ended_by_an_oversize_frame_comes_back_by_itself_and_asks_before_it_writes(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
     try:
-        peers.warm("decode", time.monotonic())  # the link opens and asks for the peer's cache
-        pump("the first PeerQuery", lambda: len(queries) == 1)
-        too_big = b"x" * (config.limits.max_frame_bytes + ENVELOPE + 64)
-        peer.send_multipart([queries[0], too_big])  # the peer misbehaves once: the session ends
-        link = peers.links["decode:0"]  # (decode rank 0: the link of prefill rank 0)
-        pump("the link to be gone", lambda: link.gone)
+        rig.peers.warm("decode", time.monotonic())  # the link opens and asks for the peer's cache
+        rig.pump("the first PeerQuery", lambda: len(rig.queries) == 1)
+        too_big = b"x" * (rig.config.limits.max_frame_bytes + ENVELOPE + 64)
+        rig.answer(too_big)  # the peer misbehaves once: the session ends
+        link = rig.peers.links["decode:0"]  # (decode rank 0: the link of prefill rank 0)
+        rig.pump("the link to be gone", lambda: link.gone)
         # the peer behaves from now on: the link must connect again and ask again by itself
         # (if the old socket reconnects before the peer saw its session end, the peer's ROUTER drops
         # what comes under the same name until it does: the query is not answered within peer_s,
-        # and the link asks again after its backoff)
-        pump("a new PeerQuery", lambda: len(queries) >= 2, config.timeouts.peer_s + 30.0)
+        # and the link asks again after its backoff; the next test holds that on its own)
+        rig.pump("a new PeerQuery", lambda: len(rig.queries) >= 2, rig.config.timeouts.peer_s + 30.0)
         assert not link.gone
-        peer.send_multipart([queries[-1], encode(info)])
-        pump("the answer", lambda: link.machine.info == info)
+        rig.answer(encode(rig.info))
+        rig.pump("the answer", lambda: link.machine.info == rig.info)
     finally:
-        peers.close()
-        service.shutdown_sockets()
-        peer.close()
-        auth.stop()
-        ctx.term()
+        rig.close()
+
+
+def test_a_warm_link_whose_question_is_lost_asks_again_by_itself(tmp_path: Path) -> None:
+    """The peer takes the first PeerQuery and never answers it (as a ROUTER still holding an ended
+    session under the same name drops it): the link warmed at registration asks again after
+    ``peer_s``, and takes the answer to that question."""
+    rig = Rig(tmp_path, "timeouts: {peer_s: 0.3}\n")
+    try:
+        rig.peers.warm("decode", time.monotonic())
+        rig.pump("the first PeerQuery", lambda: len(rig.queries) == 1)  # taken, not answered
+        rig.pump("the PeerQuery asked again", lambda: len(rig.queries) == 2)
+        assert rig.queries[1][0] - rig.queries[0][0] >= 0.3  # not before the first one's answer was due
+        rig.answer(encode(rig.info))
+        link = rig.peers.links["decode:0"]
+        rig.pump("the answer", lambda: link.machine.info == rig.info)
+    finally:
+        rig.close()
