@@ -35,7 +35,9 @@ carries out the effects it returns, in order. Nothing here reads a clock.
   quiet until a write needs it. It asks again after ``retry_s``, doubling with
   every unanswered question up to ``answer_s``, as long as the next question
   goes before the link would idle out; then it gives up as an unused link
-  does. An answer resets the backoff. A link without warm-up goes IDLE and the
+  does. A PeerInfo resets the backoff; "no cache yet" does not (a warm link
+  whose peer's engine has not registered asks every ``retry_s`` until the first
+  deadline, then ever less often). A link without warm-up goes IDLE and the
   next write asks.
 - READY: the PeerInfo is known; a write goes at once, unless it names another
   registration than the one known (its blocks were reserved in a cache the
@@ -275,7 +277,7 @@ class PeerLink:
         """The peer answered that its engine has not registered a cache yet: ask again soon."""
         if not self._step(E.NOT_REGISTERED):
             return self._ignored(E.NOT_REGISTERED)
-        self.retry_at = now + self.s.retry_s
+        self.retry_at = now + self._backoff()
         if self.info is not None:  # asked again while it held one: that cache is gone
             self.info = None
             return [Drop(f"{self.s.name} has no cache registered now")]
@@ -291,7 +293,7 @@ class PeerLink:
         """The query could not be sent (the socket would block): try again at the retry time."""
         if not self._step(E.BLOCKED):
             return self._ignored(E.BLOCKED)
-        self.retry_at = now + self.s.retry_s
+        self.retry_at = now + self._backoff()
         return []
 
     def posted(self, now: float) -> None:
@@ -327,7 +329,7 @@ class PeerLink:
         """Whatever is due at ``now``: the answer's deadline, a retry, closing when idle."""
         if self.deadline is not None and now >= self.deadline:
             reason = f"{self.s.name} did not answer within {self.s.answer_s:g}s"
-            backoff = min(self.s.retry_s * 2 ** min(self.misses, 32), self.s.answer_s)  # (no float overflow)
+            backoff = self._backoff()
             if self.warm and now + backoff < self.last_used + self.s.idle_s and self._step(E.UNANSWERED):
                 effects = self._forget(reason)
                 self.misses += 1
@@ -350,6 +352,11 @@ class PeerLink:
         return min(times, default=None)
 
     # -- internals ------------------------------------------------------------------------
+
+    def _backoff(self) -> float:
+        """How long to wait before asking again: ``retry_s``, doubled for every deadline a warm
+        link's questions missed in a row, at most ``answer_s``."""
+        return min(self.s.retry_s * (1 << min(self.misses, 32)), self.s.answer_s)  # (no float overflow)
 
     def _idle_at(self) -> float | None:
         if self.waiting or self.inflight or E.IDLE_OUT not in TRANSITIONS[self.state]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from itertools import count
+from itertools import count, pairwise
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -148,6 +148,28 @@ def test_a_warm_link_unanswered_for_ever_keeps_its_backoff_at_answer_s():
         link.on_timer(due)
     assert link.state in (LinkState.ASKING, LinkState.BACKOFF)
     assert link.retry_at is None or link.deadline - link.retry_at == 10.0
+
+
+def test_a_warm_link_told_no_cache_yet_asks_ever_less_often_after_the_first_deadline():
+    """A prefill engine registered long before its decode peer's: the warm link asks every
+    retry_s within the first answer_s (a peer about to register is found at once), then backs off."""
+    link = new_link()
+    link.want(None, 0.0)
+    link.not_registered(0.0)
+    asked, now = [0.0], 0.0
+    while link.state is not LinkState.CLOSED:
+        due = link.next_deadline()
+        assert due is not None
+        now = due
+        if kinds(link.on_timer(now)) == [Ask]:
+            asked.append(now)
+            link.not_registered(now)  # the peer answers at once: no cache registered yet
+    first = [t for t in asked if t < SETTINGS.answer_s]
+    assert len(first) == 20  # every retry_s (0.5) within the first 10 s, as before
+    gaps = [b - a for a, b in pairwise(asked) if a >= SETTINGS.answer_s]
+    assert gaps and gaps[-1] >= 4 * SETTINGS.retry_s  # later windows ask less and less often
+    assert len(asked) < 120  # ~20 a window at first, fewer after (not 200 in idle_s)
+    assert now <= SETTINGS.idle_s + SETTINGS.answer_s
 
 
 def test_a_cold_link_unanswered_stays_quiet_until_a_write_asks():
