@@ -37,8 +37,8 @@ carries out the effects it returns, in order. Nothing here reads a clock.
   goes before the link would idle out; then it gives up as an unused link
   does. A PeerInfo resets the backoff; "no cache yet" does not (a warm link
   whose peer's engine has not registered asks every ``retry_s`` until the first
-  deadline, then ever less often). A link without warm-up goes IDLE and the
-  next write asks.
+  deadline, then ever less often). A write that comes while such a link backs
+  off asks at once. A link without warm-up goes IDLE and the next write asks.
 - READY: the PeerInfo is known; a write goes at once, unless it names another
   registration than the one known (its blocks were reserved in a cache the
   peer's engine registered before or after this PeerInfo): then the peer is
@@ -244,7 +244,12 @@ class PeerLink:
             return [Drop(f"a write to {self.s.name} failed; asking for its cache again"), *self._ask(now)]
         if prior is L.IDLE:
             return self._ask(now)
-        return []  # a question is out already: wait for its answer
+        if prior is L.BACKOFF and write is not None and self.misses and self._step(E.RETRY):
+            # a warm link backing off after unanswered questions: a write wants the peer now, not
+            # after the backoff (its engine may have come back meanwhile); the cadence starts over
+            self.misses, self.deadline = 0, None
+            return self._ask(now)
+        return []  # a question is out already, or goes within retry_s: wait for its answer
 
     def answered(self, info: PeerInfo, problem: str | None, now: float) -> list[LinkEffect]:
         """The peer sent ``info`` (asked or pushed); ``problem``: why it does not match the config."""

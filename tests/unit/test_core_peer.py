@@ -172,6 +172,17 @@ def test_a_warm_link_told_no_cache_yet_asks_ever_less_often_after_the_first_dead
     assert now <= SETTINGS.idle_s + SETTINGS.answer_s
 
 
+def test_a_write_to_a_warm_link_backing_off_asks_at_once():
+    link, a = new_link(), write()
+    link.want(None, 0.0)
+    for t in (10.0, 10.5, 20.5, 21.5, 31.5):  # unanswered three times: the next question at 33.5
+        link.on_timer(t)
+    assert link.state is LinkState.BACKOFF and link.retry_at == 33.5
+    assert kinds(link.want(a, 32.0)) == [Ask]  # not 1.5 s later
+    assert link.state is LinkState.ASKING and link.deadline == 42.0 and link.misses == 0
+    assert posted(link.answered(info(), None, 32.1)) == [a.write_id]
+
+
 def test_a_cold_link_unanswered_stays_quiet_until_a_write_asks():
     link = new_link()
     link.want(write(), 0.0)
