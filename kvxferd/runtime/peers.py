@@ -518,6 +518,7 @@ class Peers:
                 "open_on": sorted(link.open_on),
                 "waiting": len(link.machine.waiting),
                 "inflight": link.machine.inflight,
+                "unanswered": link.machine.misses,  # questions in a row a warm link got no answer to
                 "unconfirmed": self.ledger.unconfirmed(name),
             }
             for name, link in self.links.items()

@@ -111,6 +111,7 @@ def test_a_warm_link_whose_question_is_lost_asks_again_by_itself(tmp_path: Path)
         rig.pump("the first PeerQuery", lambda: len(rig.queries) == 1)  # taken, not answered
         rig.pump("the PeerQuery asked again", lambda: len(rig.queries) == 2)
         assert rig.queries[1][0] - rig.queries[0][0] >= 0.3  # not before the first one's answer was due
+        assert rig.peers.report()["decode:0"]["unanswered"] == 1  # (what `kvxferd status` shows)
         rig.answer(encode(rig.info))
         link = rig.peers.links["decode:0"]
         rig.pump("the answer", lambda: link.machine.info == rig.info)
