@@ -346,6 +346,12 @@ def main() -> int:
             by_fault[len(faults.log)][what] += 1
             if what != "ok" and req.failure and len(examples.setdefault(what, [])) < 3:
                 examples[what].append(f"{req.rid}: {req.failure}")
+            elif what == "wrong bytes" and len(examples.setdefault(what, [])) < 3:  # (no failure to quote)
+                ready_s = round((req.ready_at or 0.0) - started, 2)
+                examples[what].append(
+                    f"{req.rid}: KVReady at {ready_s}s after {len(faults.log)} faults, transports "
+                    f"{sorted(t for t in req.transports if t)}, decode blocks {list(req.dst)[:16]}"
+                )
 
         warm = False
         while time.monotonic() < end:
@@ -377,7 +383,7 @@ def main() -> int:
         if engine is not None:
             engine.close()
         codes = cluster.stop()
-        if args.keep or problem:
+        if args.keep or problem or outcomes["wrong bytes"]:  # (the daemons' logs, to find out why)
             print(f"run dir: {run_dir}", file=sys.stderr)
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
