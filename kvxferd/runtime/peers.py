@@ -288,8 +288,16 @@ class Peers:
         mine = (
             w
             if same
-            else Write(  # (dataclasses.replace costs µs)
-                write_id, w.peer, w.transport, w.layers, w.runs, w.requests, w.nbytes, w.generations, generation
+            else Write(  # (dataclasses.replace costs µs; by name, so a field added or moved cannot shift them)
+                write_id=write_id,
+                peer=w.peer,
+                transport=w.transport,
+                layers=w.layers,
+                runs=w.runs,
+                requests=w.requests,
+                nbytes=w.nbytes,
+                generations=w.generations,
+                generation=generation,
             )
         )
         return self._carry(link, link.machine.want(mine, now), now)
