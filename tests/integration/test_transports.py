@@ -426,6 +426,14 @@ def test_a_peer_that_goes_away_fails_the_write_with_a_reason_in_time(name: str, 
         src.unlink()
 
 
+def _wait_stopped(pid: int, timeout_s: float = 10.0) -> None:
+    """Return once the kernel reports process ``pid`` stopped (state T in /proc/PID/stat)."""
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"process {pid} did not stop in {timeout_s:g}s"
+        time.sleep(0.001)
+
+
 def test_closing_a_peer_ends_its_writes_in_flight_as_failed_at_the_next_poll(name: str) -> None:
     if name == "shm":
         pytest.skip("shm writes this small finish before post returns (large ones: test_closing_a_peer_stops_its_...)")
@@ -437,8 +445,10 @@ def test_closing_a_peer_ends_its_writes_in_flight_as_failed_at_the_next_poll(nam
         init.open_peer("peer", info)
         assert _wait(init, init.post(1, "peer", (0,), [Run(0, 0, 4)])).error is None
         proc.send_signal(signal.SIGSTOP)  # the peer hangs: writes stay in flight
+        _wait_stopped(proc.pid)  # (the signal is delivered later than send_signal returns)
         inflight = [wid for wid in range(2, 6) if init.post(wid, "peer", (0,), [Run(0, 0, 4)]) is None]
-        inflight = [w for w in inflight if w not in {c.write_id for c in init.poll()}]
+        finished = {c.write_id for c in init.poll()}  # (once: what a poll returns it returns once)
+        inflight = [w for w in inflight if w not in finished]
         assert inflight, "no write stayed in flight to a stopped peer"
         init.close_peer("peer")
         done = {c.write_id: c for c in init.poll()}
