@@ -37,8 +37,12 @@ carries out the effects it returns, in order. Nothing here reads a clock.
   goes before the link would idle out; then it gives up as an unused link
   does. A PeerInfo resets the backoff; "no cache yet" does not (a warm link
   whose peer's engine has not registered asks every ``retry_s`` until the first
-  deadline, then ever less often). A write that comes while such a link backs
-  off asks at once. A link without warm-up goes IDLE and the next write asks.
+  deadline, then ever less often), and the backoff never holds a write: while
+  one waits, "no cache yet" is asked again every ``retry_s`` until its
+  deadline. A write that comes while such a link backs off, or the peer's
+  connection coming back, asks at once; a link that gave up (deadline,
+  refusal, a PeerInfo that does not fit) starts its backoff over. A link
+  without warm-up goes IDLE and the next write asks.
 - READY: the PeerInfo is known; a write goes at once, unless it names another
   registration than the one known (its blocks were reserved in a cache the
   peer's engine registered before or after this PeerInfo): then the peer is
@@ -216,7 +220,8 @@ class PeerLink:
     deadline: float | None = None  # for the answer to the question out
     retry_at: float | None = None
     warm: bool = False  # open the preferred transport as soon as the peer's cache is known
-    misses: int = 0  # questions unanswered in a row (a warm link's backoff doubles with each)
+    misses: int = 0  # deadlines missed in a row (a warm link's backoff doubles with each)
+    unregistered: bool = False  # the peer answered "no cache yet" since the deadline was set
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -283,6 +288,7 @@ class PeerLink:
         if not self._step(E.NOT_REGISTERED):
             return self._ignored(E.NOT_REGISTERED)
         self.retry_at = now + self._backoff()
+        self.unregistered = True
         if self.info is not None:  # asked again while it held one: that cache is gone
             self.info = None
             return [Drop(f"{self.s.name} has no cache registered now")]
@@ -324,6 +330,10 @@ class PeerLink:
         (a question out went, or was answered, on the connection that closed: it is asked again)."""
         self.last_used = now
         asking = self.state is L.ASKING
+        if self.state is L.BACKOFF and self.misses and self._step(E.RETRY):
+            # a warm link backing off after unanswered questions: its peer is back, ask now
+            self.misses, self.deadline = 0, None
+            return [Note(f"{self.s.name} connected again while backing off: asking now"), *self._ask(now)]
         if not self._step(E.RECONNECTED):
             return []  # nothing known to be stale: the next write asks anyway
         if asking:
@@ -333,11 +343,14 @@ class PeerLink:
     def on_timer(self, now: float) -> list[LinkEffect]:
         """Whatever is due at ``now``: the answer's deadline, a retry, closing when idle."""
         if self.deadline is not None and now >= self.deadline:
-            reason = f"{self.s.name} did not answer within {self.s.answer_s:g}s"
-            backoff = self._backoff()
+            if self.unregistered:
+                reason = f"{self.s.name} had no cache registered (its engine's) within {self.s.answer_s:g}s"
+            else:
+                reason = f"{self.s.name} did not answer within {self.s.answer_s:g}s"
+            backoff, misses = self._warm_backoff(), self.misses
             if self.warm and now + backoff < self.last_used + self.s.idle_s and self._step(E.UNANSWERED):
                 effects = self._forget(reason)
-                self.misses += 1
+                self.misses = misses + 1
                 self.retry_at = now + backoff
                 self.deadline = now + backoff + self.s.answer_s  # the next question's
                 return effects
@@ -359,8 +372,14 @@ class PeerLink:
     # -- internals ------------------------------------------------------------------------
 
     def _backoff(self) -> float:
-        """How long to wait before asking again: ``retry_s``, doubled for every deadline a warm
-        link's questions missed in a row, at most ``answer_s``."""
+        """How long to wait before asking again: ``retry_s`` while a write waits for the answer
+        (it is failed at the deadline, never kept waiting past it by a backoff), else a warm
+        link's backoff."""
+        return self.s.retry_s if self.waiting else self._warm_backoff()
+
+    def _warm_backoff(self) -> float:
+        """``retry_s``, doubled for every deadline a warm link's questions missed in a row, at
+        most ``answer_s``."""
         return min(self.s.retry_s * (1 << min(self.misses, 32)), self.s.answer_s)  # (no float overflow)
 
     def _idle_at(self) -> float | None:
@@ -381,7 +400,7 @@ class PeerLink:
 
     def _ask(self, now: float) -> list[LinkEffect]:
         if self.deadline is None:
-            self.deadline = now + self.s.answer_s
+            self.deadline, self.unregistered = now + self.s.answer_s, False
         self.retry_at = None
         return [Ask()]
 
@@ -389,7 +408,7 @@ class PeerLink:
         """Back to IDLE: the queued writes fail with ``reason``; what was known of the peer goes."""
         waiting, self.waiting = self.waiting, []
         self.deadline = self.retry_at = None
-        self.info = None
+        self.info, self.misses = None, 0
         effects: list[LinkEffect] = [Note(reason), Drop(reason)]
         if waiting:
             effects.append(Fail(tuple(waiting), reason))

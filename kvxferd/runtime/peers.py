@@ -526,7 +526,7 @@ class Peers:
                 "open_on": sorted(link.open_on),
                 "waiting": len(link.machine.waiting),
                 "inflight": link.machine.inflight,
-                "unanswered": link.machine.misses,  # questions in a row a warm link got no answer to
+                "unanswered": link.machine.misses,  # deadlines in a row a warm link got no PeerInfo by
                 "unconfirmed": self.ledger.unconfirmed(name),
             }
             for name, link in self.links.items()

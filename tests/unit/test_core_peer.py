@@ -183,6 +183,60 @@ def test_a_write_to_a_warm_link_backing_off_asks_at_once():
     assert posted(link.answered(info(), None, 32.1)) == [a.write_id]
 
 
+def test_a_write_waiting_on_a_warm_link_is_asked_for_every_retry_s_whatever_its_backoff():
+    """A write that joins a question already out on a warm link whose earlier questions went
+    unanswered: "no cache yet" brings the next question after retry_s, not after the warm link's
+    backoff (which could put it past the deadline: the write would fail with "did not answer"
+    although the peer answered, and never be asked for again)."""
+    link, a = new_link(), write()
+    link.want(None, 0.0)
+    while link.misses < 5:  # unanswered five times: the warm link's backoff is 16 s now (capped at 10)
+        due = link.next_deadline()
+        assert due is not None
+        link.on_timer(due)
+    while link.state is not LinkState.ASKING:
+        link.on_timer(link.next_deadline())
+    now = link.retry_at or link.deadline - SETTINGS.answer_s
+    link.want(a, now + 0.001)  # joins the question out
+    assert link.not_registered(now + 0.002) == []
+    assert link.retry_at == now + 0.002 + SETTINGS.retry_s
+    again = link.retry_at
+    assert kinds(link.on_timer(again)) == [Ask]
+    assert posted(link.answered(info(), None, again + 0.01)) == [a.write_id]
+
+
+def test_a_link_that_gave_up_starts_its_backoff_over():
+    """Questions missed before a link gave up (refused, a PeerInfo that does not fit, a cold
+    deadline) say nothing about the next ones: "no cache yet" is asked again after retry_s."""
+    link = new_link()
+    link.want(None, 0.0)
+    for t in (10.0, 10.5, 20.5, 21.5):
+        link.on_timer(t)
+    assert link.misses == 2 and link.state is LinkState.ASKING
+    link.refused("no such thing", 22.0)
+    assert link.state is LinkState.IDLE and link.misses == 0
+    link.want(write(), 23.0)
+    link.not_registered(23.1)
+    assert link.retry_at == 23.1 + SETTINGS.retry_s
+
+
+def test_a_connection_that_comes_back_cuts_a_warm_links_backoff_short():
+    """A warm link backing off after unanswered questions asks at once when the peer's connection
+    comes back: that is when its answer has become likely, not a backoff later."""
+    link = new_link()
+    link.want(None, 0.0)
+    for t in (10.0, 10.5, 20.5, 21.5, 31.5):  # unanswered three times: the next question at 33.5
+        link.on_timer(t)
+    assert link.state is LinkState.BACKOFF and link.retry_at == 33.5
+    assert kinds(link.reconnected(32.0)) == [Ask]
+    assert link.state is LinkState.ASKING and link.deadline == 42.0 and link.misses == 0
+    # a link backing off after "no cache yet" within its first deadline keeps its cadence
+    link = new_link()
+    link.want(write(), 0.0)
+    link.not_registered(0.1)
+    assert link.reconnected(0.2) == [] and link.retry_at == 0.6
+
+
 def test_a_cold_link_unanswered_stays_quiet_until_a_write_asks():
     link = new_link()
     link.want(write(), 0.0)
@@ -200,7 +254,13 @@ def test_not_registered_retries_within_the_first_deadline():
     assert link.state is LinkState.ASKING
     link.not_registered(9.8)
     assert link.next_deadline() == 10.0  # the retry would come after the deadline: the deadline wins
-    assert failed(link.on_timer(10.0)) == [a.write_id]
+    ended = link.on_timer(10.0)
+    assert failed(ended) == [a.write_id]
+    reasons = [e.reason for e in ended if isinstance(e, Fail)]
+    assert "had no cache registered" in reasons[0], reasons  # it answered: not "did not answer"
+    b = write()
+    link.want(b, 11.0)  # a new question: silence this time
+    assert "did not answer" in next(e.reason for e in link.on_timer(21.0) if isinstance(e, Fail))
 
 
 def test_a_query_that_cannot_be_sent_is_retried():
