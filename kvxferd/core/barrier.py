@@ -218,6 +218,9 @@ class BarrierState:
                 waited = self._joined(msg.group, now)  # (ranks waiting in a start-up round join)
                 if waited:
                     return waited + self.handle(msg, now)
+        if isinstance(msg, (Admit, Withdraw)) and msg.key == STARTUP_KEY:
+            why = f"key {STARTUP_KEY!r} is the start-up round's: {type(msg).__name__} may not name it"
+            return [Problem(ErrorCode.BAD_MESSAGE, why)]
         if isinstance(msg, Admit):
             view = RankView(msg.rank, Status.OK, terms=msg.terms)
             return self._word((msg.group, msg.key, msg.instance), view, now, self.timeout_s)

@@ -4,7 +4,6 @@ Importing this package loads msgpack and the standard library, nothing else.
 """
 
 from kvxferd.protocol.barrier import (
-    STARTUP_KEY,
     Admit,
     Admitted,
     Arrive,
@@ -24,6 +23,7 @@ from kvxferd.protocol.base import (
     MEMORY_KINDS,
     PROTOCOL_VERSION,
     ROLES,
+    STARTUP_KEY,
     TRANSPORTS,
     ErrorCode,
     Key,

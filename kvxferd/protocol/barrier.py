@@ -35,8 +35,6 @@ from kvxferd.protocol.base import ROLES, TRANSPORTS, Message, Status, Struct, st
 WITHDRAW_STATUSES = (Status.FAILED.value, Status.ABORTED.value)
 #: Longest a rank may ask a key to stay open (one day); the service caps it at its own limit too.
 MAX_TIMEOUT_S = 86400.0
-#: the named barrier every group passes at a cold start (digest: the config's fingerprint)
-STARTUP_KEY = "ready"
 
 
 def block_summary(blocks: Sequence[int]) -> str:
@@ -120,7 +118,7 @@ class Digest(Struct):
         f.uint("Digest", "layers", self.layers)
         f.uint("Digest", "blocks", self.blocks)
         f.uint("Digest", "bytes", self.bytes)
-        f.text("Digest", "fingerprint", self.fingerprint, limit=128)
+        f.text("Digest", "fingerprint", self.fingerprint, limit=f.MAX_NAME)  # (a Hello's ``serving`` fits)
 
     def describe(self) -> str:
         return f"{self.layers} layers, {self.blocks} blocks, {self.bytes} B, fp {self.fingerprint}"

@@ -15,9 +15,24 @@ from __future__ import annotations
 import enum
 from typing import Any, ClassVar
 
+from kvxferd.protocol import fields as f
+
 #: Wire protocol version. Bumped on any incompatible change to any message;
 #: independent of the package version.
 PROTOCOL_VERSION = 5
+
+#: the named barrier every group passes at a cold start (digest: the config's fingerprint); no
+#: request may be called that (see request_id)
+STARTUP_KEY = "ready"
+
+
+def request_id(owner: str, value: object) -> str:
+    """A request's name: any name but :data:`STARTUP_KEY`, the barrier service's own round."""
+    name = f.name(owner, "request_id", value)
+    if name == STARTUP_KEY:
+        raise f.fail(owner, "request_id", f"{STARTUP_KEY!r} is reserved for the barrier service's start-up round")
+    return name
+
 
 #: Transport names a request may ask for. ``auto`` lets the daemon choose.
 TRANSPORTS = ("auto", "shm", "cuda_ipc", "rdma")

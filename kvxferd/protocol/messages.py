@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvxferd.protocol import fields as f
-from kvxferd.protocol.base import MEMORY_KINDS, TRANSPORTS, ErrorCode, Key, Message, Status, Struct, store
+from kvxferd.protocol.base import MEMORY_KINDS, TRANSPORTS, ErrorCode, Key, Message, Status, Struct, request_id, store
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +125,7 @@ class CacheInfo(Message):
         return (self.request_id, self.instance)
 
     def __post_init__(self) -> None:
-        f.name("CacheInfo", "request_id", self.request_id)
+        request_id("CacheInfo", self.request_id)
         f.uint("CacheInfo", "instance", self.instance)
         f.uint("CacheInfo", "slot", self.slot)
         f.uint("CacheInfo", "step", self.step)
@@ -168,7 +168,7 @@ class Abort(Message):
         return (self.request_id, self.instance)
 
     def __post_init__(self) -> None:
-        f.name("Abort", "request_id", self.request_id)
+        request_id("Abort", self.request_id)
         store(self, "reason", f.reason("Abort", "reason", self.reason))
         f.uint("Abort", "instance", self.instance)
 

@@ -368,7 +368,7 @@ def test_a_named_barrier_is_one_round_of_arrivals_with_its_own_timeout() -> None
     assert b.handle(Arrive("g", "ready", 0, 1, D), 100.0) == []
     assert b.sizes()["ended"] == 0 and b.sizes()["open"] == 1
     (p,) = b.handle(Admit("g", "ready", 0, 0, T), 130.0)
-    assert p.code is ErrorCode.CONFLICT
+    assert p.code is ErrorCode.BAD_MESSAGE and b.sizes()["open"] == 1  # only an arrival names it
 
 
 def test_repeating_a_word_is_harmless_changing_it_is_refused() -> None:
@@ -700,3 +700,26 @@ def test_a_rank_starting_anew_after_a_service_restart_has_its_decode_rank_told_w
     b.hello(Hello("g", 0, 2, "prefill", serving="fp"), 2.2)
     out = b.handle(Admit("g", "k3", 0, 0, terms), 2.3) + b.handle(Admit("g", "k3", 0, 1, terms), 2.3)
     assert {e.group for e in out} == {"g"}
+
+
+def test_a_serving_fingerprint_as_long_as_a_hello_allows_cannot_break_the_service() -> None:
+    """A Hello's ``serving`` may be as long as a name; a joiner's verdict carries every live rank's
+    as a Digest fingerprint, which must take it (it raised inside the core: the service exited)."""
+    long = "f" * 256
+    b = BarrierState(timeout_s=10.0, alive_s=3.0)
+    b.hello(Hello("g", 0, 2, "prefill", serving=long), 0.0)
+    b.hello(Hello("g", 1, 2, "prefill"), 1.0)
+    (told,) = b.handle(Arrive("g", STARTUP_KEY, 0, 1, Digest(0, 0, 0, "fp-b")), 1.0)
+    assert isinstance(told.message, Diverged) and "ranks [0]" in told.message.reason
+
+
+@pytest.mark.parametrize("word", ["admit", "withdraw"])
+def test_only_an_arrival_may_name_the_start_up_key(word: str) -> None:
+    """The start-up round's key is the service's own: an admission or withdrawal naming it (no
+    request may be called that, so it comes from a buggy or stale key holder) is refused, and
+    opens nothing that a rank joining later would find half-forgotten."""
+    b = barrier(2)
+    msg = Admit("g", STARTUP_KEY, 0, 0, T) if word == "admit" else Withdraw("g", STARTUP_KEY, 0, 0, Status.FAILED, "x")
+    (problem,) = b.handle(msg, 0.0)
+    assert isinstance(problem, Problem) and problem.code is ErrorCode.BAD_MESSAGE and STARTUP_KEY in problem.detail
+    assert b.sizes()["open"] == 0

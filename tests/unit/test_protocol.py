@@ -11,6 +11,7 @@ from kvxferd.errors import LocalProtocolError, RemoteProtocolError
 from kvxferd.protocol import (
     PROTOCOL_VERSION,
     REGISTRY,
+    STARTUP_KEY,
     Abort,
     Ack,
     Admit,
@@ -317,3 +318,13 @@ def test_a_list_far_over_its_limit_is_refused_from_its_header_before_a_single_it
     finally:
         tracemalloc.stop()
     assert peak < 2 * len(frame), f"{peak} bytes allocated to refuse it (the parser's copy of the frame aside)"
+
+
+def test_no_request_may_take_the_barrier_s_start_up_key_as_its_id() -> None:
+    """The barrier's start-up round is keyed by STARTUP_KEY: a request of that name would have its
+    verdicts taken for the start-up round's (dropped: it could never write) and its words mixed
+    into that round. It is refused where it comes in, naming the reason."""
+    with pytest.raises(LocalProtocolError, match="reserved"):
+        CacheInfo(STARTUP_KEY, 0, 1, 16, (0,), (0,), "decode")
+    with pytest.raises(LocalProtocolError, match="reserved"):
+        Abort(STARTUP_KEY)
