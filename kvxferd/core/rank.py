@@ -18,6 +18,7 @@ it, told to the engine and the decode peer (the README walks through it).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from kvxferd.core import reporting, verdicts
@@ -271,9 +272,11 @@ class RankCore:
         """Names of the tables that still hold request instance ``key`` as live."""
         return reporting.holds(key, self.life, self.intake, self.writes, self.words)
 
-    def snapshot(self, now: float) -> list[dict[str, Any]]:
-        """One line per live request, for operators: its states, age, what it waits for."""
-        return reporting.snapshot(self._requests.values(), now, self.s.num_layers)
+    def snapshot(self, now: float, limit: int | None = None) -> list[dict[str, Any]]:
+        """One line per live request, oldest first, for operators: its states, age, what it waits
+        for (``limit``: only that many, and only those built)."""
+        live = self._requests.values()
+        return reporting.snapshot(live if limit is None else itertools.islice(live, limit), now, self.s.num_layers)
 
     def _enter(self, info: CacheInfo, now: float, origin: bytes | None) -> Request:
         self.intake.enter(info)

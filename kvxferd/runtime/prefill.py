@@ -54,6 +54,8 @@ SHUTTING_DOWN = "the prefill daemon is shutting down"
 RESULT_RETRY_S = 0.5  # how often a result its scheduler could not take is tried again
 #: scheduler connections remembered (the most recent ones) as allowed to abort a request not seen yet
 MAX_SCHEDULERS = 64
+#: live requests a status reply shows (the oldest): a query costs that much, however many are live
+STATUS_ROWS = 100
 
 
 def rank_settings(config: Config, group: GroupConfig, rank: int) -> RankSettings:
@@ -387,7 +389,7 @@ class PrefillDaemon(GroupDaemon):
             "registered": self.peers.local is not None,
             # (results_held: ok results waiting for their decode rank's confirmation)
             "tables": {**self.core.sizes(), "results_held": self.peers.ledger.holding},
-            "requests": self.core.snapshot(now)[:100],
+            "requests": self.core.snapshot(now, limit=STATUS_ROWS),
             "peers": self.peers.report(),
             "counters": dict(self.counters),
         }

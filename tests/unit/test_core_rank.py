@@ -334,6 +334,10 @@ def test_nothing_is_written_before_admission_and_everything_ready_is_posted_at_i
     assert messages(out, Admit) == [Admit("prefill", "x", 0, 0, terms_of(x))]
     assert not of(out, Write), "a byte left before every rank held the same cache_info"
     assert c.snapshot(0.0)[0]["waiting_for"].startswith("admission")
+    c.handle(info("y", 3, 1, 16, [2], [10]), 0.1)
+    # a status query shows the oldest few, and builds no row it does not show (it costs that
+    # much however many requests are live: one wake-up reads 256 such queries)
+    assert [row["request_id"] for row in c.snapshot(0.2, limit=1)] == ["x"]
     out = c.handle(Admitted("prefill", "x", 0), 0.5)
     assert [w.layers for w in of(out, Write)] == [tuple(range(LAYERS))]  # one write for all
     assert c.handle(Admitted("prefill", "x", 0), 0.6) == []  # a repeat posts nothing twice
