@@ -344,11 +344,17 @@ class BarrierState:
             ]
         return out
 
+    @staticmethod
+    def _named(entry: _Open) -> set[str]:
+        """The decode peers ``entry``'s words named, when they named more than one (else none)."""
+        return {entry.peer, *entry.others} if entry.others else set()
+
     def _tell_others(self, peers: set[str], verdict: Release | Diverged | Expired) -> list[BarrierEffect]:
-        """Ranks' cache_infos named decode peers other than the verdict's (a scheduler bug the
-        admission refuses): a rank tells only the decode rank its own cache_info names, so every
-        rank of each other decode group named hears the verdict from here, as a failure (the decode
-        daemon hands on one notice per writer and request, whoever sends it first)."""
+        """Ranks' cache_infos named different decode peers (a scheduler bug the admission refuses):
+        a rank tells only the decode rank its own cache_info names, so a decode rank whose writer
+        named another group would never hear. Every rank of every decode group named hears the
+        verdict from here, as a failure, the verdict's own peer too (the decode daemon hands on one
+        notice per writer and request, whoever sends it first)."""
         out: list[BarrierEffect] = []
         for peer in sorted(peers):
             decode = self.decode_of.get(peer)
@@ -455,7 +461,7 @@ class BarrierState:
         verdict = Expired(entry.group, entry.key, entry.instance, missing, waited, status, reason, entry.peer)
         self._decide(k, verdict, now)
         told: list[BarrierEffect] = [ToRank(entry.group, r, verdict) for r in range(size)]
-        told += self._tell_others(entry.others, verdict)
+        told += self._tell_others(self._named(entry), verdict)
         return told + self._tell_decode(entry.group, self._absent_in(entry.group), [verdict])
 
     def _decide(self, k: RoundKey, verdict: Release | Diverged | Expired, now: float) -> None:
@@ -539,7 +545,7 @@ class BarrierState:
         remembered = self._ended.get(k)
         if remembered is not None:
             if named and named != remembered.peer and not isinstance(remembered, Release):
-                return [ToRank(group, view.rank, remembered), *self._tell_others({named}, remembered)]
+                return [ToRank(group, view.rank, remembered), *self._tell_others({named, remembered.peer}, remembered)]
             return [ToRank(group, view.rank, remembered)]
         entry = self._open.get(k)
         early: list[BarrierEffect] = []
@@ -653,5 +659,5 @@ class BarrierState:
             verdict = Diverged(group, key, instance, ending[0], ending[1], views, entry.peer)
         self._decide(k, verdict, now)
         told: list[BarrierEffect] = [ToRank(group, r, verdict) for r in range(size)]
-        told += self._tell_others(entry.others, verdict)
+        told += self._tell_others(self._named(entry), verdict)
         return told + self._tell_decode(group, self._absent_in(group), [verdict])

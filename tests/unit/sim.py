@@ -325,6 +325,7 @@ class Process:
     confirming: dict[Key, tuple[set[int], Received | None]] = field(default_factory=dict)
     arrivals: dict[Key, Digest] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    unresolved: int = 0  # notices to a decode group nobody resolves (a diverged peer): dropped
     stalled_until: float = 0.0
     last_said: float = 0.0  # when it last sent the barrier service anything
     stop_at: float | None = None  # draining: when what is left is forced
@@ -862,6 +863,11 @@ class GroupSim:
                 self._send(("b", r), "to_barrier", r, eff.message, self.epochs)
             elif isinstance(eff, ToEngine):
                 self._report(p, eff)
+            elif isinstance(eff, ToPeer) and eff.peer != PEER:
+                # a cache_info that named another decode group (a divergence): the shell resolves no
+                # such group, so the notice goes nowhere; this group's ranks hear it from the barrier
+                assert eff.then is None and not isinstance(eff.message, KVReady), f"rank {r}: {eff}"
+                p.unresolved += 1
             elif isinstance(eff, ToPeer):
                 if eff.then is not None:
                     assert eff.then.result.key not in p.held, f"rank {r} told {eff.then.result.key} twice"

@@ -638,7 +638,9 @@ def test_every_decode_group_a_divergent_cache_info_named_hears_the_verdict() -> 
     out = b.handle(Admit("g", "k", 0, 1, replace(T, peer="dq")), 0.1)
     (v,) = {replace(e.message, absent=()) for e in out}
     assert isinstance(v, Diverged) and v.peer == "eq"
-    assert sorted((e.group, e.rank) for e in out) == [("d", 0), ("d", 1), ("g", 0), ("g", 1)]
+    # the verdict's own peer too: decode rank e:1's writer (rank 1) named "dq", so tells only d:1
+    told = sorted((e.group, e.rank) for e in out)
+    assert told == [("d", 0), ("d", 1), ("e", 0), ("e", 1), ("g", 0), ("g", 1)]
     # a word naming yet another peer after the verdict: that group hears it too
     b2 = BarrierState(timeout_s=10.0, groups={"g": 2, "d": 2, "e": 2}, decode_of={"dq": "d", "eq": "e"})
     b2.handle(Admit("g", "k", 0, 0, replace(T, peer="eq")), 0.0)
@@ -648,6 +650,8 @@ def test_every_decode_group_a_divergent_cache_info_named_hears_the_verdict() -> 
         ToRank("g", 1, expired),
         ToRank("d", 0, replace(expired, absent=(0,))),  # every writer of each decode rank: none wrote
         ToRank("d", 1, replace(expired, absent=(1,))),
+        ToRank("e", 0, replace(expired, absent=(0,))),  # (e:1's writer named "dq": it never tells e:1)
+        ToRank("e", 1, replace(expired, absent=(1,))),
     ]
 
 
@@ -678,8 +682,9 @@ def test_a_decode_rank_with_several_writers_hears_which_of_them_are_absent() -> 
     )  # fmt: skip
     b2.handle(Admit("g", "k", 0, 0, replace(T, peer="eq")), 0.0)
     out = b2.handle(Admit("g", "k", 0, 1, replace(T, peer="dq")), 0.1)
-    # (the verdict names "eq": its ranks' writers tell it themselves; "d" hears it from here)
-    assert [(e.group, e.rank, e.message.absent) for e in out if e.group != "g"] == [("d", 0, (0, 1))]
+    # (the verdict names "eq", but rank 1 named "dq" and tells only "d": both hear it from here)
+    told = [(e.group, e.rank, e.message.absent) for e in out if e.group != "g"]
+    assert told == [("d", 0, (0, 1)), ("e", 0, (0, 1))]
 
 
 def test_a_rank_starting_anew_after_a_service_restart_has_its_decode_rank_told_what_it_held() -> None:
