@@ -287,6 +287,8 @@ class BarrierState:
                 self._deadlines.cancel(k)
                 effects += self._expire(k, now, gone=[msg.rank], how="restarted before the round ended")
         self._stopped.discard((msg.group, msg.rank))
+        if msg.role == "decode" and not msg.serving:
+            effects += self._retell(msg.group, msg.rank)
         return [*effects, ToRank(msg.group, msg.rank, Ack(f"hello {self.epoch}"))]
 
     def live(self, group: str, now: float) -> dict[int, str]:
@@ -321,6 +323,17 @@ class BarrierState:
 
     def _remembered(self, group: str) -> list[Release | Diverged | Expired]:
         return [v for v in self._ended.values() if v.group == group and v.key != STARTUP_KEY]
+
+    def _retell(self, decode: str, rank: int) -> list[BarrierEffect]:
+        """Decode rank ``rank`` of ``decode`` is a new process: what the service told its
+        predecessor for writers that are still absent went with it (held for an engine, or half
+        gathered), and nobody else will say it again. It hears it once more (its decode daemon
+        hands on at most one notice per writer and request)."""
+        out: list[BarrierEffect] = []
+        for group in sorted({g for g, _ in self._absent}):
+            told = self._tell_decode(group, self._absent_in(group), self._remembered(group))
+            out += [e for e in told if isinstance(e, ToRank) and e.group == decode and e.rank == rank]
+        return out
 
     def _tell_decode(
         self, group: str, ranks: list[int], verdicts: list[Release | Diverged | Expired]

@@ -728,3 +728,25 @@ def test_only_an_arrival_may_name_the_start_up_key(word: str) -> None:
     (problem,) = b.handle(msg, 0.0)
     assert isinstance(problem, Problem) and problem.code is ErrorCode.BAD_MESSAGE and STARTUP_KEY in problem.detail
     assert b.sizes()["open"] == 0
+
+
+def test_a_decode_rank_starting_anew_hears_again_what_it_was_told_for_its_absent_writers() -> None:
+    """Prefill rank 1 died holding requests; the service told its decode rank 1 how they ended (as
+    rank 1's failures). Decode rank 1's process then died too, with what it was told, before its
+    engine heard it; rank 1 never came back, so nobody would ever tell the new decode process:
+    its engine's blocks would stay reserved. A decode rank saying it starts hears them again."""
+    b = BarrierState(timeout_s=10.0, alive_s=3.0, groups={"g": 2, "d": 2}, decode_of={"dq": "d"})
+    for r in range(2):
+        b.hello(Hello("g", r, 2, "prefill", serving="fp"), 0.0)
+        b.hello(Hello("d", r, 2, "decode", serving="fq"), 0.0)
+    terms = replace(T, peer="dq")
+    b.handle(Admit("g", "k", 0, 0, terms), 0.5)
+    b.handle(Admit("g", "k", 0, 1, terms), 0.5)
+    b.hello(Hello("g", 1, 2, "prefill"), 1.0)  # rank 1's new process... which dies starting
+    out = b.hello(Hello("d", 1, 2, "decode"), 2.0)
+    told = [(e.group, e.rank, e.message.key, e.message.absent) for e in out if not isinstance(e.message, Ack)]
+    assert ("d", 1, "k", (1,)) in told
+    assert not [t for t in told if t[0] == "d" and t[1] != 1]  # only the rank that starts anew
+    # a decode rank whose writers all serve hears nothing again (they tell it themselves)
+    b.hello(Hello("g", 1, 2, "prefill", serving="fp"), 3.0)
+    assert [e.message for e in b.hello(Hello("d", 1, 2, "decode"), 4.0)] == [Ack("hello 0")]
