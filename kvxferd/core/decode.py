@@ -156,7 +156,8 @@ class DecodeCore:
     def _part(self, group: str, sender: bytes, msg: Notice, confirm: bool, now: float) -> list[DecodeEffect]:
         """Writer ``sender``'s notice for its gathering; the engine is told once all are here."""
         key = (group, msg.key)
-        if key in self.seen:  # told to the engine already (or held for it)
+        if key in self.seen or key in self.held:  # told to the engine already, or held for it (held
+            # longer than seen_s, its mark may be gone: the held table says it all the same)
             self.counts["notice_repeated"] += 1
             confirmed = self.seen.get(key)
             if confirmed is None or not confirm:

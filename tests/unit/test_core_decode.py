@@ -505,3 +505,21 @@ def test_a_result_told_failed_for_want_of_one_confirmation_makes_every_rank_hear
     (send,) = [e for e in out if isinstance(e, Send) and isinstance(e.notice, TransferResult)]
     assert send.link == "d:1" and send.notice.rank == 1 and send.notice.status is Status.FAILED
     assert ledger.holding == 0 and ledger.confirmed("d:1", Received("a", 1)) == []
+
+
+def test_a_notice_held_longer_than_seen_s_is_still_a_repeat_when_sent_again() -> None:
+    """A decode daemon restarted and its engine takes longer than ``seen_s`` to register again (a
+    model loading): a notice held for it is still held when its writers send theirs again, so no
+    second gathering opens for it (one that could never complete: its other writer is confirmed
+    by the first, and the gathering stayed for ever)."""
+    c, engine = gathering(seen_s=180.0), []
+    assert c.notice(W0, ready("a"), 0.0) == [] and c.notice(W1, ready("a"), 0.0) == []
+    assert len(c.held) == 1 and len(c.gathering) == 0
+    c.on_timer(200.0)  # its "seen" mark would have gone by now
+    assert c.notice(W0, ready("a"), 200.0) == []  # W0 sends it again, unconfirmed
+    assert len(c.gathering) == 0, "a second gathering opened for a held notice"
+    out = hand(c, c.registered("g1", 210.0), engine)
+    assert engine == [KVReady("a", 0, 8192, 0, "g1")]
+    assert {e.sender for e in out if isinstance(e, Confirm)} == {W0, W1}
+    assert hand(c, c.notice(W1, ready("a"), 211.0), engine) == [Confirm(W1, Received("a", 0, 0))]
+    assert len(engine) == 1 and len(c.gathering) == 0
