@@ -161,9 +161,8 @@ class Words:
         self.aborts.pop(key)
         # a Release: every rank arrived, this one included: it is a new process of this rank
         ending = self._restarted() if isinstance(verdict, Release) else Ending(verdict.status, clip(verdict.reason))
-        told_peer = bool(verdict.peer)
-        self.ended.put(key, Ended(ending, False, told_peer), now)
-        if not told_peer:
+        self.ended.put(key, Ended(ending, False, verdict.peer), now)
+        if not verdict.peer:
             return []
         notice = TransferResult(key[0], ending.status, ending.reason, self.sp.rank, instance=key[1], code=ending.code)
         return [ToPeer(verdict.peer, notice)]
@@ -193,9 +192,15 @@ class Words:
             code=ending.code,
         )  # fmt: skip
         effects: list[RankEffect] = [ToEngine(result, origin)]
-        if not ended.told_peer:
-            ended.told_peer = True
+        if ended.told_peer != info.peer:  # nobody yet, or the group's peer where this rank's differs
+            other = ended.told_peer
+            ended.told_peer = info.peer
             effects.append(ToPeer(info.peer, result))
+            if other:
+                # the verdict learned named another decode peer (a divergence): this one's ranks
+                # have writers that told the other, or no one; the barrier service, hearing this
+                # rank's word name it, tells them for every writer
+                effects.append(ToBarrier(self.withdrawal(info, ending)))
         return effects
 
     def refuse(
@@ -207,7 +212,7 @@ class Words:
         ending = Ending(Status.FAILED, clip(detail))
         withdraw = self.withdrawal(info, ending)
         if not self.ended.full:  # (full: see forgetful; a repeat is refused again, never taken as new)
-            self.remember(info.key, Ended(ending, True, True, withdraw), now)
+            self.remember(info.key, Ended(ending, True, info.peer, withdraw), now)
         self.aborts.pop(info.key)
         problem = Problem(code, ending.reason, info.request_id)
         return [problem, *reporting.refused(info, code, ending.reason, self.sp.rank, origin), ToBarrier(withdraw)]

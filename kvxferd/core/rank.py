@@ -341,7 +341,7 @@ class RankCore:
         ending = ending._replace(reason=clip(ending.reason))
         self.life.end(req)
         self.intake.release(req, now)
-        self.words.remember(req.key, Ended(ending, True, True, word), now)
+        self.words.remember(req.key, Ended(ending, True, req.info.peer, word), now)
         return reporting.ended(req, ending, self.s.rank, now)
 
     def _overdue(self, req: Request, now: float) -> list[RankEffect]:

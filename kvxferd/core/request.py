@@ -79,7 +79,9 @@ class Ended:
 
     ending: Ending
     told_engine: bool
-    told_peer: bool
+    #: the decode peer told how it ended ("": none yet): a verdict learned before the cache_info
+    #: names the group's peer, which need not be the one this rank's cache_info names
+    told_peer: str
     #: a withdrawal this rank ended on before any verdict came (a refusal, a deadline, a forced
     #: stop): said again if the barrier restarts, until a verdict for the instance arrives
     word: Withdraw | None = None

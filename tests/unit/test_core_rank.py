@@ -723,6 +723,18 @@ def test_a_verdict_for_an_instance_never_held_tells_the_decode_peer_and_answers_
     assert p.code is ErrorCode.DUPLICATE_REQUEST
     assert c.sizes()["requests"] == c.sizes()["parked_signals"] == 0  # the signal waits for nothing now
 
+    # the verdict named another decode peer than this rank's cache_info does (the first word the
+    # barrier heard came from a rank whose cache_info diverged): the notice went there, so this
+    # rank's own peer is told too when the cache_info comes, and the barrier hears its word, so
+    # that peer's ranks hear it for every writer (one whose cache_info named the other never tells)
+    c = core(1)
+    other = replace(expired, key="y", peer="ipc://elsewhere-{rank}")
+    assert [e.peer for e in of(c.handle(other, 10.0), ToPeer)] == ["ipc://elsewhere-{rank}"]
+    out = c.handle(info("y", 0, 1, 16, [1], [2], peer="ipc://d-{rank}"), 11.0)
+    assert [type(e) for e in out] == [ToEngine, ToPeer, ToBarrier]
+    assert out[1].peer == "ipc://d-{rank}" and out[2].message.peer == "ipc://d-{rank}"
+    assert isinstance(out[2].message, Withdraw) and out[2].message.key == "y"
+
 
 # -- verdicts ---------------------------------------------------------------------------------------
 
