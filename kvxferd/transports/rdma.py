@@ -37,6 +37,10 @@ release it, the peer's agent was removed, which tears its connections down
 (every other write to that peer fails with it; the next write opens the peer
 again). If neither works the write stays in flight, tried again at each poll,
 and its request's ending waits (bounded by the request's own drain deadline).
+What tearing down cannot take back: bytes already handed to the network (over
+TCP, those in the kernel's socket buffers; on a NIC, those on the wire), which
+the peer still applies as it reads them, moments later, or once it runs again
+if it was stopped.
 
 UCX reads its settings from the environment when the backend starts; they
 come from the config (``rdma_tls``, ``rdma_interface``, ``rdma_log_level``),
