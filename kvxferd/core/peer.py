@@ -344,7 +344,7 @@ class PeerLink:
         """Whatever is due at ``now``: the answer's deadline, a retry, closing when idle."""
         if self.deadline is not None and now >= self.deadline:
             if self.unregistered:
-                reason = f"{self.s.name} had no cache registered (its engine's) within {self.s.answer_s:g}s"
+                reason = f"{self.s.name} had no cache registered by its engine within {self.s.answer_s:g}s"
             else:
                 reason = f"{self.s.name} did not answer within {self.s.answer_s:g}s"
             backoff, misses = self._warm_backoff(), self.misses
