@@ -736,6 +736,22 @@ def test_a_verdict_for_an_instance_never_held_tells_the_decode_peer_and_answers_
     assert isinstance(out[2].message, Withdraw) and out[2].message.key == "y"
 
 
+def test_a_status_snapshot_builds_only_the_rows_it_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A status query costs its limit, not the number of live requests: one wake-up may read 256
+    of them, and a loop stalled past its heartbeats fails every request it holds."""
+    from kvxferd.core import reporting
+
+    c = core()
+    for i in range(5):
+        c.handle(info(f"q{i}", i, 1, 16, [i], [10 + i]), 0.1 * i)
+    built: list[str] = []
+    waits = reporting.waits
+    monkeypatch.setattr(reporting, "waits", lambda req: built.append(req.info.request_id) or waits(req))
+    assert [row["request_id"] for row in c.snapshot(1.0, limit=2)] == ["q0", "q1"]  # the oldest
+    assert sorted(set(built)) == ["q0", "q1"], "rows were built that the reply does not show"
+    assert len(c.snapshot(1.0)) == 5
+
+
 # -- verdicts ---------------------------------------------------------------------------------------
 
 
