@@ -25,7 +25,7 @@ is bounded and overflow is refused loudly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from kvxferd.core.blocks import blocks_complete, blocks_needed, merge_runs, runs_of
@@ -105,24 +105,37 @@ class Intake:
 
     # -- layer signals ------------------------------------------------------------------
 
+    def later(self, step: int, layers: Sequence[int]) -> tuple[list[Problem], list[Item]]:
+        """Take the signals of ``layers`` (each above 0: no slot table) of step ``step``, in that
+        order: as many :meth:`layer` calls would, the step looked up once."""
+        problems: list[Problem] = []
+        items: list[Item] = []
+        record, n = self.steps.get(step), self.s.num_layers
+        for layer in layers:
+            if layer >= n:
+                detail = f"layer {layer} of step {step}: the model has {n} layers"
+                problems.append(Problem(ErrorCode.OUT_OF_RANGE, detail))
+            elif record is not None:
+                record.ready.add(layer)
+                items += [(key, idx, layer) for key, idx in record.members.items()]
+            elif self.steps.highest is None or step > self.steps.highest:
+                detail = f"layer {layer} of step {step} arrived before that step's layer-0 signal"
+                problems.append(Problem(ErrorCode.STALE_SIGNAL, detail))
+            # (else a step nothing waits on any more)
+        return problems, items
+
     def layer(
         self, sig: LayerSignal, now: float, requests: Mapping[Key, Request]
     ) -> tuple[list[Problem], list[Match], list[Item]]:
         """Take one layer signal: problems, the slot entries that belong to live requests, and
         the (request, chunk, layer) writes a later layer makes possible."""
         s, steps = self.s, self.steps
+        if sig.layer > 0:
+            problems, items = self.later(sig.step, (sig.layer,))
+            return problems, [], items
         if sig.layer >= s.num_layers:
             detail = f"layer {sig.layer} of step {sig.step}: the model has {s.num_layers} layers"
             return [Problem(ErrorCode.OUT_OF_RANGE, detail)], [], []
-        if sig.layer > 0:
-            record = steps.get(sig.step)
-            if record is None:
-                if steps.highest is None or sig.step > steps.highest:
-                    detail = f"layer {sig.layer} of step {sig.step} arrived before that step's layer-0 signal"
-                    return [Problem(ErrorCode.STALE_SIGNAL, detail)], [], []
-                return [], [], []  # a step nothing waits on any more
-            record.ready.add(sig.layer)
-            return [], [], [(key, idx, sig.layer) for key, idx in record.members.items()]
         if steps.highest is not None and sig.step <= steps.highest:
             detail = f"layer-0 signal of step {sig.step} after step {steps.highest}: step ids must increase"
             return [Problem(ErrorCode.STALE_SIGNAL, detail)], [], []

@@ -19,6 +19,7 @@ it, told to the engine and the decode peer (the README walks through it).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 from kvxferd.core import reporting, verdicts
@@ -120,6 +121,14 @@ class RankCore:
             items += more
         if sig.layer == 0:
             self.intake.done_with_step(sig.step)
+        return effects + self._post(items, now)
+
+    def on_layers(self, step: int, layers: Sequence[int], now: float) -> list[RankEffect]:
+        """The signals of ``layers`` (each above 0, so with no slot table) of step ``step``, in the
+        order they came: what one :meth:`on_layer` each returns, taken at once (the shell reads a
+        model worker's signals in bursts)."""
+        problems, items = self.intake.later(step, layers)
+        effects: list[RankEffect] = list(problems)
         return effects + self._post(items, now)
 
     def on_abort(self, msg: Abort, now: float) -> list[RankEffect]:

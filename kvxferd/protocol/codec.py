@@ -176,11 +176,49 @@ def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME) -> Message:
         raise RemoteProtocolError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
     if not frame:
         raise RemoteProtocolError("empty frame")
+    if len(frame) <= _LAYER_LONGEST and frame[: len(_LAYER_HEAD)] == _LAYER_HEAD:
+        sig = _bare_layer(bytes(frame))
+        if sig is not None:
+            return sig
     if len(frame) <= SMALL_FRAME:
         msg = _small(frame)
         if msg is not None:
             return msg
     return _general(frame)
+
+
+#: ``[5, "layer", step, layer, []]``: a layer signal with no slot table (every layer after the
+#: first: 31 of a 32-layer request's 41 messages), the one message worth a parser of its own
+_LAYER_HEAD = bytes([0x95, PROTOCOL_VERSION, 0xA5]) + b"layer"
+_LAYER_LONGEST = len(_LAYER_HEAD) + 9 + 9 + 1
+#: msgpack's unsigned integer heads: the bytes that follow each
+_UINT_SIZE = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
+def _uint_at(frame: bytes, at: int) -> tuple[int, int]:
+    """The unsigned integer encoded at ``frame[at]`` and where the next item starts; (-1, 0) if
+    none is (a signed or other head: the general path says what it is)."""
+    if at >= len(frame):
+        return -1, 0
+    head = frame[at]
+    if head < 0x80:
+        return head, at + 1
+    size = _UINT_SIZE.get(head)
+    if size is None or at + 1 + size > len(frame):
+        return -1, 0
+    return int.from_bytes(frame[at + 1 : at + 1 + size], "big"), at + 1 + size
+
+
+def _bare_layer(frame: bytes) -> Message | None:
+    """A layer signal with no slot table, built without the general parse, or None if ``frame``
+    is anything else or anything about it is wrong (the general path then says what). It takes
+    exactly what the general path takes to the same message: a step in ``[0, MAX_ID]``, a layer
+    in ``[0, 2**16]``, an empty slot table, nothing after it (tests/unit/test_codec_fuzz.py)."""
+    step, at = _uint_at(frame, len(_LAYER_HEAD))
+    layer, at = _uint_at(frame, at) if step >= 0 else (-1, 0)
+    if not (0 <= step <= fields.MAX_ID and 0 <= layer <= 1 << 16) or frame[at:] != b"\x90":
+        return None
+    return messages.LayerSignal.checked(step, layer)
 
 
 def _small(frame: bytes) -> Message | None:

@@ -64,6 +64,17 @@ class LayerSignal(Message):
     layer: int
     slots: tuple[SlotChunk, ...] = ()
 
+    @classmethod
+    def checked(cls, step: int, layer: int) -> LayerSignal:
+        """A signal with no slot table whose step and layer the caller has checked already
+        against the bounds of ``__post_init__`` (the codec's own parse of the commonest frame):
+        built without checking them again."""
+        sig = object.__new__(cls)
+        store(sig, "step", step)
+        store(sig, "layer", layer)
+        store(sig, "slots", ())
+        return sig
+
     def __post_init__(self) -> None:
         f.uint("LayerSignal", "step", self.step)
         f.uint("LayerSignal", "layer", self.layer, high=1 << 16)

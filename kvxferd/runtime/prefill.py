@@ -14,11 +14,13 @@ import json
 import logging
 import time
 
+import zmq
+
 from kvxferd.config import Config, GroupConfig
 from kvxferd.core import Problem, RankCore, RankEffect, RankSettings, ToBarrier, ToEngine, ToPeer, Write
 from kvxferd.core.barrier import ALIVE_BEATS
 from kvxferd.core.memory import Memory
-from kvxferd.errors import TransportError
+from kvxferd.errors import CoreBroken, TransportError
 from kvxferd.protocol import (
     STARTUP_KEY,
     Abort,
@@ -92,6 +94,8 @@ class PrefillDaemon(GroupDaemon):
         #: connections that sent a cache_info lately (schedulers): who may abort a request not seen yet
         self.schedulers: Memory[bytes, bool] = Memory(limit=MAX_SCHEDULERS)
         self._sender: bytes | None = None
+        #: the worker's signals without a slot table read in a row from one step: (step, layers)
+        self._run: tuple[int, list[int]] | None = None
         #: results a scheduler could not be sent (not reading, reconnecting): tried again, bounded
         self.results: Outbox[Key, TransferResult] = Outbox(
             limit=config.limits.max_requests, retry_s=RESULT_RETRY_S, keep_s=config.timeouts.verdict_s
@@ -195,6 +199,43 @@ class PrefillDaemon(GroupDaemon):
                 self.reply(identity, TransferResult(rid, Status.FAILED, reason, rank=self.rank, instance=instance))
 
     # -- inbound ----------------------------------------------------------------------
+
+    def serve(self, sock: zmq.Socket[bytes]) -> None:
+        super().serve(sock)
+        self._take_run(time.monotonic())
+
+    def dispatch(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, now: float) -> None:
+        """The model worker's layer signals after layer 0 read in a row, of one step, go to the core
+        together (most of a request's messages are such signals: handled one by one, they cost
+        more than everything else it sends here); anything else first hands over those before it."""
+        if type(msg) is LayerSignal and msg.layer > 0 and identity == self.worker and sock is self.router:
+            if self._run is not None and self._run[0] == msg.step:
+                self._run[1].append(msg.layer)
+                return
+            self._take_run(now)
+            self._run = (msg.step, [msg.layer])
+            return
+        self._take_run(now)
+        super().dispatch(sock, identity, msg, now)
+
+    def _take_run(self, now: float) -> None:
+        run, self._run = self._run, None
+        if run is None:
+            return
+        self.fence()  # as before any message (the process may have stopped while reading them)
+        self.counters["LayerSignal"] += len(run[1])
+        worker = self._sender = self.worker  # (a stale or out-of-range layer is answered to the worker)
+        try:
+            self._apply(self.core.on_layers(run[0], run[1], now), now)
+        except CoreBroken:
+            raise
+        except Exception as exc:  # as Service.dispatch does for one message
+            log.exception("internal error handling %d layer signals of step %d; still serving", len(run[1]), run[0])
+            detail = f"internal error handling layer signals: {type(exc).__name__}: {clip(str(exc), 512)}"
+            if worker is not None:
+                self.reply(worker, Error(ErrorCode.INTERNAL, detail))
+        finally:
+            self._sender = None
 
     def handle(self, identity: bytes, msg: Message, now: float) -> None:
         self.fence()  # the process may have stopped between two messages of one read

@@ -85,6 +85,28 @@ def test_long_reasons_are_cut_so_no_verdict_text_overflows(dep: Hostile, probes)
     dep.still_fine("after-long-reasons")
 
 
+def test_bad_later_layer_signals_read_in_a_burst_are_each_answered(dep: Hostile) -> None:
+    """A worker's signals after layer 0 read in one go are handed to the core together: each bad
+    one still gets its own answer (a layer past the model's, a step not begun), in order, and the
+    good ones around them still count."""
+    dep.legit("before-the-burst")
+    worker = dep.workers[0]
+    layers = dep.config.kv.num_layers
+    far = 10**5
+    for layer in (1, layers, 2, layers + 7):
+        worker.layer_ready(far, layer)  # not begun: each is stale (and two are past the model)
+    errors = []
+    for _ in range(20):
+        errors += worker.errors()
+        if len(errors) >= 4:
+            break
+        worker.backlog += worker.poll(0.5)
+    codes = [e.code for e in errors]
+    assert codes == [ErrorCode.STALE_SIGNAL, ErrorCode.OUT_OF_RANGE, ErrorCode.STALE_SIGNAL, ErrorCode.OUT_OF_RANGE]
+    assert str(layers + 7) in errors[3].detail
+    dep.still_fine("after-the-burst")
+
+
 def test_a_step_far_ahead_does_not_make_real_signals_stale(dep: Hostile) -> None:
     dep.legit("sets-the-step-window")  # the worker's first step sets the window; later ones must stay near
     worker = dep.workers[0]

@@ -35,7 +35,9 @@ import heapq
 import itertools
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
 from kvxferd.core import BarrierState, Problem, RankCore, RankSettings, ToBarrier, ToEngine, ToPeer, ToRank, Write
 from kvxferd.core.barrier import ALIVE_BEATS
@@ -306,13 +308,53 @@ class Faults:
         return not (self.deaths or self.drains or self.stalls)
 
 
+class Runs:
+    """A prefill core driven as the shell drives it: in an open wake-up, the worker's signals after
+    layer 0 read in a row from one step go to the core together (``on_layers``), before anything
+    else reaches it. Every other attribute is the core's own."""
+
+    #: the core's calls that take the run first (what returns effects)
+    TAKE_FIRST = frozenset(
+        {"handle", "on_cache_info", "on_verdict", "on_abort", "on_timer", "flush", "reannounce", "stalled", "close",
+         "write_done"}
+    )  # fmt: skip
+
+    def __init__(self, core: RankCore, clock: Callable[[], float]) -> None:
+        self.inner, self.clock = core, clock
+        self.run: tuple[int, list[int]] | None = None
+
+    def signal(self, msg: LayerSignal, now: float, holding: bool) -> list[Any]:
+        if holding and msg.layer > 0:
+            if self.run is not None and self.run[0] == msg.step:
+                self.run[1].append(msg.layer)
+                return []
+            effects = self.take()
+            self.run = (msg.step, [msg.layer])
+            return effects
+        return self.take() + self.inner.handle(msg, now)
+
+    def take(self) -> list[Any]:
+        run, self.run = self.run, None
+        return [] if run is None else self.inner.on_layers(run[0], run[1], self.clock())
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in self.TAKE_FIRST:
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self.take() + attr(*args, **kwargs)
+
+        return call
+
+
 @dataclass(eq=False)
 class Process:
     """One run of a rank's daemon: a rank killed or drained starts again as a new process."""
 
     rank: int
     n: int
-    core: RankCore
+    core: RankCore  # (a Runs)
     state: str = "starting"  # starting -> serving [-> draining] -> gone
     epoch: str | None = None  # the barrier service run its last Ack named
     writes: dict[int, Write] = field(default_factory=dict)
@@ -542,7 +584,7 @@ class GroupSim:
     def _signal(self, p: Process, msg: LayerSignal) -> None:
         p.ready_layers.add((msg.step, msg.layer))
         self._wake(p)
-        self.apply(p, p.core.handle(msg, self.now))
+        self.apply(p, cast(Runs, p.core).signal(msg, self.now, p.holding))
 
     def _wake(self, p: Process) -> None:
         """A message reaches ``p``: with batching on, it joins the open wake-up or opens one, whose
@@ -790,7 +832,7 @@ class GroupSim:
         settings = RankSettings(
             GROUP, r, self.world, sc.num_layers, sc.num_blocks, sc.block_tokens, BLOCK_BYTES, **self.settings
         )  # type: ignore[arg-type]
-        p = Process(r, n, RankCore(settings), state)
+        p = Process(r, n, cast(RankCore, Runs(RankCore(settings), lambda: self.now)), state)
         self._dirty.add(p)
         return p
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvxferd.errors import RemoteProtocolError
-from kvxferd.protocol import Error, ErrorCode, LayerSignal, Message, codec, decode, encode
+from kvxferd.protocol import Error, ErrorCode, LayerSignal, Message, SlotChunk, codec, decode, encode
 from tests.unit.test_protocol import EXAMPLES
 
 FRAMES = [encode(msg) for _, msg in sorted(EXAMPLES.items())]
@@ -120,11 +120,67 @@ def test_a_short_frame_parsed_at_once_ends_as_the_field_by_field_parse_does(fram
     """Frames up to SMALL_FRAME take a quicker parse: what it accepts, and every error text, is
     the general parse's own."""
     quick = _outcome(decode, frame)
-    small, codec.SMALL_FRAME = codec.SMALL_FRAME, 0  # every frame the general way
+    assert quick == _outcome(_general, frame)
+
+
+def _general(frame: bytes) -> Any:
+    """``decode`` with every quicker parse turned off."""
+    small, longest, codec.SMALL_FRAME, codec._LAYER_LONGEST = codec.SMALL_FRAME, codec._LAYER_LONGEST, 0, 0
     try:
-        assert quick == _outcome(decode, frame)
+        return decode(frame)
     finally:
-        codec.SMALL_FRAME = small
+        codec.SMALL_FRAME, codec._LAYER_LONGEST = small, longest
+
+
+#: every way msgpack may write an unsigned integer (positive fixint, then 1, 2, 4 and 8 bytes,
+#: whatever the value's size: the padded forms are valid msgpack too), and a signed one
+_HEADS = [b"", b"\xcc", b"\xcd", b"\xce", b"\xcf", b"\xd3"]
+
+
+def _uint(value: int, head: bytes) -> bytes:
+    size = {b"": 0, b"\xcc": 1, b"\xcd": 2, b"\xce": 4, b"\xcf": 8, b"\xd3": 8}[head]
+    if head == b"":
+        return bytes([value & 0x7F])
+    return head + (value % (1 << (8 * size))).to_bytes(size, "big")
+
+
+@st.composite
+def layer_frames(draw: st.DrawFn) -> bytes:
+    """Frames shaped like a layer signal without a slot table, at and around every bound: any
+    integer head, values about 0, 2**16 and 2**63, a tail that is or is not the empty table."""
+    edges = st.sampled_from([0, 1, 127, 128, 255, 256, 65535, 65536, 65537, (1 << 63) - 1, 1 << 63, (1 << 64) - 1])
+    values = st.one_of(edges, st.integers(min_value=0, max_value=(1 << 64) - 1))
+    step, layer = draw(values), draw(values)
+    frame = codec._LAYER_HEAD + _uint(step, draw(st.sampled_from(_HEADS))) + _uint(layer, draw(st.sampled_from(_HEADS)))
+    frame += draw(st.sampled_from([b"\x90", b"\x91\x90", b"", b"\x90\x00", b"\xc0", b"\xdc\x00\x00"]))
+    cut = draw(st.integers(min_value=0, max_value=len(frame)))
+    return frame if draw(st.booleans()) else frame[:cut]
+
+
+@settings(FUZZ, max_examples=2_000)
+@given(layer_frames())
+def test_a_layer_signal_parsed_by_its_own_parser_ends_as_the_general_parse_does(frame: bytes) -> None:
+    """The commonest frame has a parser of its own: it takes exactly what the general parse
+    takes, to the same signal, and leaves the rest (with its error text) to it."""
+    assert _outcome(decode, frame) == _outcome(_general, frame)
+    taken = codec._bare_layer(frame)
+    if taken is not None:
+        assert taken == _general(frame)
+        assert type(taken.step) is int and type(taken.layer) is int and taken.slots == ()
+
+
+def test_the_layer_signals_a_worker_sends_take_their_own_parser() -> None:
+    """(The property above would hold if that parser never took anything.)"""
+    for step, layer in [(0, 1), (17, 31), (1 << 40, 1 << 16), ((1 << 63) - 1, 0)]:
+        sig = LayerSignal(step, layer)
+        assert codec._bare_layer(encode(sig)) == sig
+    assert codec._bare_layer(encode(LayerSignal(5, 0, (SlotChunk(0, 0, 16, 5),)))) is None
+    small, general = codec.SMALL_FRAME, codec._general
+    codec.SMALL_FRAME, codec._general = 0, None  # type: ignore[assignment]  # (decode takes it before either)
+    try:
+        assert decode(encode(LayerSignal(17, 3))) == LayerSignal(17, 3)
+    finally:
+        codec.SMALL_FRAME, codec._general = small, general
 
 
 def test_every_example_message_short_enough_takes_the_quick_parse() -> None:

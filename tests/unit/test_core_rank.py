@@ -190,6 +190,43 @@ def test_pipelining_a_step_of_eight_requests_posts_one_write_per_layer() -> None
         assert w.nbytes == 16 * 1024 * 2
 
 
+def test_layer_signals_taken_together_end_as_one_at_a_time() -> None:
+    """The shell hands a worker's run of signals after layer 0 to ``on_layers`` at once: the same
+    effects, problems included (a layer past the model's, a step not begun, a step done with), as
+    one ``on_layer`` each, in a wake-up (hold ... flush) and outside one."""
+    runs = [(1, [1, 2]), (1, [LAYERS, 2]), (2, [1]), (9, [1, LAYERS + 5]), (1, [2])]
+    for held in (True, False):
+        cores = [core(), core()]
+        outs: list[list] = [[], []]
+        for c, out in zip(cores, outs, strict=True):
+            out += feed(c, [info("a", 0, 1, 32, [0, 1], [5, 6]), LayerSignal(1, 0, (SlotChunk(0, 0, 32, 1),))])
+            out += feed(c, [info("b", 1, 2, 16, [2], [7]), LayerSignal(2, 0, (SlotChunk(1, 0, 16, 2),))])
+            if held:
+                c.hold()
+        for step, run in runs:
+            outs[0] += cores[0].on_layers(step, run, 1.0)
+            for layer in run:
+                outs[1] += cores[1].on_layer(LayerSignal(step, layer), 1.0)
+        if held:
+            outs[0] += cores[0].flush(1.0)
+            outs[1] += cores[1].flush(1.0)
+        assert [e for e in outs[0] if not isinstance(e, Write)] == [e for e in outs[1] if not isinstance(e, Write)]
+        if held:  # the same writes, planned at the flush
+            assert [type(e).__name__ for e in outs[0]] == [type(e).__name__ for e in outs[1]]
+            assert [(w.layers, w.runs, w.requests) for w in of(outs[0], Write)] == [
+                (w.layers, w.runs, w.requests) for w in of(outs[1], Write)
+            ]
+        else:  # planned at once: fewer writes, the same (layer, run) of each request
+            assert _covered(of(outs[0], Write)) == _covered(of(outs[1], Write))
+        codes = [e.code for e in of(outs[0], Problem)]
+        assert codes.count(ErrorCode.OUT_OF_RANGE) == 2 and codes.count(ErrorCode.STALE_SIGNAL) == 1
+        assert of(outs[0], Write), "the runs wrote something"
+
+
+def _covered(writes: list[Write]) -> list[tuple[int, object]]:
+    return sorted(((layer, run) for w in writes for layer in w.layers for run in w.runs), key=repr)
+
+
 def test_a_step_admitted_verdict_by_verdict_in_one_wake_up_is_one_write() -> None:
     """The barrier's Admitted come one per request; read in one wake-up (hold ... flush), the
     eight requests' blocks go together (before, one request after another), and so do the layers
