@@ -79,7 +79,7 @@ writers hear that verdict, as for any round.
 from __future__ import annotations
 
 import enum
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 
 from kvxferd.core import verdicts
@@ -119,6 +119,28 @@ class Round(enum.Enum):
 #: a serving rank not heard from for this many of its heartbeats counts as stopped (the service's
 #: ``alive_s`` is this times ``timeouts.heartbeat_s``)
 ALIVE_BEATS = 3
+
+
+#: remembered verdicts handed on per call (a message or a run of the timers) when a rank becomes
+#: absent, joins, or a decode rank starts anew: each such event may re-tell every verdict its
+#: group remembers (up to ``max_keys``, ~0.5 s of work at 65,536); the rest follows at the next
+#: runs of the timers, due at once, so the service reads and answers words between the parts
+RETELL_BATCH = 512
+
+
+@dataclass(slots=True)
+class _Retell:
+    """Remembered verdicts of prefill group ``group`` still to hand on, in order: to the decode
+    ranks that ``ranks`` (absent) write into (only decode rank ``only``, if named), or, with
+    ``joiner``, to that rank of ``group`` as they are (it replaces a rank that may have died
+    before telling its decode rank how they ended)."""
+
+    group: str
+    keys: list[RoundKey]
+    ranks: list[int] = field(default_factory=list)
+    only: tuple[str, int] | None = None
+    joiner: int | None = None
+    at: int = 0  # keys[:at] handed on
 
 
 @dataclass(slots=True)
@@ -178,6 +200,12 @@ class BarrierState:
         #: service restarted with a rank that died meanwhile, or never came back, never hears it)
         self._sweep_at: float | None = None
         self._swept = False
+        #: remembered verdicts being handed on a part at a time (see RETELL_BATCH), oldest first;
+        #: bounded: one per rank made absent, joining, or starting anew (groups x ranks), of at
+        #: most max_keys keys each
+        self._retells: deque[_Retell] = deque()
+        self._retell_due = 0.0  # when the call that left parts to hand on ran
+        self.retell_batch = RETELL_BATCH
         #: group -> world size: the config's, known from the start (a restarted service takes a
         #: word of a rank whose process is about to exit before any rank of its group said Hello)
         self._groups: dict[str, int] = dict(groups or {})
@@ -269,7 +297,7 @@ class BarrierState:
                 self._deadlines.cancel(k)
                 effects += self._expire(k, now, gone=[msg.rank], how="restarted before reporting")
             self._absent.add((msg.group, msg.rank))
-            effects += self._tell_decode(msg.group, [msg.rank], self._remembered(msg.group))
+            effects += self._retell_absent(msg.group, [msg.rank], now)
         else:
             # a rank this run never heard serve is starting: words of it in open rounds are its
             # predecessor's (sent to this run before it died), which the new process does not hold;
@@ -277,7 +305,7 @@ class BarrierState:
             # this run recalled) ended, while the new process hears no verdict until it serves (it
             # waits at the start-up barrier): absent until then, its decode rank hears them from here
             self._absent.add((msg.group, msg.rank))
-            effects += self._tell_decode(msg.group, [msg.rank], self._remembered(msg.group))
+            effects += self._retell_absent(msg.group, [msg.rank], now)
             spoke = [
                 k
                 for k, e in self._open.items()
@@ -288,7 +316,7 @@ class BarrierState:
                 effects += self._expire(k, now, gone=[msg.rank], how="restarted before the round ended")
         self._stopped.discard((msg.group, msg.rank))
         if msg.role == "decode" and not msg.serving:
-            effects += self._retell(msg.group, msg.rank)
+            effects += self._retell(msg.group, msg.rank, now)
         return [*effects, ToRank(msg.group, msg.rank, Ack(f"hello {self.epoch}"))]
 
     def live(self, group: str, now: float) -> dict[int, str]:
@@ -309,7 +337,7 @@ class BarrierState:
             # the joiner replaces a rank that may have died holding requests: every verdict still
             # remembered, so it can tell its decode rank about the ones its predecessor could not
             joined: list[BarrierEffect] = [ToRank(group, rank, Release(group, STARTUP_KEY, instance, digest))]
-            return joined + [ToRank(group, rank, v) for v in self._remembered(group)]
+            return joined + self._queue(_Retell(group, self._remembered(), joiner=rank), now)
         others = {r: RankView(r, Status.OK, digest=Digest(0, 0, 0, fp)) for r, fp in live.items()}
         others[rank] = RankView(rank, Status.OK, digest=digest)
         odd = sorted(r for r, fp in live.items() if fp and fp != mine)
@@ -321,18 +349,59 @@ class BarrierState:
         verdict = Diverged(group, STARTUP_KEY, instance, Status.FAILED, reason, views)
         return [ToRank(group, rank, verdict)]
 
-    def _remembered(self, group: str) -> list[Release | Diverged | Expired]:
-        return [v for v in self._ended.values() if v.group == group and v.key != STARTUP_KEY]
+    def _remembered(self) -> list[RoundKey]:
+        """The keys of every remembered verdict, oldest first (each re-telling takes those of its
+        group as it goes)."""
+        return self._ended.keys()
 
-    def _retell(self, decode: str, rank: int) -> list[BarrierEffect]:
+    def _retell_absent(self, group: str, ranks: list[int], now: float) -> list[BarrierEffect]:
+        """``ranks`` of ``group`` became absent: their decode ranks hear every verdict of the group
+        still remembered (see :meth:`_tell_decode`), the first part now."""
+        return self._queue(_Retell(group, self._remembered(), ranks=ranks), now)
+
+    def _retell(self, decode: str, rank: int, now: float) -> list[BarrierEffect]:
         """Decode rank ``rank`` of ``decode`` is a new process: what the service told its
         predecessor for writers that are still absent went with it (held for an engine, or half
         gathered), and nobody else will say it again. It hears it once more (its decode daemon
         hands on at most one notice per writer and request)."""
         out: list[BarrierEffect] = []
+        keys = self._remembered()
         for group in sorted({g for g, _ in self._absent}):
-            told = self._tell_decode(group, self._absent_in(group), self._remembered(group))
-            out += [e for e in told if isinstance(e, ToRank) and e.group == decode and e.rank == rank]
+            out += self._queue(_Retell(group, keys, ranks=self._absent_in(group), only=(decode, rank)), now)
+        return out
+
+    def _queue(self, job: _Retell, now: float) -> list[BarrierEffect]:
+        """Hand on ``job``'s verdicts after those queued already, as many now as one call may."""
+        if job.keys:
+            self._retells.append(job)
+        return self._hand_on(now)
+
+    def _hand_on(self, now: float) -> list[BarrierEffect]:
+        """Up to ``retell_batch`` remembered verdicts of the queued re-tellings, looking at up to
+        16 times as many keys (one forgotten meanwhile is skipped: too old for anybody to wait on)."""
+        out: list[BarrierEffect] = []
+        send, scan = self.retell_batch, 16 * self.retell_batch  # (looking at a key costs far less)
+        while self._retells and send > 0 and scan > 0:
+            job = self._retells[0]
+            found: list[Release | Diverged | Expired] = []
+            keys, group = job.keys, job.group
+            while job.at < len(keys) and len(found) < send and scan > 0:
+                k = keys[job.at]
+                job.at += 1
+                scan -= 1
+                if k[0] == group and k[1] != STARTUP_KEY and (v := self._ended.get(k)) is not None:
+                    found.append(v)
+            send -= len(found)
+            if job.joiner is not None:
+                out += [ToRank(job.group, job.joiner, v) for v in found]
+            else:
+                told = self._tell_decode(job.group, job.ranks, found)
+                if job.only is not None:
+                    told = [e for e in told if isinstance(e, ToRank) and (e.group, e.rank) == job.only]
+                out += told
+            if job.at >= len(job.keys):
+                self._retells.popleft()
+        self._retell_due = now
         return out
 
     def _tell_decode(
@@ -404,9 +473,9 @@ class BarrierState:
         if self._sweep_at is not None and now >= self._sweep_at:
             self._sweep_at, self._swept = None, True  # once: later absences are stops and restarts
             unheard = [(g, r) for g, size in self._groups.items() for r in range(size) if (g, r) not in self._serving]
-            for group, rank in unheard:
-                self._absent.add((group, rank))
-                effects += self._tell_decode(group, [rank], self._remembered(group))
+            self._absent.update(unheard)
+            for group in sorted({g for g, _ in unheard}):
+                effects += self._retell_absent(group, [r for g, r in unheard if g == group], now)
             # ranks not heard at all (no Hello, no word) count as stopped: the rounds waiting for
             # them end now (a rank that starts or serves is heard within alive_s)
             decoders = set(self.decode_of.values())
@@ -431,14 +500,18 @@ class BarrierState:
             for k in waiting:
                 self._deadlines.cancel(k)
                 effects += self._expire(k, now)
-            for group, rank in sorted(gone):
-                if (group, rank) not in self._absent:
-                    self._absent.add((group, rank))
-                    effects += self._tell_decode(group, [rank], self._remembered(group))
+            newly = sorted(gone - self._absent)
+            self._absent.update(newly)
+            for group in sorted({g for g, _ in newly}):
+                effects += self._retell_absent(group, [r for g, r in newly if g == group], now)
+        if self._retells:
+            effects += self._hand_on(now)
         return effects
 
     def next_deadline(self) -> float | None:
         times = [t for t in (self._deadlines.earliest(), self._ended.next_deadline(), self._sweep_at) if t is not None]
+        if self._retells:  # the next part is due at once (when the last one was handed on)
+            times.append(self._retell_due)
         # a serving rank whose heartbeat is overdue stops the rounds waiting for it, and its decode
         # rank hears the verdicts it may not have told (so also while only verdicts are remembered)
         if self._open or (self.decode_of and len(self._ended)):
@@ -529,7 +602,8 @@ class BarrierState:
         return sorted(r for g, r in self._absent if g == group) if self._absent else []
 
     def sizes(self) -> dict[str, int]:
-        return {"groups": len(self._groups), "open": len(self._open), "ended": len(self._ended)}
+        retelling = sum(len(job.keys) - job.at for job in self._retells)
+        return {"groups": len(self._groups), "open": len(self._open), "ended": len(self._ended), "retelling": retelling}
 
     def stopped(self) -> list[str]:
         """The serving ranks not heard from within ``alive_s`` (``group:rank``), for operators."""

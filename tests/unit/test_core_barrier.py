@@ -69,7 +69,7 @@ def test_release_only_when_every_admitted_rank_arrived_with_the_same_digest() ->
     assert b.handle(Withdraw("g", "k", 0, 1, Status.ABORTED, "late"), 2.0) == [ToRank("g", 1, out[1].message)]
     assert b.next_deadline() == 12.0
     b.on_timer(12.0)
-    assert b.sizes() == {"groups": 1, "open": 0, "ended": 0} and b.next_deadline() is None
+    assert b.sizes() == {"groups": 1, "open": 0, "ended": 0, "retelling": 0} and b.next_deadline() is None
 
 
 @pytest.mark.parametrize(
@@ -342,7 +342,7 @@ def test_expiry_names_missing_ranks_tells_everyone_and_answers_stragglers() -> N
     assert v.peer == T.peer
     # the straggler gets the same verdict at once, and no new key opens
     assert b.handle(Admit("g", "k", 0, 1, T), 12.0) == [ToRank("g", 1, v)]
-    assert b.sizes() == {"groups": 1, "open": 0, "ended": 1}
+    assert b.sizes() == {"groups": 1, "open": 0, "ended": 1, "retelling": 0}
     b.on_timer(21.0)  # remembered for another timeout, then forgotten
     assert b.sizes()["ended"] == 0
 
@@ -570,7 +570,7 @@ def test_a_restarted_service_recalls_its_predecessors_verdicts_and_answers_words
     assert not new.recall(Release("g", "old", 0, D), 10.0, 100.0), "older than timeout_s: gone"
     assert new.handle(Admit("g", "k", 0, 1, T), 100.5) == [ToRank("g", 1, expired)]
     assert new.handle(Arrive("g", "ok", 0, 0, D), 100.5) == [ToRank("g", 0, decided[1])]
-    assert new.sizes() == {"groups": 1, "open": 0, "ended": 2}
+    assert new.sizes() == {"groups": 1, "open": 0, "ended": 2, "retelling": 0}
     assert [type(e) for e in new.take_journal()] == [Admit, Arrive], "the words, not the recalled verdicts"
     new.on_timer(101.5)  # each is remembered for what was left of its timeout_s
     assert new.sizes()["ended"] == 1
@@ -750,3 +750,47 @@ def test_a_decode_rank_starting_anew_hears_again_what_it_was_told_for_its_absent
     # a decode rank whose writers all serve hears nothing again (they tell it themselves)
     b.hello(Hello("g", 1, 2, "prefill", serving="fp"), 3.0)
     assert [e.message for e in b.hello(Hello("d", 1, 2, "decode"), 4.0)] == [Ack("hello 0")]
+
+
+def _released(b: BarrierState, keys: list[str], now: float) -> None:
+    terms = replace(T, peer="dq")
+    for k in keys:
+        for r in range(2):
+            b.handle(Admit("g", k, 0, r, terms), now)
+        for r in range(2):
+            b.handle(Arrive("g", k, 0, r, D), now)
+
+
+def test_a_rank_made_absent_hands_on_its_groups_verdicts_a_part_at_a_time() -> None:
+    """A restart may re-tell every verdict its group remembers (up to max_keys): one message must
+    not cost that much at once. The first part goes at once; the rest at the next runs of the
+    timers, due at once, with words answered in between; each verdict reaches the decode rank
+    once, and the joiner that replaces the rank gets every one too, the same way."""
+    b = BarrierState(timeout_s=10.0, alive_s=3.0, groups={"g": 2, "d": 2}, decode_of={"dq": "d"})
+    b.retell_batch = 10
+    for r in range(2):
+        b.hello(Hello("g", r, 2, "prefill", serving="fp"), 0.0)
+        b.hello(Hello("d", r, 2, "decode", serving="fq"), 0.0)
+    keys = [f"k{i}" for i in range(25)]
+    _released(b, keys, 0.5)
+    out = b.hello(Hello("g", 1, 2, "prefill"), 1.0)  # rank 1's new process
+    told = [e.message.key for e in out if isinstance(e.message, Release)]
+    assert len(told) == 10 and all(e.group == "d" and e.rank == 1 for e in out if isinstance(e.message, Release))
+    assert b.sizes()["retelling"] == 15 and b.next_deadline() == 1.0
+    # a word in between is answered as ever, without a part
+    assert b.handle(Admit("g", "new", 0, 0, T), 1.01) == []
+    while b.sizes()["retelling"]:
+        part = [e for e in b.on_timer(1.02) if isinstance(e.message, Release)]
+        assert 0 < len(part) <= 10 and all((e.group, e.rank) == ("d", 1) for e in part)
+        assert all(e.message.absent == (1,) for e in part)
+        told += [e.message.key for e in part]
+    assert told == keys  # each once, oldest first
+    # the new process joins: the start-up verdict, then every remembered verdict, a part at a time
+    first = b.handle(Arrive("g", STARTUP_KEY, 0, 1, Digest(0, 0, 0, "fp")), 1.5)
+    assert first[0] == ToRank("g", 1, Release("g", STARTUP_KEY, 0, Digest(0, 0, 0, "fp")))
+    learned = [e.message.key for e in first[1:] if (e.group, e.rank) == ("g", 1)]
+    assert len(learned) == 10
+    while b.sizes()["retelling"]:
+        learned += [e.message.key for e in b.on_timer(1.6) if (e.group, e.rank) == ("g", 1)]
+    assert learned == keys
+    assert (b.next_deadline() or 99.0) > 1.6  # nothing left to hand on
