@@ -41,7 +41,9 @@ start-up key (:data:`STARTUP_KEY`) is for a cold start: a rank arriving at it
 while other ranks of its group are live joins at once (``Release`` if their
 configs agree, ``Diverged`` naming them if not) instead of waiting for ranks
 that are not starting; a joiner is also sent every verdict still remembered,
-since it may replace a rank that died before it could report them. Ranks that
+since it may replace a rank that died before it could report them, and so is
+every rank of a cold start (the whole group died: the service's own word to a
+decode rank that was down then is lost, and its writers serve again). Ranks that
 reached the start-up round before any live rank was heard (the service and a
 rank restarted together) join as soon as one is. A rank
 that served and says Hello as starting again is a new process: the group's
@@ -746,5 +748,21 @@ class BarrierState:
             verdict = Diverged(group, key, instance, ending[0], ending[1], views, entry.peer)
         self._decide(k, verdict, now)
         told: list[BarrierEffect] = [ToRank(group, r, verdict) for r in range(size)]
+        if key == STARTUP_KEY:
+            if isinstance(verdict, Release):  # (see _cold)
+                told += self._cold(group, size, now)
+            return told
         told += self._tell_others(self._named(entry), verdict)
         return told + self._tell_decode(group, self._absent_in(group), [verdict])
+
+    def _cold(self, group: str, size: int, now: float) -> list[BarrierEffect]:
+        """Every rank of ``group`` starts together (a cold start): each is a new process whose
+        predecessor may have died before telling its decode rank how its requests ended, and the
+        service's own word to that decode rank may have been lost (it was down, and its new process
+        hears again only what absent writers did). As a joiner does, each rank hears every verdict
+        the group remembers and tells its decode rank itself, kept until that rank confirms it."""
+        keys = self._remembered()
+        out: list[BarrierEffect] = []
+        for r in range(size):
+            out += self._queue(_Retell(group, keys, joiner=r), now)
+        return out

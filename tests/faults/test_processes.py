@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from kvxferd import security
-from kvxferd.client import DecodeEngine, PrefillOutcome, PrefillScheduler, PrefillWorker, status
+from kvxferd.client import DecodeEngine, DecodeOutcome, PrefillOutcome, PrefillScheduler, PrefillWorker, status
 from kvxferd.errors import TransportUnavailable
 from kvxferd.kvcache import HostKVCache
 from kvxferd.protocol import CacheInfo, ErrorCode, SlotChunk, Status
@@ -508,6 +508,19 @@ def test_notices_unread_by_a_killed_decode_daemon_reach_the_engine_through_its_s
         traffic.ok(3)
 
 
+def _decode_told(dep: Deployment, rid: str, rank: int, timeout_s: float) -> DecodeOutcome:
+    """Wait until decode ``rank`` told the engine how ``rid`` went (other ranks may never)."""
+    assert dep.dec is not None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = dep.dec.outcome(rid)
+        if out is not None and rank in out.reported:
+            return out
+        left = deadline - time.monotonic()
+        assert left > 0, f"decode rank {rank} did not tell {rid} within {timeout_s}s ({out})"
+        dep.dec.collect(min(left, 0.2))
+
+
 def _register_decode(dep: Deployment, rank: int, cache: HostKVCache) -> None:
     assert dep.dec is not None
     dep.dec.register_rank(rank, cache)
@@ -922,6 +935,41 @@ def test_a_round_whose_ranks_all_died_while_the_barrier_service_was_down_still_r
         dep.cluster.wait_ready([dep.cluster.spawn(n) for n in names], time.monotonic() + 60.0)
         for r, worker in enumerate(dep.workers):
             worker.register(dep.pcaches[r])
+        traffic.ok(2)
+
+
+@pytest.mark.slow
+def test_a_decode_rank_down_when_its_writers_died_hears_of_their_request_once_they_start_cold(
+    record: dict[str, Any],
+) -> None:
+    """A request is in flight on both prefill ranks (rank 0 wrote and arrived); decode rank 1 is
+    killed, then both prefill ranks. The barrier service tells both decode ranks the request
+    failed: decode rank 1's word is lost with it. The prefill group starts again together (a cold
+    start: no live rank to join), then decode rank 1. Its writers serve, so the service has no
+    absent writer to speak for: before, nobody ever told decode rank 1, and its engine's block
+    stayed reserved. Each rank of a cold start now learns the verdicts its group remembers and
+    tells its decode rank itself, kept until that rank confirms it."""
+    with deploy(faults()) as dep:
+        traffic = Traffic(dep, record)
+        assert dep.sched is not None and dep.dec is not None
+        traffic.ok(2)
+        info, _, _ = traffic.half_done(0)
+        fault = _kill(dep, _name(dep, "decode", 1))
+        for rank in range(dep.prefill.world_size):
+            _kill(dep, _name(dep, "prefill", rank))
+        told = _decode_told(dep, info.request_id, 0, 3 * HEARTBEAT_S + SLACK_S + 10)
+        assert told.reported == {0}, told  # (decode rank 1's word is lost with it)
+        names = [_name(dep, "prefill", r) for r in range(dep.prefill.world_size)]
+        dep.cluster.wait_ready([dep.cluster.spawn(n) for n in names], time.monotonic() + 60.0)
+        for r, worker in enumerate(dep.workers):
+            worker.register(dep.pcaches[r])
+        _restart(dep, _name(dep, "decode", 1), record)
+        _register_decode(dep, 1, dep.dcaches[1])
+        told = _decode_told(dep, info.request_id, 1, 3 * HEARTBEAT_S + SLACK_S + 10)
+        record.update(fault="SIGKILL decode rank 1, then both prefill ranks holding a request; all started again")
+        record["report_s"] = round(time.monotonic() - fault, 2)
+        record["affected"] = "1 in flight: decode rank 1 told by its writer's new process after a cold start"
+        assert told.reusable and not told.ready and not told.duplicates, told
         traffic.ok(2)
 
 

@@ -794,3 +794,31 @@ def test_a_rank_made_absent_hands_on_its_groups_verdicts_a_part_at_a_time() -> N
         learned += [e.message.key for e in b.on_timer(1.6) if (e.group, e.rank) == ("g", 1)]
     assert learned == keys
     assert (b.next_deadline() or 99.0) > 1.6  # nothing left to hand on
+
+
+def test_a_group_that_starts_cold_hears_the_verdicts_it_remembers_as_a_joiner_does() -> None:
+    """Both prefill ranks died holding a request; the service told their decode rank, which was
+    down at that moment and lost it. Both ranks came back together: a cold start, nobody to join.
+    Before, nobody would ever tell the decode rank again (its writers serve, so a decode process
+    starting anew hears nothing for them): each rank of a cold start now learns every verdict its
+    group remembers, as a joiner does, and tells its decode rank itself (a notice kept until that
+    decode rank confirms it, whichever process it is)."""
+    b = BarrierState(timeout_s=10.0, alive_s=3.0, groups={"g": 2, "d": 1}, decode_of={"dq": "d"},
+                     targets={("g", "d"): {0: (0,), 1: (0,)}})  # fmt: skip
+    for r in range(2):
+        b.hello(Hello("g", r, 2, "prefill", serving="fp"), 0.0)
+    b.hello(Hello("d", 0, 1, "decode", serving="fq"), 0.0)
+    terms = replace(T, peer="dq")
+    for r in range(2):
+        b.handle(Admit("g", "k", 0, r, terms), 0.5)
+    out = b.on_timer(4.0)  # neither rank heard since 0.0: both stopped, the round expires
+    assert any(isinstance(e.message, Expired) and e.group == "d" for e in out)  # (lost: decode was down)
+    for r in range(2):
+        b.hello(Hello("g", r, 2, "prefill"), 5.0)  # new processes, starting together
+    fp = Digest(0, 0, 0, "fp")
+    assert b.handle(Arrive("g", STARTUP_KEY, 0, 0, fp), 5.1) == []
+    out = b.handle(Arrive("g", STARTUP_KEY, 0, 1, fp), 5.2)
+    for r in range(2):
+        mine = [e.message for e in out if (e.group, e.rank) == ("g", r)]
+        assert mine[0] == Release("g", STARTUP_KEY, 0, fp)
+        assert [(m.key, type(m)) for m in mine[1:]] == [("k", Expired)]
