@@ -56,7 +56,13 @@ class Words:
         self.sp = settings
         self.life = life
         self.aborts: Memory[Key, str] = Memory(limit=settings.max_requests, ttl_s=settings.pending_timeout_s)
+        #: how this rank's own instances ended (its engine told): what ``forgetful`` guards
         self.ended: Memory[Key, Ended] = Memory(limit=settings.max_ended, ttl_s=settings.ended_memory_s)
+        #: verdicts learned for instances this process never held (a joiner or a cold start hears
+        #: every one its group remembers, tens of thousands at once): kept apart, so they never
+        #: crowd this rank's own endings out and never make it refuse new requests (forgetful);
+        #: one of them pushed out early only means a late cache_info of it asks the barrier again
+        self.learned: Memory[Key, Ended] = Memory(limit=settings.max_ended, ttl_s=settings.ended_memory_s)
 
     # -- the words ---------------------------------------------------------------------
 
@@ -152,16 +158,20 @@ class Words:
             ErrorCode.UNAVAILABLE.value,
         )
 
+    def ending_of(self, key: Key) -> Ended | None:
+        """How instance ``key`` ended here, or was learned to have ended (None: neither)."""
+        return self.ended.get(key) or self.learned.get(key)
+
     def learn(self, key: Key, verdict: Verdict, now: float) -> list[RankEffect]:
         """A final verdict for an instance this rank does not hold."""
-        ended = self.ended.get(key)
+        ended = self.ending_of(key)
         if ended is not None:
             ended.word = None  # the service has the word: nothing to say again after a restart
             return []  # it ended here already: a repeated or late verdict
         self.aborts.pop(key)
         # a Release: every rank arrived, this one included: it is a new process of this rank
         ending = self._restarted() if isinstance(verdict, Release) else Ending(verdict.status, clip(verdict.reason))
-        self.ended.put(key, Ended(ending, False, verdict.peer), now)
+        self.learned.put(key, Ended(ending, False, verdict.peer), now)
         if not verdict.peer:
             return []
         notice = TransferResult(key[0], ending.status, ending.reason, self.sp.rank, instance=key[1], code=ending.code)
@@ -173,7 +183,7 @@ class Words:
         if live is not None:
             detail = f"request {rid} instance {instance} is already in flight ({live.data.value})"
             return Problem(ErrorCode.DUPLICATE_REQUEST, detail, rid)
-        ended = self.ended.get(info.key)
+        ended = self.ending_of(info.key)
         if ended is not None and ended.told_engine:
             detail = (
                 f"request {rid} instance {instance} already ended ({ended.ending.status.value}): cache_info dropped"
@@ -183,7 +193,10 @@ class Words:
 
     def straggler(self, info: CacheInfo, ended: Ended, origin: bytes | None) -> list[RankEffect]:
         """A cache_info of an instance that already ended here, or was learned to have ended: the
-        engine is told that ending (once), and the decode peer if nobody told it yet."""
+        engine is told that ending (once), and the decode peer if nobody told it yet. (A learned
+        one stays with the learned: moved among this rank's own endings it could push one of those
+        out early; pushed out itself, by ``max_ended`` later verdicts within ``ended_memory_s``,
+        a repeat of its cache_info would be answered as new.)"""
         rid = info.request_id
         ending = ended.ending
         ended.told_engine = True
@@ -221,7 +234,7 @@ class Words:
         """An abort of an instance this rank does not hold: remembered until its cache_info comes
         (then it ends as aborted at once), unless the instance already ended here."""
         key = msg.key
-        if key in self.ended:
+        if key in self.ended or key in self.learned:
             return []  # a late abort of an instance that already ended: nothing to do
         if self.aborts.full and key not in self.aborts:
             detail = f"abort for request {msg.request_id} instance {msg.instance} not kept: "
@@ -253,7 +266,9 @@ class Words:
     def on_timer(self, now: float) -> None:
         self.aborts.expire(now)
         self.ended.expire(now)
+        self.learned.expire(now)
 
     def next_deadline(self) -> float | None:
-        times = [t for t in (self.aborts.next_deadline(), self.ended.next_deadline()) if t is not None]
+        memories = (self.aborts, self.ended, self.learned)
+        times = [t for t in (m.next_deadline() for m in memories) if t is not None]
         return min(times, default=None)

@@ -84,7 +84,7 @@ class RankCore:
         repeat = self.words.repeat(info, self._requests.get(info.key))
         if repeat is not None:
             return [repeat]
-        ended = self.words.ended.get(info.key)
+        ended = self.words.ending_of(info.key)
         if ended is not None:  # ended before its cache_info came here: its signals have nothing to join
             self.intake.close_start(info, now)
             return self.words.straggler(info, ended, origin)

@@ -140,6 +140,7 @@ def sizes(life: Lifecycle, intake: Intake, writes: Writes, words: Words) -> dict
         "deadlines": life.armed + signal_deadlines,
         "aborts": len(words.aborts),
         "ended": len(words.ended),
+        "learned": len(words.learned),
     }
 
 

@@ -1062,3 +1062,25 @@ def test_while_the_memory_of_endings_is_full_of_recent_ones_new_requests_are_ref
     assert c.sizes()["ended"] == 3, "the refusal pushed no ending out"
     c.on_timer(17.0)  # the endings' time is over
     assert messages(c.handle(info("r3", 3, 4, 16, [3], [3]), 17.0), Admit)
+
+
+def test_verdicts_learned_in_bulk_never_make_a_rank_refuse_new_requests() -> None:
+    """A joiner, or every rank of a cold start, learns every verdict its group remembers (up to
+    the barrier's max_keys, as many as a rank's memory of endings holds). Kept with the rank's own
+    endings they filled that memory with fresh entries, and the rank refused every new cache_info
+    (TABLE_FULL) until they aged out, ~90 s. Learned ones are kept apart: new requests are taken,
+    and a late cache_info of a learned instance is still answered with its ending, once."""
+    c = core(max_ended=4)
+    peer = "ipc://d-{rank}"
+    for i in range(6):
+        verdict = Expired("prefill", f"old{i}", 0, (1,), 10.0, Status.FAILED, f"old{i} failed", peer)
+        (notice,) = c.on_verdict(verdict, 0.0)
+        assert isinstance(notice, ToPeer) and notice.message.status is Status.FAILED
+    out = c.on_cache_info(info("new", 0, 1, 16, [1], [2]), 0.1)
+    assert messages(out, Admit) and not of(out, Problem), out
+    late = c.on_cache_info(info("old5", 1, 1, 16, [3], [4]), 0.2)
+    (told,) = of(late, ToEngine)
+    assert told.result.status is Status.FAILED and "old5 failed" in told.result.reason
+    repeat = c.on_cache_info(info("old5", 1, 1, 16, [3], [4]), 0.3)
+    assert [p.code for p in of(repeat, Problem)] == [ErrorCode.DUPLICATE_REQUEST] and not of(repeat, ToEngine)
+    assert c.sizes()["learned"] == 4 and c.sizes()["ended"] == 0
