@@ -81,7 +81,7 @@ writers hear that verdict, as for any round.
 from __future__ import annotations
 
 import enum
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from kvxferd.core import verdicts
@@ -202,10 +202,10 @@ class BarrierState:
         #: service restarted with a rank that died meanwhile, or never came back, never hears it)
         self._sweep_at: float | None = None
         self._swept = False
-        #: remembered verdicts being handed on a part at a time (see RETELL_BATCH), oldest first;
-        #: bounded: one per rank made absent, joining, or starting anew (groups x ranks), of at
-        #: most max_keys keys each
-        self._retells: deque[_Retell] = deque()
+        #: remembered verdicts being handed on a part at a time (see RETELL_BATCH), oldest first,
+        #: by target (prefill group, decode rank starting anew, joiner): at most one each, so
+        #: within groups x ranks, of at most max_keys keys each
+        self._retells: dict[tuple[str, tuple[str, int] | None, int | None], _Retell] = {}
         self._retell_due = 0.0  # when the call that left parts to hand on ran
         self.retell_batch = RETELL_BATCH
         #: group -> world size: the config's, known from the start (a restarted service takes a
@@ -226,9 +226,13 @@ class BarrierState:
         self.journal: list[Journaled] = []
 
     def handle(self, msg: Message, now: float) -> list[BarrierEffect]:
+        """One message from a rank: what it causes, then the next part of any re-telling."""
+        return self._handle(msg, now) + self._parts(now)
+
+    def _handle(self, msg: Message, now: float) -> list[BarrierEffect]:
         self._start_sweep(now)
         if isinstance(msg, Hello):
-            return self.hello(msg, now)
+            return self._hello(msg, now)
         if isinstance(msg, (Admit, Arrive, Withdraw)) and msg.key != STARTUP_KEY:
             self.journal.append(msg)  # (a straggler's word too: its key's verdict comes first on recall)
             # any word of a serving rank says it runs (after a stall of this service, its words
@@ -247,7 +251,7 @@ class BarrierState:
                 self._stopped.discard(gr)
                 waited = self._joined(msg.group, now)  # (ranks waiting in a start-up round join)
                 if waited:
-                    return waited + self.handle(msg, now)
+                    return waited + self._handle(msg, now)
         if isinstance(msg, (Admit, Withdraw)) and msg.key == STARTUP_KEY:
             why = f"key {STARTUP_KEY!r} is the start-up round's: {type(msg).__name__} may not name it"
             return [Problem(ErrorCode.BAD_MESSAGE, why)]
@@ -274,6 +278,9 @@ class BarrierState:
             self._sweep_at = now + self.alive_s
 
     def hello(self, msg: Hello, now: float) -> list[BarrierEffect]:
+        return self._hello(msg, now) + self._parts(now)
+
+    def _hello(self, msg: Hello, now: float) -> list[BarrierEffect]:
         self._start_sweep(now)
         size = self._groups.get(msg.group)
         if size is None:
@@ -339,7 +346,7 @@ class BarrierState:
             # the joiner replaces a rank that may have died holding requests: every verdict still
             # remembered, so it can tell its decode rank about the ones its predecessor could not
             joined: list[BarrierEffect] = [ToRank(group, rank, Release(group, STARTUP_KEY, instance, digest))]
-            return joined + self._queue(_Retell(group, self._remembered(), joiner=rank), now)
+            return joined + self._queue(_Retell(group, self._remembered(), joiner=rank))
         others = {r: RankView(r, Status.OK, digest=Digest(0, 0, 0, fp)) for r, fp in live.items()}
         others[rank] = RankView(rank, Status.OK, digest=digest)
         odd = sorted(r for r, fp in live.items() if fp and fp != mine)
@@ -359,7 +366,7 @@ class BarrierState:
     def _retell_absent(self, group: str, ranks: list[int], now: float) -> list[BarrierEffect]:
         """``ranks`` of ``group`` became absent: their decode ranks hear every verdict of the group
         still remembered (see :meth:`_tell_decode`), the first part now."""
-        return self._queue(_Retell(group, self._remembered(), ranks=ranks), now)
+        return self._queue(_Retell(group, self._remembered(), ranks=ranks))
 
     def _retell(self, decode: str, rank: int, now: float) -> list[BarrierEffect]:
         """Decode rank ``rank`` of ``decode`` is a new process: what the service told its
@@ -369,22 +376,37 @@ class BarrierState:
         out: list[BarrierEffect] = []
         keys = self._remembered()
         for group in sorted({g for g, _ in self._absent}):
-            out += self._queue(_Retell(group, keys, ranks=self._absent_in(group), only=(decode, rank)), now)
+            out += self._queue(_Retell(group, keys, ranks=self._absent_in(group), only=(decode, rank)))
         return out
 
-    def _queue(self, job: _Retell, now: float) -> list[BarrierEffect]:
-        """Hand on ``job``'s verdicts after those queued already, as many now as one call may."""
+    def _queue(self, job: _Retell) -> list[BarrierEffect]:
+        """Hand on ``job``'s verdicts after those queued already (the first part at the end of
+        this call). A re-telling to the same ranks queued already starts over as this one, naming
+        the absent ranks of both: one per target, so the queue stays within groups x ranks."""
         if job.keys:
-            self._retells.append(job)
-        return self._hand_on(now)
+            target = (job.group, job.only, job.joiner)
+            old = self._retells.get(target)
+            if old is not None and job.joiner is None:
+                job.ranks = sorted({*old.ranks, *job.ranks})
+            self._retells[target] = job
+        return []
+
+    def _parts(self, now: float) -> list[BarrierEffect]:
+        return self._hand_on(now) if self._retells else []
+
+    @property
+    def retelling(self) -> bool:
+        """Remembered verdicts are being handed on: the next part is due at once."""
+        return bool(self._retells)
 
     def _hand_on(self, now: float) -> list[BarrierEffect]:
         """Up to ``retell_batch`` remembered verdicts of the queued re-tellings, looking at up to
         16 times as many keys (one forgotten meanwhile is skipped: too old for anybody to wait on)."""
         out: list[BarrierEffect] = []
-        send, scan = self.retell_batch, 16 * self.retell_batch  # (looking at a key costs far less)
+        batch = max(1, self.retell_batch)
+        send, scan = batch, 16 * batch  # (looking at a key costs far less)
         while self._retells and send > 0 and scan > 0:
-            job = self._retells[0]
+            target, job = next(iter(self._retells.items()))
             found: list[Release | Diverged | Expired] = []
             keys, group = job.keys, job.group
             while job.at < len(keys) and len(found) < send and scan > 0:
@@ -402,7 +424,7 @@ class BarrierState:
                     told = [e for e in told if isinstance(e, ToRank) and (e.group, e.rank) == job.only]
                 out += told
             if job.at >= len(job.keys):
-                self._retells.popleft()
+                del self._retells[target]
         self._retell_due = now
         return out
 
@@ -506,9 +528,7 @@ class BarrierState:
             self._absent.update(newly)
             for group in sorted({g for g, _ in newly}):
                 effects += self._retell_absent(group, [r for g, r in newly if g == group], now)
-        if self._retells:
-            effects += self._hand_on(now)
-        return effects
+        return effects + self._parts(now)
 
     def next_deadline(self) -> float | None:
         times = [t for t in (self._deadlines.earliest(), self._ended.next_deadline(), self._sweep_at) if t is not None]
@@ -604,7 +624,7 @@ class BarrierState:
         return sorted(r for g, r in self._absent if g == group) if self._absent else []
 
     def sizes(self) -> dict[str, int]:
-        retelling = sum(len(job.keys) - job.at for job in self._retells)
+        retelling = sum(len(job.keys) - job.at for job in self._retells.values())
         return {"groups": len(self._groups), "open": len(self._open), "ended": len(self._ended), "retelling": retelling}
 
     def stopped(self) -> list[str]:
@@ -764,5 +784,5 @@ class BarrierState:
         keys = self._remembered()
         out: list[BarrierEffect] = []
         for r in range(size):
-            out += self._queue(_Retell(group, keys, joiner=r), now)
+            out += self._queue(_Retell(group, keys, joiner=r))
         return out

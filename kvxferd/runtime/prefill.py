@@ -201,8 +201,13 @@ class PrefillDaemon(GroupDaemon):
     # -- inbound ----------------------------------------------------------------------
 
     def serve(self, sock: zmq.Socket[bytes]) -> None:
-        super().serve(sock)
-        self._take_run(time.monotonic())
+        try:
+            super().serve(sock)
+        except CoreBroken:
+            self._run = None  # (nothing more goes to a broken core)
+            raise
+        finally:  # (a read that failed: what was read before it still counts, now)
+            self._take_run(time.monotonic())
 
     def dispatch(self, sock: zmq.Socket[bytes], identity: bytes, msg: Message, now: float) -> None:
         """The model worker's layer signals after layer 0 read in a row, of one step, go to the core
@@ -222,10 +227,10 @@ class PrefillDaemon(GroupDaemon):
         run, self._run = self._run, None
         if run is None:
             return
-        self.fence()  # as before any message (the process may have stopped while reading them)
         self.counters["LayerSignal"] += len(run[1])
         worker = self._sender = self.worker  # (a stale or out-of-range layer is answered to the worker)
         try:
+            self.fence()  # as before any message (the process may have stopped while reading them)
             self._apply(self.core.on_layers(run[0], run[1], now), now)
         except CoreBroken:
             raise

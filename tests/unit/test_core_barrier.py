@@ -777,8 +777,15 @@ def test_a_rank_made_absent_hands_on_its_groups_verdicts_a_part_at_a_time() -> N
     told = [e.message.key for e in out if isinstance(e.message, Release)]
     assert len(told) == 10 and all(e.group == "d" and e.rank == 1 for e in out if isinstance(e.message, Release))
     assert b.sizes()["retelling"] == 15 and b.next_deadline() == 1.0
-    # a word in between is answered as ever, without a part
-    assert b.handle(Admit("g", "new", 0, 0, T), 1.01) == []
+    # the same rank saying it starts again and again queues nothing more: its re-telling starts
+    # over (one a target), the first part again each time
+    for _ in range(5):
+        again = [e.message.key for e in b.hello(Hello("g", 1, 2, "prefill"), 1.005) if isinstance(e.message, Release)]
+        assert again == keys[:10] and b.sizes()["retelling"] == 15
+    # a word in between is answered as ever (here: nothing yet), the next part after it
+    mid = b.handle(Admit("g", "new", 0, 0, T), 1.01)
+    assert len(mid) == 10 and all((e.group, e.rank) == ("d", 1) and isinstance(e.message, Release) for e in mid)
+    told += [e.message.key for e in mid]
     while b.sizes()["retelling"]:
         part = [e for e in b.on_timer(1.02) if isinstance(e.message, Release)]
         assert 0 < len(part) <= 10 and all((e.group, e.rank) == ("d", 1) for e in part)
@@ -793,7 +800,36 @@ def test_a_rank_made_absent_hands_on_its_groups_verdicts_a_part_at_a_time() -> N
     while b.sizes()["retelling"]:
         learned += [e.message.key for e in b.on_timer(1.6) if (e.group, e.rank) == ("g", 1)]
     assert learned == keys
-    assert (b.next_deadline() or 99.0) > 1.6  # nothing left to hand on
+    assert (b.next_deadline() or 99.0) > 1.6 and not b.retelling  # nothing left to hand on
+
+
+def test_a_cold_start_of_many_ranks_hands_on_one_part_a_call_in_all() -> None:
+    """The part is one per call, whatever a call queues: eight ranks starting cold each learn
+    every remembered verdict, yet the call that releases them hands on one part in all."""
+    b = BarrierState(timeout_s=10.0, alive_s=3.0, groups={"g": 8, "d": 1}, decode_of={"dq": "d"})
+    b.retell_batch = 10
+    terms = replace(T, peer="dq")
+    for r in range(8):
+        b.hello(Hello("g", r, 8, "prefill", serving="fp"), 0.0)
+    for i in range(30):
+        for r in range(8):
+            b.handle(Admit("g", f"k{i}", 0, r, terms), 0.1)
+        for r in range(8):
+            b.handle(Arrive("g", f"k{i}", 0, r, D), 0.1)
+    fp = Digest(0, 0, 0, "fp")
+    out: list = []
+    for r in range(8):
+        b.hello(Hello("g", r, 8, "prefill"), 5.0)  # (parts for the decode rank, not counted here)
+    while b.retelling:
+        b.on_timer(5.0)
+    for r in range(8):
+        out = b.handle(Arrive("g", STARTUP_KEY, 0, r, fp), 5.1)
+    learned = [e for e in out if isinstance(e.message, Release) and e.message.key != STARTUP_KEY]
+    assert len(learned) == 10  # one part, not one a rank
+    total = len(learned)
+    while b.retelling:
+        total += len([e for e in b.on_timer(5.2) if e.message.key != STARTUP_KEY])
+    assert total == 8 * 30
 
 
 def test_a_group_that_starts_cold_hears_the_verdicts_it_remembers_as_a_joiner_does() -> None:
