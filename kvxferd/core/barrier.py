@@ -41,9 +41,7 @@ start-up key (:data:`STARTUP_KEY`) is for a cold start: a rank arriving at it
 while other ranks of its group are live joins at once (``Release`` if their
 configs agree, ``Diverged`` naming them if not) instead of waiting for ranks
 that are not starting; a joiner is also sent every verdict still remembered,
-since it may replace a rank that died before it could report them, and so is
-every rank of a cold start (the whole group died: the service's own word to a
-decode rank that was down then is lost, and its writers serve again). Ranks that
+since it may replace a rank that died before it could report them. Ranks that
 reached the start-up round before any live rank was heard (the service and a
 rank restarted together) join as soon as one is. A rank
 that served and says Hello as starting again is a new process: the group's
@@ -57,7 +55,9 @@ decode rank (of the group a verdict's ``peer`` names) is sent every verdict of
 its group still remembered, and every later one while it is absent; the decode
 daemon hands each on as a failure, once. So a decode engine hears of every
 request whose prefill writer died within ``alive_s`` of the death, whether or
-not it comes back. Every
+not it comes back. What the service tells a decode rank itself is remembered
+with its verdict and said again to that rank's next process (the one told may
+have been down, or died holding it), writers serving again or not. Every
 ``Ack`` of a Hello names the service's ``epoch``; a rank that sees a new one
 knows the service restarted and announces its open words again: its
 ``Admit``, ``Arrive`` or ``Withdraw``. A key reopened that way cannot tell
@@ -142,6 +142,7 @@ class _Retell:
     ranks: list[int] = field(default_factory=list)
     only: tuple[str, int] | None = None
     joiner: int | None = None
+    relayed: bool = False  # the service's own words to decode rank ``only`` (any group), again
     at: int = 0  # keys[:at] handed on
 
 
@@ -205,8 +206,12 @@ class BarrierState:
         #: remembered verdicts being handed on a part at a time (see RETELL_BATCH), oldest first,
         #: by target (prefill group, decode rank starting anew, joiner): at most one each, so
         #: within groups x ranks, of at most max_keys keys each
-        self._retells: dict[tuple[str, tuple[str, int] | None, int | None], _Retell] = {}
+        self._retells: dict[tuple[str, tuple[str, int] | None, int | None, bool], _Retell] = {}
         self._retell_due = 0.0  # when the call that left parts to hand on ran
+        #: what the service itself told decode ranks (a verdict, for absent or diverged writers):
+        #: round -> decode rank -> the writers it spoke for; said again to a decode rank that
+        #: starts anew (its predecessor may have been down when told, or died holding it)
+        self._relays: Memory[RoundKey, dict[tuple[str, int], tuple[int, ...]]] = Memory(limit=max_keys)
         self.retell_batch = RETELL_BATCH
         #: group -> world size: the config's, known from the start (a restarted service takes a
         #: word of a rank whose process is about to exit before any rank of its group said Hello)
@@ -370,21 +375,36 @@ class BarrierState:
 
     def _retell(self, decode: str, rank: int, now: float) -> list[BarrierEffect]:
         """Decode rank ``rank`` of ``decode`` is a new process: what the service told its
-        predecessor for writers that are still absent went with it (held for an engine, or half
-        gathered), and nobody else will say it again. It hears it once more (its decode daemon
-        hands on at most one notice per writer and request)."""
+        predecessor went with it (held for an engine, or half gathered), or never reached it (it
+        was down), and nobody else will say it again: the writers it spoke for may be serving
+        again by now, as new processes that hold nothing of it. It hears every such word once
+        more (its decode daemon hands on at most one notice per writer and request), and the
+        verdicts of writers absent now."""
         out: list[BarrierEffect] = []
         keys = self._remembered()
         for group in sorted({g for g, _ in self._absent}):
             out += self._queue(_Retell(group, keys, ranks=self._absent_in(group), only=(decode, rank)))
-        return out
+        return out + self._queue(_Retell("", self._relays.keys(), only=(decode, rank), relayed=True))
+
+    def _relay(self, told: list[BarrierEffect]) -> list[BarrierEffect]:
+        """Remember ``told``, the service's own words to decode ranks (see ``_relays``)."""
+        for eff in told:
+            if isinstance(eff, ToRank) and isinstance(eff.message, (Release, Diverged, Expired)):
+                m = eff.message
+                k = (m.group, m.key, m.instance)
+                known = self._relays.get(k)
+                if known is None:
+                    known = {}
+                    self._relays.put(k, known)
+                known[(eff.group, eff.rank)] = tuple(sorted({*known.get((eff.group, eff.rank), ()), *m.absent}))
+        return told
 
     def _queue(self, job: _Retell) -> list[BarrierEffect]:
         """Hand on ``job``'s verdicts after those queued already (the first part at the end of
         this call). A re-telling to the same ranks queued already starts over as this one, naming
         the absent ranks of both: one per target, so the queue stays within groups x ranks."""
         if job.keys:
-            target = (job.group, job.only, job.joiner)
+            target = (job.group, job.only, job.joiner, job.relayed)
             old = self._retells.get(target)
             if old is not None and job.joiner is None:
                 job.ranks = sorted({*old.ranks, *job.ranks})
@@ -413,16 +433,22 @@ class BarrierState:
                 k = keys[job.at]
                 job.at += 1
                 scan -= 1
-                if k[0] == group and k[1] != STARTUP_KEY and (v := self._ended.get(k)) is not None:
+                if (job.relayed or k[0] == group) and k[1] != STARTUP_KEY and (v := self._ended.get(k)) is not None:
                     found.append(v)
             send -= len(found)
-            if job.joiner is not None:
+            if job.relayed and job.only is not None:
+                decode, d = job.only
+                for v in found:
+                    writers = (self._relays.get((v.group, v.key, v.instance)) or {}).get(job.only)
+                    if writers:
+                        out.append(ToRank(decode, d, replace(v, absent=writers)))
+            elif job.joiner is not None:
                 out += [ToRank(job.group, job.joiner, v) for v in found]
             else:
                 told = self._tell_decode(job.group, job.ranks, found)
                 if job.only is not None:
                     told = [e for e in told if isinstance(e, ToRank) and (e.group, e.rank) == job.only]
-                out += told
+                out += self._relay(told)
             if job.at >= len(job.keys):
                 del self._retells[target]
         self._retell_due = now
@@ -569,8 +595,8 @@ class BarrierState:
         verdict = Expired(entry.group, entry.key, entry.instance, missing, waited, status, reason, entry.peer)
         self._decide(k, verdict, now)
         told: list[BarrierEffect] = [ToRank(entry.group, r, verdict) for r in range(size)]
-        told += self._tell_others(self._named(entry), verdict)
-        return told + self._tell_decode(entry.group, self._absent_in(entry.group), [verdict])
+        told += self._relay(self._tell_others(self._named(entry), verdict))
+        return told + self._relay(self._tell_decode(entry.group, self._absent_in(entry.group), [verdict]))
 
     def _decide(self, k: RoundKey, verdict: Release | Diverged | Expired, now: float) -> None:
         """``k`` ended with ``verdict``: remembered, and handed to the journal (see :meth:`recall`).
@@ -654,7 +680,8 @@ class BarrierState:
         remembered = self._ended.get(k)
         if remembered is not None:
             if named and named != remembered.peer and not isinstance(remembered, Release):
-                return [ToRank(group, view.rank, remembered), *self._tell_others({named, remembered.peer}, remembered)]
+                others = self._relay(self._tell_others({named, remembered.peer}, remembered))
+                return [ToRank(group, view.rank, remembered), *others]
             return [ToRank(group, view.rank, remembered)]
         entry = self._open.get(k)
         early: list[BarrierEffect] = []
@@ -769,20 +796,6 @@ class BarrierState:
         self._decide(k, verdict, now)
         told: list[BarrierEffect] = [ToRank(group, r, verdict) for r in range(size)]
         if key == STARTUP_KEY:
-            if isinstance(verdict, Release):  # (see _cold)
-                told += self._cold(group, size, now)
             return told
-        told += self._tell_others(self._named(entry), verdict)
-        return told + self._tell_decode(group, self._absent_in(group), [verdict])
-
-    def _cold(self, group: str, size: int, now: float) -> list[BarrierEffect]:
-        """Every rank of ``group`` starts together (a cold start): each is a new process whose
-        predecessor may have died before telling its decode rank how its requests ended, and the
-        service's own word to that decode rank may have been lost (it was down, and its new process
-        hears again only what absent writers did). As a joiner does, each rank hears every verdict
-        the group remembers and tells its decode rank itself, kept until that rank confirms it."""
-        keys = self._remembered()
-        out: list[BarrierEffect] = []
-        for r in range(size):
-            out += self._queue(_Retell(group, keys, joiner=r))
-        return out
+        told += self._relay(self._tell_others(self._named(entry), verdict))
+        return told + self._relay(self._tell_decode(group, self._absent_in(group), [verdict]))

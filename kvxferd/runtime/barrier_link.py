@@ -29,6 +29,8 @@ from kvxferd.protocol import STARTUP_KEY, Ack, Arrive, Digest, Diverged, Error, 
 from kvxferd.runtime import sockets
 from kvxferd.runtime.outbox import Outbox
 
+VERDICTS = (Release, Diverged, Expired)
+
 log = logging.getLogger(__name__)
 
 GRACE_S = 2.0
@@ -155,10 +157,17 @@ class BarrierLink:
                 raise DaemonError(f"timed out waiting for {what} at {self.endpoint}")
             if self.backlog or self.sock.poll(int(min(left, 0.2) * 1000), zmq.POLLIN):
                 batch = self.recv_ready()
+                kept: list[Message] = []
                 for i, msg in enumerate(batch):
                     if isinstance(msg, Error):
                         raise DaemonError(f"the barrier service refused rank {self.rank}: {msg.detail}")
                     if want(msg):
-                        self.backlog = batch[i + 1 :]
+                        self.backlog = kept + batch[i + 1 :]
                         return msg
+                    if self.role == "decode" and isinstance(msg, VERDICTS) and msg.key != STARTUP_KEY:
+                        # what the service told this decode rank's predecessor, said again to
+                        # this new process from its Hello on: handed on once it serves
+                        kept.append(msg)
+                        continue
                     log.debug("ignoring %s while waiting for %s", type(msg).__name__, what)
+                self.backlog = kept

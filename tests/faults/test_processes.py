@@ -939,16 +939,17 @@ def test_a_round_whose_ranks_all_died_while_the_barrier_service_was_down_still_r
 
 
 @pytest.mark.slow
-def test_a_decode_rank_down_when_its_writers_died_hears_of_their_request_once_they_start_cold(
+def test_a_decode_rank_down_when_its_writers_died_hears_of_their_request_once_all_are_back(
     record: dict[str, Any],
 ) -> None:
     """A request is in flight on both prefill ranks (rank 0 wrote and arrived); decode rank 1 is
     killed, then both prefill ranks. The barrier service tells both decode ranks the request
     failed: decode rank 1's word is lost with it. The prefill group starts again together (a cold
-    start: no live rank to join), then decode rank 1. Its writers serve, so the service has no
-    absent writer to speak for: before, nobody ever told decode rank 1, and its engine's block
-    stayed reserved. Each rank of a cold start now learns the verdicts its group remembers and
-    tells its decode rank itself, kept until that rank confirms it."""
+    start: no live rank to join, nobody is sent the group's verdicts), then decode rank 1. Its
+    writers serve, so the service had no absent writer to speak for, and the new decode process
+    dropped what came before its start-up verdict anyway: nobody ever told decode rank 1, and its
+    engine's block stayed reserved. The service now says again to a decode rank starting anew
+    every word it told its predecessor, and the decode daemon keeps them while it starts."""
     with deploy(faults()) as dep:
         traffic = Traffic(dep, record)
         assert dep.sched is not None and dep.dec is not None
@@ -968,7 +969,7 @@ def test_a_decode_rank_down_when_its_writers_died_hears_of_their_request_once_th
         told = _decode_told(dep, info.request_id, 1, 3 * HEARTBEAT_S + SLACK_S + 10)
         record.update(fault="SIGKILL decode rank 1, then both prefill ranks holding a request; all started again")
         record["report_s"] = round(time.monotonic() - fault, 2)
-        record["affected"] = "1 in flight: decode rank 1 told by its writer's new process after a cold start"
+        record["affected"] = "1 in flight: decode rank 1's new process told again by the barrier service"
         assert told.reusable and not told.ready and not told.duplicates, told
         traffic.ok(2)
 

@@ -45,6 +45,24 @@ def test_verdicts_sent_behind_a_joiners_release_reach_it_after_start_up(
     assert [type(m).__name__ for m in sent] == ["Hello", "Arrive"]
 
 
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+def test_verdicts_told_to_a_decode_rank_while_it_starts_reach_it_once_it_serves(
+    pair: tuple[zmq.Socket[bytes], BarrierLink], role: str
+) -> None:
+    """A decode rank's new process hears, from its Hello on, what the service told its
+    predecessor; those verdicts come before the start-up round's own verdict, and a wait for that
+    one dropped them. A decode link keeps them for when it serves (a prefill link is sent what it
+    must learn after its start-up verdict, and drops the rest as before)."""
+    service, link = pair
+    link.role = role
+    mine = Digest(0, 0, 0, "fp")
+    told = [Expired("g", f"r{i}", 0, (1,), 4.0, Status.FAILED, "rank 1 of group g stopped", "d") for i in range(3)]
+    for msg in (told[0], Ack("hello run2"), told[1], told[2], Release("g", STARTUP_KEY, 0, mine)):
+        service.send_multipart([BarrierLink.identity("g", 1).encode(), encode(msg)])
+    link.startup("fp", 0.5, lambda: False)
+    assert link.recv_ready() == (told if role == "decode" else [])
+
+
 def test_a_word_the_socket_refuses_is_kept_and_sent_once_the_service_takes_it(tmp_path: Path) -> None:
     # issue 23, item 11: a DEALER with no connection up (IMMEDIATE), or a full queue, refuses a send
     endpoint = f"ipc://{tmp_path}/barrier.sock"
