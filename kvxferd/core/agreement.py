@@ -191,15 +191,17 @@ class Words:
             return Problem(ErrorCode.DUPLICATE_REQUEST, detail, rid)
         return None
 
-    def straggler(self, info: CacheInfo, ended: Ended, origin: bytes | None) -> list[RankEffect]:
+    def straggler(self, info: CacheInfo, ended: Ended, origin: bytes | None, now: float) -> list[RankEffect]:
         """A cache_info of an instance that already ended here, or was learned to have ended: the
-        engine is told that ending (once), and the decode peer if nobody told it yet. (A learned
-        one stays with the learned: moved among this rank's own endings it could push one of those
-        out early; pushed out itself, by ``max_ended`` later verdicts within ``ended_memory_s``,
-        a repeat of its cache_info would be answered as new.)"""
+        engine is told that ending (once), and the decode peer if nobody told it yet. A learned
+        one told so moves among this rank's own endings (guarded by ``forgetful``), unless those
+        are full (it would push one out early); it stays with the learned then."""
         rid = info.request_id
         ending = ended.ending
         ended.told_engine = True
+        if self.learned.get(info.key) is ended and not self.ended.full:
+            self.learned.pop(info.key)
+            self.ended.put(info.key, ended, now)
         result = TransferResult(
             rid, ending.status, ending.reason, self.sp.rank, 0, info.transport, instance=info.instance,
             code=ending.code,

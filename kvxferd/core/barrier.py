@@ -123,19 +123,21 @@ class Round(enum.Enum):
 ALIVE_BEATS = 3
 
 
-#: remembered verdicts handed on per call (a message or a run of the timers) when a rank becomes
-#: absent, joins, or a decode rank starts anew: each such event may re-tell every verdict its
-#: group remembers (up to ``max_keys``, ~0.5 s of work at 65,536); the rest follows at the next
-#: runs of the timers, due at once, so the service reads and answers words between the parts
+#: remembered verdicts handed on per call when a rank becomes absent, joins, or a decode rank
+#: starts anew: each such event may re-tell every verdict its group remembers (up to ``max_keys``,
+#: ~0.5 s of work at 65,536). The message that queues it hands on the first part, each run of the
+#: timers one more (due at once while any is left), so the service reads and answers words
+#: between the parts, and no message costs more than one part
 RETELL_BATCH = 512
 
 
 @dataclass(slots=True)
 class _Retell:
     """Remembered verdicts of prefill group ``group`` still to hand on, in order: to the decode
-    ranks that ``ranks`` (absent) write into (only decode rank ``only``, if named), or, with
+    ranks that ``ranks`` (absent) write into (only decode rank ``only``, if named); with
     ``joiner``, to that rank of ``group`` as they are (it replaces a rank that may have died
-    before telling its decode rank how they ended)."""
+    before telling its decode rank how they ended); with ``relayed``, what the service itself
+    told decode rank ``only`` before (any group), again."""
 
     group: str
     keys: list[RoundKey]
@@ -211,7 +213,11 @@ class BarrierState:
         #: what the service itself told decode ranks (a verdict, for absent or diverged writers):
         #: round -> decode rank -> the writers it spoke for; said again to a decode rank that
         #: starts anew (its predecessor may have been down when told, or died holding it)
-        self._relays: Memory[RoundKey, dict[tuple[str, int], tuple[int, ...]]] = Memory(limit=max_keys)
+        self._relays: Memory[RoundKey, dict[tuple[str, int], tuple[int, ...]]] = Memory(
+            limit=max_keys, ttl_s=self.remember_s
+        )
+        self._recalling = False  # (a recall's effects are not sent: nothing of them was told)
+        self._queued = False  # the call running queued a re-telling (its first part goes with it)
         self.retell_batch = RETELL_BATCH
         #: group -> world size: the config's, known from the start (a restarted service takes a
         #: word of a rank whose process is about to exit before any rank of its group said Hello)
@@ -231,8 +237,12 @@ class BarrierState:
         self.journal: list[Journaled] = []
 
     def handle(self, msg: Message, now: float) -> list[BarrierEffect]:
-        """One message from a rank: what it causes, then the next part of any re-telling."""
-        return self._handle(msg, now) + self._parts(now)
+        """One message from a rank: what it causes, and the first part of a re-telling it queues
+        (the rest at the next runs of the timers, due at once: :meth:`on_timer`). A message that
+        queues none hands on nothing: one message costs at most one part."""
+        self._queued = False
+        out = self._handle(msg, now)
+        return out + self._hand_on(now) if self._queued else out
 
     def _handle(self, msg: Message, now: float) -> list[BarrierEffect]:
         self._start_sweep(now)
@@ -283,7 +293,9 @@ class BarrierState:
             self._sweep_at = now + self.alive_s
 
     def hello(self, msg: Hello, now: float) -> list[BarrierEffect]:
-        return self._hello(msg, now) + self._parts(now)
+        self._queued = False
+        out = self._hello(msg, now)
+        return out + self._hand_on(now) if self._queued else out
 
     def _hello(self, msg: Hello, now: float) -> list[BarrierEffect]:
         self._start_sweep(now)
@@ -351,7 +363,7 @@ class BarrierState:
             # the joiner replaces a rank that may have died holding requests: every verdict still
             # remembered, so it can tell its decode rank about the ones its predecessor could not
             joined: list[BarrierEffect] = [ToRank(group, rank, Release(group, STARTUP_KEY, instance, digest))]
-            return joined + self._queue(_Retell(group, self._remembered(), joiner=rank))
+            return joined + self._queue(_Retell(group, self._remembered(), joiner=rank), now)
         others = {r: RankView(r, Status.OK, digest=Digest(0, 0, 0, fp)) for r, fp in live.items()}
         others[rank] = RankView(rank, Status.OK, digest=digest)
         odd = sorted(r for r, fp in live.items() if fp and fp != mine)
@@ -371,23 +383,23 @@ class BarrierState:
     def _retell_absent(self, group: str, ranks: list[int], now: float) -> list[BarrierEffect]:
         """``ranks`` of ``group`` became absent: their decode ranks hear every verdict of the group
         still remembered (see :meth:`_tell_decode`), the first part now."""
-        return self._queue(_Retell(group, self._remembered(), ranks=ranks))
+        return self._queue(_Retell(group, self._remembered(), ranks=ranks), now)
 
     def _retell(self, decode: str, rank: int, now: float) -> list[BarrierEffect]:
         """Decode rank ``rank`` of ``decode`` is a new process: what the service told its
         predecessor went with it (held for an engine, or half gathered), or never reached it (it
         was down), and nobody else will say it again: the writers it spoke for may be serving
         again by now, as new processes that hold nothing of it. It hears every such word once
-        more (its decode daemon hands on at most one notice per writer and request), and the
-        verdicts of writers absent now."""
-        out: list[BarrierEffect] = []
-        keys = self._remembered()
-        for group in sorted({g for g, _ in self._absent}):
-            out += self._queue(_Retell(group, keys, ranks=self._absent_in(group), only=(decode, rank)))
-        return out + self._queue(_Retell("", self._relays.keys(), only=(decode, rank), relayed=True))
+        more (its decode daemon hands on at most one notice per writer and request)."""
+        # (the verdicts of writers absent now were told it when they became absent, or are being
+        # told from the queue still: either way they are among what it was told, or will be)
+        return self._queue(_Retell("", self._relays.keys(), only=(decode, rank), relayed=True), now)
 
-    def _relay(self, told: list[BarrierEffect]) -> list[BarrierEffect]:
-        """Remember ``told``, the service's own words to decode ranks (see ``_relays``)."""
+    def _relay(self, told: list[BarrierEffect], now: float) -> list[BarrierEffect]:
+        """Remember ``told``, the service's own words to decode ranks (see ``_relays``); not what a
+        recall computes (it is not sent)."""
+        if self._recalling:
+            return told
         for eff in told:
             if isinstance(eff, ToRank) and isinstance(eff.message, (Release, Diverged, Expired)):
                 m = eff.message
@@ -395,15 +407,19 @@ class BarrierState:
                 known = self._relays.get(k)
                 if known is None:
                     known = {}
-                    self._relays.put(k, known)
+                    self._relays.put(k, known, now)
                 known[(eff.group, eff.rank)] = tuple(sorted({*known.get((eff.group, eff.rank), ()), *m.absent}))
         return told
 
-    def _queue(self, job: _Retell) -> list[BarrierEffect]:
-        """Hand on ``job``'s verdicts after those queued already (the first part at the end of
-        this call). A re-telling to the same ranks queued already starts over as this one, naming
-        the absent ranks of both: one per target, so the queue stays within groups x ranks."""
+    def _queue(self, job: _Retell, now: float) -> list[BarrierEffect]:
+        """Hand on ``job``'s verdicts after those queued already, a part at each run of the timers
+        (the first due at once). A re-telling to the same ranks queued already starts over as this
+        one, naming the absent ranks of both: one per target, so the queue stays within groups x
+        ranks."""
         if job.keys:
+            self._queued = True
+            if not self._retells:
+                self._retell_due = now
             target = (job.group, job.only, job.joiner, job.relayed)
             old = self._retells.get(target)
             if old is not None and job.joiner is None:
@@ -448,7 +464,7 @@ class BarrierState:
                 told = self._tell_decode(job.group, job.ranks, found)
                 if job.only is not None:
                     told = [e for e in told if isinstance(e, ToRank) and (e.group, e.rank) == job.only]
-                out += self._relay(told)
+                out += self._relay(told, now)
             if job.at >= len(job.keys):
                 del self._retells[target]
         self._retell_due = now
@@ -519,6 +535,7 @@ class BarrierState:
 
     def on_timer(self, now: float) -> list[BarrierEffect]:
         self._ended.expire(now)
+        self._relays.expire(now)
         effects: list[BarrierEffect] = []
         if self._sweep_at is not None and now >= self._sweep_at:
             self._sweep_at, self._swept = None, True  # once: later absences are stops and restarts
@@ -595,8 +612,8 @@ class BarrierState:
         verdict = Expired(entry.group, entry.key, entry.instance, missing, waited, status, reason, entry.peer)
         self._decide(k, verdict, now)
         told: list[BarrierEffect] = [ToRank(entry.group, r, verdict) for r in range(size)]
-        told += self._relay(self._tell_others(self._named(entry), verdict))
-        return told + self._relay(self._tell_decode(entry.group, self._absent_in(entry.group), [verdict]))
+        told += self._relay(self._tell_others(self._named(entry), verdict), now)
+        return told + self._relay(self._tell_decode(entry.group, self._absent_in(entry.group), [verdict]), now)
 
     def _decide(self, k: RoundKey, verdict: Release | Diverged | Expired, now: float) -> None:
         """``k`` ended with ``verdict``: remembered, and handed to the journal (see :meth:`recall`).
@@ -618,6 +635,13 @@ class BarrierState:
         hearing its rank (only a Hello or a new word does), and what it causes is not sent: a
         rank that runs says its words again when it sees the new run, and hears the answer then.
         False (and nothing kept) if it is too old, or its key is known here already."""
+        self._recalling = True
+        try:
+            return self._recall(entry, age_s, now)
+        finally:
+            self._recalling = False
+
+    def _recall(self, entry: Journaled, age_s: float, now: float) -> bool:
         k = (entry.group, entry.key, entry.instance)
         if entry.key == STARTUP_KEY or k in self._ended:
             return False
@@ -680,7 +704,7 @@ class BarrierState:
         remembered = self._ended.get(k)
         if remembered is not None:
             if named and named != remembered.peer and not isinstance(remembered, Release):
-                others = self._relay(self._tell_others({named, remembered.peer}, remembered))
+                others = self._relay(self._tell_others({named, remembered.peer}, remembered), now)
                 return [ToRank(group, view.rank, remembered), *others]
             return [ToRank(group, view.rank, remembered)]
         entry = self._open.get(k)
@@ -797,5 +821,5 @@ class BarrierState:
         told: list[BarrierEffect] = [ToRank(group, r, verdict) for r in range(size)]
         if key == STARTUP_KEY:
             return told
-        told += self._relay(self._tell_others(self._named(entry), verdict))
-        return told + self._relay(self._tell_decode(group, self._absent_in(group), [verdict]))
+        told += self._relay(self._tell_others(self._named(entry), verdict), now)
+        return told + self._relay(self._tell_decode(group, self._absent_in(group), [verdict]), now)

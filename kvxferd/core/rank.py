@@ -87,7 +87,7 @@ class RankCore:
         ended = self.words.ending_of(info.key)
         if ended is not None:  # ended before its cache_info came here: its signals have nothing to join
             self.intake.close_start(info, now)
-            return self.words.straggler(info, ended, origin)
+            return self.words.straggler(info, ended, origin, now)
         if refusal is None:
             reason = self.words.aborts.pop(info.key)
             if reason is not None:  # aborted before it got here: end as aborted at once, everywhere

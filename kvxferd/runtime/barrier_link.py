@@ -9,7 +9,9 @@ its group serves passes it at once (the service knows the live ranks by their
 heartbeats: the daemon sends :meth:`hello` every ``heartbeat_s`` once serving).
 ``epoch`` is the service run the last Ack named: a new one means the service
 restarted and lost its tables. What the service sends behind the answer a wait
-is for (a joiner's remembered verdicts) is kept for the next :meth:`recv_ready`.
+is for (a joiner's remembered verdicts), and, to a decode rank, verdicts sent
+while it waits (what the service told its predecessor, told again from its
+Hello on), are kept for the next :meth:`recv_ready`.
 A word the socket refuses (its queue to the service is full) is kept and sent
 again from :meth:`retry` (a repeated word is harmless to the service); one
 given up after ``keep_s`` is logged, and its request ends on its own deadline.
@@ -149,6 +151,7 @@ class BarrierLink:
     def _wait(
         self, want: Callable[[Message], bool], deadline: float, stopping: Callable[[], bool], what: str
     ) -> Message:
+        kept: list[Message] = []  # (see below; they go back in front of the backlog on return)
         while True:
             if stopping():
                 raise DaemonError(f"stopped while waiting for {what}")
@@ -157,7 +160,6 @@ class BarrierLink:
                 raise DaemonError(f"timed out waiting for {what} at {self.endpoint}")
             if self.backlog or self.sock.poll(int(min(left, 0.2) * 1000), zmq.POLLIN):
                 batch = self.recv_ready()
-                kept: list[Message] = []
                 for i, msg in enumerate(batch):
                     if isinstance(msg, Error):
                         raise DaemonError(f"the barrier service refused rank {self.rank}: {msg.detail}")
@@ -170,4 +172,3 @@ class BarrierLink:
                         kept.append(msg)
                         continue
                     log.debug("ignoring %s while waiting for %s", type(msg).__name__, what)
-                self.backlog = kept

@@ -74,7 +74,7 @@ class GroupDaemon(Service):
         self.watch(self.router, self.on_router)
         self.watch(self.barrier.sock, self.on_barrier)
         self._next_beat = time.monotonic()
-        if self.barrier.backlog:  # sent behind our start-up verdict (a joiner's remembered verdicts)
+        if self.barrier.backlog:  # sent behind our start-up verdict, or kept while a decode rank started
             self.on_barrier()
 
     def next_wakeup(self) -> float | None:

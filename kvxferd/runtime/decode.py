@@ -91,7 +91,11 @@ class DecodeDaemon(GroupDaemon):
         # prefill groups may have in flight
         groups = len(set(self.prefills.values()))
         gathering = max(4096, config.limits.max_requests * groups)
-        self.core = DecodeCore(rank, self.prefills, max_seen=seen, seen_s=seen_s, max_gathering=gathering)
+        # a new process is told again, before its engine registers, every verdict the barrier told
+        # its predecessor (up to max_keys per prefill group): held until then, as many
+        self.core = DecodeCore(
+            rank, self.prefills, max_held=seen, max_seen=seen, seen_s=seen_s, max_gathering=gathering
+        )
 
     def start(self) -> None:
         self.peer_router, self.peer_endpoint = self.server_socket(
