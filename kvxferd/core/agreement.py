@@ -58,7 +58,7 @@ class Words:
         self.aborts: Memory[Key, str] = Memory(limit=settings.max_requests, ttl_s=settings.pending_timeout_s)
         #: how this rank's own instances ended (its engine told): what ``forgetful`` guards
         self.ended: Memory[Key, Ended] = Memory(limit=settings.max_ended, ttl_s=settings.ended_memory_s)
-        #: verdicts learned for instances this process never held (a joiner or a cold start hears
+        #: verdicts learned for instances this process never held (a joining rank hears
         #: every one its group remembers, tens of thousands at once): kept apart, so they never
         #: crowd this rank's own endings out and never make it refuse new requests (forgetful);
         #: one of them pushed out early only means a late cache_info of it asks the barrier again

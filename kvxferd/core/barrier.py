@@ -412,10 +412,10 @@ class BarrierState:
         return told
 
     def _queue(self, job: _Retell, now: float) -> list[BarrierEffect]:
-        """Hand on ``job``'s verdicts after those queued already, a part at each run of the timers
-        (the first due at once). A re-telling to the same ranks queued already starts over as this
-        one, naming the absent ranks of both: one per target, so the queue stays within groups x
-        ranks."""
+        """Hand on ``job``'s verdicts after those queued already: a part with the call that queued
+        it, then one at each run of the timers. A re-telling to the same ranks queued already
+        starts over as this one, naming the absent ranks of both: one per target, so the queue
+        stays within groups x ranks."""
         if job.keys:
             self._queued = True
             if not self._retells:
