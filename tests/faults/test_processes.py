@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,16 +166,33 @@ def _results(dep: Deployment, rid: str) -> dict[int, Any]:
 
 
 def _outcome_on(dep: Deployment, rid: str, rank: int, timeout_s: float) -> PrefillOutcome:
-    """Wait until ``rank`` reported on ``rid`` (other ranks may never)."""
+    """Wait until prefill ``rank`` reported on ``rid`` (other ranks may never)."""
     assert dep.sched is not None
+    out = _reported(dep.sched, rid, rank, timeout_s, lambda o: set(o.results))
+    assert isinstance(out, PrefillOutcome)
+    return out
+
+
+def _decode_told(dep: Deployment, rid: str, rank: int, timeout_s: float) -> DecodeOutcome:
+    """Wait until decode ``rank`` told the engine how ``rid`` went (other ranks may never)."""
+    assert dep.dec is not None
+    out = _reported(dep.dec, rid, rank, timeout_s, lambda o: o.reported)
+    assert isinstance(out, DecodeOutcome)
+    return out
+
+
+def _reported(
+    client: PrefillScheduler | DecodeEngine, rid: str, rank: int, timeout_s: float, ranks: Callable[[Any], set[int]]
+) -> PrefillOutcome | DecodeOutcome:
+    """Wait until ``rank`` is among the ``ranks`` of ``client``'s outcome for ``rid``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        out = dep.sched.outcome(rid)
-        if out is not None and rank in out.results:
+        out = client.outcome(rid)
+        if out is not None and rank in ranks(out):
             return out
         left = deadline - time.monotonic()
-        assert left > 0, f"rank {rank} did not report on {rid} within {timeout_s}s"
-        dep.sched.collect(min(left, 0.2))
+        assert left > 0, f"rank {rank} did not report on {rid} within {timeout_s}s ({out})"
+        client.collect(min(left, 0.2))
 
 
 @pytest.mark.slow
@@ -506,19 +524,6 @@ def test_notices_unread_by_a_killed_decode_daemon_reach_the_engine_through_its_s
         record["affected"] = "2 notices unread: sent again, each told once (ready, verified; the same registration)"
         dep.wait_until("prefill rank 1 to hold no notice unconfirmed", lambda: unconfirmed() == 0)
         traffic.ok(3)
-
-
-def _decode_told(dep: Deployment, rid: str, rank: int, timeout_s: float) -> DecodeOutcome:
-    """Wait until decode ``rank`` told the engine how ``rid`` went (other ranks may never)."""
-    assert dep.dec is not None
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out = dep.dec.outcome(rid)
-        if out is not None and rank in out.reported:
-            return out
-        left = deadline - time.monotonic()
-        assert left > 0, f"decode rank {rank} did not tell {rid} within {timeout_s}s ({out})"
-        dep.dec.collect(min(left, 0.2))
 
 
 def _register_decode(dep: Deployment, rank: int, cache: HostKVCache) -> None:
