@@ -26,12 +26,11 @@ from collections.abc import Callable
 
 import zmq
 
+from kvxferd.core.agreement import VERDICTS
 from kvxferd.errors import DaemonError
 from kvxferd.protocol import STARTUP_KEY, Ack, Arrive, Digest, Diverged, Error, Expired, Hello, Message, Release
 from kvxferd.runtime import sockets
 from kvxferd.runtime.outbox import Outbox
-
-VERDICTS = (Release, Diverged, Expired)
 
 log = logging.getLogger(__name__)
 
